@@ -1,0 +1,327 @@
+"""What both backends share: limit traits, admission, the registry entry, exit reasons.
+
+:class:`LimitedProvisionerMixin` sits in front of a jupyter_client provisioner class
+in the MRO (``class LimitedProcessProvisioner(LimitedProvisionerMixin,
+LocalProvisioner)``), so the backend keeps jupyter_client's lifecycle and only adds
+what is specific to it through the ``_prepare_*`` hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import getpass
+import hashlib
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from traitlets import Bool, Float, List, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from .limits import (
+    MIN_DISK_LIMIT,
+    MIN_MEM_LIMIT,
+    MIN_NOFILE_LIMIT,
+    MIN_PIDS_LIMIT,
+    ByteSize,
+    Cores,
+    Count,
+    Limits,
+    Seconds,
+    Switch,
+)
+from .policy import admit
+from .registry import Registry
+
+# Variables a kernel needs to work; everything else of the server's environment
+# (tokens, cloud credentials, ...) stays out of reach of the code the kernel runs.
+DEFAULT_ENV_KEEP = [
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TERM",
+    "PYTHONPATH",
+    "PYTHONHASHSEED",
+    "PYTHONIOENCODING",
+    "PYTHONUNBUFFERED",
+    "VIRTUAL_ENV",
+    "CONDA_*",
+    "JPY_*",
+    "JUPYTER_*",
+    "IPYTHONDIR",
+    "MPLBACKEND",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "LIMITED_PROVISIONER_*",
+]
+
+
+def _default_server_id() -> str:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    seed = f"{socket.gethostname()}:{jupyter_runtime_dir()}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:12]
+
+
+class LimitedProvisionerMixin(LoggingConfigurable):
+    """Limits, admission and bookkeeping common to every limited backend."""
+
+    backend = "base"
+
+    mem_limit = ByteSize(
+        "2G",
+        minimum=MIN_MEM_LIMIT,
+        help="""Memory the kernel's whole process tree may use, in bytes or with a unit
+        ("512M", "2G"); null for unlimited. Default 2G. Enforced with a cgroup (no swap)
+        where the host allows it, else by a watchdog on the tree's resident memory.""",
+    ).tag(config=True)
+
+    cpu_limit = Cores(
+        1.0,
+        help="""CPU cores the kernel's tree may use (0.5 = half a core, 2 = two cores);
+        null for unlimited. Default 1. Throttles, never kills.""",
+    ).tag(config=True)
+
+    pids_limit = Count(
+        256,
+        minimum=MIN_PIDS_LIMIT,
+        help="""Maximum number of processes and threads in the kernel's tree; forks past
+        it fail with EAGAIN. Stops fork bombs. Default 256.""",
+    ).tag(config=True)
+
+    nofile_limit = Count(
+        1024,
+        minimum=MIN_NOFILE_LIMIT,
+        help="""Maximum open file descriptors per kernel process (RLIMIT_NOFILE).
+        Default 1024.""",
+    ).tag(config=True)
+
+    disk_limit = ByteSize(
+        "10G",
+        minimum=MIN_DISK_LIMIT,
+        help="""Bytes the kernel may write into its work dir, and the largest single
+        file it may write anywhere (RLIMIT_FSIZE). Default 10G; null for unlimited.""",
+    ).tag(config=True)
+
+    files_limit = Count(
+        50000,
+        minimum=16,
+        help="""Maximum number of files and directories in the kernel's work dir
+        (stops inode exhaustion). Default 50000.""",
+    ).tag(config=True)
+
+    network = Switch(
+        False,
+        help="""Whether the kernel may use the network. Default false: the kernel gets an
+        empty network namespace and talks to Jupyter over ipc sockets.""",
+    ).tag(config=True)
+
+    exec_timeout = Seconds(
+        0,
+        help="""Seconds a single execution may run before it is interrupted; 0 (default)
+        disables. Accepts "90s", "5m".""",
+    ).tag(config=True)
+
+    idle_timeout = Seconds(
+        3600,
+        help="""Seconds without activity after which a kernel is shut down; 0 disables.
+        Default 3600 (1 hour).""",
+    ).tag(config=True)
+
+    max_kernels = Count(
+        None,
+        help="""Maximum number of limited kernels running on this host, counted across
+        every server that shares the state dir. null (default) = no cap.""",
+    ).tag(config=True)
+
+    max_kernels_per_user = Count(
+        None,
+        help="""Maximum number of limited kernels one owner may run on this host.
+        null (default) = no cap.""",
+    ).tag(config=True)
+
+    owner = Unicode(
+        help="""Who the kernel belongs to, for per-user caps and listings. Default:
+        $JUPYTERHUB_USER, else the OS user running the server. Per-user caps are only as
+        trustworthy as this value.""",
+    ).tag(config=True)
+
+    @default("owner")
+    def _default_owner(self) -> str:
+        return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+
+    server_id = Unicode(
+        help="""Identity of this Jupyter server in the registry and on containers; stable
+        across restarts of the same server. Default: derived from hostname and runtime
+        dir.""",
+    ).tag(config=True)
+
+    @default("server_id")
+    def _default_server_id(self) -> str:
+        return os.environ.get("LIMITED_PROVISIONER_SERVER_ID") or _default_server_id()
+
+    state_dir = Unicode(
+        help="""Directory holding the kernel registry, locks and per-kernel dirs.
+        Default: /var/lib/limited-provisioner as root, else a dir in the Jupyter runtime
+        dir. $LIMITED_PROVISIONER_STATE_DIR overrides the default.""",
+    ).tag(config=True)
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        from .registry import default_state_dir
+
+        return str(default_state_dir())
+
+    env_keep = List(
+        Unicode(),
+        DEFAULT_ENV_KEEP,
+        help="""Names (glob patterns) of server environment variables passed to the
+        kernel. Variables set in the kernelspec's env are always passed. Everything else
+        (tokens, credentials) is dropped.""",
+    ).tag(config=True)
+
+    private_work_dir = Bool(
+        True,
+        help="""Start the kernel in a fresh per-kernel directory (its HOME, removed at
+        shutdown) whose size and file count disk_limit/files_limit cap. If false the
+        kernel starts where Jupyter asks (the notebook's dir) and only growth past the
+        starting size is counted.""",
+    ).tag(config=True)
+
+    watchdog_interval = Float(
+        0.5,
+        help="Seconds between two watchdog checks of memory (disk is checked every 4th).",
+    ).tag(config=True)
+
+    exit_reason: str | None = None
+    limit_trips: list[dict[str, Any]]
+    kernel_dir: Path | None = None
+    work_dir: str | None = None
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.limit_trips = []
+        # Parsed once; every later decision reads this object, never the raw traits.
+        self.limits = Limits(
+            mem_limit=self.mem_limit,
+            cpu_limit=self.cpu_limit,
+            pids_limit=self.pids_limit,
+            nofile_limit=self.nofile_limit,
+            disk_limit=self.disk_limit,
+            files_limit=self.files_limit,
+            network=self.network,
+            exec_timeout=self.exec_timeout,
+            idle_timeout=self.idle_timeout,
+        )
+        self.registry = Registry(self.state_dir)
+        self.enforcement: dict[str, str] = {}
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Admit the kernel, then let the backend prepare its sandbox.
+
+        Called by ``KernelManager.pre_start_kernel()`` on every start and restart.
+        Nothing is started before admission; if anything after it fails, what was
+        reserved (registry entry, dirs, cgroups) is released before the error propagates.
+        """
+        restarting = self.registry.read(self.kernel_id) is not None
+        if not restarting:
+            await asyncio.to_thread(self._admit)
+        try:
+            await self._prepare_sandbox(kwargs)
+            kwargs = await super().pre_launch(**kwargs)
+            await self._prepare_launch(kwargs)
+        except BaseException:
+            if not restarting:
+                await self._release()
+            raise
+        return kwargs
+
+    def _admit(self) -> None:
+        with self.registry.lock():
+            admit(
+                self.registry,
+                kernel_id=self.kernel_id,
+                owner=self.owner,
+                max_kernels=self.max_kernels,
+                max_kernels_per_user=self.max_kernels_per_user,
+            )
+            self.registry.write(
+                self.kernel_id,
+                {
+                    "kernel_id": self.kernel_id,
+                    "backend": self.backend,
+                    "state": "starting",
+                    "owner": self.owner,
+                    "server_id": self.server_id,
+                    "kernel_name": getattr(self.parent, "kernel_name", ""),
+                    "created": time.time(),
+                    "limits": self.limits.to_dict(),
+                },
+            )
+
+    async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
+        """Backend hook, before jupyter_client writes the connection file."""
+
+    async def _prepare_launch(self, kwargs: dict[str, Any]) -> None:
+        """Backend hook, after the connection file is written."""
+
+    async def _release(self) -> None:
+        """Undo what pre_launch reserved (registry entry); backends extend this."""
+        await asyncio.to_thread(self.registry.remove, self.kernel_id)
+
+    def _finalize_env(self, env: dict[str, str]) -> None:
+        """Drop server environment variables not on the allow-list (see ``env_keep``)."""
+        super()._finalize_env(env)
+        keep = set(self.kernel_spec.env) if self.kernel_spec else set()
+        for name in list(env):
+            if name in keep:
+                continue
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.env_keep):
+                del env[name]
+
+    # -- limit trips and exit reasons ----------------------------------------------
+
+    def record_trip(self, kind: str, reason: str) -> None:
+        """Remember why the kernel was (or is about to be) stopped, and log it."""
+        self.exit_reason = reason
+        self.limit_trips.append({"kind": kind, "reason": reason, "time": time.time()})
+        self.log.warning("Kernel %s: %s", self.kernel_id, reason)
+
+    def describe_enforcement(self) -> str:
+        return "; ".join(f"{name}: {how}" for name, how in sorted(self.enforcement.items()))
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """Add limits, how each is enforced, and the last exit reason to the base info."""
+        info = await super().get_provisioner_info()
+        info.update(
+            {
+                "backend": self.backend,
+                "limits": self.limits.to_dict(),
+                "enforcement": dict(self.enforcement),
+                "exit_reason": self.exit_reason,
+                "limit_trips": list(self.limit_trips),
+                "owner": self.owner,
+                "server_id": self.server_id,
+                "kernel_dir": str(self.kernel_dir) if self.kernel_dir else None,
+                "work_dir": self.work_dir,
+            }
+        )
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        """Restore what get_provisioner_info saved; tolerates info from older versions."""
+        await super().load_provisioner_info(provisioner_info)
+        self.enforcement = dict(provisioner_info.get("enforcement") or {})
+        self.exit_reason = provisioner_info.get("exit_reason")
+        self.limit_trips = list(provisioner_info.get("limit_trips") or [])
+        kernel_dir = provisioner_info.get("kernel_dir")
+        self.kernel_dir = Path(kernel_dir) if kernel_dir else None
+        self.work_dir = provisioner_info.get("work_dir")

@@ -1,0 +1,222 @@
+"""``limited-provisioner``: install limited kernelspecs and list limited kernels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+
+from .errors import LimitConfigError
+from .limits import Limits, format_size
+from .registry import Registry, is_alive
+
+PROVISIONERS = {
+    "process": "limited-process-provisioner",
+    "docker": "limited-docker-provisioner",
+}
+LIMIT_FLAGS = [
+    ("mem_limit", 'memory for the kernel\'s process tree, e.g. "512M", "2G"'),
+    ("cpu_limit", "CPU cores, e.g. 0.5 or 2"),
+    ("pids_limit", "maximum processes/threads"),
+    ("nofile_limit", "maximum open files per process"),
+    ("disk_limit", 'bytes the kernel may write, e.g. "1G"'),
+    ("files_limit", "maximum files in the work dir"),
+    ("exec_timeout", 'seconds one execution may run, e.g. "30s" (0 = off)'),
+    ("idle_timeout", 'idle seconds before shutdown, e.g. "1h" (0 = off)'),
+    ("max_kernels", "host-wide cap on limited kernels"),
+    ("max_kernels_per_user", "per-owner cap on limited kernels"),
+]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="limited-provisioner",
+        description="Resource-limited Jupyter kernels: install kernelspecs, list kernels.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    install = sub.add_parser(
+        "install",
+        help="install a kernelspec whose kernels run under limits",
+        description="Install a kernelspec that uses a limited provisioner. Limits not "
+        "given stay at the provisioner's configured defaults.",
+    )
+    install.add_argument("--name", default="limited-python", help="kernelspec name")
+    install.add_argument(
+        "--display-name", default=None, help='name shown in Jupyter (default: "Python (limited)")'
+    )
+    install.add_argument(
+        "--backend", choices=sorted(PROVISIONERS), default="process", help="where kernels run"
+    )
+    for name, text in LIMIT_FLAGS:
+        install.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text)
+    install.add_argument(
+        "--network",
+        choices=["true", "false"],
+        default=None,
+        help="allow network access (default false)",
+    )
+    install.add_argument("--image", default=None, help="container image (docker backend)")
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user")
+    where.add_argument(
+        "--sys-prefix", action="store_true", help=f"install into sys.prefix ({sys.prefix})"
+    )
+    where.add_argument("--prefix", default=None, help="install under this prefix")
+
+    lst = sub.add_parser(
+        "list",
+        help="list limited kernelspecs and running limited kernels",
+        description="Show installed kernelspecs that use a limited provisioner and the "
+        "limited kernels running on this host.",
+    )
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.add_argument("--state-dir", default=None, help="registry location (default: auto)")
+    return parser
+
+
+def _kernel_config(args: argparse.Namespace) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for name, _ in LIMIT_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            config[name] = _json_value(value)
+    if args.network is not None:
+        config["network"] = args.network == "true"
+    if args.image is not None:
+        config["image"] = args.image
+    # Validate now, so a typo fails at install time instead of at the first kernel start.
+    Limits.from_config(**{k: v for k, v in config.items() if k in Limits.__dataclass_fields__})
+    for cap in ("max_kernels", "max_kernels_per_user"):
+        if cap in config:
+            from .limits import parse_count
+
+            parse_count(cap, config[cap])
+    return config
+
+
+def _json_value(text: str) -> Any:
+    """'2' -> 2, '0.5' -> 0.5, '512M' -> '512M'."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    try:
+        config = _kernel_config(args)
+    except LimitConfigError as e:
+        print(f"limited-provisioner install: {e}", file=sys.stderr)
+        return 2
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": args.display_name or "Python (limited)",
+        "language": "python",
+        "metadata": {
+            "debugger": False,
+            "kernel_provisioner": {
+                "provisioner_name": PROVISIONERS[args.backend],
+                "config": config,
+            },
+        },
+    }
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    tmp = tempfile.mkdtemp()
+    try:
+        with open(os.path.join(tmp, "kernel.json"), "w") as f:
+            json.dump(spec, f, indent=1)
+        dest = KernelSpecManager().install_kernel_spec(
+            tmp, kernel_name=args.name, user=args.user, prefix=prefix
+        )
+    except OSError as e:
+        print(
+            f"limited-provisioner install: cannot write kernelspec: {e}; "
+            "use --user or --sys-prefix, or --prefix DIR",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"Installed kernelspec {args.name} in {dest}")
+    return 0
+
+
+def _limited_specs() -> list[dict[str, Any]]:
+    ksm = KernelSpecManager()
+    result = []
+    for name, info in sorted(ksm.get_all_specs().items()):
+        meta = info["spec"].get("metadata", {}).get("kernel_provisioner", {})
+        if meta.get("provisioner_name") in PROVISIONERS.values():
+            result.append(
+                {
+                    "name": name,
+                    "resource_dir": info["resource_dir"],
+                    "provisioner": meta["provisioner_name"],
+                    "config": meta.get("config", {}),
+                }
+            )
+    return result
+
+
+def _running(state_dir: str | None) -> list[dict[str, Any]]:
+    rows = []
+    for entry in Registry(state_dir).entries():
+        entry = dict(entry)
+        entry["alive"] = is_alive(entry)
+        rows.append(entry)
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    specs = _limited_specs()
+    kernels = _running(args.state_dir)
+    if args.json:
+        json.dump({"kernelspecs": specs, "kernels": kernels}, sys.stdout, indent=1)
+        print()
+        return 0
+    print("Limited kernelspecs:")
+    if not specs:
+        print("  (none; create one with: limited-provisioner install)")
+    for s in specs:
+        config = ", ".join(f"{k}={v}" for k, v in sorted(s["config"].items())) or "defaults"
+        print(f"  {s['name']:<24} {s['provisioner']:<30} {config}")
+    print()
+    print("Running limited kernels:")
+    if not kernels:
+        print("  (none)")
+        return 0
+    header = f"  {'KERNEL ID':<36}  {'BACKEND':<7}  {'OWNER':<10}  {'PID':>7}  {'MEM':>6}  {'CPU':>4}  {'AGE':>8}  STATE"
+    print(header)
+    now = time.time()
+    for k in kernels:
+        lim = k.get("limits", {})
+        age = now - k.get("created", now)
+        state = k.get("state", "?") if k["alive"] else "dead"
+        print(
+            f"  {k.get('kernel_id', '?'):<36}  {k.get('backend', '?'):<7}  "
+            f"{str(k.get('owner', '?'))[:10]:<10}  {k.get('pid') or '-':>7}  "
+            f"{format_size(lim.get('mem_limit')):>6}  {lim.get('cpu_limit') or '-':>4}  "
+            f"{int(age // 60)}m{int(age % 60):02d}s  {state}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "install":
+        return cmd_install(args)
+    return cmd_list(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Exception types raised by limited-provisioner.
+
+Every error names the limit or setting involved and says how to fix it, because
+the person reading it is usually a notebook user or an operator looking at a log.
+"""
+
+from traitlets import TraitError
+
+
+class LimitConfigError(TraitError, ValueError):
+    """A limit setting has a value we cannot enforce (bad unit, negative, too small).
+
+    Subclasses ``TraitError`` so traitlets validation surfaces it unchanged, and
+    ``ValueError`` so plain Python callers can catch it without importing traitlets.
+    """
+
+
+class KernelLimitError(RuntimeError):
+    """A kernel start was refused because a cap (count, memory, disk, rate) is reached.
+
+    ``limit`` is the name of the setting that refused the start, so callers (and the
+    jupyter_server handler that maps this to HTTP 429) can report it precisely.
+    """
+
+    def __init__(self, message: str, *, limit: str = "", owner: str | None = None):
+        super().__init__(message)
+        self.limit = limit
+        self.owner = owner
+
+
+class SandboxUnavailableError(RuntimeError):
+    """A requested isolation mechanism cannot be provided on this host."""

@@ -1,0 +1,462 @@
+"""``limited-process-provisioner``: a local kernel process inside OS limits.
+
+On a host where we are root (the case this package is built for) the kernel runs:
+
+* in its own memory / cpu / pids cgroups (hard limits; see ``cgroups.py``),
+* in an empty network namespace, reached over jupyter_client's ``ipc`` transport,
+* in a private mount namespace with size-capped tmpfs on ``/tmp`` and ``/dev/shm``,
+* as a per-kernel unprivileged uid (from ``kernel_uid_range``) that owns its work dir,
+* with rlimits: RLIMIT_DATA (mem), RLIMIT_NOFILE, RLIMIT_FSIZE (disk), RLIMIT_CORE=0,
+* watched by a :class:`~limited_provisioner.watchdog.Watchdog` for the work dir size
+  and file count (and for memory where no cgroup exists).
+
+Without root, whatever cannot be set up is reported as best-effort or not enforced in
+the log and ``get_provisioner_info()['enforcement']`` — never silently skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from traitlets import Int, Tuple
+
+from . import _launch
+from .base import LimitedProvisionerMixin
+from .cgroups import KernelCgroups
+from .errors import KernelLimitError, SandboxUnavailableError
+from .limits import format_size
+from .registry import process_identity
+from .watchdog import KERNEL_ID_ENV, Watchdog, tree_pids
+
+# Longest path a unix socket can bind to (sun_path is 108 bytes with the NUL).
+MAX_IPC_PATH = 100
+
+
+def untraversable_ancestor(path: str) -> str | None:
+    """The highest ancestor of ``path`` that other users cannot enter, if any."""
+    parts = Path(path).parts
+    for i in range(2, len(parts) + 1):
+        ancestor = Path(*parts[:i])
+        try:
+            mode = ancestor.stat().st_mode
+        except OSError:
+            return None
+        if not mode & 0o001:
+            return str(ancestor)
+    return None
+
+
+def exposures_for(paths: list[str]) -> dict[str, str]:
+    """``{path: blocker}`` for interpreter paths a kernel uid could not reach."""
+    result: dict[str, str] = {}
+    for path in sorted({os.path.realpath(p) for p in paths if p}):
+        blocker = untraversable_ancestor(path)
+        if blocker is None or blocker == path:
+            continue
+        if any(path.startswith(done + os.sep) for done in result):
+            continue  # already exposed through a parent
+        result[path] = blocker
+    return result
+
+
+def _can_unshare_net() -> bool:
+    return os.geteuid() == 0 and Path("/proc/self/ns/net").exists()
+
+
+class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
+    """A :class:`LocalProvisioner` whose kernel runs inside resource limits."""
+
+    backend = "process"
+
+    kernel_uid_range = Tuple(
+        Int(),
+        Int(),
+        default_value=(64000, 64999),
+        help="""When the server runs as root, each kernel runs as its own unprivileged
+        uid (and gid) picked from this inclusive range, so kernels can neither touch the
+        server nor each other. Default (64000, 64999).""",
+    ).tag(config=True)
+
+    kernel_nice = Int(
+        10,
+        help="""Niceness of kernels when no cpu cgroup is available (best-effort CPU
+        limit). 0 leaves the priority alone.""",
+    ).tag(config=True)
+
+    cgroups: KernelCgroups | None = None
+    uid: int | None = None
+    watchdog: Watchdog | None = None
+    pid_create_time: float | None = None
+    _shutting_down = False
+
+    # -- start ----------------------------------------------------------------------
+
+    async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
+        """Create the kernel dir, uid, cgroups and choose the transport.
+
+        Runs before LocalProvisioner.pre_launch writes the connection file, because
+        with ``network=False`` the file must say ``transport=ipc`` and live where the
+        kernel's uid can rewrite it.
+        """
+        await asyncio.to_thread(self._prepare_sandbox_sync)
+        km = self.parent
+        if km is not None and not self.limits.network and self._netns:
+            ipc_prefix = str(self.kernel_dir / "k")
+            if len(ipc_prefix) + 8 > MAX_IPC_PATH:
+                msg = (
+                    f"state_dir {self.state_dir!r} is too long for ipc sockets "
+                    f"({ipc_prefix!r}); set LimitedProcessProvisioner.state_dir to a "
+                    f"shorter path"
+                )
+                raise SandboxUnavailableError(msg)
+            km.transport = "ipc"
+            km.cache_ports = False
+            km.ip = ipc_prefix
+            km.connection_file = str(self.kernel_dir / "connection.json")
+
+    def _prepare_sandbox_sync(self) -> None:
+        enforcement: dict[str, str] = {}
+        root = os.geteuid() == 0
+        self.registry.ensure()
+        self.kernel_dir = self.registry.kernels_dir / self.kernel_id
+        if self.uid is None and root:
+            self.uid = self._allocate_uid()
+        self.kernel_dir.mkdir(mode=0o700, exist_ok=True)
+        work = self.kernel_dir / "work"
+        work.mkdir(mode=0o700, exist_ok=True)
+        if self.uid is not None:
+            os.chown(self.kernel_dir, self.uid, self.uid)
+            os.chown(work, self.uid, self.uid)
+            enforcement["identity"] = f"uid/gid {self.uid} (unprivileged, per kernel)"
+        else:
+            enforcement["identity"] = f"server user (uid {os.geteuid()}): not root, cannot switch"
+
+        self.cgroups = KernelCgroups.create(self.kernel_id, self.limits)
+        enforcement.update(self.cgroups.enforced(self.limits))
+        lim = self.limits
+        if lim.mem_limit is not None:
+            enforcement.setdefault(
+                "mem_limit", "best-effort (watchdog on the tree's RSS, RLIMIT_DATA per process)"
+            )
+        if lim.cpu_limit is not None:
+            enforcement.setdefault(
+                "cpu_limit", f"best-effort (nice {self.kernel_nice}; no writable cpu cgroup)"
+            )
+        if lim.pids_limit is not None and "pids_limit" not in enforcement:
+            if self.uid is not None:
+                enforcement["pids_limit"] = "hard (RLIMIT_NPROC on the kernel's own uid)"
+            else:
+                enforcement["pids_limit"] = (
+                    "best-effort (RLIMIT_NPROC counts every process of the server user)"
+                )
+        if lim.nofile_limit is not None:
+            enforcement["nofile_limit"] = "hard (RLIMIT_NOFILE, per process)"
+        if lim.disk_limit is not None:
+            enforcement["disk_limit"] = (
+                "hard per file (RLIMIT_FSIZE); best-effort total (watchdog on work dir"
+                + (", size-capped tmpfs /tmp and /dev/shm)" if root else ")")
+            )
+        if lim.files_limit is not None:
+            enforcement["files_limit"] = "best-effort (watchdog on work dir)"
+        self._netns = _can_unshare_net()
+        if lim.network:
+            enforcement["network"] = "allowed (network=True)"
+        elif self._netns:
+            enforcement["network"] = "hard (empty network namespace, ipc transport)"
+        else:
+            enforcement["network"] = "NOT enforced (needs root for a network namespace)"
+        for name in ("exec_timeout", "idle_timeout"):
+            if getattr(lim, name):
+                enforcement[name] = "not enforced by this backend version"
+        self.enforcement = enforcement
+
+    def _allocate_uid(self) -> int:
+        low, high = self.kernel_uid_range
+        if not 0 < low <= high:
+            msg = f"kernel_uid_range={self.kernel_uid_range!r} must be two uids 0 < low <= high"
+            raise SandboxUnavailableError(msg)
+        with self.registry.lock():
+            used = {e.get("uid") for e in self.registry.live_entries()}
+            for uid in range(low, high + 1):
+                if uid not in used:
+                    self.registry.update(self.kernel_id, uid=uid)
+                    return uid
+        msg = (
+            f"kernel_uid_range {low}-{high} is exhausted: {high - low + 1} kernels run; "
+            f"widen kernel_uid_range or lower max_kernels"
+        )
+        raise KernelLimitError(msg, limit="kernel_uid_range")
+
+    async def _prepare_launch(self, kwargs: dict[str, Any]) -> None:
+        """Hand the connection file to the kernel's uid (ipykernel rewrites it)."""
+        km = self.parent
+        if self.uid is not None and km is not None and km.transport == "ipc":
+            os.chown(km.connection_file, self.uid, self.uid)
+
+    def _sandbox_spec(self, cwd: str) -> dict[str, Any]:
+        lim = self.limits
+        rlimits: dict[str, Any] = {"core": 0}
+        if lim.mem_limit is not None:
+            rlimits["data"] = lim.mem_limit
+        if lim.nofile_limit is not None:
+            rlimits["nofile"] = lim.nofile_limit
+        if lim.disk_limit is not None:
+            rlimits["fsize"] = lim.disk_limit
+        if lim.pids_limit is not None and "pids" not in (self.cgroups.paths if self.cgroups else {}):
+            rlimits["nproc"] = lim.pids_limit
+        spec: dict[str, Any] = {
+            "cgroup_procs": self.cgroups.procs_files if self.cgroups else [],
+            "unshare_net": bool(self._netns and not lim.network),
+            "rlimits": rlimits,
+            "cwd": cwd,
+        }
+        if self.cgroups is None or "cpu" not in self.cgroups.paths:
+            spec["nice"] = self.kernel_nice
+        if self.uid is not None:
+            spec["uid"] = spec["gid"] = self.uid
+            spec["tmpfs"] = self._tmpfs_mounts()
+            expose = exposures_for(self._interpreter_paths())
+            if expose:
+                spec["expose"] = expose
+                spec["stage_dir"] = str(self.kernel_dir)
+        return spec
+
+    def _interpreter_paths(self) -> list[str]:
+        """Install locations the kernel process must be able to read."""
+        argv0 = self.kernel_spec.argv[0] if self.kernel_spec and self.kernel_spec.argv else ""
+        paths = [sys.prefix, sys.base_prefix, os.path.dirname(shutil.which(argv0) or "")]
+        real = os.path.realpath(shutil.which(argv0) or argv0) if argv0 else ""
+        if real:
+            # <prefix>/bin/python -> <prefix>
+            paths.append(os.path.dirname(os.path.dirname(real)))
+        return paths
+
+    def _tmpfs_mounts(self) -> dict[str, str]:
+        """Private /tmp and /dev/shm, so writes there are capped and vanish with the kernel."""
+        lim = self.limits
+        mounts = {}
+        size = lim.disk_limit if lim.disk_limit is not None else 1024**3
+        inodes = f",nr_inodes={lim.files_limit}" if lim.files_limit else ""
+        # A kernel dir under /tmp would be hidden by the new /tmp mount.
+        if not str(self.kernel_dir).startswith("/tmp/"):
+            mounts["/tmp"] = f"size={size},mode=1777{inodes}"
+        if Path("/dev/shm").is_dir():
+            shm = min(size, lim.mem_limit) if lim.mem_limit else size
+            mounts["/dev/shm"] = f"size={shm},mode=1777{inodes}"
+        return mounts
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        """Start the kernel through ``_launch`` (which applies the sandbox, then execs)."""
+        work = str(self.kernel_dir / "work")
+        if self.private_work_dir:
+            kwargs["cwd"] = work
+            self.work_dir = work
+        else:
+            self.work_dir = str(kwargs.get("cwd") or os.getcwd())
+        env = dict(kwargs.get("env") or {})
+        env[KERNEL_ID_ENV] = self.kernel_id
+        env["HOME"] = work
+        env.setdefault("IPYTHONDIR", os.path.join(work, ".ipython"))
+        if self.limits.cpu_limit is not None:
+            # BLAS/OpenMP pools sized to the host's cores only thrash under a CPU quota.
+            threads = str(max(1, int(self.limits.cpu_limit)))
+            for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                env.setdefault(name, threads)
+        kwargs["env"] = env
+        spec = self._sandbox_spec(kwargs.get("cwd") or work)
+        # Run the launcher by path, isolated and without site: it needs only the
+        # stdlib, and importing our package (and jupyter_client) would cost ~0.2 s.
+        wrapped = [sys.executable, "-I", "-S", _launch.__file__, json.dumps(spec), "--", *cmd]
+
+        baseline_bytes = baseline_files = 0
+        if not self.private_work_dir and (self.limits.disk_limit or self.limits.files_limit):
+            from .watchdog import dir_usage
+
+            usage = await asyncio.to_thread(dir_usage, self.work_dir, 200_000)
+            baseline_bytes, baseline_files = usage.bytes, usage.files
+
+        connection_info = await super().launch_kernel(wrapped, **kwargs)
+        self.pid_create_time = process_identity(self.pid)
+        self.exit_reason = None
+        self._shutting_down = False
+        await asyncio.to_thread(
+            self.registry.update,
+            self.kernel_id,
+            state="running",
+            pid=self.pid,
+            pid_create_time=self.pid_create_time,
+            uid=self.uid,
+            kernel_dir=str(self.kernel_dir),
+            work_dir=self.work_dir,
+            connection_file=getattr(self.parent, "connection_file", None),
+            cgroups=sorted(self.cgroups.paths) if self.cgroups else [],
+            enforcement=self.enforcement,
+            started=time.time(),
+        )
+        self.watchdog = Watchdog(
+            kernel_id=self.kernel_id,
+            get_pids=self._tree_pids,
+            on_trip=self._on_trip,
+            check_events=self._check_cgroup_events if self.cgroups.paths else None,
+            mem_limit=None if "memory" in self.cgroups.paths else self.limits.mem_limit,
+            work_dir=self.work_dir,
+            disk_limit=self.limits.disk_limit,
+            files_limit=self.limits.files_limit,
+            disk_baseline=baseline_bytes,
+            files_baseline=baseline_files,
+            interval=self.watchdog_interval,
+            disk_interval=self.watchdog_interval * 4,
+        )
+        self.watchdog.start()
+        self.log.info(
+            "Kernel %s started as pid %s with %s [%s]",
+            self.kernel_id,
+            self.pid,
+            self.limits.describe(),
+            self.describe_enforcement(),
+        )
+        return connection_info
+
+    # -- running --------------------------------------------------------------------
+
+    def _tree_pids(self) -> list[int] | set[int]:
+        if self.cgroups is not None and self.cgroups.paths:
+            return self.cgroups.pids()
+        if self.pid is None:
+            return set()
+        return tree_pids(self.pid)
+
+    def _check_cgroup_events(self) -> None:
+        """Report OOM kills / refused forks inside the tree while the kernel lives."""
+        if self.cgroups is None:
+            return
+        if self.cgroups.new_oom_kills() > 0:
+            self.record_trip(
+                "mem_limit",
+                f"memory limit {format_size(self.limits.mem_limit)} exceeded "
+                "(OOM killed a process of the kernel's tree)",
+            )
+        refused = self.cgroups.new_pids_max_events()
+        if refused:
+            self.record_trip(
+                "pids_limit",
+                f"pids limit {self.limits.pids_limit} reached ({refused} forks refused)",
+            )
+
+    async def _on_trip(self, kind: str, reason: str) -> None:
+        self.record_trip(kind, reason)
+        await asyncio.to_thread(self._kill_tree)
+
+    async def poll(self) -> int | None:
+        """Like LocalProvisioner.poll(); on first seeing the exit, records why it died."""
+        process = self.process
+        ret = await super().poll()
+        if process is not None and ret is not None:
+            self._note_exit(ret)
+        return ret
+
+    def _note_exit(self, code: int) -> None:
+        if getattr(self, "_exit_noted_pid", None) == self.pid:
+            return
+        self._exit_noted_pid = self.pid
+        if self.watchdog is not None and self.watchdog.tripped:
+            pass  # the watchdog killed it and already recorded why
+        elif self.cgroups is not None and self.cgroups.new_oom_kills() > 0:
+            self.record_trip(
+                "mem_limit",
+                f"memory limit {format_size(self.limits.mem_limit)} exceeded (OOM killed)",
+            )
+        elif code == _launch.EXIT_SANDBOX_FAILED:
+            self.record_trip("sandbox", "sandbox setup failed (see the kernel's stderr)")
+        elif self.exit_reason is None and not self._shutting_down:
+            if code < 0:
+                self.exit_reason = f"killed by signal {signal.Signals(-code).name}"
+            elif code:
+                self.exit_reason = f"exited with status {code}"
+            if self.exit_reason:
+                self.log.warning("Kernel %s died: %s", self.kernel_id, self.exit_reason)
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        """Called by KernelManager.request_shutdown(); an exit after this is expected."""
+        self._shutting_down = True
+        await super().shutdown_requested(restart=restart)
+
+    async def kill(self, restart: bool = False) -> None:
+        """Kill the kernel and every process of its tree (not only its process group)."""
+        self._shutting_down = True
+        await super().kill(restart=restart)
+        await asyncio.to_thread(self._kill_tree)
+
+    def _kill_tree(self) -> None:
+        if self.cgroups is not None and self.cgroups.paths:
+            self.cgroups.kill_all()
+            return
+        # No cgroup: descendants, then anything still carrying our env marker
+        # (double-forked daemons re-parented to init), until nothing is left.
+        for _ in range(20):
+            pids = tree_pids(self.pid, self.kernel_id, scan_env=True) if self.pid else set()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # already gone
+                except PermissionError:
+                    self.log.warning("Kernel %s: cannot kill pid %s", self.kernel_id, pid)
+            time.sleep(0.05)
+
+    # -- stop -----------------------------------------------------------------------
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Kill what is left of the tree; unless restarting, remove every trace.
+
+        Called by ``KernelManager.cleanup_resources()`` after the kernel process has
+        exited. On restart the cgroups, uid and dir are kept for the next process.
+        """
+        if self.watchdog is not None:
+            await self.watchdog.stop()
+            self.watchdog = None
+        await asyncio.to_thread(self._kill_tree)
+        await super().cleanup(restart=restart)
+        if not restart:
+            await self._release()
+
+    async def _release(self) -> None:
+        await asyncio.to_thread(self._remove_traces)
+        await super()._release()
+
+    def _remove_traces(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.kill_all()
+            self.cgroups.remove()
+        if self.kernel_dir is not None:
+            shutil.rmtree(self.kernel_dir, ignore_errors=True)
+
+    # -- persistence ----------------------------------------------------------------
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info.update(
+            {
+                "uid": self.uid,
+                "pid_create_time": self.pid_create_time,
+                "cgroups": sorted(self.cgroups.paths) if self.cgroups else [],
+            }
+        )
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.uid = provisioner_info.get("uid")
+        self.pid_create_time = provisioner_info.get("pid_create_time")
+        self.cgroups = KernelCgroups.attach(self.kernel_id, provisioner_info.get("cgroups") or [])

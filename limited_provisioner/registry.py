@@ -1,0 +1,133 @@
+"""The host-wide registry of live limited kernels.
+
+One JSON file per kernel under ``<state_dir>/registry/``; written atomically by the
+server that started the kernel, readable by every server and by the CLI.  The registry
+is what ``limited-provisioner list`` shows, what admission counts (not an in-memory
+dict, which a restart would lose), and what recovery re-adopts from.  A process entry
+records ``pid`` *and* its ``create_time`` so a reused pid is never mistaken for a kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+STATE_DIR_ENV = "LIMITED_PROVISIONER_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    """Where registry, locks and per-kernel dirs live.
+
+    Root servers share one host-wide place (so caps hold across servers); a non-root
+    server keeps its own under the Jupyter runtime dir.  Kept short on purpose: ipc
+    socket paths inside it must stay under the 107-byte ``sun_path`` limit.
+    """
+    env = os.environ.get(STATE_DIR_ENV)
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/limited-provisioner")
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return Path(jupyter_runtime_dir()) / "limited-provisioner"
+
+
+class Registry:
+    """Read/write access to the registry files under ``state_dir``."""
+
+    def __init__(self, state_dir: str | os.PathLike | None = None):
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.entries_dir = self.state_dir / "registry"
+        self.kernels_dir = self.state_dir / "kernels"
+
+    def ensure(self) -> None:
+        self.entries_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.entries_dir, 0o700)
+        self.kernels_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        # Kernels running as other uids must be able to traverse into their own dir,
+        # but not list the others.
+        os.chmod(self.kernels_dir, 0o711)
+        os.chmod(self.state_dir, 0o711)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Host-wide exclusive lock (admission and uid allocation happen under it)."""
+        self.ensure()
+        with open(self.state_dir / "lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _path(self, kernel_id: str) -> Path:
+        return self.entries_dir / f"{kernel_id}.json"
+
+    def write(self, kernel_id: str, entry: dict[str, Any]) -> None:
+        self.ensure()
+        path = self._path(kernel_id)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(entry, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+    def update(self, kernel_id: str, **changes: Any) -> None:
+        entry = self.read(kernel_id)
+        if entry is not None:
+            entry.update(changes)
+            self.write(kernel_id, entry)
+
+    def read(self, kernel_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._path(kernel_id).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def remove(self, kernel_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(kernel_id).unlink()
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every registered kernel, alive or not (see :func:`is_alive`)."""
+        if not self.entries_dir.is_dir():
+            return []
+        result = []
+        for path in sorted(self.entries_dir.glob("*.json")):
+            try:
+                result.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue  # being replaced right now, or foreign junk
+        return result
+
+    def live_entries(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries() if is_alive(e)]
+
+
+def process_identity(pid: int) -> float | None:
+    """The create time of ``pid`` (seconds since epoch), or None if it is gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def is_alive(entry: dict[str, Any]) -> bool:
+    """Whether the kernel an entry describes is still running (not a reused pid)."""
+    if entry.get("state") == "starting":
+        # A start in progress counts against caps until it finishes or goes stale.
+        return time.time() - entry.get("created", 0) < 120
+    pid = entry.get("pid")
+    if not pid:
+        return False
+    created = process_identity(pid)
+    if created is None:
+        return False
+    return abs(created - entry.get("pid_create_time", created)) < 1.0

@@ -1,0 +1,206 @@
+"""The watchdog: limits the kernel (OS) cannot enforce for us, checked by polling.
+
+It sums the resident memory of the kernel's whole process tree (used only where no
+memory cgroup is available) and measures the kernel's work dir (bytes on disk and
+number of entries; there is no per-directory quota in the kernel without a
+filesystem of our own).  When a limit trips it calls ``on_trip(reason)`` once; the
+provisioner then kills the tree and reports the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import psutil
+
+from .limits import format_size
+
+KERNEL_ID_ENV = "LIMITED_PROVISIONER_KERNEL_ID"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DirUsage:
+    bytes: int
+    files: int
+
+
+def dir_usage(path: str, stop_after_files: int | None = None) -> DirUsage:
+    """Disk usage of ``path`` in allocated bytes (sparse files count what they use).
+
+    Stops counting entries after ``stop_after_files`` so an inode bomb of a million
+    files cannot make each check take seconds.
+    """
+    total = 0
+    files = 0
+    stack = [path]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as it:
+                for entry in it:
+                    files += 1
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # deleted while we walk
+                    total += st.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    if stop_after_files is not None and files > stop_after_files:
+                        return DirUsage(total, files)
+        except OSError:
+            continue  # unreadable or removed subdirectory
+    return DirUsage(total, files)
+
+
+def tree_pids(root_pid: int, kernel_id: str | None = None, scan_env: bool = False) -> set[int]:
+    """Processes of a kernel's tree without cgroups: descendants of the kernel, plus
+    (with ``scan_env``) any process carrying our kernel-id environment marker, which
+    catches double-forked daemons that were re-parented away from the kernel."""
+    pids: set[int] = set()
+    try:
+        root = psutil.Process(root_pid)
+        pids.add(root_pid)
+        pids.update(child.pid for child in root.children(recursive=True))
+    except psutil.NoSuchProcess:
+        pass
+    if scan_env and kernel_id:
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get(KERNEL_ID_ENV) == kernel_id:
+                    pids.add(proc.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+    pids.discard(os.getpid())
+    return pids
+
+
+def tree_rss(pids: set[int] | list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return total
+
+
+class Watchdog:
+    """Polls one kernel's tree and work dir; calls ``on_trip(reason)`` at most once."""
+
+    def __init__(
+        self,
+        *,
+        kernel_id: str,
+        get_pids: Callable[[], list[int] | set[int]],
+        on_trip: Callable[[str, str], Awaitable[None]],
+        check_events: Callable[[], None] | None = None,
+        mem_limit: int | None = None,
+        work_dir: str | None = None,
+        disk_limit: int | None = None,
+        files_limit: int | None = None,
+        disk_baseline: int = 0,
+        files_baseline: int = 0,
+        interval: float = 0.5,
+        disk_interval: float = 2.0,
+    ):
+        self.kernel_id = kernel_id
+        self.get_pids = get_pids
+        self.on_trip = on_trip
+        # Called every round for limits the OS enforces itself (e.g. an OOM kill of a
+        # child in the kernel's cgroup), so they are reported while the kernel lives on.
+        self.check_events = check_events
+        self.mem_limit = mem_limit
+        self.work_dir = work_dir
+        self.disk_limit = disk_limit
+        self.files_limit = files_limit
+        self.disk_baseline = disk_baseline
+        self.files_baseline = files_baseline
+        self.interval = interval
+        self.disk_interval = disk_interval
+        self.tripped: str | None = None
+        self.last_usage: DirUsage | None = None
+        self.last_rss: int | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def watches_anything(self) -> bool:
+        return self.check_events is not None or self.mem_limit is not None or (
+            self.work_dir is not None
+            and (self.disk_limit is not None or self.files_limit is not None)
+        )
+
+    def start(self) -> None:
+        if self.watches_anything and self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    def check_memory(self) -> tuple[str, str] | None:
+        if self.mem_limit is None:
+            return None
+        rss = tree_rss(self.get_pids())
+        self.last_rss = rss
+        if rss > self.mem_limit:
+            return "mem_limit", (
+                f"memory limit {format_size(self.mem_limit)} exceeded "
+                f"(process tree used {format_size(rss)})"
+            )
+        return None
+
+    def check_disk(self) -> tuple[str, str] | None:
+        if self.work_dir is None:
+            return None
+        stop_after = None
+        if self.files_limit is not None:
+            stop_after = self.files_limit + self.files_baseline
+        usage = dir_usage(self.work_dir, stop_after)
+        self.last_usage = usage
+        used = usage.bytes - self.disk_baseline
+        files = usage.files - self.files_baseline
+        if self.disk_limit is not None and used > self.disk_limit:
+            return "disk_limit", (
+                f"disk limit {format_size(self.disk_limit)} exceeded "
+                f"({format_size(used)} written in {self.work_dir})"
+            )
+        if self.files_limit is not None and files > self.files_limit:
+            return "files_limit", (
+                f"files limit {self.files_limit} exceeded "
+                f"(more than {files} files in {self.work_dir})"
+            )
+        return None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_disk = 0.0
+        while True:
+            try:
+                if self.check_events is not None:
+                    self.check_events()
+                found = await asyncio.to_thread(self.check_memory)
+                if found is None and loop.time() >= next_disk:
+                    found = await asyncio.to_thread(self.check_disk)
+                    next_disk = loop.time() + self.disk_interval
+            except Exception:  # one bad read must not end the watch
+                log.exception("watchdog check failed for kernel %s", self.kernel_id)
+                found = None
+            if found is not None:
+                kind, reason = found
+                self.tripped = reason
+                self._task = None
+                await self.on_trip(kind, reason)
+                return
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,129 @@
+"""Fixtures: real kernels started through jupyter_client with a limited kernelspec.
+
+Every kernel a test starts is shut down in the fixture's teardown, and anything of its
+tree still alive (found through its cgroup or the pids recorded at start) is killed,
+even when the test failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
+
+KERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+def write_kernelspec(prefix: Path, name: str, config: dict, provisioner: str) -> None:
+    spec_dir = prefix / "kernels" / name
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "argv": KERNEL_ARGV,
+        "display_name": name,
+        "language": "python",
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": provisioner, "config": config}
+        },
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+@pytest.fixture
+def jupyter_path(tmp_path, monkeypatch):
+    path = tmp_path / "jupyter"
+    path.mkdir()
+    monkeypatch.setenv("JUPYTER_PATH", str(path))
+    return path
+
+
+def kill_kernel_leftovers(kernel_id: str, pids: set[int]) -> None:
+    """Last-resort cleanup: our kernel's cgroup members and recorded pids."""
+    for controller in ("pids", "memory", "cpu"):
+        procs = CGROUP_ROOT / controller / GROUP_NAME / kernel_id / "cgroup.procs"
+        try:
+            pids |= {int(p) for p in procs.read_text().split()}
+        except OSError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def tree_of(km: AsyncKernelManager) -> set[int]:
+    prov = km.provisioner
+    pids = set(prov._tree_pids()) if prov is not None else set()
+    return pids
+
+
+@pytest.fixture
+async def start_kernel(jupyter_path):
+    """``await start_kernel(config)`` -> (km, kc) for a fresh limited kernel."""
+    started: list[tuple[AsyncKernelManager, object, set[int]]] = []
+    counter = iter(range(1000))
+
+    async def _start(config: dict | None = None, provisioner="limited-process-provisioner",
+                     **km_kwargs):
+        name = f"lim{next(counter)}"
+        write_kernelspec(jupyter_path, name, config or {}, provisioner)
+        km = AsyncKernelManager(kernel_name=name, **km_kwargs)
+        record = [km, None, set()]
+        started.append(record)
+        await km.start_kernel()
+        record[2] = {km.provisioner.pid}
+        kc = km.client()
+        kc.start_channels()
+        record[1] = kc
+        await kc.wait_for_ready(timeout=60)
+        return km, kc
+
+    yield _start
+
+    for km, kc, pids in started:
+        if kc is not None:
+            kc.stop_channels()
+        kernel_id = km.kernel_id
+        try:
+            if km.has_kernel:
+                await km.shutdown_kernel(now=True)
+        finally:
+            kill_kernel_leftovers(kernel_id, pids)
+
+
+async def run(kc, code: str, timeout: float = 60) -> dict:
+    """Execute ``code``; return {"stdout", "stderr", "error", "status"}."""
+    out: dict = {"stdout": "", "stderr": "", "error": None}
+
+    def hook(msg):
+        kind = msg["msg_type"]
+        if kind == "stream":
+            out[msg["content"]["name"]] += msg["content"]["text"]
+        elif kind == "error":
+            out["error"] = f"{msg['content']['ename']}: {msg['content']['evalue']}"
+
+    reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    out["status"] = reply["content"]["status"]
+    if out["status"] == "error" and out["error"] is None:
+        out["error"] = f"{reply['content']['ename']}: {reply['content']['evalue']}"
+    return out
+
+
+def alive(pids) -> list[int]:
+    result = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                result.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return result

@@ -1,0 +1,247 @@
+"""The process backend on real ipykernel kernels: each limit trips on real code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from limited_provisioner import KernelLimitError, LimitedProcessProvisioner
+from limited_provisioner.registry import Registry
+
+from .conftest import alive, run
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="hard limits need root (cgroups, namespaces)")
+
+SMALL = {"mem_limit": "256M", "disk_limit": "32M", "pids_limit": 48, "nofile_limit": 128}
+
+
+async def test_runs_code_and_info_round_trips(start_kernel):
+    km, kc = await start_kernel(SMALL)
+    out = await run(kc, "print(6 * 7)")
+    assert out["stdout"].strip() == "42", out
+    prov = km.provisioner
+    info = await prov.get_provisioner_info()
+    assert info["limits"]["mem_limit"] == 256 * 2**20
+    assert info["enforcement"]["mem_limit"]
+    assert info["backend"] == "process"
+    clone = LimitedProcessProvisioner(kernel_id=km.kernel_id, parent=km)
+    await clone.load_provisioner_info(info)
+    assert clone.pid == prov.pid
+    assert clone.enforcement == prov.enforcement
+    assert clone.kernel_dir == prov.kernel_dir
+    assert (await clone.get_provisioner_info())["pid"] == info["pid"]
+    entry = Registry(prov.state_dir).read(km.kernel_id)
+    assert entry["pid"] == prov.pid and entry["state"] == "running"
+
+
+@needs_root
+async def test_root_server_runs_kernel_unprivileged_offline_and_scrubbed(start_kernel, monkeypatch):
+    monkeypatch.setenv("VERY_SECRET_TOKEN", "hunter2")
+    km, kc = await start_kernel(SMALL)
+    out = await run(
+        kc,
+        "import os, socket\n"
+        "print(os.getuid(), os.getgid(), os.getcwd())\n"
+        "print('secret' if 'VERY_SECRET_TOKEN' in os.environ else 'clean')\n"
+        "try:\n"
+        "    socket.create_connection(('127.0.0.1', 22), timeout=2); print('connected')\n"
+        "except OSError as e:\n"
+        "    print('blocked', e.errno)\n",
+    )
+    uid, gid, cwd = out["stdout"].splitlines()[0].split()
+    assert int(uid) != 0 and int(gid) != 0
+    assert cwd == str(km.provisioner.kernel_dir / "work")
+    assert "clean" in out["stdout"]
+    assert "blocked" in out["stdout"], out
+    assert km.transport == "ipc"
+    info = await km.provisioner.get_provisioner_info()
+    assert info["enforcement"]["network"].startswith("hard")
+    assert info["enforcement"]["identity"].startswith("uid/gid")
+    # The connection key is readable by the kernel's uid only.
+    st = os.stat(km.connection_file)
+    assert st.st_mode & 0o077 == 0 and st.st_uid == int(uid)
+
+
+async def test_allocating_4x_mem_limit_fails_and_host_is_unaffected(start_kernel):
+    km, kc = await start_kernel(SMALL)
+    before = psutil.Process().memory_info().rss
+    out = await run(kc, "x = bytearray(4 * 256 * 1024 * 1024)\nprint(len(x))")
+    assert out["status"] == "error" or not await km.is_alive()
+    if out["status"] == "error":
+        assert "MemoryError" in out["error"], out
+        # Python caught it: the kernel lives on and still answers.
+        assert (await run(kc, "print('still here')"))["stdout"].strip() == "still here"
+    assert psutil.Process().memory_info().rss - before < 50 * 2**20
+
+
+async def test_doubling_list_is_stopped(start_kernel):
+    km, kc = await start_kernel(SMALL)
+    out = await run(kc, "x = [0]\nwhile True:\n    x = x + x\n", timeout=120)
+    assert out["status"] == "error" and "MemoryError" in out["error"], out
+
+
+@needs_root
+async def test_children_together_cannot_exceed_mem_limit(start_kernel):
+    """Each child stays under RLIMIT_DATA; together they exceed mem_limit: the cgroup
+    OOM-kills one and the provisioner reports it."""
+    km, kc = await start_kernel(SMALL)
+    out = await run(
+        kc,
+        "import subprocess, sys\n"
+        "code = 'b = bytearray(150 * 2**20); import time; time.sleep(10)'\n"
+        "ps = [subprocess.Popen([sys.executable, '-c', code]) for _ in range(3)]\n"
+        "print(sorted(p.wait() for p in ps))\n",
+        timeout=120,
+    )
+    codes = out["stdout"]
+    assert "-9" in codes, out
+    prov = km.provisioner
+    usage_max = int((prov.cgroups.paths["memory"] / "memory.max_usage_in_bytes").read_text())
+    assert usage_max <= 256 * 2**20
+    for _ in range(20):
+        if any(t["kind"] == "mem_limit" for t in prov.limit_trips):
+            break
+        await asyncio.sleep(0.25)
+    assert any("memory limit 256M exceeded" in t["reason"] for t in prov.limit_trips)
+
+
+async def test_opening_nofile_plus_10_files_fails(start_kernel):
+    km, kc = await start_kernel(SMALL)
+    out = await run(
+        kc,
+        "fs = []\n"
+        "try:\n"
+        "    for i in range(128 + 10): fs.append(open('/dev/null'))\n"
+        "    print('opened all')\n"
+        "except OSError as e:\n"
+        "    print('refused', e.errno)\n"
+        "for f in fs: f.close()\n",
+    )
+    assert "refused 24" in out["stdout"], out
+
+
+async def test_writing_a_file_past_disk_limit_fails(start_kernel):
+    km, kc = await start_kernel(SMALL)
+    out = await run(
+        kc,
+        "try:\n"
+        "    with open('big.bin', 'wb') as f:\n"
+        "        for _ in range(40): f.write(b'x' * 2**20)\n"
+        "    print('wrote all')\n"
+        "except OSError as e:\n"
+        "    print('refused', e.errno)\n",
+    )
+    assert "refused 27" in out["stdout"], out  # EFBIG: File too large
+
+
+async def test_many_files_past_disk_limit_kill_the_kernel_with_a_reason(start_kernel):
+    km, kc = await start_kernel({**SMALL, "disk_limit": "16M"})
+    # Each file is under RLIMIT_FSIZE; only the work-dir watchdog sees the total.
+    kc.execute(
+        "import time\nfor i in range(40):\n    open(f'f{i}', 'wb').write(b'x' * 2**20)\n"
+        "time.sleep(30)\n"
+    )
+    prov = km.provisioner
+    for _ in range(60):
+        if not await km.is_alive():
+            break
+        await asyncio.sleep(0.25)
+    assert not await km.is_alive()
+    assert prov.exit_reason and "disk limit 16M exceeded" in prov.exit_reason
+    info = await prov.get_provisioner_info()
+    assert "disk limit" in info["exit_reason"]
+
+
+async def test_fork_loop_stops_at_pids_limit(start_kernel):
+    km, kc = await start_kernel(SMALL)
+    out = await run(
+        kc,
+        "import os, time\n"
+        "kids = []\n"
+        "try:\n"
+        "    for i in range(500):\n"
+        "        pid = os.fork()\n"
+        "        if pid == 0:\n"
+        "            time.sleep(60); os._exit(0)\n"
+        "        kids.append(pid)\n"
+        "    print('forked', len(kids))\n"
+        "except OSError as e:\n"
+        "    print('stopped at', len(kids), e.errno)\n"
+        "for k in kids: os.kill(k, 9); os.waitpid(k, 0)\n",
+        timeout=120,
+    )
+    assert "stopped at" in out["stdout"], out
+    forked = int(out["stdout"].split()[2])
+    assert forked < 48
+
+
+async def test_shutdown_leaves_no_process_of_the_tree(start_kernel):
+    km, kc = await start_kernel(SMALL)
+    out = await run(
+        kc,
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "r, w = os.pipe()\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "        os.write(w, str(os.getpid()).encode()); os.close(w)\n"
+        "        time.sleep(600)\n"
+        "    os._exit(0)\n"
+        "os.close(w)\n"
+        "daemon = int(os.read(r, 32))\n"
+        "print(child.pid, daemon)\n",
+    )
+    child, daemon = (int(p) for p in out["stdout"].split())
+    tree = {km.provisioner.pid, child, daemon}
+    assert len(alive(tree)) == 3
+    kernel_dir = km.provisioner.kernel_dir
+    await km.shutdown_kernel()
+    await asyncio.sleep(0.2)
+    assert alive(tree) == []
+    assert not kernel_dir.exists()
+    assert Registry(km.provisioner.state_dir if km.provisioner else None).read(
+        km.kernel_id
+    ) is None
+
+
+@pytest.fixture
+def private_state_dir(monkeypatch):
+    """A registry of our own (short path: ipc socket paths must stay < 108 bytes)."""
+    path = tempfile.mkdtemp(prefix="lp-", dir="/var/tmp")
+    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", path)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_max_kernels_refuses_with_the_limit_named(start_kernel, private_state_dir):
+    await start_kernel({**SMALL, "max_kernels": 1})
+    with pytest.raises(KernelLimitError, match="max_kernels=1 reached: 1 limited kernels"):
+        await start_kernel({**SMALL, "max_kernels": 1})
+    entries = Registry(private_state_dir).entries()
+    assert len(entries) == 1  # the refused start left nothing behind
+
+
+async def test_docker_backend_refuses_clearly_for_now(start_kernel):
+    with pytest.raises(RuntimeError, match="not available yet"):
+        await start_kernel({}, provisioner="limited-docker-provisioner")
+
+
+async def test_restart_keeps_limits_and_works(start_kernel):
+    km, kc = await start_kernel(SMALL)
+    old_pid = km.provisioner.pid
+    await km.restart_kernel(now=True)
+    await kc.wait_for_ready(timeout=60)
+    assert km.provisioner.pid != old_pid
+    out = await run(kc, "print(open('/proc/self/limits').read())")
+    assert "Max open files            128" in out["stdout"], out
+    assert alive({old_pid}) == []

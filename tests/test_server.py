@@ -1,0 +1,121 @@
+"""A real jupyter_server subprocess, driven over HTTP and WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+from .conftest import alive, kill_kernel_leftovers, write_kernelspec
+
+TOKEN = "limited-test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def server(tmp_path, jupyter_path):
+    write_kernelspec(
+        jupyter_path, "lim", {"mem_limit": "256M", "pids_limit": 64}, "limited-process-provisioner"
+    )
+    port = free_port()
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1",
+         f"--IdentityProvider.token={TOKEN}", "--allow-root", "--no-browser",
+         f"--ServerApp.root_dir={root}"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
+    )
+    base = f"http://127.0.0.1:{port}"
+    client = AsyncHTTPClient()
+    for _ in range(200):
+        try:
+            await client.fetch(f"{base}/api/status?token={TOKEN}")
+            break
+        except Exception:
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+    started_kernels: list[str] = []
+    try:
+        yield base, client, started_kernels
+    finally:
+        for kid in started_kernels:
+            try:
+                await client.fetch(f"{base}/api/kernels/{kid}?token={TOKEN}", method="DELETE")
+            except Exception:
+                pass  # already gone
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for kid in started_kernels:
+            kill_kernel_leftovers(kid, set())
+        log.close()
+        print((tmp_path / "server.log").read_text()[-3000:])
+
+
+async def execute_ws(base: str, kernel_id: str, code: str, timeout: float = 30) -> str:
+    url = base.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels?token={TOKEN}"
+    ws = await websocket_connect(url)
+    msg_id = uuid.uuid4().hex
+    ws.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "username": "t", "session": uuid.uuid4().hex,
+                   "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False},
+    }))
+    out = ""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
+            msg = json.loads(raw)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out += msg["content"]["text"]
+            if msg["msg_type"] == "error":
+                out += f"{msg['content']['ename']}: {msg['content']['evalue']}"
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return out
+    finally:
+        ws.close()
+    raise TimeoutError(out)
+
+
+async def test_kernel_through_jupyter_server(server):
+    base, client, started = server
+    resp = await client.fetch(
+        HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
+                    body=json.dumps({"name": "lim"}))
+    )
+    kernel = json.loads(resp.body)
+    started.append(kernel["id"])
+    out = await execute_ws(base, kernel["id"], "import os; print(os.getpid(), 6 * 7)")
+    pid, answer = out.split()
+    assert answer == "42"
+    out = await execute_ws(base, kernel["id"], "x = bytearray(1024 * 2**20)")
+    assert "MemoryError" in out
+    await client.fetch(f"{base}/api/kernels/{kernel['id']}?token={TOKEN}", method="DELETE")
+    started.remove(kernel["id"])
+    await asyncio.sleep(0.5)
+    assert alive({int(pid)}) == []

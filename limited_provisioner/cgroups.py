@@ -61,14 +61,20 @@ class KernelCgroups:
     _pids_max_seen: int = 0
 
     @classmethod
-    def create(cls, kernel_id: str, limits: Limits) -> KernelCgroups:
-        """Create (or reuse, on restart) the groups and write the limits into them."""
+    def create(cls, kernel_id: str, limits: Limits, defer_cpu: bool = False) -> KernelCgroups:
+        """Create (or reuse, on restart) the groups and write the limits into them.
+
+        With ``defer_cpu`` the CPU quota is left open; call :meth:`apply_cpu` later.
+        """
         groups = cls(kernel_id)
         for controller, root in available_controllers().items():
             path = root / kernel_id
             try:
                 path.mkdir(exist_ok=True)
-                groups._configure(controller, path, limits)
+                if controller == "cpu" and defer_cpu:
+                    (path / "cpu.cfs_quota_us").write_text("-1")
+                else:
+                    groups._configure(controller, path, limits)
             except OSError as e:
                 log.warning("cgroup %s for kernel %s unusable: %s", controller, kernel_id, e)
                 continue
@@ -107,6 +113,11 @@ class KernelCgroups:
             (path / "cpu.cfs_quota_us").write_text(str(int(limits.cpu_limit * CFS_PERIOD_US)))
         elif controller == "pids" and limits.pids_limit is not None:
             (path / "pids.max").write_text(str(limits.pids_limit))
+
+    def apply_cpu(self, limits: Limits) -> None:
+        path = self.paths.get("cpu")
+        if path is not None and path.is_dir():
+            self._configure("cpu", path, limits)
 
     def enforced(self, limits: Limits) -> dict[str, str]:
         """Which limits these groups enforce, for get_provisioner_info()."""

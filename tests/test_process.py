@@ -245,3 +245,55 @@ async def test_restart_keeps_limits_and_works(start_kernel):
     out = await run(kc, "print(open('/proc/self/limits').read())")
     assert "Max open files            128" in out["stdout"], out
     assert alive({old_pid}) == []
+
+
+async def test_numpy_stays_usable_under_the_memory_limit(start_kernel):
+    """RLIMIT_DATA (not RLIMIT_AS) so BLAS thread pools' reserved address space does
+    not count: real array work within mem_limit succeeds."""
+    pytest.importorskip("numpy")
+    km, kc = await start_kernel(SMALL)
+    out = await run(
+        kc,
+        "import numpy as np\n"
+        "a = np.ones((2000, 2000))\n"
+        "print(float((a @ a)[0, 0]))\n",
+    )
+    assert out["stdout"].strip() == "2000.0", out
+
+
+async def test_most_of_mem_limit_is_usable(start_kernel):
+    """A limit is only useful if the memory below it can actually be used."""
+    km, kc = await start_kernel(SMALL)
+    out = await run(kc, "b = bytearray(140 * 2**20); print(len(b) >> 20)")
+    assert out["stdout"].strip() == "140", out
+
+
+async def test_network_true_gives_a_working_tcp_kernel(start_kernel):
+    km, kc = await start_kernel({**SMALL, "network": True})
+    assert km.transport == "tcp"
+    out = await run(kc, "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print('ok')")
+    assert out["stdout"].strip() == "ok", out
+    info = await km.provisioner.get_provisioner_info()
+    assert info["enforcement"]["network"] == "allowed (network=True)"
+
+
+@needs_root
+async def test_cpu_limit_throttles_a_multicore_burn(start_kernel):
+    km, kc = await start_kernel({**SMALL, "cpu_limit": 0.5, "cpu_startup_grace": 0.5})
+    await asyncio.sleep(1.0)
+    quota = (km.provisioner.cgroups.paths["cpu"] / "cpu.cfs_quota_us").read_text().strip()
+    assert quota == "50000"
+    out = await run(
+        kc,
+        "import multiprocessing as mp, os, time\n"
+        "def burn():\n"
+        "    end = time.time() + 3\n"
+        "    while time.time() < end: pass\n"
+        "ps = [mp.Process(target=burn) for _ in range(2)]\n"
+        "[p.start() for p in ps]; [p.join() for p in ps]\n"
+        "t = os.times(); print(t.children_user + t.children_system)\n",
+        timeout=60,
+    )
+    cpu_seconds = float(out["stdout"])
+    # Unthrottled, two burners use ~6 CPU-seconds in 3 s on two cores; 0.5 core allows 1.5.
+    assert cpu_seconds < 3.0, out

@@ -13,14 +13,16 @@ import fnmatch
 import getpass
 import hashlib
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, List, Unicode, default
+from traitlets import Bool, Float, Int, List, Tuple, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from .errors import KernelLimitError, SandboxUnavailableError
 from .limits import (
     MIN_DISK_LIMIT,
     MIN_MEM_LIMIT,
@@ -35,6 +37,9 @@ from .limits import (
 )
 from .policy import admit
 from .registry import Registry
+
+# Longest path a unix socket can bind to (sun_path is 108 bytes with the NUL).
+MAX_IPC_PATH = 100
 
 # Variables a kernel needs to work; everything else of the server's environment
 # (tokens, cloud credentials, ...) stays out of reach of the code the kernel runs.
@@ -194,11 +199,21 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         starting size is counted.""",
     ).tag(config=True)
 
+    kernel_uid_range = Tuple(
+        Int(),
+        Int(),
+        default_value=(64000, 64999),
+        help="""When the server runs as root, each kernel (process or container) runs as its own unprivileged
+        uid (and gid) picked from this inclusive range, so kernels can neither touch the
+        server nor each other. Default (64000, 64999).""",
+    ).tag(config=True)
+
     watchdog_interval = Float(
         0.5,
         help="Seconds between two watchdog checks of memory (disk is checked every 4th).",
     ).tag(config=True)
 
+    uid: int | None = None
     exit_reason: str | None = None
     limit_trips: list[dict[str, Any]]
     kernel_dir: Path | None = None
@@ -286,6 +301,76 @@ class LimitedProvisionerMixin(LoggingConfigurable):
                 continue
             if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.env_keep):
                 del env[name]
+
+    def _allocate_uid(self) -> int:
+        low, high = self.kernel_uid_range
+        if not 0 < low <= high:
+            msg = f"kernel_uid_range={self.kernel_uid_range!r} must be two uids 0 < low <= high"
+            raise SandboxUnavailableError(msg)
+        with self.registry.lock():
+            used = {e.get("uid") for e in self.registry.live_entries()}
+            for uid in range(low, high + 1):
+                if uid not in used:
+                    self.registry.update(self.kernel_id, uid=uid)
+                    return uid
+        msg = (
+            f"kernel_uid_range {low}-{high} is exhausted: {high - low + 1} kernels run; "
+            f"widen kernel_uid_range or lower max_kernels"
+        )
+        raise KernelLimitError(msg, limit="kernel_uid_range")
+
+    # -- the per-kernel dir -----------------------------------------------------------
+
+    def _make_kernel_dir(self) -> str:
+        """Create ``<state_dir>/kernels/<id>/{work}`` owned by the kernel's uid.
+
+        It holds the connection file, the ipc sockets and the work dir (the kernel's
+        HOME). Returns a description of the kernel's identity for the enforcement report.
+        """
+        self.registry.ensure()
+        self.kernel_dir = self.registry.kernels_dir / self.kernel_id
+        if self.uid is None and os.geteuid() == 0:
+            self.uid = self._allocate_uid()
+        self.kernel_dir.mkdir(mode=0o700, exist_ok=True)
+        work = self.kernel_dir / "work"
+        work.mkdir(mode=0o700, exist_ok=True)
+        if self.uid is None:
+            return f"server user (uid {os.geteuid()}): not root, cannot switch"
+        os.chown(self.kernel_dir, self.uid, self.uid)
+        os.chown(work, self.uid, self.uid)
+        return f"uid/gid {self.uid} (unprivileged, per kernel)"
+
+    def _place_connection_file(self, ipc: bool) -> None:
+        """Point the KernelManager's connection file (and ipc sockets) into the kernel dir.
+
+        The kernel's uid must read the file (and ipykernel rewrites it); the server's
+        runtime dir is not readable by that uid, the kernel's own dir is.
+        """
+        km = self.parent
+        if km is None:
+            return
+        if self.uid is not None or ipc:
+            km.connection_file = str(self.kernel_dir / "connection.json")
+        if ipc:
+            ipc_prefix = str(self.kernel_dir / "k")
+            if len(ipc_prefix) + 8 > MAX_IPC_PATH:
+                msg = (
+                    f"state_dir {self.state_dir!r} is too long for ipc sockets "
+                    f"({ipc_prefix!r}); set {type(self).__name__}.state_dir to a shorter path"
+                )
+                raise SandboxUnavailableError(msg)
+            km.transport = "ipc"
+            km.cache_ports = False
+            km.ip = ipc_prefix
+
+    def _hand_over_connection_file(self) -> None:
+        km = self.parent
+        if self.uid is not None and km is not None:
+            os.chown(km.connection_file, self.uid, self.uid)
+
+    def _remove_kernel_dir(self) -> None:
+        if self.kernel_dir is not None:
+            shutil.rmtree(self.kernel_dir, ignore_errors=True)
 
     # -- limit trips and exit reasons ----------------------------------------------
 

@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
-from traitlets import Float, Int, Tuple
+from traitlets import Float, Int
 
 from . import _launch
 from .base import LimitedProvisionerMixin
 from .cgroups import KernelCgroups
-from .errors import KernelLimitError, SandboxUnavailableError
 from .limits import format_size
 from .registry import process_identity
 from .watchdog import KERNEL_ID_ENV, Watchdog, tree_pids
@@ -43,9 +42,6 @@ from .watchdog import KERNEL_ID_ENV, Watchdog, tree_pids
 # hard limit; RLIMIT_DATA = mem_limit + this headroom makes a single runaway
 # allocation fail as a catchable MemoryError close to the limit instead of an OOM kill.
 DATA_RLIMIT_HEADROOM = 128 * 1024**2
-
-# Longest path a unix socket can bind to (sun_path is 108 bytes with the NUL).
-MAX_IPC_PATH = 100
 
 
 def untraversable_ancestor(path: str) -> str | None:
@@ -84,15 +80,6 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
 
     backend = "process"
 
-    kernel_uid_range = Tuple(
-        Int(),
-        Int(),
-        default_value=(64000, 64999),
-        help="""When the server runs as root, each kernel runs as its own unprivileged
-        uid (and gid) picked from this inclusive range, so kernels can neither touch the
-        server nor each other. Default (64000, 64999).""",
-    ).tag(config=True)
-
     kernel_nice = Int(
         10,
         help="""Niceness of kernels when no cpu cgroup is available (best-effort CPU
@@ -109,7 +96,6 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
 
     cgroups: KernelCgroups | None = None
     _cpu_task: asyncio.Task | None = None
-    uid: int | None = None
     watchdog: Watchdog | None = None
     pid_create_time: float | None = None
     _shutting_down = False
@@ -124,42 +110,12 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         kernel's uid can rewrite it.
         """
         await asyncio.to_thread(self._prepare_sandbox_sync)
-        km = self.parent
-        if km is None:
-            return
-        if self.uid is not None:
-            # The kernel's uid must read (and ipykernel rewrites) the connection file;
-            # the server's runtime dir is not readable by it, its own kernel dir is.
-            km.connection_file = str(self.kernel_dir / "connection.json")
-        if not self.limits.network and self._netns:
-            ipc_prefix = str(self.kernel_dir / "k")
-            if len(ipc_prefix) + 8 > MAX_IPC_PATH:
-                msg = (
-                    f"state_dir {self.state_dir!r} is too long for ipc sockets "
-                    f"({ipc_prefix!r}); set LimitedProcessProvisioner.state_dir to a "
-                    f"shorter path"
-                )
-                raise SandboxUnavailableError(msg)
-            km.transport = "ipc"
-            km.cache_ports = False
-            km.ip = ipc_prefix
+        self._place_connection_file(ipc=not self.limits.network and self._netns)
 
     def _prepare_sandbox_sync(self) -> None:
         enforcement: dict[str, str] = {}
         root = os.geteuid() == 0
-        self.registry.ensure()
-        self.kernel_dir = self.registry.kernels_dir / self.kernel_id
-        if self.uid is None and root:
-            self.uid = self._allocate_uid()
-        self.kernel_dir.mkdir(mode=0o700, exist_ok=True)
-        work = self.kernel_dir / "work"
-        work.mkdir(mode=0o700, exist_ok=True)
-        if self.uid is not None:
-            os.chown(self.kernel_dir, self.uid, self.uid)
-            os.chown(work, self.uid, self.uid)
-            enforcement["identity"] = f"uid/gid {self.uid} (unprivileged, per kernel)"
-        else:
-            enforcement["identity"] = f"server user (uid {os.geteuid()}): not root, cannot switch"
+        enforcement["identity"] = self._make_kernel_dir()
 
         self.cgroups = KernelCgroups.create(
             self.kernel_id, self.limits, defer_cpu=self.cpu_startup_grace > 0
@@ -204,28 +160,8 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
                 enforcement[name] = "not enforced by this backend version"
         self.enforcement = enforcement
 
-    def _allocate_uid(self) -> int:
-        low, high = self.kernel_uid_range
-        if not 0 < low <= high:
-            msg = f"kernel_uid_range={self.kernel_uid_range!r} must be two uids 0 < low <= high"
-            raise SandboxUnavailableError(msg)
-        with self.registry.lock():
-            used = {e.get("uid") for e in self.registry.live_entries()}
-            for uid in range(low, high + 1):
-                if uid not in used:
-                    self.registry.update(self.kernel_id, uid=uid)
-                    return uid
-        msg = (
-            f"kernel_uid_range {low}-{high} is exhausted: {high - low + 1} kernels run; "
-            f"widen kernel_uid_range or lower max_kernels"
-        )
-        raise KernelLimitError(msg, limit="kernel_uid_range")
-
     async def _prepare_launch(self, kwargs: dict[str, Any]) -> None:
-        """Hand the connection file to the kernel's uid (ipykernel rewrites it)."""
-        km = self.parent
-        if self.uid is not None and km is not None:
-            os.chown(km.connection_file, self.uid, self.uid)
+        self._hand_over_connection_file()
 
     def _sandbox_spec(self, cwd: str) -> dict[str, Any]:
         lim = self.limits
@@ -474,8 +410,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         if self.cgroups is not None:
             self.cgroups.kill_all()
             self.cgroups.remove()
-        if self.kernel_dir is not None:
-            shutil.rmtree(self.kernel_dir, ignore_errors=True)
+        self._remove_kernel_dir()
 
     # -- persistence ----------------------------------------------------------------
 

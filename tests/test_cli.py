@@ -41,7 +41,7 @@ def test_install_into_prefix_is_found_by_jupyter(tmp_path):
     ours = subprocess.run(
         [*CLI, "list", "--json"], capture_output=True, text=True, check=True, env=_env(share)
     )
-    assert [s["name"] for s in json.loads(ours.stdout)["kernelspecs"]] == ["tiny"]
+    assert "tiny" in [s["name"] for s in json.loads(ours.stdout)["kernelspecs"]]
 
 
 def test_install_refuses_a_bad_limit_and_writes_nothing(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from jupyter_client.manager import AsyncKernelManager
 
 from limited_provisioner import KernelLimitError, LimitedProcessProvisioner
 from limited_provisioner.registry import Registry

@@ -71,6 +71,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--prefix", default=None, help="install under this prefix")
 
+    build = sub.add_parser(
+        "build-image",
+        help="build the default kernel image for the docker backend",
+        description="Build the kernel image (slim Python + ipykernel + non-root user) from "
+        "the Dockerfile shipped in this package. Needs a Docker daemon that can pull "
+        "python:3.11-slim.",
+    )
+    build.add_argument("--tag", default=None, help="image tag (default: the docker default image)")
+
     lst = sub.add_parser(
         "list",
         help="list limited kernelspecs and running limited kernels",
@@ -118,8 +127,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     except LimitConfigError as e:
         print(f"limited-provisioner install: {e}", file=sys.stderr)
         return 2
+    # In a container the interpreter is the image's; on the host it is this one.
+    python = "python3" if args.backend == "docker" else sys.executable
     spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": args.display_name or "Python (limited)",
         "language": "python",
         "metadata": {
@@ -211,10 +222,41 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_image(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import docker
+    import docker.errors
+
+    from .docker import DEFAULT_IMAGE
+
+    tag = args.tag or DEFAULT_IMAGE
+    context = Path(__file__).parent / "image"
+    try:
+        client = docker.from_env()
+        for chunk in client.api.build(path=str(context), tag=tag, decode=True, rm=True):
+            if "stream" in chunk:
+                sys.stdout.write(chunk["stream"])
+            elif "error" in chunk:
+                print(f"limited-provisioner build-image: {chunk['error']}", file=sys.stderr)
+                return 1
+    except docker.errors.DockerException as e:
+        print(
+            f"limited-provisioner build-image: Docker daemon unreachable ({e}); start dockerd "
+            "or set DOCKER_HOST",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"Built {tag}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "install":
         return cmd_install(args)
+    if args.command == "build-image":
+        return cmd_build_image(args)
     return cmd_list(args)
 
 

@@ -20,13 +20,15 @@ from jupyter_client.manager import AsyncKernelManager
 from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
 
 KERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+# Inside the kernel image the interpreter is the image's own.
+CONTAINER_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
 
 def write_kernelspec(prefix: Path, name: str, config: dict, provisioner: str) -> None:
     spec_dir = prefix / "kernels" / name
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
-        "argv": KERNEL_ARGV,
+        "argv": CONTAINER_ARGV if "docker" in provisioner else KERNEL_ARGV,
         "display_name": name,
         "language": "python",
         "metadata": {
@@ -79,7 +81,7 @@ async def start_kernel(jupyter_path):
         record = [km, None, set()]
         started.append(record)
         await km.start_kernel()
-        record[2] = {km.provisioner.pid}
+        record[2] = {km.provisioner.pid} if getattr(km.provisioner, "pid", None) else set()
         kc = km.client()
         kc.start_channels()
         record[1] = kc
@@ -127,3 +129,11 @@ def alive(pids) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return result
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Expose each phase's report on the item, so fixtures can dump logs on failure."""
+    report = yield
+    setattr(item, "rep_" + report.when, report)
+    return report

@@ -1,0 +1,179 @@
+"""The docker backend on a real Docker daemon and the real kernel image.
+
+Skipped when no daemon/image is available, except under CI
+(LIMITED_PROVISIONER_REQUIRE_DOCKER=1, set by .ci/run), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import docker
+import docker.errors
+import psutil
+import pytest
+
+from limited_provisioner import LimitConfigError, SandboxUnavailableError
+from limited_provisioner.docker import DEFAULT_IMAGE, LABEL_PREFIX
+
+from .conftest import run
+
+TEST_OWNER = "lp-pytest"
+DOCKER = "limited-docker-provisioner"
+SMALL = {"mem_limit": "256M", "cpu_limit": 1, "pids_limit": 64, "nofile_limit": 256,
+         "disk_limit": "64M", "owner": TEST_OWNER}
+
+
+def _docker_client():
+    try:
+        client = docker.from_env()
+        client.ping()
+        client.images.get(DEFAULT_IMAGE)
+        return client
+    except docker.errors.DockerException as e:
+        reason = f"docker or image {DEFAULT_IMAGE} unavailable: {e}"
+        if os.environ.get("LIMITED_PROVISIONER_REQUIRE_DOCKER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    client = _docker_client()
+    yield client
+    # Whatever happened, no container of the test owner survives the session.
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}):
+        c.remove(force=True)
+
+
+def containers_of(client, kernel_id):
+    return client.containers.list(
+        all=True, filters={"label": f"{LABEL_PREFIX}kernel-id={kernel_id}"}
+    )
+
+
+@pytest.fixture
+async def docker_kernel(start_kernel, docker_client, request):
+    started = []
+
+    async def _start(config=None):
+        km, kc = await start_kernel({**SMALL, **(config or {})}, provisioner=DOCKER)
+        started.append(km)
+        return km, kc
+
+    yield _start
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for km in started:
+            for c in containers_of(docker_client, km.kernel_id):
+                print(c.logs()[-3000:].decode(errors="replace"))
+
+
+async def test_container_settings_and_isolation(docker_kernel, docker_client):
+    km, kc = await docker_kernel()
+    out = await run(
+        kc,
+        "import os, socket\n"
+        "print(os.getuid())\n"
+        "for addr in [('172.17.0.1', 80), ('1.1.1.1', 53), ('127.0.0.1', 22)]:\n"
+        "    try:\n"
+        "        socket.create_connection(addr, timeout=2); print('connected', addr)\n"
+        "    except OSError as e:\n"
+        "        print('blocked', e.errno)\n",
+    )
+    lines = out["stdout"].split()
+    assert int(lines[0]) != 0, out
+    assert "connected" not in out["stdout"] and out["stdout"].count("blocked") == 3, out
+    (container,) = containers_of(docker_client, km.kernel_id)
+    attrs = docker_client.api.inspect_container(container.id)
+    host = attrs["HostConfig"]
+    assert host["Memory"] == 256 * 2**20 and host["MemorySwap"] == 256 * 2**20
+    assert host["NanoCpus"] == 10**9
+    assert host["PidsLimit"] == 64
+    ulimits = {u["Name"]: u for u in host["Ulimits"]}
+    assert ulimits["nofile"]["Soft"] == ulimits["nofile"]["Hard"] == 256
+    assert ulimits["fsize"]["Hard"] == 64 * 2**20
+    assert host["ReadonlyRootfs"] is True
+    assert "/tmp" in host["Tmpfs"] and "size=" in host["Tmpfs"]["/tmp"]
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["Init"] is True and host["Privileged"] is False
+    assert host["NetworkMode"] == "none"
+    assert host["PidMode"] == "" and host["UTSMode"] == "" and host["IpcMode"] != "host"
+    assert attrs["Config"]["User"].split(":")[0] != "0"
+    labels = attrs["Config"]["Labels"]
+    assert labels[f"{LABEL_PREFIX}kernel-id"] == km.kernel_id
+    assert labels[f"{LABEL_PREFIX}owner"] == TEST_OWNER
+    assert labels[f"{LABEL_PREFIX}mem-limit"] == str(256 * 2**20)
+    assert not any(km.session.key.decode() in v for v in labels.values())
+    st = os.stat(km.connection_file)
+    assert st.st_mode & 0o077 == 0
+
+
+async def test_memory_bomb_is_oom_killed_and_reported(docker_kernel, docker_client):
+    km, kc = await docker_kernel()
+    other_km, other_kc = await docker_kernel()
+    before = psutil.Process().memory_info().rss
+    kc.execute("x = bytearray(4 * 256 * 2**20)\nprint(len(x))")
+    prov = km.provisioner
+    for _ in range(120):
+        if prov.exit_reason or not await km.is_alive():
+            break
+        await asyncio.sleep(0.25)
+    await prov.poll()
+    assert prov.exit_reason == "memory limit 256M exceeded (OOMKilled)", prov.exit_reason
+    info = await prov.get_provisioner_info()
+    assert info["exit_reason"] == prov.exit_reason
+    assert psutil.Process().memory_info().rss - before < 50 * 2**20
+    assert (await run(other_kc, "print(1 + 1)"))["stdout"].strip() == "2"
+
+
+async def test_interrupt_restart_and_shutdown_leave_nothing(docker_kernel, docker_client):
+    km, kc = await docker_kernel()
+    msg_id = kc.execute("import time; time.sleep(60)")
+    await asyncio.sleep(1.0)
+    await km.interrupt_kernel()
+    reply = await kc._async_get_shell_msg(timeout=20)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+
+    await run(kc, "x = 41")
+    first = containers_of(docker_client, km.kernel_id)[0].id
+    await km.restart_kernel(now=True)
+    await kc.wait_for_ready(timeout=60)
+    out = await run(kc, "print('x' in globals())")
+    assert out["stdout"].strip() == "False"
+    (second,) = containers_of(docker_client, km.kernel_id)
+    assert second.id != first
+
+    kernel_dir = km.provisioner.kernel_dir
+    await km.shutdown_kernel()
+    assert containers_of(docker_client, km.kernel_id) == []
+    assert not kernel_dir.exists()
+
+
+async def test_daemon_down_is_a_clear_error(start_kernel):
+    with pytest.raises(SandboxUnavailableError) as info:
+        await start_kernel(
+            {**SMALL, "docker_host": "unix:///var/run/no-such-docker.sock"}, provisioner=DOCKER
+        )
+    text = str(info.value)
+    assert "unix:///var/run/no-such-docker.sock" in text
+    assert "limited-process-provisioner" in text
+
+
+async def test_missing_image_names_the_build_command(start_kernel, docker_client):
+    with pytest.raises(SandboxUnavailableError, match="'no-such-image:1' not found.*build-image"):
+        await start_kernel({**SMALL, "image": "no-such-image:1"}, provisioner=DOCKER)
+
+
+async def test_invalid_mount_is_refused_before_create(start_kernel, docker_client):
+    with pytest.raises(LimitConfigError, match="host path /no/such/dir does not exist"):
+        await start_kernel(
+            {**SMALL, "extra_mounts": ["/no/such/dir:/data"]}, provisioner=DOCKER
+        )
+    assert docker_client.containers.list(
+        all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}
+    ) == []

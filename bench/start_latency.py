@@ -1,10 +1,15 @@
-"""Start latency: stock LocalProvisioner vs LimitedProcessProvisioner.
+"""Start latency of limited kernels against their baselines, measured in one run.
 
-Times ``start_kernel()`` to the first ``kernel_info`` reply, N starts of each,
-interleaved (stock, limited, stock, ...) so machine noise hits both alike, and prints
-median / p90 and the limited/stock ratio (target <= 1.10).
+Times ``start_kernel()`` to the first ``kernel_info`` reply, N starts of each kind,
+interleaved (stock, limited, docker, floor, stock, ...) so machine noise hits all alike:
 
-    python bench/start_latency.py [--runs 20] [--markdown]
+* stock ``LocalProvisioner`` — the baseline of the process backend (target ratio <= 1.10);
+* ``LimitedProcessProvisioner`` (mem 1G, cpu 1);
+* ``LimitedDockerProvisioner`` (mem 1G, cpu 1, no network) — if Docker and the image exist;
+* the docker floor: ``docker run --rm IMAGE python3 -c "import ipykernel.kernelapp"``,
+  the least any container kernel can cost (target docker/floor <= 1.3).
+
+    python bench/start_latency.py [--runs 20] [--markdown] [--no-docker]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,19 +29,31 @@ from pathlib import Path
 from jupyter_client.manager import AsyncKernelManager
 
 ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+CONTAINER_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+LIMITS = {"mem_limit": "1G", "cpu_limit": 1}
+IMAGE = "limited-provisioner-kernel:latest"
 
 
-def write_specs(root: Path) -> None:
-    stock = {"argv": ARGV, "display_name": "stock", "language": "python"}
-    limited = dict(stock, display_name="limited", metadata={
-        "kernel_provisioner": {"provisioner_name": "limited-process-provisioner",
-                               "config": {"mem_limit": "1G", "cpu_limit": 1}}})
-    for name, spec in (("bench-stock", stock), ("bench-limited", limited)):
+def write_specs(root: Path, with_docker: bool) -> None:
+    def spec(argv, provisioner=None):
+        s = {"argv": argv, "display_name": "bench", "language": "python"}
+        if provisioner:
+            s["metadata"] = {"kernel_provisioner": {"provisioner_name": provisioner,
+                                                    "config": LIMITS}}
+        return s
+
+    specs = {
+        "bench-stock": spec(ARGV),
+        "bench-limited": spec(ARGV, "limited-process-provisioner"),
+    }
+    if with_docker:
+        specs["bench-docker"] = spec(CONTAINER_ARGV, "limited-docker-provisioner")
+    for name, s in specs.items():
         (root / "kernels" / name).mkdir(parents=True)
-        (root / "kernels" / name / "kernel.json").write_text(json.dumps(spec))
+        (root / "kernels" / name / "kernel.json").write_text(json.dumps(s))
 
 
-async def one_start(kernel_name: str) -> float:
+async def kernel_start(kernel_name: str) -> float:
     km = AsyncKernelManager(kernel_name=kernel_name)
     t0 = time.perf_counter()
     await km.start_kernel()
@@ -49,50 +67,81 @@ async def one_start(kernel_name: str) -> float:
         await km.shutdown_kernel(now=True)
 
 
+async def docker_floor() -> float:
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        "docker", "run", "--rm", "--network=none", IMAGE, "python3", "-c",
+        "import ipykernel.kernelapp",
+    )
+    if await proc.wait() != 0:
+        raise RuntimeError("docker floor run failed")
+    return time.perf_counter() - t0
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    result = subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True)
+    return result.returncode == 0
+
+
 def p90(values: list[float]) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--no-docker", action="store_true", help="skip the docker rows")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="lp-bench-"))
     try:
-        await run_bench(root, args)
+        await run_bench(root, args, with_docker=not args.no_docker and docker_available())
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def run_bench(root: Path, args: argparse.Namespace) -> None:
-    write_specs(root)
+async def run_bench(root: Path, args: argparse.Namespace, with_docker: bool) -> None:
+    write_specs(root, with_docker)
     os.environ["JUPYTER_PATH"] = str(root)
-    times: dict[str, list[float]] = {"bench-stock": [], "bench-limited": []}
-    await one_start("bench-stock")  # warm the page cache for both
-    await one_start("bench-limited")
+    kinds = {
+        "LocalProvisioner (stock)": lambda: kernel_start("bench-stock"),
+        "LimitedProcessProvisioner": lambda: kernel_start("bench-limited"),
+    }
+    if with_docker:
+        kinds["docker floor (run + import ipykernel)"] = docker_floor
+        kinds["LimitedDockerProvisioner"] = lambda: kernel_start("bench-docker")
+    for start in kinds.values():  # warm page cache / image layers for every kind
+        await start()
+    times: dict[str, list[float]] = {label: [] for label in kinds}
     for _ in range(args.runs):
-        for name in times:
-            times[name].append(await one_start(name))
-    stock, limited = times["bench-stock"], times["bench-limited"]
-    rows = [
-        ("LocalProvisioner (stock)", stock),
-        ("LimitedProcessProvisioner", limited),
-    ]
-    ratio_med = statistics.median(limited) / statistics.median(stock)
-    ratio_p90 = p90(limited) / p90(stock)
+        for label, start in kinds.items():
+            times[label].append(await start())
+
+    def ratio(a: str, b: str) -> tuple[float, float]:
+        return (statistics.median(times[a]) / statistics.median(times[b]),
+                p90(times[a]) / p90(times[b]))
+
+    ratios = [("limited process / stock (target <= 1.10)",
+               ratio("LimitedProcessProvisioner", "LocalProvisioner (stock)"))]
+    if with_docker:
+        ratios.append(("limited docker / docker floor (target <= 1.3)",
+                       ratio("LimitedDockerProvisioner", "docker floor (run + import ipykernel)")))
     if args.markdown:
-        print(f"| provisioner ({args.runs} starts each) | median s | p90 s |")
+        print(f"| start → first kernel_info ({args.runs} runs each) | median s | p90 s |")
         print("|---|---:|---:|")
-        for label, values in rows:
+        for label, values in times.items():
             print(f"| {label} | {statistics.median(values):.3f} | {p90(values):.3f} |")
-        print(f"| **ratio limited/stock** | **{ratio_med:.2f}** | **{ratio_p90:.2f}** |")
+        for label, (med, p) in ratios:
+            print(f"| **ratio {label}** | **{med:.2f}** | **{p:.2f}** |")
     else:
-        print(f"{'provisioner':<28} {'median s':>9} {'p90 s':>8}")
-        for label, values in rows:
-            print(f"{label:<28} {statistics.median(values):>9.3f} {p90(values):>8.3f}")
-        print(f"{'ratio limited/stock':<28} {ratio_med:>9.2f} {ratio_p90:>8.2f}  (target <= 1.10)")
+        print(f"{'kind':<46} {'median s':>9} {'p90 s':>8}")
+        for label, values in times.items():
+            print(f"{label:<46} {statistics.median(values):>9.3f} {p90(values):>8.3f}")
+        for label, (med, p) in ratios:
+            print(f"{'ratio ' + label:<46} {med:>9.2f} {p:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,25 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         path must exist; refused before anything is created otherwise.""",
     ).tag(config=True)
 
+    container_user = Unicode(
+        "",
+        help="""uid:gid the kernel runs as in the container (never 0). Default: a per-kernel
+        uid from kernel_uid_range when the server is root, else the server's own uid.""",
+    ).tag(config=True)
+
+    @validate("container_user")
+    def _validate_container_user(self, proposal: dict) -> str:
+        value = proposal["value"]
+        if value:
+            parts = value.split(":")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) == 0:
+                msg = (
+                    f"container_user={value!r} must be a non-root numeric 'uid:gid' "
+                    f"like '1000:1000'"
+                )
+                raise LimitConfigError(msg)
+        return value
+
     tmp_size = Unicode(
         "",
         help="""Size of the container's tmpfs /tmp ("64M"); default: disk_limit capped at
@@ -152,6 +171,8 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             raise SandboxUnavailableError(msg) from None
         # A restart reuses the kernel id, so the old container's name must be free.
         await self._remove_container(container_name(self.kernel_id))
+        if self.container_user:
+            self.uid = int(self.container_user.split(":")[0])
         identity = await asyncio.to_thread(self._make_kernel_dir)
         self._place_connection_file(ipc=True)
         lim = self.limits
@@ -197,7 +218,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         lim = self.limits
         kernel_dir = str(self.kernel_dir)
         work = os.path.join(kernel_dir, "work")
-        user = f"{self.uid}:{self.uid}" if self.uid is not None else f"{os.getuid()}:{os.getgid()}"
+        user = self._container_user()
         ulimits = [docker.types.Ulimit(name="core", soft=0, hard=0)]
         if lim.nofile_limit is not None:
             ulimits.append(
@@ -247,6 +268,13 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             raise LimitConfigError(msg)
         kwargs.update(self.extra_create_kwargs)
         return kwargs
+
+    def _container_user(self) -> str:
+        if self.container_user:
+            return self.container_user
+        if self.uid is not None:
+            return f"{self.uid}:{self.uid}"
+        return f"{os.getuid()}:{os.getgid()}"
 
     def _tmp_size(self) -> int | str:
         if self.tmp_size:

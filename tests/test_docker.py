@@ -177,3 +177,27 @@ async def test_invalid_mount_is_refused_before_create(start_kernel, docker_clien
     assert docker_client.containers.list(
         all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}
     ) == []
+
+
+async def test_work_dir_past_disk_limit_stops_the_container(docker_kernel, docker_client):
+    km, kc = await docker_kernel({"disk_limit": "16M"})
+    # Each file is under the fsize ulimit; only the work-dir watchdog sees the total.
+    kc.execute(
+        "import time\nfor i in range(40):\n    open(f'f{i}', 'wb').write(b'x' * 2**20)\n"
+        "time.sleep(30)\n"
+    )
+    prov = km.provisioner
+    for _ in range(80):
+        if not await km.is_alive():
+            break
+        await asyncio.sleep(0.25)
+    assert not await km.is_alive()
+    assert prov.exit_reason and "disk limit 16M exceeded" in prov.exit_reason
+
+
+async def test_container_user_and_root_refusal(docker_kernel, start_kernel, docker_client):
+    km, kc = await docker_kernel({"container_user": "4242:4242"})
+    assert (await run(kc, "import os; print(os.getuid(), os.getgid())"))["stdout"].split() == [
+        "4242", "4242"]
+    with pytest.raises(LimitConfigError, match="non-root"):
+        await start_kernel({**SMALL, "container_user": "0:0"}, provisioner=DOCKER)

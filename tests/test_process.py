@@ -230,11 +230,6 @@ async def test_max_kernels_refuses_with_the_limit_named(start_kernel, private_st
     assert len(entries) == 1  # the refused start left nothing behind
 
 
-async def test_docker_backend_refuses_clearly_for_now(start_kernel):
-    with pytest.raises(RuntimeError, match="not available yet"):
-        await start_kernel({}, provisioner="limited-docker-provisioner")
-
-
 async def test_restart_keeps_limits_and_works(start_kernel):
     km, kc = await start_kernel(SMALL)
     old_pid = km.provisioner.pid

@@ -46,7 +46,7 @@ step_done() {  # step_done NAME DETAIL
 
 # One run at a time (CI and a developer may share the machine).
 exec 9>/run/limited-provisioner-setup-docker.lock
-flock 9
+flock -w 1800 9 || die "another setup-docker.sh run held /run/limited-provisioner-setup-docker.lock for 30 min"
 
 # ---------------------------------------------------------------- step 1: packages
 missing=()
@@ -113,7 +113,8 @@ else
             # Own session, no tie to this script's stdin/stdout: it outlives the script and the
             # CI step. Not a process group leader here, so setsid execs in place: $! is dockerd.
             # shellcheck disable=SC2086
-            setsid nohup dockerd $flags </dev/null >>"$DOCKERD_LOG" 2>&1 &
+            # 9>&-: the daemon must not inherit (and so hold forever) the lock of this script.
+            setsid nohup dockerd $flags </dev/null >>"$DOCKERD_LOG" 2>&1 9>&- &
             pid=$!
             echo "$pid" >"$DOCKERD_PIDFILE"
             rc=0; wait_docker "$pid" "$deadline" || rc=$?

@@ -208,6 +208,12 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         server nor each other. Default (64000, 64999).""",
     ).tag(config=True)
 
+    ipc_bind_wait = Float(
+        30.0,
+        help="""Seconds post_launch waits for an ipc kernel to create its sockets before
+        letting clients connect (saves zmq's 100 ms reconnect delay); 0 disables.""",
+    ).tag(config=True)
+
     watchdog_interval = Float(
         0.5,
         help="Seconds between two watchdog checks of memory (disk is checked every 4th).",
@@ -258,6 +264,34 @@ class LimitedProvisionerMixin(LoggingConfigurable):
                 await self._release()
             raise
         return kwargs
+
+    async def post_launch(self, **kwargs: Any) -> None:
+        """Wait until an ipc kernel has bound its sockets, then return.
+
+        Called by ``KernelManager.post_start_kernel()``. A zmq client that connects to an
+        ipc path before it exists retries only every 100 ms (``RECONNECT_IVL``); waiting
+        here for the socket files (polled every 10 ms) lets the first connect succeed.
+        Gives up silently after ``ipc_bind_wait`` seconds or when the kernel died, so a
+        slow kernel is never failed by this.
+        """
+        await super().post_launch(**kwargs)
+        km = self.parent
+        if km is None or km.transport != "ipc":
+            return
+        paths = [
+            f"{km.ip}-{getattr(km, name)}"
+            for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+        ]
+        deadline = time.monotonic() + self.ipc_bind_wait
+        rounds = 0
+        while time.monotonic() < deadline:
+            if all(os.path.exists(p) for p in paths):
+                return
+            rounds += 1
+            # poll() may be a Docker API call: check for a dead kernel only every 0.25 s.
+            if rounds % 25 == 0 and await self.poll() is not None:
+                return
+            await asyncio.sleep(0.01)
 
     def _admit(self) -> None:
         with self.registry.lock():

@@ -9,11 +9,13 @@ what is specific to it through the ``_prepare_*`` hooks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import getpass
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -35,8 +37,10 @@ from .limits import (
     Seconds,
     Switch,
 )
-from .policy import admit
-from .registry import Registry
+from .activity import ActivityMonitor
+from .lifecycle import IPYTHON_HOOK, NOTICE_ENV, check_lifecycle
+from .policy import AdmissionPolicy, admit
+from .registry import Registry, process_identity
 
 # Longest path a unix socket can bind to (sun_path is 108 bytes with the NUL).
 MAX_IPC_PATH = 100
@@ -72,6 +76,17 @@ def _default_server_id() -> str:
 
     seed = f"{socket.gethostname()}:{jupyter_runtime_dir()}"
     return hashlib.sha256(seed.encode()).hexdigest()[:12]
+
+
+async def _reap_periodically(registry: Registry, interval: float, log: Any) -> None:
+    from .reaper import reap
+
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(reap, registry, all_servers=True)
+        except Exception:  # the next round may succeed; never end the loop
+            log.exception("orphan reaper failed")
 
 
 class LimitedProvisionerMixin(LoggingConfigurable):
@@ -151,15 +166,81 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         null (default) = no cap.""",
     ).tag(config=True)
 
+    max_lifetime = Seconds(
+        0,
+        help="""Hard age cap in seconds ("8h"): the kernel is shut down this long after it
+        started, busy or not. 0 (default) disables.""",
+    ).tag(config=True)
+
+    exec_timeout_grace = Seconds(
+        5,
+        help="""Seconds an execution may keep running after the exec_timeout interrupt
+        before the kernel is restarted (its state is lost). Default 5.""",
+    ).tag(config=True)
+
+    mem_budget = ByteSize(
+        None,
+        help="""Sum of mem_limit over all live limited kernels on this host; a start that
+        would exceed it is refused. Default: mem_budget_fraction of host memory. A kernel
+        with mem_limit=null reserves the whole budget.""",
+    ).tag(config=True)
+
+    mem_budget_fraction = Float(
+        0.8,
+        help="Fraction of host memory used as mem_budget when mem_budget is not set.",
+    ).tag(config=True)
+
+    min_free_disk = ByteSize(
+        "1G",
+        help="""Refuse a start when less than this is free where kernels write (the state
+        dir; Docker's data root for containers). null disables. Default 1G.""",
+    ).tag(config=True)
+
+    max_starts_per_minute = Count(
+        None,
+        help="""Kernel starts one owner may make per minute, host-wide; stops a runaway
+        client churning kernels. null (default) = no limit.""",
+    ).tag(config=True)
+
+    reap_interval = Float(
+        60.0,
+        help="""Seconds between two runs of the in-server orphan reaper, which removes
+        kernels left by servers that are gone once they died or their idle clock ran
+        out. 0 disables (use `limited-provisioner reap`).""",
+    ).tag(config=True)
+
+    lifecycle_interval = Float(
+        1.0,
+        help="Seconds between two checks of idle_timeout, max_lifetime and exec_timeout.",
+    ).tag(config=True)
+
     owner = Unicode(
-        help="""Who the kernel belongs to, for per-user caps and listings. Default:
-        $JUPYTERHUB_USER, else the OS user running the server. Per-user caps are only as
-        trustworthy as this value.""",
+        help="""Who the kernel belongs to, for per-user caps and listings. Resolved in this
+        order: this setting (kernelspec config or Jupyter config); the start's
+        LIMITED_PROVISIONER_OWNER env entry if allow_owner_from_start_env; the server
+        environment variable named by owner_env ($JUPYTERHUB_USER); the OS user running
+        the server. Per-user caps are only as trustworthy as that source.""",
     ).tag(config=True)
 
     @default("owner")
     def _default_owner(self) -> str:
-        return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+        if self.owner_env and os.environ.get(self.owner_env):
+            return os.environ[self.owner_env]
+        return getpass.getuser()
+
+    owner_env = Unicode(
+        "JUPYTERHUB_USER",
+        help="""Server environment variable that names the owner (set by JupyterHub for
+        single-user servers). Empty to ignore the environment.""",
+    ).tag(config=True)
+
+    allow_owner_from_start_env = Bool(
+        False,
+        help="""Trust a LIMITED_PROVISIONER_OWNER entry in the env passed to
+        start_kernel(env=...) as the owner. Enable only when the code calling start_kernel
+        (e.g. an agent backend) authenticates its users; a notebook user could otherwise
+        name anyone.""",
+    ).tag(config=True)
 
     server_id = Unicode(
         help="""Identity of this Jupyter server in the registry and on containers; stable
@@ -220,6 +301,11 @@ class LimitedProvisionerMixin(LoggingConfigurable):
     ).tag(config=True)
 
     uid: int | None = None
+    monitor: ActivityMonitor | None = None
+    _lifecycle_task: asyncio.Task | None = None
+    _interrupted: str | None = None
+    _interrupted_at: float | None = None
+    _activity_saved: float = 0.0
     exit_reason: str | None = None
     limit_trips: list[dict[str, Any]]
     kernel_dir: Path | None = None
@@ -253,12 +339,18 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         reserved (registry entry, dirs, cgroups) is released before the error propagates.
         """
         restarting = self.registry.read(self.kernel_id) is not None
+        start_env = kwargs.get("env") or {}
+        if self.allow_owner_from_start_env and start_env.get("LIMITED_PROVISIONER_OWNER"):
+            self.owner = start_env["LIMITED_PROVISIONER_OWNER"]
+        await self._before_admission()
         if not restarting:
             await asyncio.to_thread(self._admit)
         try:
             await self._prepare_sandbox(kwargs)
+            self.enforcement.update(self._lifecycle_enforcement())
             kwargs = await super().pre_launch(**kwargs)
             await self._prepare_launch(kwargs)
+            self._add_kernel_hooks(kwargs)
         except BaseException:
             if not restarting:
                 await self._release()
@@ -275,8 +367,13 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         slow kernel is never failed by this.
         """
         await super().post_launch(**kwargs)
+        await self._wait_for_ipc_sockets()
+        self._start_lifecycle()
+        self._ensure_reaper()
+
+    async def _wait_for_ipc_sockets(self) -> None:
         km = self.parent
-        if km is None or km.transport != "ipc":
+        if km is None or km.transport != "ipc" or not self.ipc_bind_wait:
             return
         paths = [
             f"{km.ip}-{getattr(km, name)}"
@@ -293,14 +390,32 @@ class LimitedProvisionerMixin(LoggingConfigurable):
                 return
             await asyncio.sleep(0.01)
 
+    def admission_policy(self) -> AdmissionPolicy:
+        """The caps this start is checked against; backends add their disk paths."""
+        budget = self.mem_budget
+        if budget is None and self.mem_budget_fraction > 0:
+            import psutil
+
+            budget = int(psutil.virtual_memory().total * self.mem_budget_fraction)
+        return AdmissionPolicy(
+            max_kernels=self.max_kernels,
+            max_kernels_per_user=self.max_kernels_per_user,
+            mem_budget=budget,
+            min_free_disk=self.min_free_disk,
+            disk_paths=[self.registry.kernels_dir, *self._extra_disk_paths],
+            max_starts_per_minute=self.max_starts_per_minute,
+        )
+
+    _extra_disk_paths: list[Path] = []
+
     def _admit(self) -> None:
         with self.registry.lock():
             admit(
                 self.registry,
+                self.admission_policy(),
                 kernel_id=self.kernel_id,
                 owner=self.owner,
-                max_kernels=self.max_kernels,
-                max_kernels_per_user=self.max_kernels_per_user,
+                mem_limit=self.limits.mem_limit,
             )
             self.registry.write(
                 self.kernel_id,
@@ -312,9 +427,16 @@ class LimitedProvisionerMixin(LoggingConfigurable):
                     "server_id": self.server_id,
                     "kernel_name": getattr(self.parent, "kernel_name", ""),
                     "created": time.time(),
+                    "last_activity": time.time(),
+                    "server_pid": os.getpid(),
+                    "server_pid_create_time": process_identity(os.getpid()),
                     "limits": self.limits.to_dict(),
+                    "max_lifetime": self.max_lifetime,
                 },
             )
+
+    async def _before_admission(self) -> None:
+        """Backend hook: checks that need no reservation (daemon up, image present)."""
 
     async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
         """Backend hook, before jupyter_client writes the connection file."""
@@ -352,6 +474,147 @@ class LimitedProvisionerMixin(LoggingConfigurable):
             f"widen kernel_uid_range or lower max_kernels"
         )
         raise KernelLimitError(msg, limit="kernel_uid_range")
+
+    # -- idle culling, lifetime, exec timeout -------------------------------------------
+
+    _reapers: dict[Any, asyncio.Task] = {}
+
+    def _ensure_reaper(self) -> None:
+        """One periodic reaper per event loop (i.e. per server or agent process)."""
+        if not self.reap_interval:
+            return
+        loop = asyncio.get_running_loop()
+        task = LimitedProvisionerMixin._reapers.get(loop)
+        if task is None or task.done():
+            LimitedProvisionerMixin._reapers[loop] = asyncio.ensure_future(
+                _reap_periodically(self.registry, self.reap_interval, self.log)
+            )
+
+    def _lifecycle_enforcement(self) -> dict[str, str]:
+        lim = self.limits
+        result = {}
+        if lim.idle_timeout:
+            result["idle_timeout"] = (
+                f"enforced by the provisioner ({lim.idle_timeout:g}s without IOPub activity, "
+                "never while busy)"
+            )
+        if lim.exec_timeout:
+            result["exec_timeout"] = (
+                f"enforced by the provisioner (SIGINT after {lim.exec_timeout:g}s, restart "
+                f"after {self.exec_timeout_grace:g}s more)"
+            )
+        if self.max_lifetime:
+            result["max_lifetime"] = f"enforced by the provisioner ({self.max_lifetime:g}s)"
+        return result
+
+    def _kernel_env(self) -> dict[str, str]:
+        """Variables every limited kernel gets (both backends)."""
+        env = {}
+        if self.kernel_dir is not None:
+            env[NOTICE_ENV] = str(self.kernel_dir / "notice")
+        return env
+
+    def _add_kernel_hooks(self, kwargs: dict[str, Any]) -> None:
+        """Make an IPython kernel show exec_timeout interrupts as a TimeoutError with text."""
+        cmd = kwargs.get("cmd") or []
+        if not self.limits.exec_timeout or self.kernel_dir is None:
+            return
+        if not any("ipykernel" in part for part in cmd):
+            return  # not an IPython kernel: the interrupt alone has to do
+        hook = self.kernel_dir / "limited_provisioner_hooks.py"
+        hook.write_text(IPYTHON_HOOK)
+        os.chmod(hook, 0o644)
+        kwargs["cmd"] = [*cmd, f"--IPKernelApp.exec_files={hook}"]
+
+    def _start_lifecycle(self) -> None:
+        lim = self.limits
+        if not (lim.idle_timeout or lim.exec_timeout or self.max_lifetime):
+            return
+        entry = self.registry.read(self.kernel_id) or {}
+        # Continue the persisted idle clock (restarts of the kernel or of the server).
+        self.monitor = ActivityMonitor(self.connection_info, entry.get("last_activity"))
+        self.monitor.start()
+        self._created = entry.get("created", time.time())
+        self._interrupted = self._interrupted_at = None
+        self._lifecycle_task = asyncio.ensure_future(self._lifecycle_loop())
+
+    async def _stop_lifecycle(self) -> None:
+        task, self._lifecycle_task = self._lifecycle_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.monitor is not None:
+            await self.monitor.stop()
+            self.monitor = None
+
+    async def _lifecycle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lifecycle_interval)
+            monitor = self.monitor
+            if monitor is None:
+                return
+            try:
+                await self._persist_activity(monitor)
+                verdict = check_lifecycle(
+                    monitor,
+                    created=self._created,
+                    idle_timeout=self.limits.idle_timeout,
+                    max_lifetime=self.max_lifetime,
+                    exec_timeout=self.limits.exec_timeout,
+                    exec_timeout_grace=self.exec_timeout_grace,
+                    interrupted=self._interrupted,
+                    interrupted_at=self._interrupted_at,
+                )
+                if verdict.action == "interrupt":
+                    self.record_trip(verdict.kind, verdict.reason)
+                    await asyncio.to_thread(self._write_notice, verdict.reason)
+                    self._interrupted = monitor.executing
+                    self._interrupted_at = time.time()
+                    await self.send_signal(signal.SIGINT)
+                elif verdict.action in ("cull", "restart"):
+                    self.record_trip(verdict.kind, verdict.reason)
+                    # Shutting down ends this task (cleanup stops it): act from another.
+                    self._lifecycle_task = None
+                    asyncio.ensure_future(self._act(verdict.action))
+                    return
+            except Exception:  # one bad round must not end the policy for this kernel
+                self.log.exception("Kernel %s: lifecycle check failed", self.kernel_id)
+
+    def _write_notice(self, text: str) -> None:
+        if self.kernel_dir is None:
+            return
+        path = self.kernel_dir / "notice"
+        path.write_text(text)
+        os.chmod(path, 0o644)
+
+    async def _persist_activity(self, monitor: ActivityMonitor) -> None:
+        """Save last_activity (at most every 5 s) so a restart continues the idle clock."""
+        if monitor.last_activity > self._activity_saved and time.time() - self._activity_saved > 5:
+            self._activity_saved = time.time()
+            await asyncio.to_thread(
+                self.registry.update, self.kernel_id, last_activity=monitor.last_activity
+            )
+
+    async def _act(self, action: str) -> None:
+        """Shut down or restart through the owner of the kernel, so its listing stays true."""
+        from jupyter_core.utils import ensure_async
+
+        km = self.parent
+        mkm = getattr(km, "parent", None)
+        managed = mkm is not None and self.kernel_id in getattr(mkm, "_kernels", {})
+        try:
+            if action == "cull":
+                if managed:
+                    await ensure_async(mkm.shutdown_kernel(self.kernel_id))
+                else:
+                    await ensure_async(km.shutdown_kernel())
+            elif managed:
+                await ensure_async(mkm.restart_kernel(self.kernel_id, now=True))
+            else:
+                await ensure_async(km.restart_kernel(now=True))
+        except Exception:
+            self.log.exception("Kernel %s: %s failed", self.kernel_id, action)
 
     # -- the per-kernel dir -----------------------------------------------------------
 

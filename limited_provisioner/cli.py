@@ -80,6 +80,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--tag", default=None, help="image tag (default: the docker default image)")
 
+    reap = sub.add_parser(
+        "reap",
+        help="remove kernels left behind by servers that are gone",
+        description="Remove limited kernels whose server is gone and that died or whose "
+        "idle clock (or max_lifetime) ran out: their processes or containers, cgroups, "
+        "host dirs and registry entries. Only touches kernels in our registry.",
+    )
+    reap.add_argument("--dry-run", action="store_true", help="only list what would go")
+    reap.add_argument(
+        "--all-servers", action="store_true", help="not only this server's kernels"
+    )
+    reap.add_argument("--server-id", default=None, help="server whose kernels to consider")
+    reap.add_argument("--state-dir", default=None, help="registry location (default: auto)")
+
     lst = sub.add_parser(
         "list",
         help="list limited kernelspecs and running limited kernels",
@@ -181,11 +195,69 @@ def _limited_specs() -> list[dict[str, Any]]:
 
 def _running(state_dir: str | None) -> list[dict[str, Any]]:
     rows = []
+    now = time.time()
     for entry in Registry(state_dir).entries():
         entry = dict(entry)
         entry["alive"] = is_alive(entry)
+        entry["age_s"] = round(now - entry.get("created", now), 1)
+        entry["idle_s"] = round(now - entry.get("last_activity", entry.get("created", now)), 1)
+        entry["pids"] = _kernel_pids(entry) if entry["alive"] else []
         rows.append(entry)
+    _sample_usage(rows)
     return rows
+
+
+def _kernel_pids(entry: dict[str, Any]) -> list[int]:
+    """Processes of a kernel, from its cgroup (process backend) or its container's."""
+    from .cgroups import CGROUP_ROOT, GROUP_NAME
+
+    if entry.get("backend") == "docker" and entry.get("container_id"):
+        candidates = [CGROUP_ROOT / "pids" / "docker" / entry["container_id"]]
+    else:
+        candidates = [CGROUP_ROOT / c / GROUP_NAME / entry["kernel_id"] for c in ("pids", "memory")]
+    for path in candidates:
+        try:
+            return [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        except OSError:
+            continue
+    return [entry["pid"]] if entry.get("pid") else []
+
+
+def _sample_usage(rows: list[dict[str, Any]], interval: float = 0.25) -> None:
+    """Resident memory now and CPU use over ``interval`` (in cores) for each kernel."""
+    import psutil
+
+    def cpu_seconds(pids: list[int]) -> float:
+        total = 0.0
+        for pid in pids:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return total
+
+    before = [cpu_seconds(r["pids"]) for r in rows]
+    if any(r["pids"] for r in rows):
+        time.sleep(interval)
+    for row, start in zip(rows, before):
+        rss = 0
+        for pid in row["pids"]:
+            try:
+                rss += psutil.Process(pid).memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        row["mem_used"] = rss
+        row["cpu_cores"] = round(max(0.0, cpu_seconds(row["pids"]) - start) / interval, 2)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -206,48 +278,41 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not kernels:
         print("  (none)")
         return 0
-    header = f"  {'KERNEL ID':<36}  {'BACKEND':<7}  {'OWNER':<10}  {'PID':>7}  {'MEM':>6}  {'CPU':>4}  {'AGE':>8}  STATE"
-    print(header)
-    now = time.time()
+    print(
+        f"  {'KERNEL ID':<36}  {'BACKEND':<7}  {'OWNER':<10}  {'PID':>7}  {'MEM USE / LIMIT':>16}"
+        f"  {'CPU / LIMIT':>11}  {'AGE':>6}  {'IDLE':>6}  STATE"
+    )
     for k in kernels:
         lim = k.get("limits", {})
-        age = now - k.get("created", now)
         state = k.get("state", "?") if k["alive"] else "dead"
+        mem = f"{format_size(k['mem_used']) if k['mem_used'] else '-'} / {format_size(lim.get('mem_limit'))}"
+        cpu = f"{k['cpu_cores']:.2f} / {lim.get('cpu_limit') or '-'}"
         print(
             f"  {k.get('kernel_id', '?'):<36}  {k.get('backend', '?'):<7}  "
-            f"{str(k.get('owner', '?'))[:10]:<10}  {k.get('pid') or '-':>7}  "
-            f"{format_size(lim.get('mem_limit')):>6}  {lim.get('cpu_limit') or '-':>4}  "
-            f"{int(age // 60)}m{int(age % 60):02d}s  {state}"
+            f"{str(k.get('owner', '?'))[:10]:<10}  {k.get('pid') or '-':>7}  {mem:>16}  "
+            f"{cpu:>11}  {_duration(k['age_s']):>6}  {_duration(k['idle_s']):>6}  {state}"
         )
     return 0
 
 
-def cmd_build_image(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def cmd_reap(args: argparse.Namespace) -> int:
+    from .base import _default_server_id
+    from .reaper import reap
 
-    import docker
-    import docker.errors
-
-    from .docker import DEFAULT_IMAGE
-
-    tag = args.tag or DEFAULT_IMAGE
-    context = Path(__file__).parent / "image"
-    try:
-        client = docker.from_env()
-        for chunk in client.api.build(path=str(context), tag=tag, decode=True, rm=True):
-            if "stream" in chunk:
-                sys.stdout.write(chunk["stream"])
-            elif "error" in chunk:
-                print(f"limited-provisioner build-image: {chunk['error']}", file=sys.stderr)
-                return 1
-    except docker.errors.DockerException as e:
-        print(
-            f"limited-provisioner build-image: Docker daemon unreachable ({e}); start dockerd "
-            "or set DOCKER_HOST",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"Built {tag}")
+    server_id = args.server_id or os.environ.get("LIMITED_PROVISIONER_SERVER_ID") or (
+        _default_server_id()
+    )
+    done = reap(
+        Registry(args.state_dir),
+        server_id=server_id,
+        all_servers=args.all_servers,
+        dry_run=args.dry_run,
+    )
+    verb = "would reap" if args.dry_run else "reaped"
+    for orphan in done:
+        print(f"{verb} {orphan.kernel_id} ({orphan.backend}, owner {orphan.owner}): {orphan.why}")
+    if not done:
+        print("nothing to reap")
     return 0
 
 
@@ -257,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_install(args)
     if args.command == "build-image":
         return cmd_build_image(args)
+    if args.command == "reap":
+        return cmd_reap(args)
     return cmd_list(args)
 
 

@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -159,16 +160,23 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
     def has_process(self) -> bool:
         return self.container_id is not None
 
-    async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
-        """Check daemon and image first (nothing created yet), then make the kernel dir."""
+    async def _before_admission(self) -> None:
+        """Daemon reachable and image present, before anything is reserved or created."""
         client = await self.client()
         import docker.errors
 
         try:
-            await self._docker(client.images.get, self.image)
+            await self._docker(client.api.inspect_image, self.image)
         except docker.errors.ImageNotFound:
             msg = f"image {self.image!r} not found on the Docker host; {BUILD_HINT}"
             raise SandboxUnavailableError(msg) from None
+        if not self._extra_disk_paths:
+            info = await self._docker(client.info)
+            root = info.get("DockerRootDir")
+            self._extra_disk_paths = [Path(root)] if root else []
+
+    async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
+        """Make the kernel dir and choose ipc (the container name must be free)."""
         # A restart reuses the kernel id, so the old container's name must be free.
         await self._remove_container(container_name(self.kernel_id))
         if self.container_user:
@@ -190,9 +198,6 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             else "hard (--network=none, ipc transport over a bind mount)",
             "filesystem": "read-only root, cap_drop ALL, no-new-privileges, init process",
         }
-        for name in ("exec_timeout", "idle_timeout"):
-            if getattr(lim, name):
-                self.enforcement[name] = "not enforced by this backend version"
         for name in list(self.enforcement):
             if name.endswith("_limit") and getattr(lim, name, 0) is None:
                 del self.enforcement[name]
@@ -313,6 +318,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         env = dict(kwargs.get("env") or {})
         env.pop("JPY_PARENT_PID", None)  # the kernel's parent is the container's init
         work = str(self.kernel_dir / "work")
+        env.update(self._kernel_env())
         env.update({KERNEL_ID_ENV: self.kernel_id, "HOME": work})
         create = self._create_kwargs(cmd, env)
         client = await self.client()
@@ -483,6 +489,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
 
         Called by KernelManager.cleanup_resources() after the kernel stopped.
         """
+        await self._stop_lifecycle()
         if self.watchdog is not None:
             await self.watchdog.stop()
             self.watchdog = None

@@ -1,37 +1,116 @@
 """Admission: the one place that decides whether a kernel may start.
 
-Counts come from the registry (live processes / containers), never from memory of
-this server, and the caller holds the registry's host-wide lock, so concurrent starts
-from several servers cannot both slip under a cap.
+Counts come from the registry (live processes / containers, pending starts included),
+never from the memory of this server, and the caller holds the registry's host-wide
+lock, so concurrent starts from several servers or processes cannot both slip under a
+cap.  Every refusal is a :class:`KernelLimitError` naming the limit, the current value
+and the owner.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
 from .errors import KernelLimitError
+from .limits import format_size
 from .registry import Registry
+
+
+@dataclass
+class AdmissionPolicy:
+    """The caps one start is checked against (``None`` = no cap of that kind)."""
+
+    max_kernels: int | None = None
+    max_kernels_per_user: int | None = None
+    mem_budget: int | None = None
+    min_free_disk: int | None = None
+    disk_paths: list[Path] = field(default_factory=list)
+    max_starts_per_minute: int | None = None
 
 
 def admit(
     registry: Registry,
+    policy: AdmissionPolicy,
     *,
     kernel_id: str,
     owner: str,
-    max_kernels: int | None,
-    max_kernels_per_user: int | None,
+    mem_limit: int | None,
 ) -> None:
-    """Raise :class:`KernelLimitError` if starting ``kernel_id`` would break a cap."""
+    """Raise :class:`KernelLimitError` if starting ``kernel_id`` would break a cap.
+
+    The caller holds ``registry.lock()``; on success it records the start (the rate
+    window) so the next caller sees it.
+    """
     live = [e for e in registry.live_entries() if e.get("kernel_id") != kernel_id]
-    if max_kernels is not None and len(live) >= max_kernels:
+    if policy.max_kernels is not None and len(live) >= policy.max_kernels:
         msg = (
-            f"max_kernels={max_kernels} reached: {len(live)} limited kernels are running "
-            f"on this host; shut one down (or raise max_kernels) and try again"
+            f"max_kernels={policy.max_kernels} reached: {len(live)} limited kernels are "
+            f"running on this host (owner {owner!r} asked for one more); shut one down "
+            f"(or raise max_kernels) and try again"
         )
         raise KernelLimitError(msg, limit="max_kernels", owner=owner)
-    if max_kernels_per_user is not None:
+    if policy.max_kernels_per_user is not None:
         mine = [e for e in live if e.get("owner") == owner]
-        if len(mine) >= max_kernels_per_user:
+        if len(mine) >= policy.max_kernels_per_user:
             msg = (
-                f"max_kernels_per_user={max_kernels_per_user} reached: {owner!r} already "
-                f"runs {len(mine)} kernels; shut one down (or raise max_kernels_per_user)"
+                f"max_kernels_per_user={policy.max_kernels_per_user} reached: {owner!r} "
+                f"already runs {len(mine)} kernels; shut one down (or raise "
+                f"max_kernels_per_user)"
             )
             raise KernelLimitError(msg, limit="max_kernels_per_user", owner=owner)
+    if policy.mem_budget is not None:
+        # A kernel without mem_limit may use everything: it counts as the whole budget.
+        used = sum(
+            e.get("limits", {}).get("mem_limit") or policy.mem_budget for e in live
+        )
+        wanted = mem_limit if mem_limit is not None else policy.mem_budget
+        if used + wanted > policy.mem_budget:
+            msg = (
+                f"mem_budget={format_size(policy.mem_budget)} reached: {len(live)} live "
+                f"kernels reserve {format_size(used)} and {owner!r} asked for "
+                f"{format_size(wanted)} more; shut a kernel down, lower mem_limit, or raise "
+                f"mem_budget"
+            )
+            raise KernelLimitError(msg, limit="mem_budget", owner=owner)
+    if policy.min_free_disk is not None:
+        for path in policy.disk_paths:
+            try:
+                free = shutil.disk_usage(path).free
+            except OSError:
+                continue  # not visible from here (e.g. a remote Docker host)
+            if free < policy.min_free_disk:
+                msg = (
+                    f"min_free_disk={format_size(policy.min_free_disk)} not available: only "
+                    f"{format_size(free)} free on {path} where kernels write; free disk space "
+                    f"(remove old kernels' files) before starting more kernels"
+                )
+                raise KernelLimitError(msg, limit="min_free_disk", owner=owner)
+    if policy.max_starts_per_minute is not None:
+        _check_rate(registry, owner, policy.max_starts_per_minute)
+
+
+def _check_rate(registry: Registry, owner: str, per_minute: int) -> None:
+    path = registry.state_dir / "starts.json"
+    now = time.time()
+    try:
+        starts = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        starts = {}
+    recent = [t for t in starts.get(owner, []) if now - t < 60]
+    if len(recent) >= per_minute:
+        wait = 60 - (now - min(recent))
+        msg = (
+            f"max_starts_per_minute={per_minute} reached: {owner!r} started {len(recent)} "
+            f"kernels in the last minute; retry in {wait:.0f} s"
+        )
+        raise KernelLimitError(msg, limit="max_starts_per_minute", owner=owner)
+    recent.append(now)
+    starts = {k: [t for t in v if now - t < 60] for k, v in starts.items()}
+    starts[owner] = recent
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(starts))
+    tmp.replace(path)

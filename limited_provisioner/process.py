@@ -155,9 +155,6 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             enforcement["network"] = "hard (empty network namespace, ipc transport)"
         else:
             enforcement["network"] = "NOT enforced (needs root for a network namespace)"
-        for name in ("exec_timeout", "idle_timeout"):
-            if getattr(lim, name):
-                enforcement[name] = "not enforced by this backend version"
         self.enforcement = enforcement
 
     async def _prepare_launch(self, kwargs: dict[str, Any]) -> None:
@@ -224,6 +221,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         else:
             self.work_dir = str(kwargs.get("cwd") or os.getcwd())
         env = dict(kwargs.get("env") or {})
+        env.update(self._kernel_env())
         env[KERNEL_ID_ENV] = self.kernel_id
         env["HOME"] = work
         env.setdefault("IPYTHONDIR", os.path.join(work, ".ipython"))
@@ -391,6 +389,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         Called by ``KernelManager.cleanup_resources()`` after the kernel process has
         exited. On restart the cgroups, uid and dir are kept for the next process.
         """
+        await self._stop_lifecycle()
         if self.watchdog is not None:
             await self.watchdog.stop()
             self.watchdog = None

@@ -1,0 +1,116 @@
+"""What a kernel is doing, observed by the provisioner itself on the kernel's IOPub.
+
+ipykernel publishes ``status: busy`` / ``status: idle`` around every request it handles
+(execute, complete, kernel_info, ...), so one SUB socket on IOPub tells us when the kernel
+was last used and whether an execution is running right now — with or without
+jupyter_server, whoever the clients are.  The monitor only reads; it never sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger(__name__)
+
+DELIM = b"<IDS|MSG>"
+
+
+def iopub_url(connection_info: dict[str, Any]) -> str:
+    transport = connection_info.get("transport", "tcp")
+    ip = connection_info["ip"]
+    port = connection_info["iopub_port"]
+    if transport == "ipc":
+        return f"ipc://{ip}-{port}"
+    return f"tcp://{ip}:{port}"
+
+
+class ActivityMonitor:
+    """Tracks ``last_activity`` and the execution in progress of one kernel."""
+
+    def __init__(self, connection_info: dict[str, Any], last_activity: float | None = None):
+        self.url = iopub_url(connection_info)
+        self.last_activity = last_activity or time.time()
+        # msg_id of the execute_request being run and when it went busy (wall clock).
+        self.executing: str | None = None
+        self.executing_since: float | None = None
+        # Requests being handled (control requests can overlap an execution).
+        self._busy_parents: set[str] = set()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        ctx = zmq.asyncio.Context.instance()
+        self._socket = ctx.socket(zmq.SUB)
+        self._socket.linger = 0
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.connect(self.url)
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._busy_parents)
+
+    def idle_for(self, now: float | None = None) -> float:
+        """Seconds since the last activity; 0 while a request is being handled."""
+        if self.busy:
+            return 0.0
+        return max(0.0, (now or time.time()) - self.last_activity)
+
+    def execution_running_for(self, now: float | None = None) -> float:
+        if self.executing_since is None:
+            return 0.0
+        return (now or time.time()) - self.executing_since
+
+    async def _run(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart()
+            try:
+                self.observe(frames)
+            except (ValueError, KeyError, TypeError):
+                log.debug("unparsable iopub message on %s", self.url)
+
+    def observe(self, frames: list[bytes]) -> None:
+        """Update state from one IOPub message (identities, DELIM, sig, header, parent, ...)."""
+        now = time.time()
+        self.last_activity = now
+        index = frames.index(DELIM)
+        header = json.loads(frames[index + 2])
+        if header.get("msg_type") != "status":
+            return
+        parent = json.loads(frames[index + 3])
+        content = json.loads(frames[index + 5])
+        state = content.get("execution_state")
+        is_execute = parent.get("msg_type") == "execute_request"
+        parent_id = parent.get("msg_id") or ""
+        if state == "busy":
+            self._busy_parents.add(parent_id)
+            if is_execute:
+                self.executing = parent_id
+                self.executing_since = now
+        elif state in ("idle", "dead"):
+            self._busy_parents.discard(parent_id)
+            if state == "dead":
+                self._busy_parents.clear()
+            if is_execute and parent_id == self.executing:
+                self.executing = None
+                self.executing_since = None

@@ -1,0 +1,108 @@
+"""Idle culling, maximum lifetime and execution timeouts, enforced by the provisioner.
+
+:func:`check_lifecycle` is a plain function over one kernel's observed activity, so the
+timer in the provisioner and the tests call the same thing; the provisioner acts on the
+:class:`Verdict` it returns.  Works for any client (JupyterLab, nbclient, an agent
+backend driving jupyter_client) because the activity is observed on the kernel's own
+IOPub, not reported by jupyter_server.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .activity import ActivityMonitor
+
+NOTICE_ENV = "LIMITED_PROVISIONER_NOTICE_FILE"
+
+# Loaded into IPython kernels with ``--IPKernelApp.exec_files``. When the provisioner
+# interrupts an execution for exec_timeout it first writes the notice file; this turns
+# the resulting KeyboardInterrupt into a TimeoutError whose text says why, in the cell's
+# own output (a model driving the kernel only ever sees that text). Stdlib only, so it
+# runs in any image; everything it defines is deleted from the user namespace.
+IPYTHON_HOOK = '''\
+def __limited_provisioner_hooks():
+    import os
+
+    notice_file = os.environ.get("%(env)s")
+    shell = get_ipython()  # noqa: F821
+    if not notice_file or shell is None:
+        return
+
+    def on_interrupt(self, etype, evalue, tb, tb_offset=None):
+        try:
+            with open(notice_file) as f:
+                notice = f.read().strip()
+            os.unlink(notice_file)
+        except OSError:
+            notice = ""
+        if notice:
+            self.showtraceback((TimeoutError, TimeoutError(notice), None), tb_offset=tb_offset)
+        else:
+            self.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
+
+    shell.set_custom_exc((KeyboardInterrupt,), on_interrupt)
+
+
+__limited_provisioner_hooks()
+del __limited_provisioner_hooks
+''' % {"env": NOTICE_ENV}
+
+
+@dataclass
+class Verdict:
+    """What to do with a kernel now: nothing, cull it, or interrupt/restart it."""
+
+    action: str  # "none" | "cull" | "interrupt" | "restart"
+    kind: str = ""
+    reason: str = ""
+
+
+def check_lifecycle(
+    monitor: ActivityMonitor,
+    *,
+    created: float,
+    idle_timeout: float,
+    max_lifetime: float,
+    exec_timeout: float,
+    exec_timeout_grace: float,
+    interrupted: str | None,
+    interrupted_at: float | None,
+    now: float | None = None,
+) -> Verdict:
+    """Decide the next action for one kernel.
+
+    ``interrupted`` is the msg_id of an execution already interrupted for exec_timeout
+    (at ``interrupted_at``); if it is still running after the grace period, the answer
+    is "restart".
+    """
+    now = now or time.time()
+    if max_lifetime and now - created > max_lifetime:
+        return Verdict(
+            "cull", "max_lifetime", f"max_lifetime {max_lifetime:g}s reached; kernel shut down"
+        )
+    running = monitor.execution_running_for(now)
+    if exec_timeout and monitor.executing is not None:
+        if interrupted == monitor.executing and interrupted_at is not None:
+            if now - interrupted_at > exec_timeout_grace:
+                return Verdict(
+                    "restart",
+                    "exec_timeout",
+                    f"execution exceeded exec_timeout={exec_timeout:g}s and ignored the "
+                    f"interrupt for {exec_timeout_grace:g}s; kernel restarted",
+                )
+        elif running > exec_timeout:
+            return Verdict(
+                "interrupt",
+                "exec_timeout",
+                f"execution exceeded exec_timeout={exec_timeout:g}s and was interrupted "
+                f"by limited-provisioner",
+            )
+    if idle_timeout and monitor.idle_for(now) > idle_timeout:
+        return Verdict(
+            "cull",
+            "idle_timeout",
+            f"idle for more than idle_timeout={idle_timeout:g}s; kernel shut down",
+        )
+    return Verdict("none")

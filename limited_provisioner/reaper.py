@@ -1,0 +1,138 @@
+"""The orphan reaper: removes what limited kernels left behind, and nothing else.
+
+A registry entry is reaped when the server (the process that started the kernel) is
+gone and either the kernel died (process gone / container stopped) or its idle clock (or
+max_lifetime) has run out — a live kernel of a dead server is kept until then, so a
+restarted server can still adopt it. Kernels of live servers are never touched. Only things carrying our registry entry or our Docker label are ever touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cgroups import KernelCgroups
+from .registry import Registry, is_alive, process_identity
+
+log = logging.getLogger(__name__)
+LABEL_PREFIX = "limited-provisioner."
+
+
+@dataclass
+class Orphan:
+    kernel_id: str
+    backend: str
+    why: str
+    server_id: str = ""
+    owner: str = ""
+
+
+def server_alive(entry: dict[str, Any]) -> bool:
+    pid = entry.get("server_pid")
+    if not pid:
+        return False
+    created = process_identity(pid)
+    expected = entry.get("server_pid_create_time")
+    return created is not None and (expected is None or abs(created - expected) < 1.0)
+
+
+def find_orphans(
+    registry: Registry,
+    *,
+    server_id: str | None = None,
+    all_servers: bool = False,
+    now: float | None = None,
+) -> list[Orphan]:
+    """Registry entries to reap; only ``server_id``'s unless ``all_servers``."""
+    now = now or time.time()
+    found = []
+    for entry in registry.entries():
+        if not all_servers and server_id is not None and entry.get("server_id") != server_id:
+            continue
+        if server_alive(entry):
+            # A live server manages its kernels itself (its restarter may be about to
+            # restart a dead one): never reap under its feet.
+            continue
+        kid = entry.get("kernel_id", "")
+        base = {"kernel_id": kid, "backend": entry.get("backend", "?"),
+                "server_id": entry.get("server_id", ""), "owner": entry.get("owner", "")}
+        if not is_alive(entry):
+            found.append(Orphan(why="server gone, kernel dead", **base))
+            continue
+        idle_timeout = (entry.get("limits") or {}).get("idle_timeout") or 0
+        idle = now - entry.get("last_activity", entry.get("created", now))
+        lifetime = entry.get("max_lifetime") or 0
+        if idle_timeout and idle > idle_timeout:
+            found.append(Orphan(why=f"server gone, idle {idle:.0f}s > {idle_timeout:g}s", **base))
+        elif lifetime and now - entry.get("created", now) > lifetime:
+            found.append(Orphan(why=f"server gone, older than max_lifetime {lifetime:g}s", **base))
+    return found
+
+
+def remove_kernel(registry: Registry, entry: dict[str, Any], docker_client: Any = None) -> None:
+    """Kill and remove everything of one kernel: processes/container, cgroups, dir, entry."""
+    kid = entry["kernel_id"]
+    if entry.get("backend") == "docker":
+        client = docker_client or _docker_client()
+        if client is not None:
+            for c in client.containers.list(
+                all=True, filters={"label": f"{LABEL_PREFIX}kernel-id={kid}"}
+            ):
+                with contextlib.suppress(Exception):  # gone meanwhile / removal in progress
+                    c.remove(force=True)
+    else:
+        groups = KernelCgroups.attach(kid, entry.get("cgroups") or ["memory", "cpu", "pids"])
+        if groups.paths:
+            groups.kill_all()
+            groups.remove()
+        elif is_alive(entry):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(entry["pid"], signal.SIGKILL)
+    kernel_dir = entry.get("kernel_dir") or str(registry.kernels_dir / kid)
+    if Path(kernel_dir).parent == registry.kernels_dir:  # never rm anything else
+        shutil.rmtree(kernel_dir, ignore_errors=True)
+    registry.remove(kid)
+
+
+def reap(
+    registry: Registry,
+    *,
+    server_id: str | None = None,
+    all_servers: bool = False,
+    dry_run: bool = False,
+    docker_client: Any = None,
+) -> list[Orphan]:
+    """Find and (unless ``dry_run``) remove orphans. Each failure is logged on its own."""
+    orphans = find_orphans(registry, server_id=server_id, all_servers=all_servers)
+    if dry_run:
+        return orphans
+    done = []
+    for orphan in orphans:
+        entry = registry.read(orphan.kernel_id)
+        if entry is None:
+            continue
+        try:
+            remove_kernel(registry, entry, docker_client)
+            done.append(orphan)
+            log.info("reaped kernel %s (%s): %s", orphan.kernel_id, orphan.backend, orphan.why)
+        except Exception:
+            log.exception("could not reap kernel %s", orphan.kernel_id)
+    return done
+
+
+def _docker_client() -> Any:
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+        return client
+    except Exception:  # no daemon: nothing of ours can be running there either
+        return None

@@ -14,10 +14,17 @@ import sys
 from pathlib import Path
 
 import psutil
+import docker
+import docker.errors
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
 from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
+from limited_provisioner.docker import DEFAULT_IMAGE, LABEL_PREFIX
+
+# Docker kernels started by tests carry this owner; the session fixture removes any
+# container with it, whatever happened.
+TEST_OWNER = "lp-pytest"
 
 KERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 # Inside the kernel image the interpreter is the image's own.
@@ -137,3 +144,51 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, "rep_" + report.when, report)
     return report
+
+
+def _docker_client():
+    try:
+        client = docker.from_env()
+        client.ping()
+        client.images.get(DEFAULT_IMAGE)
+        return client
+    except docker.errors.DockerException as e:
+        reason = f"docker or image {DEFAULT_IMAGE} unavailable: {e}"
+        if os.environ.get("LIMITED_PROVISIONER_REQUIRE_DOCKER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    client = _docker_client()
+    yield client
+    # Whatever happened, no container of the test owner survives the session.
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}):
+        c.remove(force=True)
+
+
+def containers_of(client, kernel_id):
+    return client.containers.list(
+        all=True, filters={"label": f"{LABEL_PREFIX}kernel-id={kernel_id}"}
+    )
+
+
+
+
+@pytest.fixture
+def docker_cleanup():
+    """``containers(kernel_id)`` lister; afterwards removes the test owner's containers."""
+    clients = []
+
+    def containers(kernel_id):
+        if not clients:
+            clients.append(docker.from_env())
+        return containers_of(clients[0], kernel_id)
+
+    yield containers
+    if clients:
+        for c in clients[0].containers.list(
+            all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}
+        ):
+            c.remove(force=True)

@@ -15,42 +15,13 @@ import psutil
 import pytest
 
 from limited_provisioner import LimitConfigError, SandboxUnavailableError
-from limited_provisioner.docker import DEFAULT_IMAGE, LABEL_PREFIX
+from limited_provisioner.docker import LABEL_PREFIX
 
-from .conftest import run
+from .conftest import TEST_OWNER, containers_of, run
 
-TEST_OWNER = "lp-pytest"
 DOCKER = "limited-docker-provisioner"
 SMALL = {"mem_limit": "256M", "cpu_limit": 1, "pids_limit": 64, "nofile_limit": 256,
          "disk_limit": "64M", "owner": TEST_OWNER}
-
-
-def _docker_client():
-    try:
-        client = docker.from_env()
-        client.ping()
-        client.images.get(DEFAULT_IMAGE)
-        return client
-    except docker.errors.DockerException as e:
-        reason = f"docker or image {DEFAULT_IMAGE} unavailable: {e}"
-        if os.environ.get("LIMITED_PROVISIONER_REQUIRE_DOCKER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def docker_client():
-    client = _docker_client()
-    yield client
-    # Whatever happened, no container of the test owner survives the session.
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}):
-        c.remove(force=True)
-
-
-def containers_of(client, kernel_id):
-    return client.containers.list(
-        all=True, filters={"label": f"{LABEL_PREFIX}kernel-id={kernel_id}"}
-    )
 
 
 @pytest.fixture

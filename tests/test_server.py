@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -27,28 +28,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-async def server(tmp_path, jupyter_path):
-    write_kernelspec(
-        jupyter_path, "lim", {"mem_limit": "256M", "pids_limit": 64}, "limited-process-provisioner"
-    )
+@contextlib.asynccontextmanager
+async def running_server(tmp_path, env=None):
+    """A jupyter_server subprocess on a free port; stopped (by pid) and its kernels
+    removed afterwards, even when the test failed. Yields (base_url, client, kernel_ids)."""
     port = free_port()
     root = tmp_path / "notebooks"
-    root.mkdir()
-    log = open(tmp_path / "server.log", "w")
+    root.mkdir(exist_ok=True)
+    log_path = tmp_path / f"server-{port}.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1",
          f"--IdentityProvider.token={TOKEN}", "--allow-root", "--no-browser",
          f"--ServerApp.root_dir={root}"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
+        stdout=log, stderr=subprocess.STDOUT, env=env or {**os.environ},
     )
     base = f"http://127.0.0.1:{port}"
     client = AsyncHTTPClient()
-    for _ in range(200):
+    for _ in range(300):
         try:
             await client.fetch(f"{base}/api/status?token={TOKEN}")
             break
-        except Exception:
+        except Exception:  # not listening yet
             if proc.poll() is not None:
                 break
             await asyncio.sleep(0.1)
@@ -57,10 +58,8 @@ async def server(tmp_path, jupyter_path):
         yield base, client, started_kernels
     finally:
         for kid in started_kernels:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 await client.fetch(f"{base}/api/kernels/{kid}?token={TOKEN}", method="DELETE")
-            except Exception:
-                pass  # already gone
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
@@ -69,7 +68,16 @@ async def server(tmp_path, jupyter_path):
         for kid in started_kernels:
             kill_kernel_leftovers(kid, set())
         log.close()
-        print((tmp_path / "server.log").read_text()[-3000:])
+        print(log_path.read_text()[-3000:])
+
+
+@pytest.fixture
+async def server(tmp_path, jupyter_path):
+    write_kernelspec(
+        jupyter_path, "lim", {"mem_limit": "256M", "pids_limit": 64}, "limited-process-provisioner"
+    )
+    async with running_server(tmp_path) as handles:
+        yield handles
 
 
 async def execute_ws(base: str, kernel_id: str, code: str, timeout: float = 30) -> str:

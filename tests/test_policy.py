@@ -254,3 +254,29 @@ async def test_sixth_kernel_through_jupyter_server_is_429(tmp_path, jupyter_path
         listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
         assert len(listed) == 5
         assert len(Registry(state_dir).entries()) == 5
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"mem_budget": "300M"}, "mem_budget=300M reached: 1 live kernels reserve 256M"),
+        ({"max_starts_per_minute": 1}, "max_starts_per_minute=1 reached: 'root' started 1"),
+    ],
+)
+async def test_second_start_refused_by_budget_or_rate(jupyter_path, state_dir, config, message):
+    write_kernelspec(jupyter_path, "k", {**SMALL, "owner": "root", **config}, PROCESS)
+    first = AsyncKernelManager(kernel_name="k")
+    try:
+        await first.start_kernel()
+        with pytest.raises(KernelLimitError, match=message):
+            await AsyncKernelManager(kernel_name="k").start_kernel()
+        assert len(Registry(state_dir).entries()) == 1
+    finally:
+        await first.shutdown_kernel(now=True)
+
+
+async def test_low_disk_refuses_before_anything_starts(jupyter_path, state_dir):
+    write_kernelspec(jupyter_path, "k", {**SMALL, "min_free_disk": "100T"}, PROCESS)
+    with pytest.raises(KernelLimitError, match="min_free_disk=100T not available: only"):
+        await AsyncKernelManager(kernel_name="k").start_kernel()
+    assert Registry(state_dir).entries() == []

@@ -66,4 +66,12 @@ async def test_list_shows_running_kernel(start_kernel, jupyter_path):
         [*CLI, "list"], capture_output=True, text=True, check=True, env=_env(jupyter_path)
     )
     line = next(x for x in result.stdout.splitlines() if km.kernel_id in x)
-    assert "300M" in line and "running" in line and str(km.provisioner.pid) in line
+    assert "/ 300M" in line and "running" in line and str(km.provisioner.pid) in line
+    data = subprocess.run(
+        [*CLI, "list", "--json"], capture_output=True, text=True, check=True,
+        env=_env(jupyter_path),
+    )
+    (row,) = [k for k in json.loads(data.stdout)["kernels"] if k["kernel_id"] == km.kernel_id]
+    assert row["alive"] and row["mem_used"] > 10 * 2**20  # a real kernel's resident memory
+    assert km.provisioner.pid in row["pids"]
+    assert row["idle_s"] >= 0 and row["age_s"] >= 0

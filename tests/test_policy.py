@@ -280,3 +280,15 @@ async def test_low_disk_refuses_before_anything_starts(jupyter_path, state_dir):
     with pytest.raises(KernelLimitError, match="min_free_disk=100T not available: only"):
         await AsyncKernelManager(kernel_name="k").start_kernel()
     assert Registry(state_dir).entries() == []
+
+
+async def test_max_lifetime_ends_even_a_busy_kernel(start_kernel):
+    km, kc = await start_kernel({**SMALL, "max_lifetime": 3, "idle_timeout": 0})
+    prov = km.provisioner
+    kc.execute("import time; time.sleep(60)")
+    for _ in range(60):
+        if not km.has_kernel:
+            break
+        await asyncio.sleep(0.25)
+    assert not km.has_kernel
+    assert "max_lifetime 3s reached" in prov.exit_reason

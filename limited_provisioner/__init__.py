@@ -1,8 +1,9 @@
 """Resource-limited Jupyter kernels: kernel provisioners that bound every kernel."""
 
-from .errors import KernelLimitError, LimitConfigError, SandboxUnavailableError
+from .errors import AdoptionError, KernelLimitError, LimitConfigError, SandboxUnavailableError
 from .limits import Limits
 from .process import LimitedProcessProvisioner
+from .recovery import adopt, list_kernels
 
 __version__ = "0.1.0"
 
@@ -12,10 +13,13 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "limited_provisioner.serverext"}]
 
 __all__ = [
+    "AdoptionError",
     "KernelLimitError",
     "LimitConfigError",
     "LimitedProcessProvisioner",
     "Limits",
     "SandboxUnavailableError",
     "__version__",
+    "adopt",
+    "list_kernels",
 ]

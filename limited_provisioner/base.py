@@ -24,7 +24,9 @@ from typing import Any
 from traitlets import Bool, Float, Int, List, Tuple, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from .activity import ActivityMonitor
 from .errors import KernelLimitError, SandboxUnavailableError
+from .lifecycle import IPYTHON_HOOK, NOTICE_ENV, check_lifecycle
 from .limits import (
     MIN_DISK_LIMIT,
     MIN_MEM_LIMIT,
@@ -37,8 +39,6 @@ from .limits import (
     Seconds,
     Switch,
 )
-from .activity import ActivityMonitor
-from .lifecycle import IPYTHON_HOOK, NOTICE_ENV, check_lifecycle
 from .policy import AdmissionPolicy, admit
 from .registry import Registry, process_identity
 
@@ -475,6 +475,38 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         )
         raise KernelLimitError(msg, limit="kernel_uid_range")
 
+    # -- re-adoption --------------------------------------------------------------------
+
+    async def adopt(self, entry: dict[str, Any]) -> None:
+        """Manage a running kernel described by its registry entry (recovery.adopt).
+
+        Restores the backend's handle on the kernel, then re-attaches the watchdog, the
+        lifecycle policy (continuing the persisted idle clock) and the reaper, and marks
+        the entry as managed by this process.
+        """
+        kernel_dir = entry.get("kernel_dir")
+        self.kernel_dir = Path(kernel_dir) if kernel_dir else None
+        self.work_dir = entry.get("work_dir")
+        self.uid = entry.get("uid")
+        self.enforcement = dict(entry.get("enforcement") or {})
+        if self.parent is not None:
+            self.connection_info = self.parent.get_connection_info()
+        await self._restore(entry)
+        await asyncio.to_thread(
+            self.registry.update,
+            self.kernel_id,
+            server_id=self.server_id,
+            server_pid=os.getpid(),
+            server_pid_create_time=process_identity(os.getpid()),
+            adopted=time.time(),
+        )
+        self._start_lifecycle()
+        self._ensure_reaper()
+
+    async def _restore(self, entry: dict[str, Any]) -> None:
+        """Backend hook: re-attach to the kernel's process or container."""
+        raise NotImplementedError
+
     # -- idle culling, lifetime, exec timeout -------------------------------------------
 
     _reapers: dict[Any, asyncio.Task] = {}
@@ -509,7 +541,10 @@ class LimitedProvisionerMixin(LoggingConfigurable):
 
     def _kernel_env(self) -> dict[str, str]:
         """Variables every limited kernel gets (both backends)."""
-        env = {}
+        # ipykernel treats a parent pid of 1 (init) as "managed, but do not poll the
+        # parent": the kernel outlives a crashed server so it can be re-adopted, and it
+        # does not print its standalone connection banner into the server's stdout.
+        env = {"JPY_PARENT_PID": "1"}
         if self.kernel_dir is not None:
             env[NOTICE_ENV] = str(self.kernel_dir / "notice")
         return env

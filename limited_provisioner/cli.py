@@ -295,6 +295,35 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_image(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import docker
+    import docker.errors
+
+    from .docker import DEFAULT_IMAGE
+
+    tag = args.tag or DEFAULT_IMAGE
+    context = Path(__file__).parent / "image"
+    try:
+        client = docker.from_env()
+        for chunk in client.api.build(path=str(context), tag=tag, decode=True, rm=True):
+            if "stream" in chunk:
+                sys.stdout.write(chunk["stream"])
+            elif "error" in chunk:
+                print(f"limited-provisioner build-image: {chunk['error']}", file=sys.stderr)
+                return 1
+    except docker.errors.DockerException as e:
+        print(
+            f"limited-provisioner build-image: Docker daemon unreachable ({e}); start dockerd "
+            "or set DOCKER_HOST",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"Built {tag}")
+    return 0
+
+
 def cmd_reap(args: argparse.Namespace) -> int:
     from .base import _default_server_id
     from .reaper import reap

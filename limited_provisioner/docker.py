@@ -316,7 +316,6 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         """Create and start the container; called by KernelManager after pre_launch."""
         env = dict(kwargs.get("env") or {})
-        env.pop("JPY_PARENT_PID", None)  # the kernel's parent is the container's init
         work = str(self.kernel_dir / "work")
         env.update(self._kernel_env())
         env.update({KERNEL_ID_ENV: self.kernel_id, "HOME": work})
@@ -349,17 +348,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             started=time.time(),
         )
         self.work_dir = work
-        self.watchdog = Watchdog(
-            kernel_id=self.kernel_id,
-            get_pids=list,
-            on_trip=self._on_trip,
-            work_dir=work,
-            disk_limit=self.limits.disk_limit,
-            files_limit=self.limits.files_limit,
-            interval=self.watchdog_interval,
-            disk_interval=self.watchdog_interval * 4,
-        )
-        self.watchdog.start()
+        self._start_watchdog()
         self.log.info(
             "Kernel %s started in container %s (%s) with %s [%s]",
             self.kernel_id,
@@ -369,6 +358,33 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             self.describe_enforcement(),
         )
         return self.connection_info
+
+    def _start_watchdog(self) -> None:
+        self.watchdog = Watchdog(
+            kernel_id=self.kernel_id,
+            get_pids=list,
+            on_trip=self._on_trip,
+            work_dir=self.work_dir,
+            disk_limit=self.limits.disk_limit,
+            files_limit=self.limits.files_limit,
+            interval=self.watchdog_interval,
+            disk_interval=self.watchdog_interval * 4,
+        )
+        self.watchdog.start()
+
+    async def _restore(self, entry: dict[str, Any]) -> None:
+        """Take over a container a previous server started (see recovery.adopt)."""
+        from .errors import AdoptionError
+
+        self.container_id = entry.get("container_id")
+        attrs = await self._inspect()
+        if attrs is None or not attrs["State"].get("Running"):
+            msg = f"kernel {self.kernel_id}: container {self.container_id} is not running"
+            raise AdoptionError(msg)
+        self.pid = attrs["State"].get("Pid") or None
+        self.exit_code = None
+        self._start_watchdog()
+        self.log.info("Kernel %s adopted (container %s)", self.kernel_id, self.container_id[:12])
 
     # -- running --------------------------------------------------------------------
 

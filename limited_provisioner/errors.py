@@ -30,3 +30,7 @@ class KernelLimitError(RuntimeError):
 
 class SandboxUnavailableError(RuntimeError):
     """A requested isolation mechanism cannot be provided on this host."""
+
+
+class AdoptionError(RuntimeError):
+    """A running kernel could not be re-adopted (unknown, dead, managed elsewhere)."""

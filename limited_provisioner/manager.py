@@ -1,23 +1,45 @@
-"""jupyter_server integration: refused starts become HTTP errors with our message.
+"""jupyter_server integration: 429 for refused starts, re-adoption after a restart.
 
-Selected by the config this package installs into
-``{sys.prefix}/etc/jupyter/jupyter_server_config.d/limited_provisioner.json``
-(``ServerApp.kernel_manager_class``). It changes nothing for stock kernels: it only
-translates this package's exceptions, which only our provisioners raise.
+Selected by the server extension this package enables at install time
+(``ServerApp.kernel_manager_class``). For stock kernels it changes nothing: it only
+translates this package's exceptions and only adopts kernels in our registry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
+from traitlets import Bool
 
-from .errors import KernelLimitError, LimitConfigError, SandboxUnavailableError
+from .errors import AdoptionError, KernelLimitError, LimitConfigError, SandboxUnavailableError
 
 
 class LimitedMappingKernelManager(AsyncMappingKernelManager):
-    """AsyncMappingKernelManager whose refused starts answer 429/400/503, never 500."""
+    """AsyncMappingKernelManager that re-adopts its running limited kernels on start and
+    answers refused starts with 429/400/503, never 500."""
+
+    adopt_on_start = Bool(
+        True,
+        help="""At server start, re-adopt the running limited kernels this server
+        (server_id) started before it died, under their original kernel ids.""",
+    ).tag(config=True)
+
+    adopt_all = Bool(
+        False,
+        help="""Adopt every orphaned limited kernel on the host, whichever server started
+        it (single-tenant hosts). Kernels managed by another live server are never
+        adopted.""",
+    ).tag(config=True)
+
+    keep_kernels_on_exit = Bool(
+        False,
+        help="""On a clean server stop, leave limited kernels running (for a deploy) so the
+        next start re-adopts them. Default false: they are shut down as usual.""",
+    ).tag(config=True)
 
     async def start_kernel(self, *args: Any, **kwargs: Any) -> str:
         try:
@@ -29,3 +51,86 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(400, str(e), reason="Invalid kernel limits") from e
         except SandboxUnavailableError as e:
             raise web.HTTPError(503, str(e), reason="Kernel sandbox unavailable") from e
+
+    def _policy(self) -> Any:
+        """A provisioner-config view, so server_id/state_dir resolve as for kernels."""
+        from .base import LimitedProvisionerMixin
+
+        return LimitedProvisionerMixin(parent=self)
+
+    async def adopt_kernels(self) -> list[str]:
+        """Adopt this server's running kernels concurrently; returns their ids.
+
+        Dead kernels of this server are removed (one log line each); a kernel that
+        cannot be reached is shut down rather than left unmanaged.
+        """
+        from .reaper import remove_kernel, server_alive
+        from .registry import Registry, is_alive
+
+        policy = self._policy()
+        registry = Registry(policy.state_dir)
+        entries = [
+            e for e in await asyncio.to_thread(registry.entries)
+            if self.adopt_all or e.get("server_id") == policy.server_id
+        ]
+
+        async def one(entry: dict[str, Any]) -> str | None:
+            kid = entry.get("kernel_id", "")
+            if kid in self._kernels:
+                return None
+            if server_alive(entry) and entry.get("server_pid") != os.getpid():
+                return None  # another live server manages it
+            if not is_alive(entry):
+                await asyncio.to_thread(remove_kernel, registry, entry)
+                self.log.info("Kernel %s died while the server was down; removed", kid)
+                return None
+            try:
+                await self._adopt(kid, policy)
+            except AdoptionError as e:
+                self.log.warning("Not adopting kernel %s: %s", kid, e)
+                return None
+            except Exception:
+                self.log.exception("Adopting kernel %s failed", kid)
+                return None
+            return kid
+
+        adopted = [k for k in await asyncio.gather(*(one(e) for e in entries)) if k]
+        if adopted:
+            self.log.info("Adopted %d running limited kernel(s): %s", len(adopted), adopted)
+        return adopted
+
+    async def _adopt(self, kernel_id: str, policy: Any) -> None:
+        from jupyter_server._tz import utcnow
+
+        from .recovery import adopt
+
+        def factory(**kwargs: Any) -> Any:
+            return self.kernel_manager_factory(parent=self, log=self.log, **kwargs)
+
+        km = await adopt(
+            kernel_id, state_dir=policy.state_dir, factory=factory, server_id=policy.server_id
+        )
+        self._kernels[kernel_id] = km
+        self._kernel_connections[kernel_id] = 0
+        km.execution_state = "idle"
+        km.reason = ""
+        km.last_activity = utcnow()
+        self._kernel_ports[kernel_id] = km.ports
+        self.start_watching_activity(kernel_id)
+        self.add_restart_callback(kernel_id, lambda: self._handle_kernel_died(kernel_id), "dead")
+        if not self._initialized_culler:
+            self.initialize_culler()
+
+    async def shutdown_all(self, now: bool = False) -> None:
+        if not self.keep_kernels_on_exit:
+            await super().shutdown_all(now=now)
+            return
+        from .base import LimitedProvisionerMixin
+
+        for kid in list(self._kernels):
+            km = self._kernels[kid]
+            if isinstance(km.provisioner, LimitedProvisionerMixin):
+                km.stop_restarter()
+                self.log.info("Leaving kernel %s running for the next server start", kid)
+            else:
+                await self.shutdown_kernel(kid, now=now)

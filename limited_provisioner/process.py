@@ -243,6 +243,9 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             usage = await asyncio.to_thread(dir_usage, self.work_dir, 200_000)
             baseline_bytes, baseline_files = usage.bytes, usage.files
 
+        # Independent: no JPY_PARENT_PID, so the kernel outlives a crashed server and can
+        # be re-adopted (recovery.py) instead of dying with it.
+        kwargs["independent"] = True
         connection_info = await super().launch_kernel(wrapped, **kwargs)
         self.pid_create_time = process_identity(self.pid)
         self.exit_reason = None
@@ -260,22 +263,10 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             cgroups=sorted(self.cgroups.paths) if self.cgroups else [],
             enforcement=self.enforcement,
             started=time.time(),
+            launch_cwd=str(kwargs.get("cwd") or ""),
+            disk_baseline=[baseline_bytes, baseline_files],
         )
-        self.watchdog = Watchdog(
-            kernel_id=self.kernel_id,
-            get_pids=self._tree_pids,
-            on_trip=self._on_trip,
-            check_events=self._check_cgroup_events if self.cgroups.paths else None,
-            mem_limit=None if "memory" in self.cgroups.paths else self.limits.mem_limit,
-            work_dir=self.work_dir,
-            disk_limit=self.limits.disk_limit,
-            files_limit=self.limits.files_limit,
-            disk_baseline=baseline_bytes,
-            files_baseline=baseline_files,
-            interval=self.watchdog_interval,
-            disk_interval=self.watchdog_interval * 4,
-        )
-        self.watchdog.start()
+        self._start_watchdog(baseline_bytes, baseline_files)
         if self.cpu_startup_grace > 0 and "cpu" in self.cgroups.paths:
             self._cpu_task = asyncio.ensure_future(self._apply_cpu_quota_later())
         self.log.info(
@@ -286,6 +277,41 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             self.describe_enforcement(),
         )
         return connection_info
+
+    def _start_watchdog(self, baseline_bytes: int = 0, baseline_files: int = 0) -> None:
+        paths = self.cgroups.paths if self.cgroups is not None else {}
+        self.watchdog = Watchdog(
+            kernel_id=self.kernel_id,
+            get_pids=self._tree_pids,
+            on_trip=self._on_trip,
+            check_events=self._check_cgroup_events if paths else None,
+            mem_limit=None if "memory" in paths else self.limits.mem_limit,
+            work_dir=self.work_dir,
+            disk_limit=self.limits.disk_limit,
+            files_limit=self.limits.files_limit,
+            disk_baseline=baseline_bytes,
+            files_baseline=baseline_files,
+            interval=self.watchdog_interval,
+            disk_interval=self.watchdog_interval * 4,
+        )
+        self.watchdog.start()
+
+    async def _restore(self, entry: dict[str, Any]) -> None:
+        """Take over a kernel process a previous server started (see recovery.adopt)."""
+        from .recovery import AdoptedProcess
+
+        self.pid = entry["pid"]
+        self.pid_create_time = entry.get("pid_create_time")
+        self.process = AdoptedProcess(self.pid, self.pid_create_time)
+        try:
+            self.pgid = os.getpgid(self.pid)
+        except OSError:
+            self.pgid = None  # gone meanwhile: poll() will say so
+        self.cgroups = KernelCgroups.attach(self.kernel_id, entry.get("cgroups") or [])
+        self._netns = self.parent is not None and self.parent.transport == "ipc"
+        baseline = entry.get("disk_baseline") or [0, 0]
+        self._start_watchdog(baseline[0], baseline[1])
+        self.log.info("Kernel %s adopted (pid %s)", self.kernel_id, self.pid)
 
     # -- running --------------------------------------------------------------------
 

@@ -28,9 +28,38 @@ def _link_jupyter_server_extension(serverapp: Any) -> None:
     from .manager import LimitedMappingKernelManager
 
     serverapp.kernel_manager_class = LimitedMappingKernelManager
+    _persist_sessions(serverapp)
+
+
+def _persist_sessions(serverapp: Any) -> None:
+    """Keep notebook <-> kernel sessions on disk, so a restarted server still maps each
+    notebook to its adopted kernel instead of starting a second one."""
+    import os
+
+    if "database_filepath" in serverapp.config.get("SessionManager", {}):
+        return  # the operator chose
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    from .base import LimitedProvisionerMixin
+
+    server_id = LimitedProvisionerMixin(config=serverapp.config).server_id
+    runtime = jupyter_runtime_dir()
+    os.makedirs(runtime, exist_ok=True)
+    path = os.path.join(runtime, f"limited-provisioner-sessions-{server_id}.db")
+    serverapp.config.SessionManager.database_filepath = path
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    serverapp.log.info(
-        "limited-provisioner: kernel manager %s", type(serverapp.kernel_manager).__name__
-    )
+    """Adopt this server's running kernels before the first request is served."""
+    import asyncio
+
+    from .manager import LimitedMappingKernelManager
+
+    km = serverapp.kernel_manager
+    if not isinstance(km, LimitedMappingKernelManager) or not km.adopt_on_start:
+        return
+    loop = serverapp.io_loop.asyncio_loop
+    if loop.is_running():  # embedded in a running loop (tests): adopt in the background
+        loop.create_task(km.adopt_kernels())
+    else:
+        loop.run_until_complete(km.adopt_kernels())

@@ -75,3 +75,12 @@ async def test_list_shows_running_kernel(start_kernel, jupyter_path):
     assert row["alive"] and row["mem_used"] > 10 * 2**20  # a real kernel's resident memory
     assert km.provisioner.pid in row["pids"]
     assert row["idle_s"] >= 0 and row["age_s"] >= 0
+
+
+def test_build_image_reports_a_missing_daemon_clearly():
+    result = subprocess.run(
+        [*CLI, "build-image", "--tag", "lp-never-built:1"], capture_output=True, text=True,
+        env={**os.environ, "DOCKER_HOST": "unix:///var/run/no-such-docker.sock"},
+    )
+    assert result.returncode == 1
+    assert "Docker daemon unreachable" in result.stderr and "DOCKER_HOST" in result.stderr

@@ -112,9 +112,15 @@ class Registry:
 
 
 def process_identity(pid: int) -> float | None:
-    """The create time of ``pid`` (seconds since epoch), or None if it is gone."""
+    """The create time of ``pid`` (seconds since epoch), or None if it is gone.
+
+    A zombie counts as gone: it has exited, only its exit status is left to collect.
+    """
     try:
-        return psutil.Process(pid).create_time()
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 

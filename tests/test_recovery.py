@@ -1,0 +1,281 @@
+"""Server restarts are a non-event: a real jupyter_server is SIGKILLed and started again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from limited_provisioner import AdoptionError, adopt, list_kernels
+from limited_provisioner.reaper import remove_kernel
+from limited_provisioner.registry import Registry, is_alive
+
+from .conftest import run, write_kernelspec
+from .test_server import TOKEN, execute_ws, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = {"mem_limit": "256M", "pids_limit": 64, "owner": "lp-pytest"}
+
+
+class Server:
+    """A jupyter_server subprocess with our installed config; restartable on new ports."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]):
+        self.tmp_path = tmp_path
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.base = ""
+        self.client = AsyncHTTPClient()
+        self.starts = 0
+
+    async def start(self) -> None:
+        port = free_port()
+        self.starts += 1
+        root = self.tmp_path / "notebooks"
+        root.mkdir(exist_ok=True)
+        self.log = open(self.tmp_path / f"server-{self.starts}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1",
+             f"--IdentityProvider.token={TOKEN}", "--allow-root", "--no-browser",
+             f"--ServerApp.root_dir={root}"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        self.base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                await self.client.fetch(f"{self.base}/api/status?token={TOKEN}")
+                return
+            except Exception:  # not listening yet
+                if self.proc.poll() is not None:
+                    raise RuntimeError(self.logs()) from None
+                await asyncio.sleep(0.1)
+        raise RuntimeError("server did not come up:\n" + self.logs())
+
+    def logs(self) -> str:
+        return "".join(
+            p.read_text() for p in sorted(self.tmp_path.glob("server-*.log"))
+        )[-6000:]
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.log.close()
+
+    async def api(self, method: str, path: str, body: dict | None = None):
+        resp = await self.client.fetch(HTTPRequest(
+            f"{self.base}{path}?token={TOKEN}", method=method,
+            body=json.dumps(body) if body is not None else None,
+            allow_nonstandard_methods=True))
+        return json.loads(resp.body) if resp.body else None
+
+
+@pytest.fixture
+def recovery_env(jupyter_path):
+    """Private state dir and server id; afterwards everything in that registry is removed."""
+    state = tempfile.mkdtemp(prefix="lp-", dir="/var/tmp")
+    server_id = "test-" + uuid.uuid4().hex[:8]
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config"),
+           "LIMITED_PROVISIONER_STATE_DIR": state, "LIMITED_PROVISIONER_SERVER_ID": server_id}
+    yield env, Path(state), server_id
+    registry = Registry(state)
+    for entry in registry.entries():
+        remove_kernel(registry, entry)
+    shutil.rmtree(state, ignore_errors=True)
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    db = Path(jupyter_runtime_dir()) / f"limited-provisioner-sessions-{server_id}.db"
+    db.unlink(missing_ok=True)
+
+
+def backends():
+    return [pytest.param("limited-process-provisioner", id="process"),
+            pytest.param("limited-docker-provisioner", id="docker")]
+
+
+@pytest.fixture
+def backend(request):
+    if "docker" in request.param:
+        request.getfixturevalue("docker_client")
+    return request.param
+
+
+def count_kernel_things(state: Path) -> dict[str, int]:
+    registry = Registry(state)
+    entries = registry.entries()
+    things = {"entries": len(entries), "dirs": len(list(registry.kernels_dir.iterdir()))}
+    try:
+        import docker
+
+        things["containers"] = len(docker.from_env().containers.list(
+            all=True, filters={"label": "limited-provisioner.owner=lp-pytest"}))
+    except Exception:  # no docker: none of ours can exist there
+        things["containers"] = 0
+    return things
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_kill9_and_restart_keeps_kernels_state_and_sessions(
+    backend, tmp_path, jupyter_path, recovery_env, docker_cleanup
+):
+    env, state, server_id = recovery_env
+    write_kernelspec(jupyter_path, "lim", SMALL, backend)
+    server = Server(tmp_path, env)
+    await server.start()
+    try:
+        ids = {}
+        for name in ("a.ipynb", "b.ipynb", "c.ipynb"):
+            session = await server.api("POST", "/api/sessions", {
+                "path": name, "name": name, "type": "notebook", "kernel": {"name": "lim"}})
+            ids[name] = session["kernel"]["id"]
+            await execute_ws(server.base, ids[name], "x = 42")
+        before = count_kernel_things(state)
+        busy = ids["c.ipynb"]
+        # One kernel is in the middle of an execution when the server dies.
+        busy_task = asyncio.ensure_future(
+            execute_ws(server.base, busy, "import time; time.sleep(5); y = 7", timeout=30))
+        await asyncio.sleep(1)
+        server.kill9()
+        busy_task.cancel()
+        for restart in range(2):  # twice in a row
+            await server.start()
+            listed = {k["id"] for k in await server.api("GET", "/api/kernels")}
+            assert listed == set(ids.values()), server.logs()
+            if restart == 0:
+                server.kill9()
+        for kid in ids.values():
+            out = await execute_ws(server.base, kid, "print(x)")
+            assert out.strip() == "42", out
+        await asyncio.sleep(4)
+        assert (await execute_ws(server.base, busy, "print(y)")).strip() == "7"
+        sessions = {s["path"]: s["kernel"]["id"] for s in await server.api("GET", "/api/sessions")}
+        assert sessions == ids
+        assert count_kernel_things(state) == before  # nothing started twice
+        assert before["entries"] == 3
+    finally:
+        for kid in await server.api("GET", "/api/kernels") or []:
+            await server.api("DELETE", f"/api/kernels/{kid['id']}")
+        await server.stop()
+        print(server.logs())
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_kernel_that_died_while_server_was_down_is_cleaned_up(
+    backend, tmp_path, jupyter_path, recovery_env, docker_cleanup
+):
+    env, state, server_id = recovery_env
+    write_kernelspec(jupyter_path, "lim", SMALL, backend)
+    server = Server(tmp_path, env)
+    await server.start()
+    try:
+        survivor = (await server.api("POST", "/api/kernels", {"name": "lim"}))["id"]
+        victim = (await server.api("POST", "/api/kernels", {"name": "lim"}))["id"]
+        server.kill9()
+        entry = Registry(state).read(victim)
+        if "docker" in backend:
+            import docker
+
+            docker.from_env().containers.get(entry["container_id"]).kill()
+        else:
+            os.kill(entry["pid"], signal.SIGKILL)
+        await server.start()
+        listed = {k["id"] for k in await server.api("GET", "/api/kernels")}
+        assert listed == {survivor}
+        assert Registry(state).read(victim) is None
+        assert not (state / "kernels" / victim).exists()
+        if "docker" in backend:
+            assert docker_cleanup(victim) == []
+        else:
+            assert not Path(f"/sys/fs/cgroup/pids/limited-provisioner/{victim}").exists()
+    finally:
+        await server.stop()
+
+
+@pytest.mark.docker
+async def test_two_servers_each_adopt_only_their_own(
+    tmp_path, jupyter_path, recovery_env, docker_client, docker_cleanup
+):
+    env, state, server_id = recovery_env
+    write_kernelspec(jupyter_path, "lim", SMALL, "limited-docker-provisioner")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Server(tmp_path / "a", env)
+    b = Server(tmp_path / "b", {**env, "LIMITED_PROVISIONER_SERVER_ID": server_id + "-b"})
+    await a.start()
+    await b.start()
+    try:
+        ka = (await a.api("POST", "/api/kernels", {"name": "lim"}))["id"]
+        kb = (await b.api("POST", "/api/kernels", {"name": "lim"}))["id"]
+        a.kill9()
+        b.kill9()
+        await a.start()
+        await b.start()
+        assert {k["id"] for k in await a.api("GET", "/api/kernels")} == {ka}
+        assert {k["id"] for k in await b.api("GET", "/api/kernels")} == {kb}
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+ORPHANER = r"""
+import asyncio, os, sys
+from jupyter_client.manager import AsyncKernelManager
+async def main():
+    km = AsyncKernelManager(kernel_name="lim")
+    await km.start_kernel()
+    kc = km.client(); kc.start_channels(); await kc.wait_for_ready(timeout=60)
+    await kc.execute_interactive("x = 42; import os; pid = os.getpid()", timeout=60)
+    print(km.kernel_id, flush=True)
+    os._exit(0)  # an agent service crashing: no shutdown, nothing cleaned up
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_programmatic_adopt_from_a_fresh_process(
+    backend, jupyter_path, recovery_env, monkeypatch, docker_cleanup
+):
+    env, state, server_id = recovery_env
+    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
+        monkeypatch.setenv(key, env[key])
+    write_kernelspec(jupyter_path, "lim", SMALL, backend)
+    # A file, not a pipe: the surviving kernel inherits the agent's stdout, and a pipe
+    # would never reach EOF while it lives.
+    out_file = jupyter_path / "orphaner.out"
+    with open(out_file, "w") as f:
+        subprocess.run([sys.executable, "-c", ORPHANER], stdout=f, stderr=subprocess.STDOUT,
+                       env={**os.environ}, timeout=120, check=True)
+    kid = out_file.read_text().strip().splitlines()[-1]
+    listed = [e["kernel_id"] for e in list_kernels(state, server_id=server_id)]
+    assert listed == [kid]
+    km = await adopt(kid, state_dir=state)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        assert (await run(kc, "print(x)"))["stdout"].strip() == "42"
+        with pytest.raises(AdoptionError, match="no limited kernel"):
+            await adopt("not-a-kernel", state_dir=state)
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert Registry(state).entries() == []
+    assert not is_alive({"pid": km.provisioner.pid if km.provisioner else None})

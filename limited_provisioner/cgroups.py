@@ -156,33 +156,27 @@ class KernelCgroups:
         except (OSError, ValueError):
             return None
 
-    def oom_kills(self) -> int:
-        """Count of processes the kernel OOM-killed in this group, ever."""
-        path = self.paths.get("memory")
+    def _counter(self, controller: str, filename: str, key: str) -> int:
+        """A "key value" line of a cgroup events file; 0 if absent or unreadable."""
+        path = self.paths.get(controller)
         if path is None:
             return 0
         try:
-            for line in (path / "memory.oom_control").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
+            for line in (path / filename).read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
                     return int(value)
         except (OSError, ValueError):
             pass
         return 0
 
+    def oom_kills(self) -> int:
+        """Count of processes the kernel OOM-killed in this group, ever."""
+        return self._counter("memory", "memory.oom_control", "oom_kill")
+
     def pids_max_events(self) -> int:
         """How many forks were refused by pids.max."""
-        path = self.paths.get("pids")
-        if path is None:
-            return 0
-        try:
-            for line in (path / "pids.events").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "max":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+        return self._counter("pids", "pids.events", "max")
 
     def new_oom_kills(self) -> int:
         """OOM kills since the last call (restarts reuse the group)."""

@@ -51,7 +51,6 @@ def _persist_sessions(serverapp: Any) -> None:
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     """Adopt this server's running kernels before the first request is served."""
-    import asyncio
 
     from .manager import LimitedMappingKernelManager
 

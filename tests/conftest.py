@@ -13,9 +13,9 @@ import signal
 import sys
 from pathlib import Path
 
-import psutil
 import docker
 import docker.errors
+import psutil
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
@@ -192,3 +192,19 @@ def docker_cleanup():
             all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}
         ):
             c.remove(force=True)
+
+
+def backends():
+    """Parametrize over both backends: ``@pytest.mark.parametrize("backend", backends(),
+    indirect=True)``; the docker case needs (or, in CI, requires) Docker."""
+    return [
+        pytest.param("limited-process-provisioner", id="process"),
+        pytest.param("limited-docker-provisioner", id="docker", marks=pytest.mark.docker),
+    ]
+
+
+@pytest.fixture
+def backend(request):
+    if "docker" in request.param:
+        request.getfixturevalue("docker_client")
+    return request.param

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 
-import docker
-import docker.errors
 import psutil
 import pytest
 

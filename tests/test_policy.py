@@ -19,7 +19,7 @@ from jupyter_client.manager import AsyncKernelManager
 from limited_provisioner import KernelLimitError
 from limited_provisioner.registry import Registry
 
-from .conftest import alive, kill_kernel_leftovers, run, write_kernelspec
+from .conftest import alive, backends, kill_kernel_leftovers, run, write_kernelspec
 
 SMALL = {"mem_limit": "256M", "pids_limit": 64, "nofile_limit": 256, "disk_limit": "64M"}
 PROCESS = "limited-process-provisioner"
@@ -36,19 +36,6 @@ def state_dir(monkeypatch):
     for entry in Registry(path).entries():
         kill_kernel_leftovers(entry["kernel_id"], {entry["pid"]} if entry.get("pid") else set())
     shutil.rmtree(path, ignore_errors=True)
-
-
-def backends():
-    params = [pytest.param(PROCESS, id="process")]
-    params.append(pytest.param(DOCKER, id="docker", marks=pytest.mark.docker))
-    return params
-
-
-@pytest.fixture
-def backend(request):
-    if request.param == DOCKER:
-        request.getfixturevalue("docker_client")
-    return request.param
 
 
 async def test_twenty_concurrent_starts_against_max_kernels_5(jupyter_path, state_dir):

@@ -20,7 +20,7 @@ from limited_provisioner import AdoptionError, adopt, list_kernels
 from limited_provisioner.reaper import remove_kernel
 from limited_provisioner.registry import Registry, is_alive
 
-from .conftest import run, write_kernelspec
+from .conftest import backends, run, write_kernelspec
 from .test_server import TOKEN, execute_ws, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,18 +104,6 @@ def recovery_env(jupyter_path):
 
     db = Path(jupyter_runtime_dir()) / f"limited-provisioner-sessions-{server_id}.db"
     db.unlink(missing_ok=True)
-
-
-def backends():
-    return [pytest.param("limited-process-provisioner", id="process"),
-            pytest.param("limited-docker-provisioner", id="docker")]
-
-
-@pytest.fixture
-def backend(request):
-    if "docker" in request.param:
-        request.getfixturevalue("docker_client")
-    return request.param
 
 
 def count_kernel_things(state: Path) -> dict[str, int]:

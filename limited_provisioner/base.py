@@ -26,7 +26,7 @@ from traitlets.config import LoggingConfigurable
 
 from .activity import ActivityMonitor
 from .errors import KernelLimitError, SandboxUnavailableError
-from .lifecycle import IPYTHON_HOOK, NOTICE_ENV, check_lifecycle
+from .lifecycle import IPYTHON_HOOK, NOTICE_ENV, OUTPUT_LIMIT_ENV, check_lifecycle
 from .limits import (
     MIN_DISK_LIMIT,
     MIN_MEM_LIMIT,
@@ -164,6 +164,13 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         None,
         help="""Maximum number of limited kernels one owner may run on this host.
         null (default) = no cap.""",
+    ).tag(config=True)
+
+    output_limit = ByteSize(
+        "10M",
+        help="""Bytes of stdout/stderr one execution may send (IPython kernels); the rest of
+        that cell's output is dropped with a one-line notice, so a print loop cannot flood
+        Jupyter or the client's memory. null = unlimited. Default 10M.""",
     ).tag(config=True)
 
     max_lifetime = Seconds(
@@ -547,12 +554,15 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         env = {"JPY_PARENT_PID": "1"}
         if self.kernel_dir is not None:
             env[NOTICE_ENV] = str(self.kernel_dir / "notice")
+        if self.output_limit:
+            env[OUTPUT_LIMIT_ENV] = str(self.output_limit)
         return env
 
     def _add_kernel_hooks(self, kwargs: dict[str, Any]) -> None:
-        """Make an IPython kernel show exec_timeout interrupts as a TimeoutError with text."""
+        """IPython kernels: exec_timeout interrupts read as a TimeoutError with text, and
+        each execution's output is capped at output_limit."""
         cmd = kwargs.get("cmd") or []
-        if not self.limits.exec_timeout or self.kernel_dir is None:
+        if not (self.limits.exec_timeout or self.output_limit) or self.kernel_dir is None:
             return
         if not any("ipykernel" in part for part in cmd):
             return  # not an IPython kernel: the interrupt alone has to do

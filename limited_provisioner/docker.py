@@ -25,7 +25,7 @@ from traitlets import Dict, List, Unicode, default, validate
 
 from .base import LimitedProvisionerMixin
 from .errors import LimitConfigError, SandboxUnavailableError
-from .limits import format_size
+from .limits import DATA_RLIMIT_HEADROOM, format_size
 from .registry import process_identity
 from .watchdog import KERNEL_ID_ENV, Watchdog
 
@@ -233,6 +233,11 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             ulimits.append(
                 docker.types.Ulimit(name="fsize", soft=lim.disk_limit, hard=lim.disk_limit)
             )
+        if lim.mem_limit is not None:
+            # As on the process backend: one runaway allocation becomes a MemoryError the
+            # kernel survives, instead of an OOM kill of the whole container.
+            data = lim.mem_limit + DATA_RLIMIT_HEADROOM
+            ulimits.append(docker.types.Ulimit(name="data", soft=data, hard=data))
         mounts = [docker.types.Mount(kernel_dir, kernel_dir, type="bind")]
         for spec in self.extra_mounts:
             host, target, read_only = parse_mount(spec)

@@ -15,19 +15,55 @@ from dataclasses import dataclass
 from .activity import ActivityMonitor
 
 NOTICE_ENV = "LIMITED_PROVISIONER_NOTICE_FILE"
+OUTPUT_LIMIT_ENV = "LIMITED_PROVISIONER_OUTPUT_LIMIT"
 
-# Loaded into IPython kernels with ``--IPKernelApp.exec_files``. When the provisioner
+# Loaded into IPython kernels with ``--IPKernelApp.exec_files``. (1) When the provisioner
 # interrupts an execution for exec_timeout it first writes the notice file; this turns
 # the resulting KeyboardInterrupt into a TimeoutError whose text says why, in the cell's
-# own output (a model driving the kernel only ever sees that text). Stdlib only, so it
-# runs in any image; everything it defines is deleted from the user namespace.
+# own output (a model driving the kernel only ever sees that text). (2) It caps each
+# execution's stdout/stderr at the output limit. Stdlib only, so it runs in any image;
+# everything it defines is deleted from the user namespace.
 IPYTHON_HOOK = '''\
 def __limited_provisioner_hooks():
     import os
+    import sys
+
+    shell = get_ipython()  # noqa: F821
+    if shell is None:
+        return
+    limit = int(os.environ.get("%(output_env)s") or 0)
+    if limit:
+        sent = {"bytes": 0, "noticed": False}
+
+        def reset(*args):
+            sent["bytes"] = 0
+            sent["noticed"] = False
+
+        shell.events.register("pre_execute", reset)
+
+        def capped(original):
+            def write(text):
+                room = limit - sent["bytes"]
+                sent["bytes"] += len(text)
+                if len(text) <= room:
+                    return original(text)
+                if room > 0:
+                    original(text[:room])
+                if not sent["noticed"]:
+                    sent["noticed"] = True
+                    original(
+                        "\\n[limited-provisioner] output limit of %%d bytes reached: the "
+                        "rest of this cell's output is dropped\\n" %% limit
+                    )
+                return len(text)
+
+            return write
+
+        for stream in (sys.stdout, sys.stderr):
+            stream.write = capped(stream.write)
 
     notice_file = os.environ.get("%(env)s")
-    shell = get_ipython()  # noqa: F821
-    if not notice_file or shell is None:
+    if not notice_file:
         return
 
     def on_interrupt(self, etype, evalue, tb, tb_offset=None):
@@ -47,7 +83,7 @@ def __limited_provisioner_hooks():
 
 __limited_provisioner_hooks()
 del __limited_provisioner_hooks
-''' % {"env": NOTICE_ENV}
+''' % {"env": NOTICE_ENV, "output_env": OUTPUT_LIMIT_ENV}
 
 
 @dataclass

@@ -32,16 +32,10 @@ from traitlets import Float, Int
 from . import _launch
 from .base import LimitedProvisionerMixin
 from .cgroups import KernelCgroups
-from .limits import format_size
+from .limits import DATA_RLIMIT_HEADROOM, format_size
 from .registry import process_identity
 from .watchdog import KERNEL_ID_ENV, Watchdog, tree_pids
 
-# RLIMIT_DATA counts reserved-but-untouched private mappings (thread stacks, malloc
-# arenas), not resident memory: an idle ipykernel has ~160M VmData for ~70M RSS (~200M
-# / ~80M with numpy imported; measured on CPython 3.11, ipykernel 7). The cgroup is the
-# hard limit; RLIMIT_DATA = mem_limit + this headroom makes a single runaway
-# allocation fail as a catchable MemoryError close to the limit instead of an OOM kill.
-DATA_RLIMIT_HEADROOM = 128 * 1024**2
 
 
 def untraversable_ancestor(path: str) -> str | None:

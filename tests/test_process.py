@@ -291,3 +291,27 @@ async def test_cpu_limit_throttles_a_multicore_burn(start_kernel):
     cpu_seconds = float(out["stdout"])
     # Unthrottled, two burners use ~6 CPU-seconds in 3 s on two cores; 0.5 core allows 1.5.
     assert cpu_seconds < 3.0, out
+
+
+async def test_output_flood_is_capped_per_execution(start_kernel):
+    km, kc = await start_kernel({**SMALL, "output_limit": "1M"})
+    out = await run(kc, "for i in range(100):\n    print('x' * 1024 * 1024)\n", timeout=120)
+    assert len(out["stdout"]) < 2 * 2**20
+    assert "output limit of 1048576 bytes reached" in out["stdout"]
+    # The next cell has its own budget.
+    assert (await run(kc, "print('next')"))["stdout"].strip() == "next"
+
+
+@needs_root
+async def test_kernel_past_mem_limit_is_oom_killed_with_the_reason(start_kernel):
+    km, kc = await start_kernel(SMALL)
+    # Small touched chunks: the tree's resident memory reaches the cgroup limit before
+    # any single allocation hits the data rlimit (which sits 128M higher).
+    kc.execute("chunks = []\nwhile True:\n    chunks.append(b'x' * (8 * 2**20))\n")
+    prov = km.provisioner
+    for _ in range(120):
+        if not await km.is_alive():
+            break
+        await asyncio.sleep(0.25)
+    assert not await km.is_alive()
+    assert prov.exit_reason.startswith("memory limit 256M exceeded"), prov.exit_reason

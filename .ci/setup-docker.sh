@@ -14,6 +14,9 @@
 set -euo pipefail
 
 IMAGE=${LP_KERNEL_IMAGE:-limited-provisioner-kernel:latest}
+# What goes into the image; bump IMAGE_VERSION when it changes so old images are rebuilt.
+KERNEL_PACKAGES="python3-ipykernel python3-numpy python3-pandas"
+IMAGE_VERSION=2
 SUITE=bookworm
 FALLBACK_MIRROR=http://deb.debian.org/debian
 DOCKERD_LOG=/var/log/dockerd.log
@@ -211,7 +214,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+have_version=$(docker image inspect --format '{{index .Config.Labels "limited-provisioner.image-version"}}' "$IMAGE" 2>/dev/null || true)
+if [ "$have_version" = "$IMAGE_VERSION" ]; then
     step_done "3/3 image" "$IMAGE exists ($(docker image inspect --format '{{.Id}}' "$IMAGE" | cut -c1-19)), reused"
 else
     # Leftovers of a run that was killed (we hold the lock, so none is in use).
@@ -254,11 +258,11 @@ else
     }
     in_root apt-get update -q -o Acquire::Retries=3 >"$WORK/apt.log" 2>&1 \
         && in_root apt-get install -y -q --no-install-recommends -o Acquire::Retries=3 \
-            python3-ipykernel >>"$WORK/apt.log" 2>&1 || {
+            $KERNEL_PACKAGES >>"$WORK/apt.log" 2>&1 || {
         tail -n 40 "$WORK/apt.log" >&2
-        die "apt-get install python3-ipykernel in the rootfs failed"
+        die "apt-get install $KERNEL_PACKAGES in the rootfs failed"
     }
-    log "  python3-ipykernel installed ($(elapsed "$T_STEP")s)"
+    log "  $KERNEL_PACKAGES installed ($(elapsed "$T_STEP")s)"
 
     in_root groupadd --gid 1000 kernel
     in_root useradd --uid 1000 --gid 1000 --home-dir /home/kernel --create-home \
@@ -283,6 +287,7 @@ else
         --change 'USER 1000:1000' \
         --change 'WORKDIR /home/kernel' \
         --change 'CMD ["python3"]' \
+        --change "LABEL limited-provisioner.image-version=$IMAGE_VERSION" \
         --message "limited-provisioner kernel: debootstrap $SUITE minbase + python3-ipykernel" \
         - "$IMAGE" >/dev/null
     docker image inspect "$IMAGE" >/dev/null 2>&1 || die "docker import did not produce $IMAGE"

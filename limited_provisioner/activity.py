@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 
 DELIM = b"<IDS|MSG>"
 
+_context: zmq.asyncio.Context | None = None
+
+
+def _zmq_context() -> zmq.asyncio.Context:
+    """Our own asyncio context: ``zmq.asyncio.Context.instance()`` can hand back a
+    *sync* context that another library created first, whose sockets cannot be awaited."""
+    global _context
+    if _context is None or _context.closed:
+        _context = zmq.asyncio.Context()
+    return _context
+
 
 def iopub_url(connection_info: dict[str, Any]) -> str:
     transport = connection_info.get("transport", "tcp")
@@ -34,24 +45,36 @@ def iopub_url(connection_info: dict[str, Any]) -> str:
 class ActivityMonitor:
     """Tracks ``last_activity`` and the execution in progress of one kernel."""
 
-    def __init__(self, connection_info: dict[str, Any], last_activity: float | None = None):
+    def __init__(
+        self,
+        connection_info: dict[str, Any],
+        last_activity: float | None = None,
+        state_file: str | None = None,
+    ):
         self.url = iopub_url(connection_info)
         self.last_activity = last_activity or time.time()
+        # Written by the kernel's startup hook while an execution runs (IPython kernels):
+        # more reliable than IOPub, whose thread C code holding the GIL can starve.
+        self.state_file = state_file
         # msg_id of the execute_request being run and when it went busy (wall clock).
-        self.executing: str | None = None
-        self.executing_since: float | None = None
+        self._executing: str | None = None
+        self._executing_since: float | None = None
         # Requests being handled (control requests can overlap an execution).
         self._busy_parents: set[str] = set()
         self._socket: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        ctx = zmq.asyncio.Context.instance()
-        self._socket = ctx.socket(zmq.SUB)
+        self._socket = _zmq_context().socket(zmq.SUB)
         self._socket.linger = 0
         self._socket.setsockopt(zmq.SUBSCRIBE, b"")
         self._socket.connect(self.url)
         self._task = asyncio.ensure_future(self._run())
+        self._task.add_done_callback(self._log_failure)
+
+    def _log_failure(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("activity monitor on %s stopped: %r", self.url, task.exception())
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -65,9 +88,32 @@ class ActivityMonitor:
             self._socket.close(linger=0)
             self._socket = None
 
+    def _file_state(self) -> dict[str, Any] | None:
+        if not self.state_file:
+            return None
+        try:
+            with open(self.state_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def executing(self) -> str | None:
+        state = self._file_state()
+        if state is not None:
+            return state.get("msg_id") or "unknown"
+        return self._executing
+
+    @property
+    def executing_since(self) -> float | None:
+        state = self._file_state()
+        if state is not None:
+            return float(state.get("since") or time.time())
+        return self._executing_since
+
     @property
     def busy(self) -> bool:
-        return bool(self._busy_parents)
+        return bool(self._busy_parents) or self._file_state() is not None
 
     def idle_for(self, now: float | None = None) -> float:
         """Seconds since the last activity; 0 while a request is being handled."""
@@ -76,9 +122,10 @@ class ActivityMonitor:
         return max(0.0, (now or time.time()) - self.last_activity)
 
     def execution_running_for(self, now: float | None = None) -> float:
-        if self.executing_since is None:
+        since = self.executing_since
+        if since is None:
             return 0.0
-        return (now or time.time()) - self.executing_since
+        return (now or time.time()) - since
 
     async def _run(self) -> None:
         assert self._socket is not None
@@ -105,12 +152,12 @@ class ActivityMonitor:
         if state == "busy":
             self._busy_parents.add(parent_id)
             if is_execute:
-                self.executing = parent_id
-                self.executing_since = now
+                self._executing = parent_id
+                self._executing_since = now
         elif state in ("idle", "dead"):
             self._busy_parents.discard(parent_id)
             if state == "dead":
                 self._busy_parents.clear()
-            if is_execute and parent_id == self.executing:
-                self.executing = None
-                self.executing_since = None
+            if is_execute and parent_id == self._executing:
+                self._executing = None
+                self._executing_since = None

@@ -26,7 +26,13 @@ from traitlets.config import LoggingConfigurable
 
 from .activity import ActivityMonitor
 from .errors import KernelLimitError, SandboxUnavailableError
-from .lifecycle import IPYTHON_HOOK, NOTICE_ENV, OUTPUT_LIMIT_ENV, check_lifecycle
+from .lifecycle import (
+    EXEC_STATE_ENV,
+    IPYTHON_HOOK,
+    NOTICE_ENV,
+    OUTPUT_LIMIT_ENV,
+    check_lifecycle,
+)
 from .limits import (
     MIN_DISK_LIMIT,
     MIN_MEM_LIMIT,
@@ -375,6 +381,10 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         """
         await super().post_launch(**kwargs)
         await self._wait_for_ipc_sockets()
+        if self.kernel_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                # Left by a previous process of this kernel (restart mid-execution).
+                os.unlink(self.kernel_dir / "executing")
         self._start_lifecycle()
         self._ensure_reaper()
 
@@ -556,6 +566,8 @@ class LimitedProvisionerMixin(LoggingConfigurable):
             env[NOTICE_ENV] = str(self.kernel_dir / "notice")
         if self.output_limit:
             env[OUTPUT_LIMIT_ENV] = str(self.output_limit)
+        if self.kernel_dir is not None:
+            env[EXEC_STATE_ENV] = str(self.kernel_dir / "executing")
         return env
 
     def _add_kernel_hooks(self, kwargs: dict[str, Any]) -> None:
@@ -577,7 +589,10 @@ class LimitedProvisionerMixin(LoggingConfigurable):
             return
         entry = self.registry.read(self.kernel_id) or {}
         # Continue the persisted idle clock (restarts of the kernel or of the server).
-        self.monitor = ActivityMonitor(self.connection_info, entry.get("last_activity"))
+        state_file = str(self.kernel_dir / "executing") if self.kernel_dir else None
+        self.monitor = ActivityMonitor(
+            self.connection_info, entry.get("last_activity"), state_file=state_file
+        )
         self.monitor.start()
         self._created = entry.get("created", time.time())
         self._interrupted = self._interrupted_at = None

@@ -16,13 +16,17 @@ from .activity import ActivityMonitor
 
 NOTICE_ENV = "LIMITED_PROVISIONER_NOTICE_FILE"
 OUTPUT_LIMIT_ENV = "LIMITED_PROVISIONER_OUTPUT_LIMIT"
+EXEC_STATE_ENV = "LIMITED_PROVISIONER_EXEC_STATE_FILE"
 
 # Loaded into IPython kernels with ``--IPKernelApp.exec_files``. (1) When the provisioner
 # interrupts an execution for exec_timeout it first writes the notice file; this turns
 # the resulting KeyboardInterrupt into a TimeoutError whose text says why, in the cell's
 # own output (a model driving the kernel only ever sees that text). (2) It caps each
-# execution's stdout/stderr at the output limit. Stdlib only, so it runs in any image;
-# everything it defines is deleted from the user namespace.
+# execution's stdout/stderr at the output limit. (3) It records the running execution in
+# the exec-state file from the kernel's main thread: code that holds the GIL in C (a
+# catastrophic regex) starves ipykernel's IOPub thread, so "busy" may never be published,
+# but the file is written before the user's code starts. Stdlib only, so it runs in any
+# image; everything it defines is deleted from the user namespace.
 IPYTHON_HOOK = '''\
 def __limited_provisioner_hooks():
     import os
@@ -31,6 +35,29 @@ def __limited_provisioner_hooks():
     shell = get_ipython()  # noqa: F821
     if shell is None:
         return
+    state_file = os.environ.get("%(state_env)s")
+    if state_file:
+        import json
+        import time
+
+        def started(*args):
+            header = getattr(shell, "parent_header", None) or {}
+            msg_id = (header.get("header") or {}).get("msg_id", "")
+            try:
+                with open(state_file, "w") as f:
+                    json.dump({"msg_id": msg_id, "since": time.time()}, f)
+            except OSError:
+                pass
+
+        def finished(*args):
+            try:
+                os.unlink(state_file)
+            except OSError:
+                pass
+
+        shell.events.register("pre_execute", started)
+        shell.events.register("post_execute", finished)
+
     limit = int(os.environ.get("%(output_env)s") or 0)
     if limit:
         sent = {"bytes": 0, "noticed": False}
@@ -83,7 +110,7 @@ def __limited_provisioner_hooks():
 
 __limited_provisioner_hooks()
 del __limited_provisioner_hooks
-''' % {"env": NOTICE_ENV, "output_env": OUTPUT_LIMIT_ENV}
+''' % {"env": NOTICE_ENV, "output_env": OUTPUT_LIMIT_ENV, "state_env": EXEC_STATE_ENV}
 
 
 @dataclass

@@ -1,0 +1,212 @@
+"""Soak: a few hundred sessions against a real jupyter_server, mixing normal cells and
+attacks, with one ``kill -9`` + restart of the server midway.
+
+A long-lived "canary" kernel executes ``1 + 1`` every 0.2 s throughout; its latency with
+nothing else running is the baseline. Prints per backend: sessions run / failed (those
+cut by the restart are counted apart), kernels lost across the restart (target 0),
+leaked registry entries / host dirs / containers / processes at the end (target 0),
+server RSS at start and end of each server instance, and canary p50/p99 latency while the
+attacks run vs its idle baseline (target p99 < 3x).
+
+    python bench/soak.py [--sessions 300] [--concurrency 4] [--backends process,docker] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recovery import ARGV, REPO, Server  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+from tests.attacks.catalogue import CATALOGUE  # noqa: E402
+
+from limited_provisioner.reaper import remove_kernel  # noqa: E402
+from limited_provisioner.registry import Registry  # noqa: E402
+from limited_provisioner.watchdog import KERNEL_ID_ENV  # noqa: E402
+
+LIMITS = {"mem_limit": "256M", "cpu_limit": 0.5, "pids_limit": 64, "nofile_limit": 256,
+          "disk_limit": "100M", "files_limit": 2000, "exec_timeout": 3,
+          "exec_timeout_grace": 3, "output_limit": "1M", "idle_timeout": 60,
+          "owner": "lp-soak"}
+ATTACKS = [a for a in CATALOGUE if a.id in ("1.1", "1.5", "2.1", "2.6", "3.1", "3.5", "x.1",
+                                             "x.4", "x.8")]
+NORMAL = "import math\nprint(sum(math.sqrt(i) for i in range(10**5)))"
+
+
+async def execute(server: Server, kernel_id: str, code: str, timeout: float = 30) -> float:
+    """Run code over the kernel's WebSocket; seconds until the reply (raises on failure)."""
+    from tornado.websocket import websocket_connect
+
+    url = server.base.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels?token=bench"
+    ws = await websocket_connect(url)
+    msg_id = uuid.uuid4().hex
+    t0 = time.perf_counter()
+    ws.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "username": "s", "session": uuid.uuid4().hex,
+                   "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False}}))
+    try:
+        while True:
+            raw = await asyncio.wait_for(ws.read_message(), timeout)
+            if raw is None:
+                raise ConnectionError("websocket closed")
+            msg = json.loads(raw)
+            if (msg.get("msg_type") == "execute_reply"
+                    and msg["parent_header"].get("msg_id") == msg_id):
+                return time.perf_counter() - t0
+    finally:
+        ws.close()
+
+
+async def soak(backend: str, args: argparse.Namespace, specs: Path) -> dict:
+    state = Path(tempfile.mkdtemp(prefix="lp-soak-", dir="/var/tmp"))
+    env = {**os.environ, "JUPYTER_PATH": str(specs), "LIMITED_PROVISIONER_STATE_DIR": str(state),
+           "LIMITED_PROVISIONER_SERVER_ID": "soak-" + uuid.uuid4().hex[:6],
+           "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
+    workdir = Path(tempfile.mkdtemp(prefix="lp-soak-nb-"))
+    server = Server(workdir, env)
+    result: dict = {"backend": backend, "sessions": args.sessions}
+    try:
+        await server.start()
+        name = f"soak-{backend}"
+        canary = (await server.api("POST", "/api/kernels", {"name": name}))["id"]
+        baseline = [await execute(server, canary, "1 + 1") for _ in range(30)]
+        rss = [psutil.Process(server.proc.pid).memory_info().rss]
+        latencies: list[float] = []
+        stop = asyncio.Event()
+
+        async def canary_loop():
+            while not stop.is_set():
+                try:
+                    latencies.append(await execute(server, canary, "1 + 1", timeout=10))
+                except Exception:  # server restarting: the gap is not kernel latency
+                    await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)
+
+        counts = {"ok": 0, "failed": 0, "cut_by_restart": 0, "attacks": 0}
+        restarting = asyncio.Event()
+        sem = asyncio.Semaphore(args.concurrency)
+        rng = random.Random(7)
+
+        async def session(i: int):
+            async with sem:
+                attack = rng.random() < 0.4
+                code = rng.choice(ATTACKS).code if attack else NORMAL
+                try:
+                    kid = (await server.api("POST", "/api/kernels", {"name": name}))["id"]
+                    await execute(server, kid, code, timeout=40)
+                    await server.api("DELETE", f"/api/kernels/{kid}")
+                    counts["ok"] += 1
+                    counts["attacks"] += attack
+                except Exception:  # counted; the totals are the finding
+                    counts["cut_by_restart" if restarting.is_set() else "failed"] += 1
+
+        canary_task = asyncio.ensure_future(canary_loop())
+        half = args.sessions // 2
+        await asyncio.gather(*(session(i) for i in range(half)))
+        before = {k["id"] for k in await server.api("GET", "/api/kernels")}
+        rss.append(psutil.Process(server.proc.pid).memory_info().rss)
+        restarting.set()
+        server.kill9()
+        await server.start()
+        after = {k["id"] for k in await server.api("GET", "/api/kernels")}
+        restarting.clear()
+        rss.append(psutil.Process(server.proc.pid).memory_info().rss)
+        await asyncio.gather(*(session(i) for i in range(half, args.sessions)))
+        rss.append(psutil.Process(server.proc.pid).memory_info().rss)
+        stop.set()
+        await canary_task
+        await server.api("DELETE", f"/api/kernels/{canary}")
+        await asyncio.sleep(2)
+        registry = Registry(state)
+        leaked_procs = 0
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get(KERNEL_ID_ENV) and str(state) in " ".join(proc.cmdline()):
+                    leaked_procs += 1
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        containers = 0
+        try:
+            import docker
+
+            containers = len(docker.from_env().containers.list(
+                all=True, filters={"label": "limited-provisioner.owner=lp-soak"}))
+        except Exception:  # no docker here
+            pass
+        latencies.sort()
+        result.update(
+            ok=counts["ok"], attacks=counts["attacks"], failed=counts["failed"],
+            cut_by_restart=counts["cut_by_restart"],
+            lost_in_restart=len(before - after),
+            leaked_entries=len(registry.entries()),
+            leaked_dirs=len(list(registry.kernels_dir.iterdir())),
+            leaked_containers=containers, leaked_processes=leaked_procs,
+            server_rss_mb=" → ".join(f"{r / 2**20:.0f}" for r in rss),
+            idle_p50_ms=round(statistics.median(baseline) * 1000, 1),
+            idle_p99_ms=round(baseline[int(0.99 * (len(baseline) - 1))] * 1000, 1),
+            load_p50_ms=round(statistics.median(latencies) * 1000, 1),
+            load_p99_ms=round(latencies[int(0.99 * (len(latencies) - 1))] * 1000, 1),
+        )
+        result["p99_ratio"] = round(result["load_p99_ms"] / max(result["idle_p99_ms"], 0.1), 2)
+    finally:
+        server.stop()
+        registry = Registry(state)
+        for entry in registry.entries():
+            remove_kernel(registry, entry)
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--backends", default="process,docker")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    specs = Path(tempfile.mkdtemp(prefix="lp-soak-specs-"))
+    rows = []
+    try:
+        for backend in args.backends.split(","):
+            spec = {"argv": ARGV[backend], "display_name": backend, "language": "python",
+                    "metadata": {"kernel_provisioner": {
+                        "provisioner_name": f"limited-{backend}-provisioner", "config": LIMITS}}}
+            (specs / "kernels" / f"soak-{backend}").mkdir(parents=True)
+            (specs / "kernels" / f"soak-{backend}" / "kernel.json").write_text(json.dumps(spec))
+            rows.append(await soak(backend, args, specs))
+    finally:
+        shutil.rmtree(specs, ignore_errors=True)
+    cols = ["backend", "sessions", "ok", "attacks", "failed", "cut_by_restart",
+            "lost_in_restart", "leaked_entries", "leaked_dirs", "leaked_containers",
+            "leaked_processes", "server_rss_mb", "idle_p50_ms", "idle_p99_ms", "load_p50_ms",
+            "load_p99_ms", "p99_ratio"]
+    if args.markdown:
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    else:
+        for r in rows:
+            print(", ".join(f"{c}={r.get(c)}" for c in cols))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

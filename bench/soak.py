@@ -99,7 +99,7 @@ async def soak(backend: str, args: argparse.Namespace, specs: Path) -> dict:
                     await asyncio.sleep(0.2)
                 await asyncio.sleep(0.2)
 
-        counts = {"ok": 0, "failed": 0, "cut_by_restart": 0, "attacks": 0}
+        counts = {"ok": 0, "failed": 0, "cut_by_restart": 0, "attacks": 0, "kernel_died": 0}
         restarting = asyncio.Event()
         sem = asyncio.Semaphore(args.concurrency)
         rng = random.Random(7)
@@ -108,14 +108,28 @@ async def soak(backend: str, args: argparse.Namespace, specs: Path) -> dict:
             async with sem:
                 attack = rng.random() < 0.4
                 code = rng.choice(ATTACKS).code if attack else NORMAL
+                kid = None
                 try:
                     kid = (await server.api("POST", "/api/kernels", {"name": name}))["id"]
                     await execute(server, kid, code, timeout=40)
-                    await server.api("DELETE", f"/api/kernels/{kid}")
                     counts["ok"] += 1
                     counts["attacks"] += attack
                 except Exception:  # counted; the totals are the finding
-                    counts["cut_by_restart" if restarting.is_set() else "failed"] += 1
+                    if restarting.is_set():
+                        counts["cut_by_restart"] += 1
+                    elif attack:
+                        # The attack killed the kernel (OOM, watchdog): no execute_reply
+                        # ever comes; jupyter_server restarts the kernel.
+                        counts["kernel_died"] += 1
+                        counts["attacks"] += 1
+                    else:
+                        counts["failed"] += 1
+                finally:
+                    if kid is not None:
+                        try:  # a client that gives up still closes its session
+                            await server.api("DELETE", f"/api/kernels/{kid}")
+                        except Exception:  # already gone
+                            pass
 
         canary_task = asyncio.ensure_future(canary_loop())
         half = args.sessions // 2
@@ -152,7 +166,8 @@ async def soak(backend: str, args: argparse.Namespace, specs: Path) -> dict:
             pass
         latencies.sort()
         result.update(
-            ok=counts["ok"], attacks=counts["attacks"], failed=counts["failed"],
+            ok=counts["ok"], attacks=counts["attacks"], kernel_died=counts["kernel_died"],
+            failed=counts["failed"],
             cut_by_restart=counts["cut_by_restart"],
             lost_in_restart=len(before - after),
             leaked_entries=len(registry.entries()),
@@ -194,7 +209,7 @@ async def main() -> None:
             rows.append(await soak(backend, args, specs))
     finally:
         shutil.rmtree(specs, ignore_errors=True)
-    cols = ["backend", "sessions", "ok", "attacks", "failed", "cut_by_restart",
+    cols = ["backend", "sessions", "ok", "attacks", "kernel_died", "failed", "cut_by_restart",
             "lost_in_restart", "leaked_entries", "leaked_dirs", "leaked_containers",
             "leaked_processes", "server_rss_mb", "idle_p50_ms", "idle_p99_ms", "load_p50_ms",
             "load_p99_ms", "p99_ratio"]

@@ -423,7 +423,7 @@ class LimitedProvisionerMixin(LoggingConfigurable):
             max_starts_per_minute=self.max_starts_per_minute,
         )
 
-    _extra_disk_paths: list[Path] = []
+    _extra_disk_paths: tuple[Path, ...] = ()
 
     def _admit(self) -> None:
         with self.registry.lock():

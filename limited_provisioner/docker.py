@@ -173,7 +173,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         if not self._extra_disk_paths:
             info = await self._docker(client.info)
             root = info.get("DockerRootDir")
-            self._extra_disk_paths = [Path(root)] if root else []
+            self._extra_disk_paths = (Path(root),) if root else ()
 
     async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
         """Make the kernel dir and choose ipc (the container name must be free)."""

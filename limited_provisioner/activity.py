@@ -56,6 +56,7 @@ class ActivityMonitor:
         # Written by the kernel's startup hook while an execution runs (IPython kernels):
         # more reliable than IOPub, whose thread C code holding the GIL can starve.
         self.state_file = state_file
+        self._file: dict[str, Any] | None = None
         # msg_id of the execute_request being run and when it went busy (wall clock).
         self._executing: str | None = None
         self._executing_since: float | None = None
@@ -88,14 +89,19 @@ class ActivityMonitor:
             self._socket.close(linger=0)
             self._socket = None
 
-    def _file_state(self) -> dict[str, Any] | None:
+    def refresh(self) -> None:
+        """Re-read the exec-state file (blocking: call it from a thread, once per check)."""
+        self._file = None
         if not self.state_file:
-            return None
+            return
         try:
             with open(self.state_file) as f:
-                return json.load(f)
+                self._file = json.load(f)
         except (OSError, ValueError):
-            return None
+            pass  # no execution running (or the file is being replaced)
+
+    def _file_state(self) -> dict[str, Any] | None:
+        return self._file
 
     @property
     def executing(self) -> str | None:

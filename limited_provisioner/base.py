@@ -616,6 +616,7 @@ class LimitedProvisionerMixin(LoggingConfigurable):
                 return
             try:
                 await self._persist_activity(monitor)
+                await asyncio.to_thread(monitor.refresh)
                 verdict = check_lifecycle(
                     monitor,
                     created=self._created,

@@ -14,6 +14,7 @@ import fnmatch
 import getpass
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, Int, List, Tuple, Unicode, default
+from traitlets import Bool, Dict, Float, Int, List, Tuple, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .activity import ActivityMonitor
-from .errors import KernelLimitError, SandboxUnavailableError
+from .errors import KernelLimitError, LimitConfigError, SandboxUnavailableError
 from .lifecycle import (
     EXEC_STATE_ENV,
     IPYTHON_HOOK,
@@ -50,6 +51,7 @@ from .registry import Registry, process_identity
 
 # Longest path a unix socket can bind to (sun_path is 108 bytes with the NUL).
 MAX_IPC_PATH = 100
+LABEL_KEY = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 # Variables a kernel needs to work; everything else of the server's environment
 # (tokens, cloud credentials, ...) stays out of reach of the code the kernel runs.
@@ -255,6 +257,27 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         name anyone.""",
     ).tag(config=True)
 
+    labels = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        help="""Caller-defined key/value strings stored with the kernel: in its registry
+        entry (list_kernels(labels=...), `limited-provisioner list --json`) and, on Docker,
+        as container labels limited-provisioner.label.<key>. An agent backend keeps its
+        session id here to find the session's kernel again after it restarts. Also
+        accepted per start: start_kernel(labels={...}). Keys: letters, digits, . _ -""",
+    ).tag(config=True)
+
+    @validate("labels")
+    def _validate_labels(self, proposal: Any) -> dict[str, str]:
+        for key in proposal["value"]:
+            if not LABEL_KEY.fullmatch(key):
+                msg = (
+                    f"labels: key {key!r} is not allowed; use 1-64 letters, digits, '.', "
+                    f"'_' or '-' (it becomes a Docker label name)"
+                )
+                raise LimitConfigError(msg)
+        return proposal["value"]
+
     server_id = Unicode(
         help="""Identity of this Jupyter server in the registry and on containers; stable
         across restarts of the same server. Default: derived from hostname and runtime
@@ -351,6 +374,9 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         Nothing is started before admission; if anything after it fails, what was
         reserved (registry entry, dirs, cgroups) is released before the error propagates.
         """
+        start_labels = kwargs.pop("labels", None)
+        if start_labels:
+            self.labels = {**self.labels, **{str(k): str(v) for k, v in start_labels.items()}}
         restarting = self.registry.read(self.kernel_id) is not None
         start_env = kwargs.get("env") or {}
         if self.allow_owner_from_start_env and start_env.get("LIMITED_PROVISIONER_OWNER"):
@@ -449,6 +475,7 @@ class LimitedProvisionerMixin(LoggingConfigurable):
                     "server_pid_create_time": process_identity(os.getpid()),
                     "limits": self.limits.to_dict(),
                     "max_lifetime": self.max_lifetime,
+                    "labels": dict(self.labels),
                 },
             )
 

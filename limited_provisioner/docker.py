@@ -311,6 +311,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         for name in ("mem_limit", "cpu_limit", "pids_limit", "nofile_limit", "disk_limit"):
             value = getattr(lim, name)
             labels[label(name.replace("_", "-"))] = "" if value is None else str(value)
+        labels.update({label("label." + k): v for k, v in self.labels.items()})
         labels.update({label(k): str(v) for k, v in self.extra_labels().items()})
         return labels
 

@@ -82,8 +82,10 @@ def list_kernels(
     *,
     server_id: str | None = None,
     owner: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Registry entries of the live limited kernels on this host (optionally filtered)."""
+    """Registry entries of the live limited kernels on this host (optionally filtered;
+    ``labels`` matches kernels carrying all of the given label values)."""
     result = []
     for entry in Registry(state_dir).live_entries():
         if entry.get("state") != "running":
@@ -91,6 +93,8 @@ def list_kernels(
         if server_id is not None and entry.get("server_id") != server_id:
             continue
         if owner is not None and entry.get("owner") != owner:
+            continue
+        if labels and any((entry.get("labels") or {}).get(k) != v for k, v in labels.items()):
             continue
         result.append(entry)
     return result
@@ -162,6 +166,7 @@ async def adopt(
     config.update(
         owner=entry.get("owner", ""),
         max_lifetime=entry.get("max_lifetime") or 0,
+        labels=dict(entry.get("labels") or {}),
         state_dir=str(registry.state_dir),
         **provisioner_config,
     )

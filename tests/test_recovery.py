@@ -228,7 +228,7 @@ import asyncio, os, sys
 from jupyter_client.manager import AsyncKernelManager
 async def main():
     km = AsyncKernelManager(kernel_name="lim")
-    await km.start_kernel()
+    await km.start_kernel(labels={"session_id": "chat-7"})
     kc = km.client(); kc.start_channels(); await kc.wait_for_ready(timeout=60)
     await kc.execute_interactive("x = 42; import os; pid = os.getpid()", timeout=60)
     print(km.kernel_id, flush=True)
@@ -254,7 +254,14 @@ async def test_programmatic_adopt_from_a_fresh_process(
     kid = out_file.read_text().strip().splitlines()[-1]
     listed = [e["kernel_id"] for e in list_kernels(state, server_id=server_id)]
     assert listed == [kid]
+    # The agent finds its session's kernel by label, without any memory of its own.
+    assert [e["kernel_id"] for e in list_kernels(state, labels={"session_id": "chat-7"})] == [kid]
+    assert list_kernels(state, labels={"session_id": "chat-8"}) == []
     km = await adopt(kid, state_dir=state)
+    assert km.provisioner.labels == {"session_id": "chat-7"}
+    if backend == "docker":
+        (container,) = docker_cleanup(kid)
+        assert container.labels["limited-provisioner.label.session_id"] == "chat-7"
     kc = km.client()
     kc.start_channels()
     try:

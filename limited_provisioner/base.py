@@ -13,6 +13,7 @@ import contextlib
 import fnmatch
 import getpass
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ from .errors import KernelLimitError, LimitConfigError, SandboxUnavailableError
 from .lifecycle import (
     EXEC_STATE_ENV,
     IPYTHON_HOOK,
+    MEM_LIMIT_ENV,
     NOTICE_ENV,
     OUTPUT_LIMIT_ENV,
     check_lifecycle,
@@ -45,6 +47,7 @@ from .limits import (
     Limits,
     Seconds,
     Switch,
+    format_size,
 )
 from .policy import AdmissionPolicy, admit
 from .registry import Registry, process_identity
@@ -343,6 +346,7 @@ class LimitedProvisionerMixin(LoggingConfigurable):
     _interrupted_at: float | None = None
     _activity_saved: float = 0.0
     exit_reason: str | None = None
+    exit_kind: str | None = None
     limit_trips: list[dict[str, Any]]
     kernel_dir: Path | None = None
     work_dir: str | None = None
@@ -593,15 +597,18 @@ class LimitedProvisionerMixin(LoggingConfigurable):
             env[NOTICE_ENV] = str(self.kernel_dir / "notice")
         if self.output_limit:
             env[OUTPUT_LIMIT_ENV] = str(self.output_limit)
+        if self.limits.mem_limit:
+            env[MEM_LIMIT_ENV] = format_size(self.limits.mem_limit)
         if self.kernel_dir is not None:
             env[EXEC_STATE_ENV] = str(self.kernel_dir / "executing")
         return env
 
     def _add_kernel_hooks(self, kwargs: dict[str, Any]) -> None:
-        """IPython kernels: exec_timeout interrupts read as a TimeoutError with text, and
-        each execution's output is capped at output_limit."""
+        """IPython kernels: exec_timeout interrupts read as a TimeoutError with text, each
+        execution's output is capped at output_limit, the running execution is recorded
+        (see IPYTHON_HOOK)."""
         cmd = kwargs.get("cmd") or []
-        if not (self.limits.exec_timeout or self.output_limit) or self.kernel_dir is None:
+        if self.kernel_dir is None:
             return
         if not any("ipykernel" in part for part in cmd):
             return  # not an IPython kernel: the interrupt alone has to do
@@ -762,8 +769,30 @@ class LimitedProvisionerMixin(LoggingConfigurable):
     def record_trip(self, kind: str, reason: str) -> None:
         """Remember why the kernel was (or is about to be) stopped, and log it."""
         self.exit_reason = reason
+        self.exit_kind = kind
         self.limit_trips.append({"kind": kind, "reason": reason, "time": time.time()})
         self.log.warning("Kernel %s: %s", self.kernel_id, reason)
+
+    def death_report(self) -> dict[str, Any] | None:
+        """Why the kernel just died, for its clients: ``{"kind", "reason", "parent"}``.
+
+        ``parent`` is the header (msg_id, session) of the execution it was running, read
+        from the exec-state file the kernel's hook leaves behind when it is killed
+        mid-cell; None if it died idle. Returns None while no exit reason is known.
+        Called from the restarter's callbacks, before the next process starts (which
+        removes the file): a read of a ~100-byte file in our own kernel dir.
+        """
+        if not self.exit_reason:
+            return None
+        parent = None
+        if self.kernel_dir is not None:
+            try:
+                state = json.loads((self.kernel_dir / "executing").read_text())
+                if state.get("msg_id"):
+                    parent = {"msg_id": state["msg_id"], "session": state.get("session", "")}
+            except (OSError, ValueError):
+                pass
+        return {"kind": self.exit_kind or "exit", "reason": self.exit_reason, "parent": parent}
 
     def describe_enforcement(self) -> str:
         return "; ".join(f"{name}: {how}" for name, how in sorted(self.enforcement.items()))

@@ -335,7 +335,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             raise
         self.container_id = container.id
         self.exit_code = None
-        self.exit_reason = None
+        self.exit_reason = self.exit_kind = None
         self._shutting_down = False
         attrs = await self._docker(client.api.inspect_container, container.id)
         self.pid = attrs["State"].get("Pid") or None

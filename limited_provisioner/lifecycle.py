@@ -17,6 +17,7 @@ from .activity import ActivityMonitor
 NOTICE_ENV = "LIMITED_PROVISIONER_NOTICE_FILE"
 OUTPUT_LIMIT_ENV = "LIMITED_PROVISIONER_OUTPUT_LIMIT"
 EXEC_STATE_ENV = "LIMITED_PROVISIONER_EXEC_STATE_FILE"
+MEM_LIMIT_ENV = "LIMITED_PROVISIONER_MEM_LIMIT"
 
 # Loaded into IPython kernels with ``--IPKernelApp.exec_files``. (1) When the provisioner
 # interrupts an execution for exec_timeout it first writes the notice file; this turns
@@ -25,8 +26,10 @@ EXEC_STATE_ENV = "LIMITED_PROVISIONER_EXEC_STATE_FILE"
 # execution's stdout/stderr at the output limit. (3) It records the running execution in
 # the exec-state file from the kernel's main thread: code that holds the GIL in C (a
 # catastrophic regex) starves ipykernel's IOPub thread, so "busy" may never be published,
-# but the file is written before the user's code starts. Stdlib only, so it runs in any
-# image; everything it defines is deleted from the user namespace.
+# but the file is written before the user's code starts; it also names the execution a
+# killed kernel was running, so the server can put the reason into that cell. (4) A
+# MemoryError from the data rlimit names the memory limit. Stdlib only, so it runs in
+# any image; everything it defines is deleted from the user namespace.
 IPYTHON_HOOK = '''\
 def __limited_provisioner_hooks():
     import os
@@ -41,11 +44,16 @@ def __limited_provisioner_hooks():
         import time
 
         def started(*args):
-            header = getattr(shell, "parent_header", None) or {}
-            msg_id = (header.get("header") or {}).get("msg_id", "")
+            parent = getattr(shell, "parent_header", None) or {}
+            header = parent.get("header") or {}
+            state = {
+                "msg_id": header.get("msg_id", ""),
+                "session": header.get("session", ""),
+                "since": time.time(),
+            }
             try:
                 with open(state_file, "w") as f:
-                    json.dump({"msg_id": msg_id, "since": time.time()}, f)
+                    json.dump(state, f)
             except OSError:
                 pass
 
@@ -90,27 +98,41 @@ def __limited_provisioner_hooks():
             stream.write = capped(stream.write)
 
     notice_file = os.environ.get("%(env)s")
-    if not notice_file:
-        return
+    mem_limit = os.environ.get("%(mem_env)s")
 
-    def on_interrupt(self, etype, evalue, tb, tb_offset=None):
-        try:
-            with open(notice_file) as f:
-                notice = f.read().strip()
-            os.unlink(notice_file)
-        except OSError:
-            notice = ""
+    def explained(self, etype, evalue, tb, tb_offset=None):
+        notice = ""
+        if etype is KeyboardInterrupt and notice_file:
+            try:
+                with open(notice_file) as f:
+                    notice = f.read().strip()
+                os.unlink(notice_file)
+            except OSError:
+                pass
         if notice:
             self.showtraceback((TimeoutError, TimeoutError(notice), None), tb_offset=tb_offset)
+        elif issubclass(etype, MemoryError) and mem_limit:
+            # An allocation refused by the data rlimit: say which limit, or a user
+            # (or a model) reads a bare "MemoryError" as a bug in their code.
+            text = "memory limit %%s reached (limited-provisioner)" %% mem_limit
+            if str(evalue):
+                text += ": %%s" %% evalue
+            text += "; free memory (del large objects) or ask for a larger mem_limit"
+            self.showtraceback((etype, etype(text), tb), tb_offset=tb_offset)
         else:
             self.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
 
-    shell.set_custom_exc((KeyboardInterrupt,), on_interrupt)
+    shell.set_custom_exc((KeyboardInterrupt, MemoryError), explained)
 
 
 __limited_provisioner_hooks()
 del __limited_provisioner_hooks
-''' % {"env": NOTICE_ENV, "output_env": OUTPUT_LIMIT_ENV, "state_env": EXEC_STATE_ENV}
+''' % {
+    "env": NOTICE_ENV,
+    "output_env": OUTPUT_LIMIT_ENV,
+    "state_env": EXEC_STATE_ENV,
+    "mem_env": MEM_LIMIT_ENV,
+}
 
 
 @dataclass

@@ -242,7 +242,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         kwargs["independent"] = True
         connection_info = await super().launch_kernel(wrapped, **kwargs)
         self.pid_create_time = process_identity(self.pid)
-        self.exit_reason = None
+        self.exit_reason = self.exit_kind = None
         self._shutting_down = False
         await asyncio.to_thread(
             self.registry.update,

@@ -3,7 +3,9 @@
 ``pip install`` drops ``jupyter_server_config.d/limited_provisioner.json`` into
 ``{sys.prefix}/etc/jupyter``; it enables this extension, which selects
 :class:`~limited_provisioner.manager.LimitedMappingKernelManager` (refused starts
-answer 429/400/503 instead of 500). It changes nothing for stock kernels. Turn it off
+answer 429/400/503 instead of 500) and
+:class:`~limited_provisioner.websocket.LimitedWebsocketConnection` (a cell whose kernel a
+limit killed says which limit). It changes nothing for stock kernels. Turn it off
 with ``jupyter server extension disable limited_provisioner``.
 """
 
@@ -28,7 +30,23 @@ def _link_jupyter_server_extension(serverapp: Any) -> None:
     from .manager import LimitedMappingKernelManager
 
     serverapp.kernel_manager_class = LimitedMappingKernelManager
+    _explain_deaths(serverapp)
     _persist_sessions(serverapp)
+
+
+def _explain_deaths(serverapp: Any) -> None:
+    """Use the websocket connection that writes a limit kill's reason into the cell."""
+    import os
+
+    if "kernel_websocket_connection_class" in serverapp.config.get("ServerApp", {}):
+        return  # the operator chose
+    if serverapp.config.get("GatewayClient", {}).get("url") or os.environ.get(
+        "JUPYTER_GATEWAY_URL"
+    ):
+        return  # kernels are remote: the gateway's connection class is needed
+    from .websocket import LimitedWebsocketConnection
+
+    serverapp.kernel_websocket_connection_class = LimitedWebsocketConnection
 
 
 def _persist_sessions(serverapp: Any) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -20,6 +21,7 @@ from tornado.websocket import websocket_connect
 from .conftest import alive, kill_kernel_leftovers, write_kernelspec
 
 TOKEN = "limited-test-token"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -76,7 +78,10 @@ async def server(tmp_path, jupyter_path):
     write_kernelspec(
         jupyter_path, "lim", {"mem_limit": "256M", "pids_limit": 64}, "limited-process-provisioner"
     )
-    async with running_server(tmp_path) as handles:
+    # The installed server extension (LimitedMappingKernelManager, the websocket that
+    # explains limit kills); editable installs do not place its config file.
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
+    async with running_server(tmp_path, env) as handles:
         yield handles
 
 
@@ -122,8 +127,58 @@ async def test_kernel_through_jupyter_server(server):
     pid, answer = out.split()
     assert answer == "42"
     out = await execute_ws(base, kernel["id"], "x = bytearray(1024 * 2**20)")
-    assert "MemoryError" in out
+    # Refused by the data rlimit: the kernel survives and the error names the limit.
+    assert "MemoryError: memory limit 256M reached" in out
     await client.fetch(f"{base}/api/kernels/{kernel['id']}?token={TOKEN}", method="DELETE")
     started.remove(kernel["id"])
     await asyncio.sleep(0.5)
     assert alive({int(pid)}) == []
+
+
+async def test_a_limit_kill_is_explained_in_the_running_cell(server):
+    """The OOM-killed kernel's cell gets an error naming the limit, before 'restarting'."""
+    base, client, started = server
+    resp = await client.fetch(
+        HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
+                    body=json.dumps({"name": "lim"}))
+    )
+    kid = json.loads(resp.body)["id"]
+    started.append(kid)
+    url = base.replace("http", "ws") + f"/api/kernels/{kid}/channels?token={TOKEN}"
+    ws = await websocket_connect(url)
+    msg_id = uuid.uuid4().hex
+    # Grows in small steps, so the cgroup OOM killer (256M) acts before the data rlimit.
+    bomb = "a = []\nwhile True:\n    a.append(bytearray(2**20))"
+    ws.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "username": "t", "session": uuid.uuid4().hex,
+                   "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": bomb, "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False},
+    }))
+    seen = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            msg = json.loads(await asyncio.wait_for(ws.read_message(), 60))
+            seen.append(msg)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "restarting":
+                break
+    finally:
+        ws.close()
+    errors = [m for m in seen if m["msg_type"] == "error"]
+    assert errors, [m["msg_type"] for m in seen]
+    error = errors[-1]
+    assert error["parent_header"]["msg_id"] == msg_id
+    assert error["content"]["ename"] == "KernelLimitExceeded"
+    assert "memory limit 256M exceeded" in error["content"]["evalue"]
+    assert "restarted" in error["content"]["evalue"]
+    assert seen[-1]["content"]["execution_state"] == "restarting"  # the error came first
+    # The restarted kernel answers again.
+    for _ in range(100):
+        try:
+            out = await execute_ws(base, kid, "print(6 * 7)", timeout=10)
+            break
+        except (TimeoutError, asyncio.TimeoutError):
+            continue
+    assert out.strip() == "42"

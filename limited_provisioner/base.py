@@ -26,6 +26,7 @@ from typing import Any
 from traitlets import Bool, Dict, Float, Int, List, Tuple, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
+from . import metrics
 from .activity import ActivityMonitor
 from .errors import KernelLimitError, LimitConfigError, SandboxUnavailableError
 from .lifecycle import (
@@ -344,6 +345,7 @@ class LimitedProvisionerMixin(LoggingConfigurable):
     _lifecycle_task: asyncio.Task | None = None
     _interrupted: str | None = None
     _interrupted_at: float | None = None
+    _launch_started: float = 0.0
     _activity_saved: float = 0.0
     exit_reason: str | None = None
     exit_kind: str | None = None
@@ -381,22 +383,27 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         start_labels = kwargs.pop("labels", None)
         if start_labels:
             self.labels = {**self.labels, **{str(k): str(v) for k, v in start_labels.items()}}
+        self._launch_started = time.monotonic()
         restarting = self.registry.read(self.kernel_id) is not None
         start_env = kwargs.get("env") or {}
         if self.allow_owner_from_start_env and start_env.get("LIMITED_PROVISIONER_OWNER"):
             self.owner = start_env["LIMITED_PROVISIONER_OWNER"]
-        await self._before_admission()
-        if not restarting:
-            await asyncio.to_thread(self._admit)
         try:
-            await self._prepare_sandbox(kwargs)
-            self.enforcement.update(self._lifecycle_enforcement())
-            kwargs = await super().pre_launch(**kwargs)
-            await self._prepare_launch(kwargs)
-            self._add_kernel_hooks(kwargs)
-        except BaseException:
+            await self._before_admission()
             if not restarting:
-                await self._release()
+                await asyncio.to_thread(self._admit)
+            try:
+                await self._prepare_sandbox(kwargs)
+                self.enforcement.update(self._lifecycle_enforcement())
+                kwargs = await super().pre_launch(**kwargs)
+                await self._prepare_launch(kwargs)
+                self._add_kernel_hooks(kwargs)
+            except BaseException:
+                if not restarting:
+                    await self._release()
+                raise
+        except KernelLimitError as e:
+            metrics.STARTS_REFUSED.labels(limit=e.limit).inc()
             raise
         return kwargs
 
@@ -417,6 +424,10 @@ class LimitedProvisionerMixin(LoggingConfigurable):
                 os.unlink(self.kernel_dir / "executing")
         self._start_lifecycle()
         self._ensure_reaper()
+        metrics.LIVE_KERNELS.add(self.kernel_id, self.backend, self.owner)
+        metrics.START_SECONDS.labels(backend=self.backend).observe(
+            time.monotonic() - self._launch_started
+        )
 
     async def _wait_for_ipc_sockets(self) -> None:
         km = self.parent
@@ -494,6 +505,7 @@ class LimitedProvisionerMixin(LoggingConfigurable):
 
     async def _release(self) -> None:
         """Undo what pre_launch reserved (registry entry); backends extend this."""
+        metrics.LIVE_KERNELS.remove(self.kernel_id)
         await asyncio.to_thread(self.registry.remove, self.kernel_id)
 
     def _finalize_env(self, env: dict[str, str]) -> None:
@@ -550,6 +562,8 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         )
         self._start_lifecycle()
         self._ensure_reaper()
+        metrics.ADOPTIONS.labels(backend=self.backend).inc()
+        metrics.LIVE_KERNELS.add(self.kernel_id, self.backend, self.owner)
 
     async def _restore(self, entry: dict[str, Any]) -> None:
         """Backend hook: re-attach to the kernel's process or container."""
@@ -668,7 +682,8 @@ class LimitedProvisionerMixin(LoggingConfigurable):
                     self._interrupted_at = time.time()
                     await self.send_signal(signal.SIGINT)
                 elif verdict.action in ("cull", "restart"):
-                    self.record_trip(verdict.kind, verdict.reason)
+                    # A restart follows an interrupt that was already counted as the trip.
+                    self.record_trip(verdict.kind, verdict.reason, count=verdict.action == "cull")
                     # Shutting down ends this task (cleanup stops it): act from another.
                     self._lifecycle_task = None
                     asyncio.ensure_future(self._act(verdict.action))
@@ -766,10 +781,12 @@ class LimitedProvisionerMixin(LoggingConfigurable):
 
     # -- limit trips and exit reasons ----------------------------------------------
 
-    def record_trip(self, kind: str, reason: str) -> None:
-        """Remember why the kernel was (or is about to be) stopped, and log it."""
+    def record_trip(self, kind: str, reason: str, count: bool = True) -> None:
+        """Remember why the kernel was (or is about to be) stopped, log and count it."""
         self.exit_reason = reason
         self.exit_kind = kind
+        if count:
+            metrics.count_trip(kind)
         self.limit_trips.append({"kind": kind, "reason": reason, "time": time.time()})
         self.log.warning("Kernel %s: %s", self.kernel_id, reason)
 

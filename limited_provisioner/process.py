@@ -37,7 +37,6 @@ from .registry import process_identity
 from .watchdog import KERNEL_ID_ENV, Watchdog, tree_pids
 
 
-
 def untraversable_ancestor(path: str) -> str | None:
     """The highest ancestor of ``path`` that other users cannot enter, if any."""
     parts = Path(path).parts

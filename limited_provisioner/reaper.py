@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .cgroups import KernelCgroups
+from .metrics import ORPHANS_REAPED
 from .registry import Registry, is_alive, process_identity
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def reap(
         try:
             remove_kernel(registry, entry, docker_client)
             done.append(orphan)
+            ORPHANS_REAPED.labels(backend=orphan.backend).inc()
             log.info("reaped kernel %s (%s): %s", orphan.kernel_id, orphan.backend, orphan.why)
         except Exception:
             log.exception("could not reap kernel %s", orphan.kernel_id)

@@ -280,17 +280,21 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     print(
         f"  {'KERNEL ID':<36}  {'BACKEND':<7}  {'OWNER':<10}  {'PID':>7}  {'MEM USE / LIMIT':>16}"
-        f"  {'CPU / LIMIT':>11}  {'AGE':>6}  {'IDLE':>6}  STATE"
+        f"  {'MEM %':>6}  {'CPU / LIMIT':>11}  {'PIDS':>9}  {'AGE':>6}  {'IDLE':>6}  STATE"
     )
     for k in kernels:
         lim = k.get("limits", {})
         state = k.get("state", "?") if k["alive"] else "dead"
-        mem = f"{format_size(k['mem_used']) if k['mem_used'] else '-'} / {format_size(lim.get('mem_limit'))}"
+        used, mem_limit = k["mem_used"], lim.get("mem_limit")
+        mem = f"{format_size(used) if used else '-'} / {format_size(mem_limit)}"
+        mem_pct = f"{100 * used / mem_limit:.1f}%" if used and mem_limit else "-"
         cpu = f"{k['cpu_cores']:.2f} / {lim.get('cpu_limit') or '-'}"
+        pids = f"{len(k['pids'])} / {lim.get('pids_limit') or '-'}"
         print(
             f"  {k.get('kernel_id', '?'):<36}  {k.get('backend', '?'):<7}  "
             f"{str(k.get('owner', '?'))[:10]:<10}  {k.get('pid') or '-':>7}  {mem:>16}  "
-            f"{cpu:>11}  {_duration(k['age_s']):>6}  {_duration(k['idle_s']):>6}  {state}"
+            f"{mem_pct:>6}  {cpu:>11}  {pids:>9}  {_duration(k['age_s']):>6}  "
+            f"{_duration(k['idle_s']):>6}  {state}"
         )
     return 0
 

@@ -1,6 +1,7 @@
 """The ``limited-provisioner`` command, run as a real subprocess."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -61,12 +62,14 @@ def test_help_everywhere():
 
 
 async def test_list_shows_running_kernel(start_kernel, jupyter_path):
-    km, _ = await start_kernel({"mem_limit": "300M"})
+    km, _ = await start_kernel({"mem_limit": "300M", "pids_limit": 64})
     result = subprocess.run(
         [*CLI, "list"], capture_output=True, text=True, check=True, env=_env(jupyter_path)
     )
     line = next(x for x in result.stdout.splitlines() if km.kernel_id in x)
     assert "/ 300M" in line and "running" in line and str(km.provisioner.pid) in line
+    assert re.search(r" \d+\.\d% ", line), line  # MEM %
+    assert re.search(r" [1-9]\d* / 64 ", line), line  # PIDS in use / pids_limit
     data = subprocess.run(
         [*CLI, "list", "--json"], capture_output=True, text=True, check=True,
         env=_env(jupyter_path),

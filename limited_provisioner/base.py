@@ -719,12 +719,28 @@ class LimitedProvisionerMixin(LoggingConfigurable):
                     await ensure_async(mkm.shutdown_kernel(self.kernel_id))
                 else:
                     await ensure_async(km.shutdown_kernel())
-            elif managed:
-                await ensure_async(mkm.restart_kernel(self.kernel_id, now=True))
             else:
-                await ensure_async(km.restart_kernel(now=True))
+                self._announce_restart()
+                if managed:
+                    await ensure_async(mkm.restart_kernel(self.kernel_id, now=True))
+                else:
+                    await ensure_async(km.restart_kernel(now=True))
         except Exception:
             self.log.exception("Kernel %s: %s failed", self.kernel_id, action)
+
+    def _announce_restart(self) -> None:
+        """Tell the kernel's clients it is restarting, as the auto-restarter does.
+
+        A restart requested by a client is announced by that client; one decided here
+        (exec_timeout ignored) is not, so the server's websocket would never send
+        "restarting" (nor the reason, see websocket.py) and a notebook would wait forever
+        on the killed cell. Fires the restarter's "restart" callbacks, which is what
+        jupyter_server subscribes to.
+        """
+        restarter = getattr(self.parent, "_restarter", None)
+        fire = getattr(restarter, "_fire_callbacks", None)
+        if fire is not None:
+            fire("restart")
 
     # -- the per-kernel dir -----------------------------------------------------------
 

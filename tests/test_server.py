@@ -115,6 +115,40 @@ async def execute_ws(base: str, kernel_id: str, code: str, timeout: float = 30) 
     raise TimeoutError(out)
 
 
+async def execute_until_restart(base: str, kid: str, code: str) -> tuple[str, list[dict]]:
+    """Send an execute_request; collect what the websocket sends until "restarting"."""
+    url = base.replace("http", "ws") + f"/api/kernels/{kid}/channels?token={TOKEN}"
+    ws = await websocket_connect(url)
+    msg_id = uuid.uuid4().hex
+    ws.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "username": "t", "session": uuid.uuid4().hex,
+                   "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False},
+    }))
+    seen = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            msg = json.loads(await asyncio.wait_for(ws.read_message(), 60))
+            seen.append(msg)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "restarting":
+                break
+    finally:
+        ws.close()
+    return msg_id, seen
+
+
+async def wait_until_answers(base: str, kid: str) -> str:
+    for _ in range(100):
+        try:
+            return await execute_ws(base, kid, "print(6 * 7)", timeout=10)
+        except (TimeoutError, asyncio.TimeoutError):
+            continue
+    raise AssertionError(f"kernel {kid} never answered after its restart")
+
+
 async def test_kernel_through_jupyter_server(server):
     base, client, started = server
     resp = await client.fetch(
@@ -144,28 +178,10 @@ async def test_a_limit_kill_is_explained_in_the_running_cell(server):
     )
     kid = json.loads(resp.body)["id"]
     started.append(kid)
-    url = base.replace("http", "ws") + f"/api/kernels/{kid}/channels?token={TOKEN}"
-    ws = await websocket_connect(url)
-    msg_id = uuid.uuid4().hex
     # Grows in small steps, so the cgroup OOM killer (256M) acts before the data rlimit.
-    bomb = "a = []\nwhile True:\n    a.append(bytearray(2**20))"
-    ws.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "t", "session": uuid.uuid4().hex,
-                   "msg_type": "execute_request", "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": bomb, "silent": False, "store_history": False,
-                    "user_expressions": {}, "allow_stdin": False},
-    }))
-    seen = []
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            msg = json.loads(await asyncio.wait_for(ws.read_message(), 60))
-            seen.append(msg)
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "restarting":
-                break
-    finally:
-        ws.close()
+    msg_id, seen = await execute_until_restart(
+        base, kid, "a = []\nwhile True:\n    a.append(bytearray(2**20))"
+    )
     errors = [m for m in seen if m["msg_type"] == "error"]
     assert errors, [m["msg_type"] for m in seen]
     error = errors[-1]
@@ -174,11 +190,30 @@ async def test_a_limit_kill_is_explained_in_the_running_cell(server):
     assert "memory limit 256M exceeded" in error["content"]["evalue"]
     assert "restarted" in error["content"]["evalue"]
     assert seen[-1]["content"]["execution_state"] == "restarting"  # the error came first
-    # The restarted kernel answers again.
-    for _ in range(100):
-        try:
-            out = await execute_ws(base, kid, "print(6 * 7)", timeout=10)
-            break
-        except (TimeoutError, asyncio.TimeoutError):
-            continue
-    assert out.strip() == "42"
+    assert (await wait_until_answers(base, kid)).strip() == "42"  # restarted, usable
+
+
+async def test_an_ignored_exec_timeout_restart_is_explained_in_the_cell(tmp_path, jupyter_path):
+    """Code that ignores the interrupt is restarted by the provisioner, not by the
+    auto-restarter: clients still get the reason, then "restarting"."""
+    write_kernelspec(
+        jupyter_path, "stubborn", {"exec_timeout": 1, "exec_timeout_grace": 1},
+        "limited-process-provisioner",
+    )
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
+    async with running_server(tmp_path, env) as (base, client, started):
+        resp = await client.fetch(
+            HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
+                        body=json.dumps({"name": "stubborn"}))
+        )
+        kid = json.loads(resp.body)["id"]
+        started.append(kid)
+        msg_id, seen = await execute_until_restart(
+            base, kid,
+            "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
+        )
+        errors = [m for m in seen if m["msg_type"] == "error"]
+        assert errors, [m["msg_type"] for m in seen]
+        assert errors[-1]["parent_header"]["msg_id"] == msg_id
+        assert "exec_timeout=1s and ignored the interrupt" in errors[-1]["content"]["evalue"]
+        assert (await wait_until_answers(base, kid)).strip() == "42"

@@ -43,7 +43,10 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
 
     async def start_kernel(self, *args: Any, **kwargs: Any) -> str:
         try:
-            return await super().start_kernel(*args, **kwargs)
+            try:
+                return await super().start_kernel(*args, **kwargs)
+            finally:
+                self._forget_failed_starts()
         except KernelLimitError as e:
             # 429: the caller may retry once a kernel is gone or the rate window passed.
             raise web.HTTPError(429, str(e), reason="Kernel limit reached") from e
@@ -51,6 +54,17 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(400, str(e), reason="Invalid kernel limits") from e
         except SandboxUnavailableError as e:
             raise web.HTTPError(503, str(e), reason="Kernel sandbox unavailable") from e
+
+    def _forget_failed_starts(self) -> None:
+        """Drop failed starts from ``_pending_kernels``.
+
+        jupyter_client keeps a start whose task failed there; ``shutdown_all`` then asks
+        for that id, gets 404, and the server never finishes stopping (kernels left
+        running, SIGTERM ignored). A refused start is a routine event here.
+        """
+        for kernel_id, task in list(self._pending_kernels.items()):
+            if task.done() and kernel_id not in self._kernels:
+                self._pending_kernels.pop(kernel_id, None)
 
     def _policy(self) -> Any:
         """A provisioner-config view, so server_id/state_dir resolve as for kernels."""

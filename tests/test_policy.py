@@ -243,6 +243,34 @@ async def test_sixth_kernel_through_jupyter_server_is_429(tmp_path, jupyter_path
         assert len(Registry(state_dir).entries()) == 5
 
 
+async def test_server_that_refused_a_start_still_stops_on_sigterm(
+    tmp_path, jupyter_path, state_dir
+):
+    """jupyter_client keeps a failed start in _pending_kernels; shutdown_all would then
+    fail on it (404) and leave the server hanging with its kernels running."""
+    from .test_recovery import Server
+
+    write_kernelspec(jupyter_path, "capped", {**SMALL, "max_kernels": 1}, PROCESS)
+    server = Server(tmp_path, {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")})
+    try:
+        await server.start()
+        await server.api("POST", "/api/kernels", {"name": "capped"})
+        from tornado.httpclient import HTTPClientError
+
+        with pytest.raises(HTTPClientError) as info:
+            await server.api("POST", "/api/kernels", {"name": "capped"})
+        assert info.value.code == 429
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(server.proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("server ignored SIGTERM after a refused start:\n" + server.logs())
+        assert "Kernel does not exist" not in server.logs()
+        assert Registry(state_dir).entries() == []  # its kernel was shut down with it
+    finally:
+        await server.stop()
+
+
 @pytest.mark.parametrize(
     "config, message",
     [

@@ -507,6 +507,10 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         """Undo what pre_launch reserved (registry entry); backends extend this."""
         metrics.LIVE_KERNELS.remove(self.kernel_id)
         await asyncio.to_thread(self.registry.remove, self.kernel_id)
+        if not metrics.LIVE_KERNELS.kernels:
+            # The last kernel of this process is gone: stop the reaper rather than leave a
+            # pending task behind (a script using nbclient exits right after this).
+            self._stop_reaper()
 
     def _finalize_env(self, env: dict[str, str]) -> None:
         """Drop server environment variables not on the allow-list (see ``env_keep``)."""
@@ -583,6 +587,16 @@ class LimitedProvisionerMixin(LoggingConfigurable):
             LimitedProvisionerMixin._reapers[loop] = asyncio.ensure_future(
                 _reap_periodically(self.registry, self.reap_interval, self.log)
             )
+
+    @staticmethod
+    def _stop_reaper() -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = LimitedProvisionerMixin._reapers.pop(loop, None)
+        if task is not None:
+            task.cancel()
 
     def _lifecycle_enforcement(self) -> dict[str, str]:
         lim = self.limits

@@ -100,6 +100,8 @@ def __limited_provisioner_hooks():
     notice_file = os.environ.get("%(env)s")
     mem_limit = os.environ.get("%(mem_env)s")
 
+    replaced = []
+
     def explained(self, etype, evalue, tb, tb_offset=None):
         notice = ""
         if etype is KeyboardInterrupt and notice_file:
@@ -110,7 +112,9 @@ def __limited_provisioner_hooks():
             except OSError:
                 pass
         if notice:
-            self.showtraceback((TimeoutError, TimeoutError(notice), None), tb_offset=tb_offset)
+            error = TimeoutError(notice)
+            replaced.append(error)
+            self.showtraceback((TimeoutError, error, None), tb_offset=tb_offset)
         elif issubclass(etype, MemoryError) and mem_limit:
             # An allocation refused by the data rlimit: say which limit, or a user
             # (or a model) reads a bare "MemoryError" as a bug in their code.
@@ -118,11 +122,22 @@ def __limited_provisioner_hooks():
             if str(evalue):
                 text += ": %%s" %% evalue
             text += "; free memory (del large objects) or ask for a larger mem_limit"
-            self.showtraceback((etype, etype(text), tb), tb_offset=tb_offset)
+            error = etype(text)
+            replaced.append(error)
+            self.showtraceback((etype, error, tb), tb_offset=tb_offset)
         else:
             self.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
 
     shell.set_custom_exc((KeyboardInterrupt, MemoryError), explained)
+
+    def reply_with_explained_error(result):
+        # The execute_reply's ename/evalue come from result.error_in_exec (what a
+        # client like nbclient raises), not from the traceback shown: keep them equal.
+        if replaced:
+            result.error_in_exec = replaced.pop()
+            del replaced[:]
+
+    shell.events.register("post_run_cell", reply_with_explained_error)
 
 
 __limited_provisioner_hooks()

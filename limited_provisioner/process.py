@@ -355,6 +355,12 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         self._exit_noted_pid = self.pid
         if self.watchdog is not None and self.watchdog.tripped:
             pass  # the watchdog killed it and already recorded why
+        elif self.exit_kind == "mem_limit" and code == -signal.SIGKILL and not self._shutting_down:
+            # The watchdog's event check saw the OOM kill first and counted it; the
+            # process it killed was the kernel itself, say so.
+            self.exit_reason = (
+                f"memory limit {format_size(self.limits.mem_limit)} exceeded (OOM killed)"
+            )
         elif self.cgroups is not None and self.cgroups.new_oom_kills() > 0:
             self.record_trip(
                 "mem_limit",

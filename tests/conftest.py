@@ -109,7 +109,7 @@ async def start_kernel(jupyter_path):
 
 
 async def run(kc, code: str, timeout: float = 60) -> dict:
-    """Execute ``code``; return {"stdout", "stderr", "error", "status"}."""
+    """Execute ``code``; return {"stdout", "stderr", "error", "status"} (+ "reply_error")."""
     out: dict = {"stdout": "", "stderr": "", "error": None}
 
     def hook(msg):
@@ -121,8 +121,11 @@ async def run(kc, code: str, timeout: float = 60) -> dict:
 
     reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
     out["status"] = reply["content"]["status"]
-    if out["status"] == "error" and out["error"] is None:
-        out["error"] = f"{reply['content']['ename']}: {reply['content']['evalue']}"
+    if out["status"] == "error":
+        # What a client that reads only the reply (nbclient's CellExecutionError) sees.
+        out["reply_error"] = f"{reply['content']['ename']}: {reply['content']['evalue']}"
+        if out["error"] is None:
+            out["error"] = out["reply_error"]
     return out
 
 

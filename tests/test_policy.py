@@ -155,6 +155,7 @@ async def test_exec_timeout_interrupts_with_a_readable_message(backend, start_ke
     assert time.monotonic() - t0 < 10
     assert out["status"] == "error"
     assert out["error"].startswith("TimeoutError: execution exceeded exec_timeout=2s"), out
+    assert out["reply_error"] == out["error"], out
     assert (await run(kc, "print(6 * 7)"))["stdout"].strip() == "42"
 
 

@@ -75,7 +75,8 @@ async def test_allocating_4x_mem_limit_fails_and_host_is_unaffected(start_kernel
     out = await run(kc, "x = bytearray(4 * 256 * 1024 * 1024)\nprint(len(x))")
     assert out["status"] == "error" or not await km.is_alive()
     if out["status"] == "error":
-        assert "MemoryError" in out["error"], out
+        assert out["error"].startswith("MemoryError: memory limit 256M reached"), out
+        assert out["reply_error"] == out["error"], out
         # Python caught it: the kernel lives on and still answers.
         assert (await run(kc, "print('still here')"))["stdout"].strip() == "still here"
     assert psutil.Process().memory_info().rss - before < 50 * 2**20

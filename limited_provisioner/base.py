@@ -569,6 +569,25 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         metrics.ADOPTIONS.labels(backend=self.backend).inc()
         metrics.LIVE_KERNELS.add(self.kernel_id, self.backend, self.owner)
 
+    async def detach(self) -> None:
+        """Stop managing the kernel from this process and leave it running for a later
+        :func:`~limited_provisioner.adopt` (a deploy, a service restart).
+
+        Stops the timers and the watchdog of this process, and keeps the connection
+        file: ``KernelManager.__del__`` deletes a file it wrote, and a kernel without
+        its connection file can never be adopted again.
+        """
+        await self._stop_lifecycle()
+        watchdog = getattr(self, "watchdog", None)
+        if watchdog is not None:
+            await watchdog.stop()
+            self.watchdog = None
+        metrics.LIVE_KERNELS.remove(self.kernel_id)
+        km = self.parent
+        if km is not None:
+            km.stop_restarter()
+            km._connection_file_written = False
+
     async def _restore(self, entry: dict[str, Any]) -> None:
         """Backend hook: re-attach to the kernel's process or container."""
         raise NotImplementedError

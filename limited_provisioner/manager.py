@@ -144,7 +144,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         for kid in list(self._kernels):
             km = self._kernels[kid]
             if isinstance(km.provisioner, LimitedProvisionerMixin):
-                km.stop_restarter()
+                await km.provisioner.detach()
                 self.log.info("Leaving kernel %s running for the next server start", kid)
             else:
                 await self.shutdown_kernel(kid, now=now)

@@ -162,7 +162,16 @@ async def adopt(
         spec = km.kernel_spec
     except Exception:  # kernelspec removed since: the registry entry has what we need
         spec = None
-    config = {k: v for k, v in (entry.get("limits") or {}).items() if k in TRAIT_KEYS}
+    # The kernelspec's settings (image, grace, output_limit, ...), then what the kernel
+    # actually runs with from the registry (limits may have been edited in the spec since).
+    config = dict(
+        ((spec.metadata or {}).get("kernel_provisioner") or {}).get("config") or {}
+        if spec is not None
+        else {}
+    )
+    config.update(
+        {k: v for k, v in (entry.get("limits") or {}).items() if k in TRAIT_KEYS}
+    )
     config.update(
         owner=entry.get("owner", ""),
         max_lifetime=entry.get("max_lifetime") or 0,

@@ -244,7 +244,7 @@ async def test_programmatic_adopt_from_a_fresh_process(
     env, state, server_id = recovery_env
     for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
         monkeypatch.setenv(key, env[key])
-    write_kernelspec(jupyter_path, "lim", SMALL, backend)
+    write_kernelspec(jupyter_path, "lim", {**SMALL, "exec_timeout_grace": 7}, backend)
     # A file, not a pipe: the surviving kernel inherits the agent's stdout, and a pipe
     # would never reach EOF while it lives.
     out_file = jupyter_path / "orphaner.out"
@@ -259,6 +259,7 @@ async def test_programmatic_adopt_from_a_fresh_process(
     assert list_kernels(state, labels={"session_id": "chat-8"}) == []
     km = await adopt(kid, state_dir=state)
     assert km.provisioner.labels == {"session_id": "chat-7"}
+    assert km.provisioner.exec_timeout_grace == 7  # the kernelspec's settings, not defaults
     if backend == "docker":
         (container,) = docker_cleanup(kid)
         assert container.labels["limited-provisioner.label.session_id"] == "chat-7"

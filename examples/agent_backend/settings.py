@@ -1,0 +1,151 @@
+"""The service's settings, read once from ``AGENT_BACKEND_*`` environment variables.
+
+Limits are passed to the provisioner as strings/numbers exactly as given; it validates
+them (``mem_limit='12 parsecs'`` is refused at the first kernel start with a message
+naming the setting), so this module only parses what the service itself uses.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREFIX = "AGENT_BACKEND_"
+BACKENDS = {"process": "limited-process-provisioner", "docker": "limited-docker-provisioner"}
+
+
+def _env(name: str, default: str | None) -> str | None:
+    value = os.environ.get(PREFIX + name)
+    return default if value is None or value == "" else value
+
+
+def _count(name: str, default: int | None) -> int | None:
+    value = _env(name, None)
+    if value is None:
+        return default
+    if value.lower() in ("none", "null", "off"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        msg = f"{PREFIX}{name}={value!r} is not a count: use an integer, or 'none' for no cap"
+        raise ValueError(msg) from None
+
+
+def _default_state_dir() -> str:
+    from limited_provisioner.registry import default_state_dir
+
+    return str(default_state_dir())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the defaults documented in README.md."""
+
+    backend: str = "process"
+    state_dir: str = field(default_factory=_default_state_dir)
+    server_id: str = ""
+    kernel_name: str = "agent-python"
+    image: str | None = None
+    mem_limit: str = "512M"
+    cpu_limit: str = "1"
+    pids_limit: str = "64"
+    disk_limit: str = "1G"
+    network: bool = False
+    exec_timeout: str = "30s"
+    exec_timeout_grace: str = "5"
+    idle_timeout: str = "1h"
+    max_kernels: int | None = 20
+    max_kernels_per_user: int | None = 3
+    rate_limit: int = 5
+    reply_ceiling: float = 600.0
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            msg = f"{PREFIX}BACKEND={self.backend!r}: use one of {sorted(BACKENDS)}"
+            raise ValueError(msg)
+        if not self.server_id:
+            default = os.environ.get("LIMITED_PROVISIONER_SERVER_ID") or (
+                f"agent-backend-{socket.gethostname()}"
+            )
+            object.__setattr__(self, "server_id", default)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        defaults = cls()
+        return cls(
+            backend=_env("BACKEND", defaults.backend),
+            state_dir=_env("STATE_DIR", None)
+            or os.environ.get("LIMITED_PROVISIONER_STATE_DIR")
+            or defaults.state_dir,
+            server_id=_env("SERVER_ID", "") or "",
+            kernel_name=_env("KERNEL_NAME", defaults.kernel_name),
+            image=_env("IMAGE", None),
+            mem_limit=_env("MEM_LIMIT", defaults.mem_limit),
+            cpu_limit=_env("CPU_LIMIT", defaults.cpu_limit),
+            pids_limit=_env("PIDS_LIMIT", defaults.pids_limit),
+            disk_limit=_env("DISK_LIMIT", defaults.disk_limit),
+            network=(_env("NETWORK", "false") or "").lower() in ("1", "true", "yes"),
+            exec_timeout=_env("EXEC_TIMEOUT", defaults.exec_timeout),
+            exec_timeout_grace=_env("EXEC_TIMEOUT_GRACE", defaults.exec_timeout_grace),
+            idle_timeout=_env("IDLE_TIMEOUT", defaults.idle_timeout),
+            max_kernels=_count("MAX_KERNELS", defaults.max_kernels),
+            max_kernels_per_user=_count("MAX_KERNELS_PER_USER", defaults.max_kernels_per_user),
+            rate_limit=_count("RATE_LIMIT", defaults.rate_limit) or 0,
+            reply_ceiling=float(_env("REPLY_CEILING", str(defaults.reply_ceiling))),
+        )
+
+    @property
+    def provisioner_name(self) -> str:
+        return BACKENDS[self.backend]
+
+    @property
+    def kernelspec_dir(self) -> Path:
+        """The service's own kernelspec dir (no global `jupyter kernelspec install`)."""
+        return Path(self.state_dir) / "agent-backend-kernelspecs"
+
+    def provisioner_config(self) -> dict[str, Any]:
+        """``metadata.kernel_provisioner.config`` of the service's kernelspec."""
+        config: dict[str, Any] = {
+            "mem_limit": self.mem_limit,
+            "cpu_limit": self.cpu_limit,
+            "pids_limit": self.pids_limit,
+            "disk_limit": self.disk_limit,
+            "network": self.network,
+            "exec_timeout": self.exec_timeout,
+            "exec_timeout_grace": self.exec_timeout_grace,
+            "idle_timeout": self.idle_timeout,
+            "max_kernels": self.max_kernels,
+            "max_kernels_per_user": self.max_kernels_per_user,
+            # The service authenticates its callers and names the owner of each kernel
+            # in start_kernel(env=...), so per-user caps count per caller.
+            "allow_owner_from_start_env": True,
+            "state_dir": self.state_dir,
+            "server_id": self.server_id,
+        }
+        if self.backend == "docker" and self.image:
+            config["image"] = self.image
+        config.update(self.extra_config)
+        return config
+
+    def adoption_config(self) -> dict[str, Any]:
+        """Provisioner settings for re-adopted kernels that their registry entry lacks.
+
+        ``adopt()`` restores limits, owner and labels from the registry; the rest of the
+        kernelspec config (caps, grace, identity) is handed over here.
+        """
+        from limited_provisioner.recovery import TRAIT_KEYS
+
+        restored = {*TRAIT_KEYS, "owner", "max_lifetime", "labels", "state_dir"}
+        return {k: v for k, v in self.provisioner_config().items() if k not in restored}
+
+    def kernel_argv(self) -> list[str]:
+        if self.backend == "docker":
+            # The command inside the image: its own interpreter.
+            return ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]

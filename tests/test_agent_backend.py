@@ -1,0 +1,369 @@
+"""examples/agent_backend: the code-interpreter service the seed's API should have been.
+
+Real kernels, real HTTP: the service runs as a uvicorn subprocess on a private state dir
+and is driven with httpx. Every service is killed by pid and every kernel of its state
+dir removed after the test (or module), whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from limited_provisioner import list_kernels
+from limited_provisioner.reaper import remove_kernel
+from limited_provisioner.registry import Registry
+
+from .conftest import TEST_OWNER, alive, backends, kill_kernel_leftovers
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+MARKER = "[limited-provisioner status={}]"
+GONE = "variables from earlier cells are gone"
+KEPT = "variables from earlier cells are kept"
+# Resident memory grows by touched 1 MiB blocks: the cgroup (256M) kills the kernel
+# before RLIMIT_DATA (mem_limit + 128M) turns it into a MemoryError.
+MEMORY_EATER = "blocks = []\nwhile True:\n    blocks.append(b'x' * (1 << 20))"
+SETTINGS = {
+    "MEM_LIMIT": "256M",
+    "PIDS_LIMIT": "64",
+    "EXEC_TIMEOUT": "2",
+    "EXEC_TIMEOUT_GRACE": "2",
+    "IDLE_TIMEOUT": "600",
+    "MAX_KERNELS": "12",
+    "MAX_KERNELS_PER_USER": "2",
+    "RATE_LIMIT": "5",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """The agent_backend service as a subprocess; restartable on the same state dir."""
+
+    def __init__(self, state: Path, server_id: str, log_dir: Path, **settings: str):
+        self.state = state
+        self.server_id = server_id
+        self.log_dir = log_dir
+        self.env = {
+            **os.environ,
+            "AGENT_BACKEND_STATE_DIR": str(state),
+            "AGENT_BACKEND_SERVER_ID": server_id,
+            **{f"AGENT_BACKEND_{k}": v for k, v in {**SETTINGS, **settings}.items()},
+        }
+        self.proc: subprocess.Popen | None = None
+        self.client = httpx.Client(timeout=120)
+        self.starts = 0
+        self.base = ""
+
+    def start(self) -> None:
+        port = free_port()
+        self.starts += 1
+        with open(self.log_dir / f"service-{self.starts}.log", "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLES),
+                 "agent_backend.app:app", "--host", "127.0.0.1", "--port", str(port)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            )
+        self.base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                self.client.get(f"{self.base}/health").raise_for_status()
+                return
+            except httpx.HTTPError:  # not listening yet
+                if self.proc.poll() is not None:
+                    raise RuntimeError("service exited:\n" + self.logs()) from None
+                time.sleep(0.1)
+        raise RuntimeError("service did not come up:\n" + self.logs())
+
+    def logs(self) -> str:
+        return "".join(p.read_text() for p in sorted(self.log_dir.glob("service-*.log")))[-8000:]
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM), as a deploy does."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def exec(self, user: str, session_id: str, code: str) -> httpx.Response:
+        return self.client.post(
+            f"{self.base}/exec", json={"session_id": session_id, "code": code},
+            headers={"X-User": user},
+        )
+
+    def run(self, user: str, session_id: str, code: str) -> dict:
+        """Execute; the JSON result of a 200 answer."""
+        resp = self.exec(user, session_id, code)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def delete(self, user: str, session_id: str) -> httpx.Response:
+        return self.client.delete(f"{self.base}/sessions/{session_id}", headers={"X-User": user})
+
+    def sessions(self, user: str) -> list[dict]:
+        resp = self.client.get(f"{self.base}/sessions", headers={"X-User": user})
+        resp.raise_for_status()
+        return resp.json()
+
+    def kernels(self, **filters) -> list[dict]:
+        return list_kernels(self.state, server_id=self.server_id, **filters)
+
+
+def remove_everything(services: list[Service], state_dirs: list[Path]) -> None:
+    """Kill the services by pid, then every kernel their state dirs know of."""
+    for service in services:
+        service.kill9()
+        service.client.close()
+    for state in state_dirs:
+        registry = Registry(state)
+        for entry in registry.entries():
+            try:
+                remove_kernel(registry, entry)
+            finally:
+                kill_kernel_leftovers(entry["kernel_id"], {entry["pid"]} if entry.get("pid") else set())
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def make_service(request, tmp_path, jupyter_path):
+    """``make_service(**settings)`` -> a started Service on a fresh state dir."""
+    services: list[Service] = []
+    states: list[Path] = []
+
+    def _make(**settings: str) -> Service:
+        # Short on purpose: the kernels' ipc socket paths live under it.
+        state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/tmp"))
+        states.append(state)
+        log_dir = tmp_path / f"svc{len(services)}"
+        log_dir.mkdir()
+        service = Service(state, "test-ab-" + uuid.uuid4().hex[:8], log_dir, **settings)
+        services.append(service)
+        service.start()
+        return service
+
+    yield _make
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for service in services:
+            print(service.logs())
+    remove_everything(services, states)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """One service shared by the module's tests; each test uses its own users."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/tmp"))
+    svc = Service(state, "test-ab-" + uuid.uuid4().hex[:8], tmp_path_factory.mktemp("svc"))
+    try:
+        svc.start()
+        yield svc
+    finally:
+        print(svc.logs())
+        remove_everything([svc], [state])
+
+
+@pytest.fixture
+def opened(service):
+    """Records (user, session_id) pairs a test opens and deletes them afterwards."""
+    pairs: list[tuple[str, str]] = []
+    yield pairs
+    for user, session_id in pairs:
+        service.delete(user, session_id)
+
+
+def test_ok_and_error_are_reported_with_the_marker(service, opened):
+    opened.append(("u-ok", "s1"))
+    out = service.run("u-ok", "s1", "print('hi')\n1 + 1")
+    assert out["status"] == "ok"
+    assert out["stdout"] == "hi\n"
+    assert out["outputs"][0]["text"] == "2"
+    assert out["text"].startswith("hi\n2\n")
+    assert out["text"].endswith(f"{MARKER.format('ok')} the execution finished; {KEPT}.")
+
+    out = service.run("u-ok", "s1", "1/0")
+    assert out["status"] == "error"
+    (error,) = out["outputs"]
+    assert (error["ename"], error["evalue"]) == ("ZeroDivisionError", "division by zero")
+    assert "\x1b" not in "".join(error["traceback"]) + out["text"]
+    assert "ZeroDivisionError: division by zero" in out["text"]
+    assert MARKER.format("error") + " the code raised ZeroDivisionError" in out["text"]
+    assert not out["state_lost"]
+
+    # The OpenAPI schema an agent framework turns into a tool definition.
+    schema = service.client.get(f"{service.base}/openapi.json").json()
+    body = schema["components"]["schemas"]["ExecRequest"]
+    assert set(body["required"]) == {"session_id", "code"}
+    assert "X-User" in {p["name"] for p in schema["paths"]["/exec"]["post"]["parameters"]}
+
+
+def test_exec_timeout_interrupts_and_the_session_goes_on(service, opened):
+    opened.extend([("u-timeout", "s1"), ("u-timeout2", "s1")])
+    service.run("u-timeout", "s1", "y = 5")
+    out = service.run("u-timeout", "s1", "while True:\n    pass")
+    assert (out["status"], out["limit"], out["state_lost"]) == ("timeout", "exec_timeout", False)
+    assert "TimeoutError: execution exceeded exec_timeout=2s" in out["text"]
+    assert MARKER.format("timeout") in out["text"] and KEPT in out["text"]
+    assert service.run("u-timeout", "s1", "y")["outputs"][0]["text"] == "5"
+
+    # Code that ignores the interrupt: the kernel is restarted after the grace period.
+    service.run("u-timeout2", "s1", "y = 5")
+    out = service.run(
+        "u-timeout2", "s1",
+        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass",
+    )
+    assert (out["status"], out["state_lost"]) == ("timeout", True)
+    assert "ignored the interrupt" in out["text"] and GONE in out["text"]
+    assert service.run("u-timeout2", "s1", "'y' in globals()")["outputs"][0]["text"] == "False"
+
+
+def test_oom_killed_kernel_is_restarted_and_said_so(service, opened):
+    opened.append(("u-oom", "s1"))
+    first = service.run("u-oom", "s1", "x = 1")
+    out = service.run("u-oom", "s1", MEMORY_EATER)
+    assert (out["status"], out["limit"], out["state_lost"]) == ("oom_killed", "mem_limit", True)
+    assert "memory limit 256M exceeded" in out["reason"]
+    assert MARKER.format("oom_killed") + " the kernel exceeded its memory limit 256M" in out["text"]
+    assert GONE in out["text"]
+    # Same session, same kernel id, a fresh process: usable, without the old variables.
+    after = service.run("u-oom", "s1", "'x' in globals(), 1 + 1")
+    assert after["outputs"][0]["text"] == "(False, 2)"
+    assert after["kernel_id"] == first["kernel_id"]
+
+
+def test_per_user_kernel_cap_is_enforced_by_the_provisioner(service, opened):
+    opened.extend([("u-cap", "a"), ("u-cap", "b"), ("u-cap2", "c")])
+    assert service.run("u-cap", "a", "1")["status"] == "ok"
+    assert service.run("u-cap", "b", "1")["status"] == "ok"
+    resp = service.exec("u-cap", "c", "1")
+    assert resp.status_code == 429
+    out = resp.json()
+    assert (out["status"], out["limit"]) == ("limit_refused", "max_kernels_per_user")
+    assert "max_kernels_per_user=2 reached" in out["reason"]
+    assert out["text"].startswith(MARKER.format("limit_refused") + " nothing was executed: max_k")
+    assert len(service.kernels(owner="u-cap")) == 2  # the refused start left nothing
+    assert service.run("u-cap2", "c", "1")["status"] == "ok"  # the cap is per user
+
+
+def test_rate_limit_answers_429_with_retry_after(service, opened):
+    opened.append(("u-rate", "s1"))
+    for _ in range(5):
+        assert service.run("u-rate", "s1", "1")["status"] == "ok"
+    resp = service.exec("u-rate", "s1", "1")
+    assert resp.status_code == 429
+    assert int(resp.headers["Retry-After"]) > 0
+    out = resp.json()
+    assert (out["status"], out["limit"]) == ("limit_refused", "rate_limit")
+    assert out["text"].startswith(MARKER.format("limit_refused") + " nothing was executed: rate_l")
+    opened.append(("u-rate2", "s1"))
+    assert service.run("u-rate2", "s1", "1")["status"] == "ok"  # other users are not limited
+
+
+def test_delete_shuts_the_kernel_down(service, opened):
+    opened.append(("u-del", "s1"))
+    kernel_id = service.run("u-del", "s1", "1")["kernel_id"]
+    (entry,) = service.kernels(labels={"session_id": "s1"}, owner="u-del")
+    assert entry["kernel_id"] == kernel_id
+    assert [s["session_id"] for s in service.sessions("u-del")] == ["s1"]
+    assert service.delete("u-del", "s1").status_code == 200
+    assert alive([entry["pid"]]) == []
+    assert service.kernels(owner="u-del") == []
+    assert Registry(service.state).read(kernel_id) is None
+    assert not (service.state / "kernels" / kernel_id).exists()
+    assert service.sessions("u-del") == []
+    assert service.delete("u-del", "s1").status_code == 404
+
+
+def test_idle_kernel_is_culled_and_the_session_starts_afresh(make_service):
+    service = make_service(IDLE_TIMEOUT="2", RATE_LIMIT="0")
+    first = service.run("u-idle", "s1", "x = 1")
+    (entry,) = service.kernels()
+    for _ in range(600):  # the provisioner culls it after 2 s without activity
+        if not service.kernels():
+            break
+        time.sleep(0.1)
+    assert service.kernels() == [] and alive([entry["pid"]]) == []
+    out = service.run("u-idle", "s1", "'x' in globals()")
+    assert out["outputs"][0]["text"] == "False"
+    assert out["kernel_id"] != first["kernel_id"]
+    (notice,) = out["notices"]
+    assert "previous kernel was shut down (idle for more than idle_timeout=2s" in notice
+    assert f"[limited-provisioner notice] {notice}" in out["text"]
+
+
+ORPHAN = r"""
+import asyncio, os, sys
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+async def main():
+    ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
+    km = AsyncKernelManager(kernel_spec_manager=ksm, kernel_name="agent-python")
+    await km.start_kernel()  # no session label: nothing will ever ask for this kernel
+    print(km.kernel_id, flush=True)
+    os._exit(0)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+def test_restart_readopts_sessions_without_duplicates(backend, make_service, docker_cleanup):
+    kind = "docker" if "docker" in backend else "process"
+    service = make_service(BACKEND=kind, RATE_LIMIT="0")
+    # Two users' sessions (docker containers carry the owner label the fixtures clean by).
+    users = [TEST_OWNER, TEST_OWNER + "-b"] if kind == "docker" else ["u-a", "u-b"]
+    for user in users:
+        assert service.run(user, "chat", "x = 41")["status"] == "ok"
+    before = {k["kernel_id"] for k in service.kernels()}
+    assert len(before) == 2
+
+    service.kill9()
+    # A kernel of this service whose session is gone (here: it never had one).
+    spec_dir = service.state / "agent-backend-kernelspecs"
+    # A file, not a pipe: the kernel inherits it and would hold a pipe open.
+    out_file = service.log_dir / "orphan.out"
+    with open(out_file, "w") as out:
+        subprocess.run([sys.executable, "-c", ORPHAN, str(spec_dir)], env=service.env,
+                       stdout=out, stderr=subprocess.STDOUT, timeout=120, check=True)
+    orphan_id = out_file.read_text().strip().splitlines()[-1]
+    orphan_entry = Registry(service.state).read(orphan_id)
+    assert {k["kernel_id"] for k in service.kernels()} == before | {orphan_id}
+
+    for restart in ("kill -9", "clean stop"):
+        service.start()
+        for user in users:
+            out = service.run(user, "chat", "x + 1")
+            assert out["outputs"][0]["text"] == "42", (restart, out)
+            assert [s["session_id"] for s in service.sessions(user)] == ["chat"]
+        assert {k["kernel_id"] for k in service.kernels()} == before, restart
+        if restart == "kill -9":
+            service.kill9()
+        else:
+            service.stop()
+    assert Registry(service.state).read(orphan_id) is None
+    if kind == "process":
+        assert alive([orphan_entry["pid"]]) == []
+    else:
+        assert docker_cleanup(orphan_id) == []

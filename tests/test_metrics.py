@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
-import time
-import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPClientError
-from tornado.websocket import websocket_connect
 
 from limited_provisioner.registry import Registry
 
 from .conftest import write_kernelspec
 from .test_recovery import ORPHANER, Server, recovery_env  # noqa: F401  (fixture)
-from .test_server import TOKEN
+from .test_server import TOKEN, ws_execute
 
 OWNER = "lp-pytest"
 LIM = {
@@ -53,30 +49,7 @@ async def wait_for(server: Server, name: str, expected: float, **labels: str) ->
 
 async def execute(server: Server, kid: str, code: str, timeout: float = 60) -> list[dict]:
     """Run ``code``; messages until the execution is idle or the kernel restarts."""
-    url = server.base.replace("http", "ws") + f"/api/kernels/{kid}/channels?token={TOKEN}"
-    ws = await websocket_connect(url)
-    msg_id = uuid.uuid4().hex
-    ws.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "t", "session": uuid.uuid4().hex,
-                   "msg_type": "execute_request", "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False,
-                    "user_expressions": {}, "allow_stdin": False},
-    }))
-    seen = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            msg = json.loads(await asyncio.wait_for(ws.read_message(), timeout))
-            seen.append(msg)
-            state = msg["content"].get("execution_state") if msg["msg_type"] == "status" else None
-            if state == "restarting" or (
-                state == "idle" and msg["parent_header"].get("msg_id") == msg_id
-            ):
-                return seen
-    finally:
-        ws.close()
-    raise TimeoutError([m["msg_type"] for m in seen])
+    return (await ws_execute(server.base, kid, code, timeout))[1]
 
 
 async def wait_until_usable(server: Server, kid: str) -> None:

@@ -18,7 +18,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from .conftest import alive, kill_kernel_leftovers, write_kernelspec
+from .conftest import alive, backends, kill_kernel_leftovers, write_kernelspec
 
 TOKEN = "limited-test-token"
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +85,11 @@ async def server(tmp_path, jupyter_path):
         yield handles
 
 
-async def execute_ws(base: str, kernel_id: str, code: str, timeout: float = 30) -> str:
+async def ws_execute(
+    base: str, kernel_id: str, code: str, timeout: float = 60
+) -> tuple[str, list[dict]]:
+    """Send an execute_request over the kernel's websocket; return its msg_id and what
+    the server sent until that execution was idle or the kernel restarts."""
     url = base.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels?token={TOKEN}"
     ws = await websocket_connect(url)
     msg_id = uuid.uuid4().hex
@@ -96,48 +100,35 @@ async def execute_ws(base: str, kernel_id: str, code: str, timeout: float = 30) 
         "content": {"code": code, "silent": False, "store_history": False,
                     "user_expressions": {}, "allow_stdin": False},
     }))
-    out = ""
+    seen = []
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
             msg = json.loads(raw)
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "stream":
-                out += msg["content"]["text"]
-            if msg["msg_type"] == "error":
-                out += f"{msg['content']['ename']}: {msg['content']['evalue']}"
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                return out
-    finally:
-        ws.close()
-    raise TimeoutError(out)
-
-
-async def execute_until_restart(base: str, kid: str, code: str) -> tuple[str, list[dict]]:
-    """Send an execute_request; collect what the websocket sends until "restarting"."""
-    url = base.replace("http", "ws") + f"/api/kernels/{kid}/channels?token={TOKEN}"
-    ws = await websocket_connect(url)
-    msg_id = uuid.uuid4().hex
-    ws.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "t", "session": uuid.uuid4().hex,
-                   "msg_type": "execute_request", "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False,
-                    "user_expressions": {}, "allow_stdin": False},
-    }))
-    seen = []
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            msg = json.loads(await asyncio.wait_for(ws.read_message(), 60))
             seen.append(msg)
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "restarting":
-                break
+            state = msg["content"].get("execution_state") if msg["msg_type"] == "status" else None
+            if state == "restarting" or (
+                state == "idle" and msg["parent_header"].get("msg_id") == msg_id
+            ):
+                return msg_id, seen
     finally:
         ws.close()
-    return msg_id, seen
+    raise TimeoutError([m["msg_type"] for m in seen])
+
+
+async def execute_ws(base: str, kernel_id: str, code: str, timeout: float = 30) -> str:
+    """Run ``code``; its stdout and errors as text."""
+    msg_id, seen = await ws_execute(base, kernel_id, code, timeout)
+    out = ""
+    for msg in seen:
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out += msg["content"]["text"]
+        if msg["msg_type"] == "error":
+            out += f"{msg['content']['ename']}: {msg['content']['evalue']}"
+    return out
 
 
 async def wait_until_answers(base: str, kid: str) -> str:
@@ -169,17 +160,24 @@ async def test_kernel_through_jupyter_server(server):
     assert alive({int(pid)}) == []
 
 
-async def test_a_limit_kill_is_explained_in_the_running_cell(server):
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_a_limit_kill_is_explained_in_the_running_cell(
+    backend, server, jupyter_path, docker_cleanup
+):
     """The OOM-killed kernel's cell gets an error naming the limit, before 'restarting'."""
     base, client, started = server
+    write_kernelspec(
+        jupyter_path, "oom", {"mem_limit": "256M", "pids_limit": 64, "owner": "lp-pytest"},
+        backend,
+    )
     resp = await client.fetch(
         HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
-                    body=json.dumps({"name": "lim"}))
+                    body=json.dumps({"name": "oom"}))
     )
     kid = json.loads(resp.body)["id"]
     started.append(kid)
     # Grows in small steps, so the cgroup OOM killer (256M) acts before the data rlimit.
-    msg_id, seen = await execute_until_restart(
+    msg_id, seen = await ws_execute(
         base, kid, "a = []\nwhile True:\n    a.append(bytearray(2**20))"
     )
     errors = [m for m in seen if m["msg_type"] == "error"]
@@ -208,7 +206,7 @@ async def test_an_ignored_exec_timeout_restart_is_explained_in_the_cell(tmp_path
         )
         kid = json.loads(resp.body)["id"]
         started.append(kid)
-        msg_id, seen = await execute_until_restart(
+        msg_id, seen = await ws_execute(
             base, kid,
             "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
         )

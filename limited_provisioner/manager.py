@@ -55,6 +55,21 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         except SandboxUnavailableError as e:
             raise web.HTTPError(503, str(e), reason="Kernel sandbox unavailable") from e
 
+    def _handle_kernel_died(self, kernel_id: str) -> None:
+        """After its auto-restarts failed, jupyter_server only forgets a kernel; also
+        release what the provisioner holds for it (registry entry, kernel dir, cgroups,
+        container), which the reaper leaves alone while this server lives."""
+        from .base import LimitedProvisionerMixin
+
+        km = self._kernels.get(kernel_id)
+        super()._handle_kernel_died(kernel_id)
+        if km is not None and isinstance(km.provisioner, LimitedProvisionerMixin):
+            task = asyncio.ensure_future(km.cleanup_resources(restart=False))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    _releasing: set[asyncio.Future] = set()
+
     def _forget_failed_starts(self) -> None:
         """Drop failed starts from ``_pending_kernels``.
 

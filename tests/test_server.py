@@ -7,9 +7,11 @@ import contextlib
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
+
+from limited_provisioner.registry import Registry
 
 from .conftest import alive, backends, kill_kernel_leftovers, write_kernelspec
 
@@ -215,3 +219,44 @@ async def test_an_ignored_exec_timeout_restart_is_explained_in_the_cell(tmp_path
         assert errors[-1]["parent_header"]["msg_id"] == msg_id
         assert "exec_timeout=1s and ignored the interrupt" in errors[-1]["content"]["evalue"]
         assert (await wait_until_answers(base, kid)).strip() == "42"
+
+
+async def test_a_kernel_whose_restarts_fail_leaves_nothing_behind(tmp_path, jupyter_path):
+    """jupyter_server gives up after restart_limit failed restarts and forgets the kernel;
+    its registry entry, dir and cgroups must go too (the reaper spares live servers)."""
+    state = tempfile.mkdtemp(prefix="lp-", dir="/var/tmp")
+    broken = Path(state) / "broken"  # not under /tmp: the kernel has a private /tmp
+    write_kernelspec(jupyter_path, "fragile", {"pids_limit": 64}, "limited-process-provisioner")
+    spec_file = jupyter_path / "kernels" / "fragile" / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    # Starts normally; once the flag file exists, every (re)start exits at once.
+    spec["argv"] = ["/bin/sh", "-c", f'test -e {broken} && exit 3; exec "$@"', "sh",
+                    *spec["argv"]]
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config"),
+           "LIMITED_PROVISIONER_STATE_DIR": state}
+    try:
+        async with running_server(tmp_path, env) as (base, client, started):
+            resp = await client.fetch(
+                HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
+                            body=json.dumps({"name": "fragile"}))
+            )
+            kid = json.loads(resp.body)["id"]
+            started.append(kid)
+            pid = int((await execute_ws(base, kid, "import os; print(os.getpid())")).strip())
+            broken.touch()
+            os.kill(pid, signal.SIGKILL)
+            registry = Registry(state)
+            for _ in range(240):
+                if registry.read(kid) is None:
+                    break
+                await asyncio.sleep(0.25)
+            assert registry.read(kid) is None, registry.read(kid)
+            assert not (registry.kernels_dir / kid).exists()
+            assert not Path(f"/sys/fs/cgroup/pids/limited-provisioner/{kid}").exists()
+            listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
+            assert kid not in [k["id"] for k in listed]
+    finally:
+        for entry in Registry(state).entries():
+            kill_kernel_leftovers(entry["kernel_id"], set())
+        shutil.rmtree(state, ignore_errors=True)

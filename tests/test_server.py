@@ -89,6 +89,17 @@ async def server(tmp_path, jupyter_path):
         yield handles
 
 
+async def post_kernel(base: str, client, name: str, started: list[str]) -> str:
+    """Start a kernel through the REST API; its id is also added to ``started``."""
+    resp = await client.fetch(
+        HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
+                    body=json.dumps({"name": name}))
+    )
+    kernel_id = json.loads(resp.body)["id"]
+    started.append(kernel_id)
+    return kernel_id
+
+
 async def ws_execute(
     base: str, kernel_id: str, code: str, timeout: float = 60
 ) -> tuple[str, list[dict]]:
@@ -146,20 +157,15 @@ async def wait_until_answers(base: str, kid: str) -> str:
 
 async def test_kernel_through_jupyter_server(server):
     base, client, started = server
-    resp = await client.fetch(
-        HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
-                    body=json.dumps({"name": "lim"}))
-    )
-    kernel = json.loads(resp.body)
-    started.append(kernel["id"])
-    out = await execute_ws(base, kernel["id"], "import os; print(os.getpid(), 6 * 7)")
+    kid = await post_kernel(base, client, "lim", started)
+    out = await execute_ws(base, kid, "import os; print(os.getpid(), 6 * 7)")
     pid, answer = out.split()
     assert answer == "42"
-    out = await execute_ws(base, kernel["id"], "x = bytearray(1024 * 2**20)")
+    out = await execute_ws(base, kid, "x = bytearray(1024 * 2**20)")
     # Refused by the data rlimit: the kernel survives and the error names the limit.
     assert "MemoryError: memory limit 256M reached" in out
-    await client.fetch(f"{base}/api/kernels/{kernel['id']}?token={TOKEN}", method="DELETE")
-    started.remove(kernel["id"])
+    await client.fetch(f"{base}/api/kernels/{kid}?token={TOKEN}", method="DELETE")
+    started.remove(kid)
     await asyncio.sleep(0.5)
     assert alive({int(pid)}) == []
 
@@ -174,12 +180,7 @@ async def test_a_limit_kill_is_explained_in_the_running_cell(
         jupyter_path, "oom", {"mem_limit": "256M", "pids_limit": 64, "owner": "lp-pytest"},
         backend,
     )
-    resp = await client.fetch(
-        HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
-                    body=json.dumps({"name": "oom"}))
-    )
-    kid = json.loads(resp.body)["id"]
-    started.append(kid)
+    kid = await post_kernel(base, client, "oom", started)
     # Grows in small steps, so the cgroup OOM killer (256M) acts before the data rlimit.
     msg_id, seen = await ws_execute(
         base, kid, "a = []\nwhile True:\n    a.append(bytearray(2**20))"
@@ -204,12 +205,7 @@ async def test_an_ignored_exec_timeout_restart_is_explained_in_the_cell(tmp_path
     )
     env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
     async with running_server(tmp_path, env) as (base, client, started):
-        resp = await client.fetch(
-            HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
-                        body=json.dumps({"name": "stubborn"}))
-        )
-        kid = json.loads(resp.body)["id"]
-        started.append(kid)
+        kid = await post_kernel(base, client, "stubborn", started)
         msg_id, seen = await ws_execute(
             base, kid,
             "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
@@ -237,12 +233,7 @@ async def test_a_kernel_whose_restarts_fail_leaves_nothing_behind(tmp_path, jupy
            "LIMITED_PROVISIONER_STATE_DIR": state}
     try:
         async with running_server(tmp_path, env) as (base, client, started):
-            resp = await client.fetch(
-                HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
-                            body=json.dumps({"name": "fragile"}))
-            )
-            kid = json.loads(resp.body)["id"]
-            started.append(kid)
+            kid = await post_kernel(base, client, "fragile", started)
             pid = int((await execute_ws(base, kid, "import os; print(os.getpid())")).strip())
             broken.touch()
             os.kill(pid, signal.SIGKILL)

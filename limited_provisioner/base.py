@@ -17,26 +17,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from traitlets import Bool, Dict, Float, Int, List, Tuple, Unicode, default, validate
-from traitlets.config import LoggingConfigurable
 
 from . import metrics
-from .activity import ActivityMonitor
 from .errors import KernelLimitError, LimitConfigError, SandboxUnavailableError
-from .lifecycle import (
-    EXEC_STATE_ENV,
-    IPYTHON_HOOK,
-    MEM_LIMIT_ENV,
-    NOTICE_ENV,
-    OUTPUT_LIMIT_ENV,
-    check_lifecycle,
-)
+from .hooks import EXEC_STATE_ENV, IPYTHON_HOOK, MEM_LIMIT_ENV, NOTICE_ENV, OUTPUT_LIMIT_ENV
+from .lifecycle import LifecyclePolicy
 from .limits import (
     MIN_DISK_LIMIT,
     MIN_MEM_LIMIT,
@@ -51,6 +42,7 @@ from .limits import (
     format_size,
 )
 from .policy import AdmissionPolicy, admit
+from .reaper import reap_periodically
 from .registry import Registry, process_identity
 
 # Longest path a unix socket can bind to (sun_path is 108 bytes with the NUL).
@@ -90,19 +82,9 @@ def _default_server_id() -> str:
     return hashlib.sha256(seed.encode()).hexdigest()[:12]
 
 
-async def _reap_periodically(registry: Registry, interval: float, log: Any) -> None:
-    from .reaper import reap
-
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await asyncio.to_thread(reap, registry, all_servers=True)
-        except Exception:  # the next round may succeed; never end the loop
-            log.exception("orphan reaper failed")
-
-
-class LimitedProvisionerMixin(LoggingConfigurable):
-    """Limits, admission and bookkeeping common to every limited backend."""
+class LimitedProvisionerMixin(LifecyclePolicy):
+    """Limits, admission and bookkeeping common to every limited backend (the timers of
+    idle_timeout, max_lifetime and exec_timeout come from LifecyclePolicy)."""
 
     backend = "base"
 
@@ -185,18 +167,6 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         Jupyter or the client's memory. null = unlimited. Default 10M.""",
     ).tag(config=True)
 
-    max_lifetime = Seconds(
-        0,
-        help="""Hard age cap in seconds ("8h"): the kernel is shut down this long after it
-        started, busy or not. 0 (default) disables.""",
-    ).tag(config=True)
-
-    exec_timeout_grace = Seconds(
-        5,
-        help="""Seconds an execution may keep running after the exec_timeout interrupt
-        before the kernel is restarted (its state is lost). Default 5.""",
-    ).tag(config=True)
-
     mem_budget = ByteSize(
         None,
         help="""Sum of mem_limit over all live limited kernels on this host; a start that
@@ -226,11 +196,6 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         help="""Seconds between two runs of the in-server orphan reaper, which removes
         kernels left by servers that are gone once they died or their idle clock ran
         out. 0 disables (use `limited-provisioner reap`).""",
-    ).tag(config=True)
-
-    lifecycle_interval = Float(
-        1.0,
-        help="Seconds between two checks of idle_timeout, max_lifetime and exec_timeout.",
     ).tag(config=True)
 
     owner = Unicode(
@@ -341,12 +306,7 @@ class LimitedProvisionerMixin(LoggingConfigurable):
     ).tag(config=True)
 
     uid: int | None = None
-    monitor: ActivityMonitor | None = None
-    _lifecycle_task: asyncio.Task | None = None
-    _interrupted: str | None = None
-    _interrupted_at: float | None = None
     _launch_started: float = 0.0
-    _activity_saved: float = 0.0
     exit_reason: str | None = None
     exit_kind: str | None = None
     limit_trips: list[dict[str, Any]]
@@ -604,7 +564,7 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         task = LimitedProvisionerMixin._reapers.get(loop)
         if task is None or task.done():
             LimitedProvisionerMixin._reapers[loop] = asyncio.ensure_future(
-                _reap_periodically(self.registry, self.reap_interval, self.log)
+                reap_periodically(self.registry, self.reap_interval, self.log)
             )
 
     @staticmethod
@@ -616,23 +576,6 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         task = LimitedProvisionerMixin._reapers.pop(loop, None)
         if task is not None:
             task.cancel()
-
-    def _lifecycle_enforcement(self) -> dict[str, str]:
-        lim = self.limits
-        result = {}
-        if lim.idle_timeout:
-            result["idle_timeout"] = (
-                f"enforced by the provisioner ({lim.idle_timeout:g}s without IOPub activity, "
-                "never while busy)"
-            )
-        if lim.exec_timeout:
-            result["exec_timeout"] = (
-                f"enforced by the provisioner (SIGINT after {lim.exec_timeout:g}s, restart "
-                f"after {self.exec_timeout_grace:g}s more)"
-            )
-        if self.max_lifetime:
-            result["max_lifetime"] = f"enforced by the provisioner ({self.max_lifetime:g}s)"
-        return result
 
     def _kernel_env(self) -> dict[str, str]:
         """Variables every limited kernel gets (both backends)."""
@@ -663,117 +606,6 @@ class LimitedProvisionerMixin(LoggingConfigurable):
         hook.write_text(IPYTHON_HOOK)
         os.chmod(hook, 0o644)
         kwargs["cmd"] = [*cmd, f"--IPKernelApp.exec_files={hook}"]
-
-    def _start_lifecycle(self) -> None:
-        lim = self.limits
-        if not (lim.idle_timeout or lim.exec_timeout or self.max_lifetime):
-            return
-        entry = self.registry.read(self.kernel_id) or {}
-        # Continue the persisted idle clock (restarts of the kernel or of the server).
-        state_file = str(self.kernel_dir / "executing") if self.kernel_dir else None
-        self.monitor = ActivityMonitor(
-            self.connection_info, entry.get("last_activity"), state_file=state_file
-        )
-        self.monitor.start()
-        self._created = entry.get("created", time.time())
-        self._interrupted = self._interrupted_at = None
-        self._lifecycle_task = asyncio.ensure_future(self._lifecycle_loop())
-
-    async def _stop_lifecycle(self) -> None:
-        task, self._lifecycle_task = self._lifecycle_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self.monitor is not None:
-            await self.monitor.stop()
-            self.monitor = None
-
-    async def _lifecycle_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.lifecycle_interval)
-            monitor = self.monitor
-            if monitor is None:
-                return
-            try:
-                await self._persist_activity(monitor)
-                await asyncio.to_thread(monitor.refresh)
-                verdict = check_lifecycle(
-                    monitor,
-                    created=self._created,
-                    idle_timeout=self.limits.idle_timeout,
-                    max_lifetime=self.max_lifetime,
-                    exec_timeout=self.limits.exec_timeout,
-                    exec_timeout_grace=self.exec_timeout_grace,
-                    interrupted=self._interrupted,
-                    interrupted_at=self._interrupted_at,
-                )
-                if verdict.action == "interrupt":
-                    self.record_trip(verdict.kind, verdict.reason)
-                    await asyncio.to_thread(self._write_notice, verdict.reason)
-                    self._interrupted = monitor.executing
-                    self._interrupted_at = time.time()
-                    await self.send_signal(signal.SIGINT)
-                elif verdict.action in ("cull", "restart"):
-                    # A restart follows an interrupt that was already counted as the trip.
-                    self.record_trip(verdict.kind, verdict.reason, count=verdict.action == "cull")
-                    # Shutting down ends this task (cleanup stops it): act from another.
-                    self._lifecycle_task = None
-                    asyncio.ensure_future(self._act(verdict.action))
-                    return
-            except Exception:  # one bad round must not end the policy for this kernel
-                self.log.exception("Kernel %s: lifecycle check failed", self.kernel_id)
-
-    def _write_notice(self, text: str) -> None:
-        if self.kernel_dir is None:
-            return
-        path = self.kernel_dir / "notice"
-        path.write_text(text)
-        os.chmod(path, 0o644)
-
-    async def _persist_activity(self, monitor: ActivityMonitor) -> None:
-        """Save last_activity (at most every 5 s) so a restart continues the idle clock."""
-        if monitor.last_activity > self._activity_saved and time.time() - self._activity_saved > 5:
-            self._activity_saved = time.time()
-            await asyncio.to_thread(
-                self.registry.update, self.kernel_id, last_activity=monitor.last_activity
-            )
-
-    async def _act(self, action: str) -> None:
-        """Shut down or restart through the owner of the kernel, so its listing stays true."""
-        from jupyter_core.utils import ensure_async
-
-        km = self.parent
-        mkm = getattr(km, "parent", None)
-        managed = mkm is not None and self.kernel_id in getattr(mkm, "_kernels", {})
-        try:
-            if action == "cull":
-                if managed:
-                    await ensure_async(mkm.shutdown_kernel(self.kernel_id))
-                else:
-                    await ensure_async(km.shutdown_kernel())
-            else:
-                self._announce_restart()
-                if managed:
-                    await ensure_async(mkm.restart_kernel(self.kernel_id, now=True))
-                else:
-                    await ensure_async(km.restart_kernel(now=True))
-        except Exception:
-            self.log.exception("Kernel %s: %s failed", self.kernel_id, action)
-
-    def _announce_restart(self) -> None:
-        """Tell the kernel's clients it is restarting, as the auto-restarter does.
-
-        A restart requested by a client is announced by that client; one decided here
-        (exec_timeout ignored) is not, so the server's websocket would never send
-        "restarting" (nor the reason, see websocket.py) and a notebook would wait forever
-        on the killed cell. Fires the restarter's "restart" callbacks, which is what
-        jupyter_server subscribes to.
-        """
-        restarter = getattr(self.parent, "_restarter", None)
-        fire = getattr(restarter, "_fire_callbacks", None)
-        if fire is not None:
-            fire("restart")
 
     # -- the per-kernel dir -----------------------------------------------------------
 

@@ -1,153 +1,27 @@
 """Idle culling, maximum lifetime and execution timeouts, enforced by the provisioner.
 
 :func:`check_lifecycle` is a plain function over one kernel's observed activity, so the
-timer in the provisioner and the tests call the same thing; the provisioner acts on the
-:class:`Verdict` it returns.  Works for any client (JupyterLab, nbclient, an agent
+timer (:class:`LifecyclePolicy`, a base of every limited provisioner) and the tests call
+the same thing; the timer acts on the :class:`Verdict` it returns.  Works for any client (JupyterLab, nbclient, an agent
 backend driving jupyter_client) because the activity is observed on the kernel's own
 IOPub, not reported by jupyter_server.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from traitlets import Float
+from traitlets.config import LoggingConfigurable
 
 from .activity import ActivityMonitor
-
-NOTICE_ENV = "LIMITED_PROVISIONER_NOTICE_FILE"
-OUTPUT_LIMIT_ENV = "LIMITED_PROVISIONER_OUTPUT_LIMIT"
-EXEC_STATE_ENV = "LIMITED_PROVISIONER_EXEC_STATE_FILE"
-MEM_LIMIT_ENV = "LIMITED_PROVISIONER_MEM_LIMIT"
-
-# Loaded into IPython kernels with ``--IPKernelApp.exec_files``. (1) When the provisioner
-# interrupts an execution for exec_timeout it first writes the notice file; this turns
-# the resulting KeyboardInterrupt into a TimeoutError whose text says why, in the cell's
-# own output (a model driving the kernel only ever sees that text). (2) It caps each
-# execution's stdout/stderr at the output limit. (3) It records the running execution in
-# the exec-state file from the kernel's main thread: code that holds the GIL in C (a
-# catastrophic regex) starves ipykernel's IOPub thread, so "busy" may never be published,
-# but the file is written before the user's code starts; it also names the execution a
-# killed kernel was running, so the server can put the reason into that cell. (4) A
-# MemoryError from the data rlimit names the memory limit. Stdlib only, so it runs in
-# any image; everything it defines is deleted from the user namespace.
-IPYTHON_HOOK = '''\
-def __limited_provisioner_hooks():
-    import os
-    import sys
-
-    shell = get_ipython()  # noqa: F821
-    if shell is None:
-        return
-    state_file = os.environ.get("%(state_env)s")
-    if state_file:
-        import json
-        import time
-
-        def started(*args):
-            parent = getattr(shell, "parent_header", None) or {}
-            header = parent.get("header") or {}
-            state = {
-                "msg_id": header.get("msg_id", ""),
-                "session": header.get("session", ""),
-                "since": time.time(),
-            }
-            try:
-                with open(state_file, "w") as f:
-                    json.dump(state, f)
-            except OSError:
-                pass
-
-        def finished(*args):
-            try:
-                os.unlink(state_file)
-            except OSError:
-                pass
-
-        shell.events.register("pre_execute", started)
-        shell.events.register("post_execute", finished)
-
-    limit = int(os.environ.get("%(output_env)s") or 0)
-    if limit:
-        sent = {"bytes": 0, "noticed": False}
-
-        def reset(*args):
-            sent["bytes"] = 0
-            sent["noticed"] = False
-
-        shell.events.register("pre_execute", reset)
-
-        def capped(original):
-            def write(text):
-                room = limit - sent["bytes"]
-                sent["bytes"] += len(text)
-                if len(text) <= room:
-                    return original(text)
-                if room > 0:
-                    original(text[:room])
-                if not sent["noticed"]:
-                    sent["noticed"] = True
-                    original(
-                        "\\n[limited-provisioner] output limit of %%d bytes reached: the "
-                        "rest of this cell's output is dropped\\n" %% limit
-                    )
-                return len(text)
-
-            return write
-
-        for stream in (sys.stdout, sys.stderr):
-            stream.write = capped(stream.write)
-
-    notice_file = os.environ.get("%(env)s")
-    mem_limit = os.environ.get("%(mem_env)s")
-
-    replaced = []
-
-    def explained(self, etype, evalue, tb, tb_offset=None):
-        notice = ""
-        if etype is KeyboardInterrupt and notice_file:
-            try:
-                with open(notice_file) as f:
-                    notice = f.read().strip()
-                os.unlink(notice_file)
-            except OSError:
-                pass
-        if notice:
-            error = TimeoutError(notice)
-            replaced.append(error)
-            self.showtraceback((TimeoutError, error, None), tb_offset=tb_offset)
-        elif issubclass(etype, MemoryError) and mem_limit:
-            # An allocation refused by the data rlimit: say which limit, or a user
-            # (or a model) reads a bare "MemoryError" as a bug in their code.
-            text = "memory limit %%s reached (limited-provisioner)" %% mem_limit
-            if str(evalue):
-                text += ": %%s" %% evalue
-            text += "; free memory (del large objects) or ask for a larger mem_limit"
-            error = etype(text)
-            replaced.append(error)
-            self.showtraceback((etype, error, tb), tb_offset=tb_offset)
-        else:
-            self.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
-
-    shell.set_custom_exc((KeyboardInterrupt, MemoryError), explained)
-
-    def reply_with_explained_error(result):
-        # The execute_reply's ename/evalue come from result.error_in_exec (what a
-        # client like nbclient raises), not from the traceback shown: keep them equal.
-        if replaced:
-            result.error_in_exec = replaced.pop()
-            del replaced[:]
-
-    shell.events.register("post_run_cell", reply_with_explained_error)
-
-
-__limited_provisioner_hooks()
-del __limited_provisioner_hooks
-''' % {
-    "env": NOTICE_ENV,
-    "output_env": OUTPUT_LIMIT_ENV,
-    "state_env": EXEC_STATE_ENV,
-    "mem_env": MEM_LIMIT_ENV,
-}
+from .limits import Limits, Seconds
 
 
 @dataclass
@@ -206,3 +80,166 @@ def check_lifecycle(
             f"idle for more than idle_timeout={idle_timeout:g}s; kernel shut down",
         )
     return Verdict("none")
+
+
+class LifecyclePolicy(LoggingConfigurable):
+    """The per-kernel timer: idle_timeout, max_lifetime and exec_timeout.
+
+    A base of LimitedProvisionerMixin, which provides what it reads: ``limits``,
+    ``registry``, ``kernel_dir``, ``kernel_id``, ``connection_info``, ``parent`` (the
+    KernelManager), ``record_trip()`` and ``send_signal()``.
+    """
+
+    max_lifetime = Seconds(
+        0,
+        help="""Hard age cap in seconds ("8h"): the kernel is shut down this long after it
+        started, busy or not. 0 (default) disables.""",
+    ).tag(config=True)
+
+    exec_timeout_grace = Seconds(
+        5,
+        help="""Seconds an execution may keep running after the exec_timeout interrupt
+        before the kernel is restarted (its state is lost). Default 5.""",
+    ).tag(config=True)
+
+    lifecycle_interval = Float(
+        1.0,
+        help="Seconds between two checks of idle_timeout, max_lifetime and exec_timeout.",
+    ).tag(config=True)
+
+    limits: Limits
+    kernel_dir: Path | None
+    monitor: ActivityMonitor | None = None
+    _lifecycle_task: asyncio.Task | None = None
+    _interrupted: str | None = None
+    _interrupted_at: float | None = None
+    _activity_saved: float = 0.0
+    _created: float = 0.0
+
+    def _lifecycle_enforcement(self) -> dict[str, str]:
+        lim = self.limits
+        result = {}
+        if lim.idle_timeout:
+            result["idle_timeout"] = (
+                f"enforced by the provisioner ({lim.idle_timeout:g}s without IOPub activity, "
+                "never while busy)"
+            )
+        if lim.exec_timeout:
+            result["exec_timeout"] = (
+                f"enforced by the provisioner (SIGINT after {lim.exec_timeout:g}s, restart "
+                f"after {self.exec_timeout_grace:g}s more)"
+            )
+        if self.max_lifetime:
+            result["max_lifetime"] = f"enforced by the provisioner ({self.max_lifetime:g}s)"
+        return result
+
+    def _start_lifecycle(self) -> None:
+        lim = self.limits
+        if not (lim.idle_timeout or lim.exec_timeout or self.max_lifetime):
+            return
+        entry = self.registry.read(self.kernel_id) or {}
+        # Continue the persisted idle clock (restarts of the kernel or of the server).
+        state_file = str(self.kernel_dir / "executing") if self.kernel_dir else None
+        self.monitor = ActivityMonitor(
+            self.connection_info, entry.get("last_activity"), state_file=state_file
+        )
+        self.monitor.start()
+        self._created = entry.get("created", time.time())
+        self._interrupted = self._interrupted_at = None
+        self._lifecycle_task = asyncio.ensure_future(self._lifecycle_loop())
+
+    async def _stop_lifecycle(self) -> None:
+        task, self._lifecycle_task = self._lifecycle_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.monitor is not None:
+            await self.monitor.stop()
+            self.monitor = None
+
+    async def _lifecycle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lifecycle_interval)
+            monitor = self.monitor
+            if monitor is None:
+                return
+            try:
+                await self._persist_activity(monitor)
+                await asyncio.to_thread(monitor.refresh)
+                verdict = check_lifecycle(
+                    monitor,
+                    created=self._created,
+                    idle_timeout=self.limits.idle_timeout,
+                    max_lifetime=self.max_lifetime,
+                    exec_timeout=self.limits.exec_timeout,
+                    exec_timeout_grace=self.exec_timeout_grace,
+                    interrupted=self._interrupted,
+                    interrupted_at=self._interrupted_at,
+                )
+                if verdict.action == "interrupt":
+                    self.record_trip(verdict.kind, verdict.reason)
+                    await asyncio.to_thread(self._write_notice, verdict.reason)
+                    self._interrupted = monitor.executing
+                    self._interrupted_at = time.time()
+                    await self.send_signal(signal.SIGINT)
+                elif verdict.action in ("cull", "restart"):
+                    # A restart follows an interrupt that was already counted as the trip.
+                    self.record_trip(verdict.kind, verdict.reason, count=verdict.action == "cull")
+                    # Shutting down ends this task (cleanup stops it): act from another.
+                    self._lifecycle_task = None
+                    asyncio.ensure_future(self._act(verdict.action))
+                    return
+            except Exception:  # one bad round must not end the policy for this kernel
+                self.log.exception("Kernel %s: lifecycle check failed", self.kernel_id)
+
+    def _write_notice(self, text: str) -> None:
+        if self.kernel_dir is None:
+            return
+        path = self.kernel_dir / "notice"
+        path.write_text(text)
+        os.chmod(path, 0o644)
+
+    async def _persist_activity(self, monitor: ActivityMonitor) -> None:
+        """Save last_activity (at most every 5 s) so a restart continues the idle clock."""
+        if monitor.last_activity > self._activity_saved and time.time() - self._activity_saved > 5:
+            self._activity_saved = time.time()
+            await asyncio.to_thread(
+                self.registry.update, self.kernel_id, last_activity=monitor.last_activity
+            )
+
+    async def _act(self, action: str) -> None:
+        """Shut down or restart through the owner of the kernel, so its listing stays true."""
+        from jupyter_core.utils import ensure_async
+
+        km = self.parent
+        mkm = getattr(km, "parent", None)
+        managed = mkm is not None and self.kernel_id in getattr(mkm, "_kernels", {})
+        try:
+            if action == "cull":
+                if managed:
+                    await ensure_async(mkm.shutdown_kernel(self.kernel_id))
+                else:
+                    await ensure_async(km.shutdown_kernel())
+            else:
+                self._announce_restart()
+                if managed:
+                    await ensure_async(mkm.restart_kernel(self.kernel_id, now=True))
+                else:
+                    await ensure_async(km.restart_kernel(now=True))
+        except Exception:
+            self.log.exception("Kernel %s: %s failed", self.kernel_id, action)
+
+    def _announce_restart(self) -> None:
+        """Tell the kernel's clients it is restarting, as the auto-restarter does.
+
+        A restart requested by a client is announced by that client; one decided here
+        (exec_timeout ignored) is not, so the server's websocket would never send
+        "restarting" (nor the reason, see websocket.py) and a notebook would wait forever
+        on the killed cell. Fires the restarter's "restart" callbacks, which is what
+        jupyter_server subscribes to.
+        """
+        restarter = getattr(self.parent, "_restarter", None)
+        fire = getattr(restarter, "_fire_callbacks", None)
+        if fire is not None:
+            fire("restart")

@@ -8,6 +8,7 @@ restarted server can still adopt it. Kernels of live servers are never touched. 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -127,6 +128,16 @@ def reap(
         except Exception:
             log.exception("could not reap kernel %s", orphan.kernel_id)
     return done
+
+
+async def reap_periodically(registry: Registry, interval: float, log: Any) -> None:
+    """The in-server reaper: :func:`reap` every ``interval`` seconds, off the event loop."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(reap, registry, all_servers=True)
+        except Exception:  # the next round may succeed; never end the loop
+            log.exception("orphan reaper failed")
 
 
 def _docker_client() -> Any:

@@ -3,7 +3,7 @@
 from .errors import AdoptionError, KernelLimitError, LimitConfigError, SandboxUnavailableError
 from .limits import Limits
 from .process import LimitedProcessProvisioner
-from .recovery import adopt, list_kernels
+from .recovery import adopt, list_kernels, reap_orphans
 
 __version__ = "0.1.0"
 
@@ -22,4 +22,5 @@ __all__ = [
     "__version__",
     "adopt",
     "list_kernels",
+    "reap_orphans",
 ]

@@ -20,6 +20,10 @@ import zmq.asyncio
 log = logging.getLogger(__name__)
 
 DELIM = b"<IDS|MSG>"
+# Requests clients send by themselves on every (re)connect: answering them is not use.
+# Counting them would let a client that reconnects more often than idle_timeout (a
+# crash-looping agent service, a flapping browser tab) keep an abandoned kernel forever.
+HOUSEKEEPING = frozenset({"kernel_info_request", "comm_info_request", "usage_request"})
 
 _context: zmq.asyncio.Context | None = None
 
@@ -145,12 +149,14 @@ class ActivityMonitor:
     def observe(self, frames: list[bytes]) -> None:
         """Update state from one IOPub message (identities, DELIM, sig, header, parent, ...)."""
         now = time.time()
-        self.last_activity = now
         index = frames.index(DELIM)
         header = json.loads(frames[index + 2])
+        parent = json.loads(frames[index + 3])
+        if parent.get("msg_type") in HOUSEKEEPING:
+            return
+        self.last_activity = now
         if header.get("msg_type") != "status":
             return
-        parent = json.loads(frames[index + 3])
         content = json.loads(frames[index + 5])
         state = content.get("execution_state")
         is_execute = parent.get("msg_type") == "execute_request"

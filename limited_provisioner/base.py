@@ -195,7 +195,9 @@ class LimitedProvisionerMixin(LifecyclePolicy):
         60.0,
         help="""Seconds between two runs of the in-server orphan reaper, which removes
         kernels left by servers that are gone once they died or their idle clock ran
-        out. 0 disables (use `limited-provisioner reap`).""",
+        out. A server's reaper starts with the server: set this in Jupyter config (in a
+        kernelspec it only applies to scripts/agents whose first kernel starts the
+        reaper). 0 disables (use `limited-provisioner reap`).""",
     ).tag(config=True)
 
     owner = Unicode(
@@ -555,12 +557,17 @@ class LimitedProvisionerMixin(LifecyclePolicy):
     # -- idle culling, lifetime, exec timeout -------------------------------------------
 
     _reapers: dict[Any, asyncio.Task] = {}
+    # Loops of long-running servers: their reaper runs for the server's whole life, also
+    # while it has no kernel (orphans of crashed peers still need removing).
+    _lasting_reapers: set[Any] = set()
 
-    def _ensure_reaper(self) -> None:
+    def _ensure_reaper(self, lasting: bool = False) -> None:
         """One periodic reaper per event loop (i.e. per server or agent process)."""
         if not self.reap_interval:
             return
         loop = asyncio.get_running_loop()
+        if lasting:
+            LimitedProvisionerMixin._lasting_reapers.add(loop)
         task = LimitedProvisionerMixin._reapers.get(loop)
         if task is None or task.done():
             LimitedProvisionerMixin._reapers[loop] = asyncio.ensure_future(
@@ -569,9 +576,12 @@ class LimitedProvisionerMixin(LifecyclePolicy):
 
     @staticmethod
     def _stop_reaper() -> None:
+        """Stop the reaper a script's kernels started (not a server's lasting one)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
+            return
+        if loop in LimitedProvisionerMixin._lasting_reapers:
             return
         task = LimitedProvisionerMixin._reapers.pop(loop, None)
         if task is not None:

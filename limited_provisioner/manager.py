@@ -93,11 +93,18 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         Dead kernels of this server are removed (one log line each); a kernel that
         cannot be reached is shut down rather than left unmanaged.
         """
-        from .reaper import remove_kernel, server_alive
+        from .reaper import reap, remove_kernel, server_alive
         from .registry import Registry, is_alive
 
         policy = self._policy()
         registry = Registry(policy.state_dir)
+        # Orphans first (e.g. a start our previous process was killed in the middle of),
+        # then the reaper for the server's whole life, kernels or not.
+        try:
+            await asyncio.to_thread(reap, registry, all_servers=True)
+        except Exception:  # adoption matters more than one failed sweep
+            self.log.exception("Reaping orphans at start failed")
+        policy._ensure_reaper(lasting=True)
         entries = [
             e for e in await asyncio.to_thread(registry.entries)
             if self.adopt_all or e.get("server_id") == policy.server_id

@@ -65,6 +65,11 @@ def find_orphans(
         kid = entry.get("kernel_id", "")
         base = {"kernel_id": kid, "backend": entry.get("backend", "?"),
                 "server_id": entry.get("server_id", ""), "owner": entry.get("owner", "")}
+        if entry.get("state") == "starting":
+            # Its server died mid-start: nobody will finish the start or ever adopt a
+            # kernel that never reached "running", but its process/container may exist.
+            found.append(Orphan(why="server gone while the kernel was starting", **base))
+            continue
         if not is_alive(entry):
             found.append(Orphan(why="server gone, kernel dead", **base))
             continue
@@ -94,7 +99,7 @@ def remove_kernel(registry: Registry, entry: dict[str, Any], docker_client: Any 
         if groups.paths:
             groups.kill_all()
             groups.remove()
-        elif is_alive(entry):
+        elif entry.get("pid") and is_alive(entry):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(entry["pid"], signal.SIGKILL)
     kernel_dir = entry.get("kernel_dir") or str(registry.kernels_dir / kid)

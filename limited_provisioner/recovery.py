@@ -22,7 +22,7 @@ import psutil
 from jupyter_client.manager import AsyncKernelManager
 
 from .errors import AdoptionError
-from .reaper import remove_kernel, server_alive
+from .reaper import Orphan, reap, remove_kernel, server_alive
 from .registry import Registry, is_alive
 
 TRAIT_KEYS = (
@@ -98,6 +98,23 @@ def list_kernels(
             continue
         result.append(entry)
     return result
+
+
+def reap_orphans(
+    state_dir: str | os.PathLike | None = None,
+    *,
+    server_id: str | None = None,
+    all_servers: bool = False,
+) -> list[Orphan]:
+    """Remove the kernels nobody manages any more (``server_id``'s, or every server's).
+
+    An orphan's server/agent process is gone and the kernel is dead, was still starting,
+    or is idle/old past its limits (:func:`~limited_provisioner.reaper.find_orphans`).
+    Kernels of live processes are never touched. An agent backend calls this at start,
+    before adopting, and periodically; jupyter_server does it for you. Blocking: run it
+    in a thread from async code.
+    """
+    return reap(Registry(state_dir), server_id=server_id, all_servers=all_servers)
 
 
 def _provisioner_class(backend: str) -> type:

@@ -19,7 +19,7 @@ from .test_server import TOKEN, ws_execute
 OWNER = "lp-pytest"
 LIM = {
     "mem_limit": "256M", "pids_limit": 64, "exec_timeout": 3, "disk_limit": "64M",
-    "owner": OWNER, "reap_interval": 1,
+    "owner": OWNER,
 }
 
 
@@ -71,7 +71,8 @@ async def test_metrics_count_each_event(jupyter_path, recovery_env):  # noqa: F8
                      "limited-process-provisioner")
     write_kernelspec(jupyter_path, "idle", {"idle_timeout": 2, "owner": OWNER},
                      "limited-process-provisioner")
-    server = Server(jupyter_path, env)
+    # The server's reaper runs from its start: its period is server config.
+    server = Server(jupyter_path, env, args=("--LimitedProvisionerMixin.reap_interval=1",))
     try:
         await server.start()
         samples = await scrape(server)

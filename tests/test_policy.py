@@ -17,6 +17,7 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 
 from limited_provisioner import KernelLimitError
+from limited_provisioner.activity import DELIM, ActivityMonitor
 from limited_provisioner.registry import Registry
 
 from .conftest import alive, backends, kill_kernel_leftovers, run, write_kernelspec
@@ -308,3 +309,22 @@ async def test_max_lifetime_ends_even_a_busy_kernel(start_kernel):
         await asyncio.sleep(0.25)
     assert not km.has_kernel
     assert "max_lifetime 3s reached" in prov.exit_reason
+
+
+def _iopub(msg_type: str, parent_type: str, content: dict) -> list[bytes]:
+    """An IOPub message's frames as the monitor receives them (unsigned: it only reads)."""
+    parts = [{"msg_type": msg_type}, {"msg_type": parent_type, "msg_id": parent_type},
+             {}, content]
+    return [b"topic", DELIM, b"", *(json.dumps(p).encode() for p in parts)]
+
+
+def test_reconnect_chatter_does_not_reset_the_idle_clock():
+    """A client that reconnects (kernel_info_request) more often than idle_timeout - a
+    crash-looping agent service - must not keep an abandoned kernel alive forever."""
+    monitor = ActivityMonitor({"ip": "127.0.0.1", "iopub_port": 1}, last_activity=1000.0)
+    for state in ("busy", "idle"):
+        monitor.observe(_iopub("status", "kernel_info_request", {"execution_state": state}))
+    monitor.observe(_iopub("status", "comm_info_request", {"execution_state": "busy"}))
+    assert monitor.last_activity == 1000.0 and not monitor.busy
+    monitor.observe(_iopub("status", "execute_request", {"execution_state": "busy"}))
+    assert monitor.last_activity > 1000.0 and monitor.executing == "execute_request"

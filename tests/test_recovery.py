@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from limited_provisioner import AdoptionError, adopt, list_kernels
+from limited_provisioner import AdoptionError, adopt, list_kernels, reap_orphans
 from limited_provisioner.reaper import remove_kernel
 from limited_provisioner.registry import Registry, is_alive
 
@@ -30,9 +31,10 @@ SMALL = {"mem_limit": "256M", "pids_limit": 64, "owner": "lp-pytest"}
 class Server:
     """A jupyter_server subprocess with our installed config; restartable on new ports."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str]):
+    def __init__(self, tmp_path: Path, env: dict[str, str], args: tuple[str, ...] = ()):
         self.tmp_path = tmp_path
         self.env = env
+        self.args = list(args)
         self.proc: subprocess.Popen | None = None
         self.base = ""
         self.client = AsyncHTTPClient()
@@ -47,7 +49,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1",
              f"--IdentityProvider.token={TOKEN}", "--allow-root", "--no-browser",
-             f"--ServerApp.root_dir={root}"],
+             f"--ServerApp.root_dir={root}", *self.args],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
         )
         self.base = f"http://127.0.0.1:{port}"
@@ -275,3 +277,26 @@ async def test_programmatic_adopt_from_a_fresh_process(
         await km.shutdown_kernel(now=True)
     assert Registry(state).entries() == []
     assert not is_alive({"pid": km.provisioner.pid if km.provisioner else None})
+
+
+def test_a_start_cut_off_by_a_crash_is_reaped_at_once(tmp_path):
+    """The service died between admission and launch: the entry never reaches "running",
+    so no restart adopts it; it is an orphan as soon as its server is gone."""
+    state = tmp_path / "state"
+    registry = Registry(state)
+    registry.ensure()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    registry.write("k-cut-off", {
+        "kernel_id": "k-cut-off", "backend": "process", "state": "starting",
+        "owner": "lp-pytest", "server_id": "crashed", "created": time.time(),
+        "server_pid": dead_pid, "server_pid_create_time": 1.0,  # no pid yet: never launched
+    })
+    (registry.kernels_dir / "k-cut-off").mkdir()
+    reaped = reap_orphans(state, server_id="crashed")
+    assert [(o.kernel_id, o.why) for o in reaped] == [
+        ("k-cut-off", "server gone while the kernel was starting")
+    ]
+    assert registry.entries() == []
+    assert not (registry.kernels_dir / "k-cut-off").exists()

@@ -22,7 +22,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from limited_provisioner import AdoptionError, adopt, list_kernels
+from limited_provisioner import AdoptionError, adopt, list_kernels, reap_orphans
 from limited_provisioner.limits import format_size
 
 from . import render
@@ -149,6 +149,9 @@ class KernelPool:
         session to serve and is shut down instead of being left running.
         """
         s = self.settings
+        # First what the previous process left half-done (a start it was killed in the
+        # middle of never reaches "running", so nobody would adopt or stop it).
+        await asyncio.to_thread(reap_orphans, s.state_dir, server_id=s.server_id)
         entries = await asyncio.to_thread(list_kernels, s.state_dir, server_id=s.server_id)
         keep: dict[Key, dict[str, Any]] = {}
         extra: list[dict[str, Any]] = []
@@ -274,6 +277,10 @@ class KernelPool:
     async def _sweep_periodically(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
+            try:  # other processes' leftovers too (this process's kernels are safe)
+                await asyncio.to_thread(reap_orphans, self.settings.state_dir, all_servers=True)
+            except Exception:
+                log.exception("reaping orphans failed")
             for key, session in list(self.sessions.items()):
                 if session.km.has_kernel or key in self._locks:
                     continue

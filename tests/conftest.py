@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import docker
@@ -66,6 +67,17 @@ def kill_kernel_leftovers(kernel_id: str, pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    # Then the kernel's (now empty) cgroups; rmdir fails while a killed member lingers.
+    for controller in ("pids", "memory", "cpu"):
+        group = CGROUP_ROOT / controller / GROUP_NAME / kernel_id
+        for _ in range(20):
+            try:
+                group.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
 
 
 def tree_of(km: AsyncKernelManager) -> set[int]:

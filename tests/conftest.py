@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,18 @@ def kill_kernel_leftovers(kernel_id: str, pids: set[int]) -> None:
                 break
             except OSError:
                 time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (a clean stop, as a deploy does), SIGKILL if it is still there after
+    ``timeout``; only for processes the test started."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def tree_of(km: AsyncKernelManager) -> set[int]:

@@ -25,7 +25,7 @@ from limited_provisioner import list_kernels
 from limited_provisioner.reaper import remove_kernel
 from limited_provisioner.registry import Registry
 
-from .conftest import TEST_OWNER, alive, backends, kill_kernel_leftovers
+from .conftest import TEST_OWNER, alive, backends, kill_kernel_leftovers, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -101,13 +101,8 @@ class Service:
 
     def stop(self) -> None:
         """A clean stop (SIGTERM), as a deploy does."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def exec(self, user: str, session_id: str, code: str) -> httpx.Response:
         return self.client.post(

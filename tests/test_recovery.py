@@ -21,7 +21,7 @@ from limited_provisioner import AdoptionError, adopt, list_kernels, reap_orphans
 from limited_provisioner.reaper import remove_kernel
 from limited_provisioner.registry import Registry, is_alive
 
-from .conftest import backends, run, write_kernelspec
+from .conftest import backends, run, stop_process, write_kernelspec
 from .test_server import TOKEN, execute_ws, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,11 +75,7 @@ class Server:
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            await asyncio.to_thread(stop_process, self.proc)
             self.log.close()
 
     async def api(self, method: str, path: str, body: dict | None = None):

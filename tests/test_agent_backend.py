@@ -249,6 +249,19 @@ def test_oom_killed_kernel_is_restarted_and_said_so(service, opened):
     assert after["kernel_id"] == first["kernel_id"]
 
 
+@pytest.mark.parametrize("backend", backends()[1:], indirect=True)  # docker
+def test_oom_killed_container_is_restarted_and_said_so(backend, make_service, docker_cleanup):
+    service = make_service(BACKEND="docker", RATE_LIMIT="0")
+    first = service.run(TEST_OWNER, "s1", "x = 1")
+    out = service.run(TEST_OWNER, "s1", MEMORY_EATER)
+    assert (out["status"], out["limit"], out["state_lost"]) == ("oom_killed", "mem_limit", True)
+    assert "memory limit 256M exceeded (OOMKilled)" in out["reason"]
+    assert MARKER.format("oom_killed") in out["text"]
+    after = service.run(TEST_OWNER, "s1", "'x' in globals(), 1 + 1")
+    assert after["outputs"][0]["text"] == "(False, 2)"
+    assert after["kernel_id"] == first["kernel_id"]
+
+
 def test_per_user_kernel_cap_is_enforced_by_the_provisioner(service, opened):
     opened.extend([("u-cap", "a"), ("u-cap", "b"), ("u-cap2", "c")])
     assert service.run("u-cap", "a", "1")["status"] == "ok"

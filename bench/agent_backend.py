@@ -59,15 +59,15 @@ from typing import Any
 import docker
 import docker.errors
 import httpx
-import psutil
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+
+from common import kernel_cgroups, kernel_processes
 
 from limited_provisioner import list_kernels
 from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
 from limited_provisioner.reaper import LABEL_PREFIX, remove_kernel
 from limited_provisioner.registry import Registry, is_alive
-from limited_provisioner.watchdog import KERNEL_ID_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -308,17 +308,9 @@ def leftovers(state: Path, ids: set[str]) -> dict[str, int]:
     result = {
         "registry entries": len(registry.entries()),
         "kernel dirs": len(list(kernels_dir.iterdir())) if kernels_dir.is_dir() else 0,
-        "cgroups": sum(1 for c in ("memory", "cpu", "pids") for k in ids
-                       if (CGROUP_ROOT / c / GROUP_NAME / k).exists()),
+        "cgroups": kernel_cgroups(ids),
+        "processes": kernel_processes(ids),
     }
-    procs = 0
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(KERNEL_ID_ENV) in ids:
-                procs += 1
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue  # gone meanwhile, or a kernel thread
-    result["processes"] = procs
     result["containers"] = len(our_containers(state))
     return result
 

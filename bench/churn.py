@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import shutil
 import sys
@@ -28,33 +27,17 @@ from pathlib import Path
 import psutil
 from jupyter_client.manager import AsyncKernelManager
 
-from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
-from limited_provisioner.registry import Registry
-from limited_provisioner.watchdog import KERNEL_ID_ENV
+from common import kernel_cgroups, kernel_processes, write_kernelspec
 
-ARGV = {
-    "process": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-    "docker": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-}
-PROVISIONER = {"process": "limited-process-provisioner", "docker": "limited-docker-provisioner"}
+from limited_provisioner.registry import Registry
+
 OWNER = "lp-churn"
 
 
 def write_spec(root: Path, backend: str, idle_timeout: float) -> str:
-    name = f"churn-{backend}"
-    spec = {
-        "argv": ARGV[backend],
-        "display_name": name,
-        "language": "python",
-        "metadata": {"kernel_provisioner": {
-            "provisioner_name": PROVISIONER[backend],
-            "config": {"mem_limit": "256M", "cpu_limit": 0.5, "idle_timeout": idle_timeout,
-                       "owner": OWNER, "reap_interval": 0},
-        }},
-    }
-    (root / "kernels" / name).mkdir(parents=True)
-    (root / "kernels" / name / "kernel.json").write_text(json.dumps(spec))
-    return name
+    config = {"mem_limit": "256M", "cpu_limit": 0.5, "idle_timeout": idle_timeout,
+              "owner": OWNER, "reap_interval": 0}
+    return write_kernelspec(root, f"churn-{backend}", backend, config)
 
 
 async def session(kernel_name: str, live: set[str], peak: list[int]) -> None:
@@ -77,19 +60,8 @@ def leftovers(registry: Registry) -> dict[str, int]:
         "registry entries": len(registry.entries()),
         "host dirs": len(list(registry.kernels_dir.iterdir())) if registry.kernels_dir.exists() else 0,
     }
-    result["cgroups"] = sum(
-        1 for c in ("memory", "cpu", "pids")
-        for p in (CGROUP_ROOT / c / GROUP_NAME).glob("*-*-*-*-*")
-        if p.name in _ids_seen
-    )
-    procs = 0
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(KERNEL_ID_ENV) in _ids_seen:
-                procs += 1
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    result["processes"] = procs
+    result["cgroups"] = kernel_cgroups(_ids_seen)
+    result["processes"] = kernel_processes(_ids_seen)
     try:
         import docker
 

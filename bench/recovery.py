@@ -26,12 +26,9 @@ from pathlib import Path
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, write_kernelspec
+
 TOKEN = "bench"
-ARGV = {
-    "process": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-    "docker": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-}
 
 
 def free_port() -> int:
@@ -147,12 +144,8 @@ async def main() -> None:
     rows = []
     try:
         for backend in args.backends.split(","):
-            spec = {"argv": ARGV[backend], "display_name": backend, "language": "python",
-                    "metadata": {"kernel_provisioner": {
-                        "provisioner_name": f"limited-{backend}-provisioner",
-                        "config": {"mem_limit": "256M", "owner": "lp-bench"}}}}
-            (root / "kernels" / f"b-{backend}").mkdir(parents=True)
-            (root / "kernels" / f"b-{backend}" / "kernel.json").write_text(json.dumps(spec))
+            write_kernelspec(root, f"b-{backend}", backend,
+                             {"mem_limit": "256M", "owner": "lp-bench"})
             results = [await one_round(backend, args.kernels, root) for _ in range(args.rounds)]
             floors = [r[0] for r in results]
             recovered = [r[1] for r in results]

@@ -29,7 +29,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recovery import ARGV, REPO, Server  # noqa: E402
+from common import REPO, write_kernelspec  # noqa: E402
+from recovery import Server  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from tests.attacks.catalogue import CATALOGUE  # noqa: E402
@@ -201,11 +202,7 @@ async def main() -> None:
     rows = []
     try:
         for backend in args.backends.split(","):
-            spec = {"argv": ARGV[backend], "display_name": backend, "language": "python",
-                    "metadata": {"kernel_provisioner": {
-                        "provisioner_name": f"limited-{backend}-provisioner", "config": LIMITS}}}
-            (specs / "kernels" / f"soak-{backend}").mkdir(parents=True)
-            (specs / "kernels" / f"soak-{backend}" / "kernel.json").write_text(json.dumps(spec))
+            write_kernelspec(specs, f"soak-{backend}", backend, LIMITS)
             rows.append(await soak(backend, args, specs))
     finally:
         shutil.rmtree(specs, ignore_errors=True)

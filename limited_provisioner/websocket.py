@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from jupyter_client import protocol_version
 from jupyter_client.jsonutil import json_default
 from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
@@ -53,7 +54,7 @@ class LimitedWebsocketConnection(ZMQChannelsWebsocketConnection):
                 "msg_type": "execute_request",
                 "username": self.session.username,
                 "date": "",
-                "version": self.session.msg_header("x")["version"],
+                "version": protocol_version,
             }
             msg = self.session.msg("error", death_message(report, restarted), parent=parent)
             self._write_iopub(msg)

@@ -1,14 +1,16 @@
 """jupyter_server integration: 429 for refused starts, re-adoption after a restart.
 
 Selected by the server extension this package enables at install time
-(``ServerApp.kernel_manager_class``). For stock kernels it changes nothing: it only
-translates this package's exceptions and only adopts kernels in our registry.
+(``ServerApp.kernel_manager_class``). For stock kernels it changes little: it translates
+this package's exceptions, only adopts kernels in our registry, and keeps a kernel's
+activity state right across automatic restarts (which limit kills make routine).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
@@ -42,9 +44,10 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
     ).tag(config=True)
 
     async def start_kernel(self, *args: Any, **kwargs: Any) -> str:
+        existing = kwargs.get("kernel_id") in self._kernels
         try:
             try:
-                return await super().start_kernel(*args, **kwargs)
+                kernel_id = await super().start_kernel(*args, **kwargs)
             finally:
                 self._forget_failed_starts()
         except KernelLimitError as e:
@@ -54,6 +57,52 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(400, str(e), reason="Invalid kernel limits") from e
         except SandboxUnavailableError as e:
             raise web.HTTPError(503, str(e), reason="Kernel sandbox unavailable") from e
+        if not existing:
+            self._watch_auto_restarts(kernel_id)
+        return kernel_id
+
+    def _watch_auto_restarts(self, kernel_id: str) -> None:
+        self.add_restart_callback(kernel_id, lambda: self._handle_auto_restart(kernel_id))
+
+    def _handle_auto_restart(self, kernel_id: str) -> None:
+        """The auto-restarter is about to replace a dead kernel process.
+
+        jupyter_server keeps the ``execution_state`` the dead process left -- "busy" when
+        a limit killed it mid-cell -- and keeps watching activity on its old ports. A
+        reconnecting websocket then skips its "nudge" (busy kernels are not nudged), so
+        the new process may publish the next cell's output before the connection's IOPub
+        socket is subscribed: the output is lost and the cell stays at [*]. Mark the
+        kernel "starting", as jupyter_server does for a restart it was asked for, and
+        re-watch activity if the new process got new ports.
+        """
+        km = self._kernels.get(kernel_id)
+        if km is None:
+            return
+        km.execution_state = "starting"
+        task = asyncio.ensure_future(
+            self._rewatch_activity(kernel_id, km, km.ready, list(km.ports))
+        )
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _rewatch_activity(
+        self, kernel_id: str, km: Any, old_ready: Any, old_ports: list[int]
+    ) -> None:
+        """Once the restarted process is up, watch its IOPub if its ports changed."""
+        deadline = time.monotonic() + self.kernel_info_timeout
+        while True:
+            await asyncio.sleep(0.05)
+            if self._kernels.get(kernel_id) is not km or time.monotonic() > deadline:
+                return
+            ready = km.ready
+            if ready is not old_ready and ready.done() and km.has_kernel:
+                break
+        if ready.cancelled() or ready.exception() is not None:
+            return  # this attempt failed; the restarter tries again (and calls us again)
+        if list(km.ports) != old_ports:
+            self.stop_watching_activity(kernel_id)
+            km.execution_state = "starting"
+            self.start_watching_activity(kernel_id)
 
     def _handle_kernel_died(self, kernel_id: str) -> None:
         """After its auto-restarts failed, jupyter_server only forgets a kernel; also
@@ -154,6 +203,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         self._kernel_ports[kernel_id] = km.ports
         self.start_watching_activity(kernel_id)
         self.add_restart_callback(kernel_id, lambda: self._handle_kernel_died(kernel_id), "dead")
+        self._watch_auto_restarts(kernel_id)
         if not self._initialized_culler:
             self.initialize_culler()
 

@@ -75,11 +75,19 @@ async def running_lab(tmp_path: Path):
     news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     root = tmp_path / "notebooks"
     root.mkdir()
+    # SIGUSR2 makes the server print every thread's Python stack (from C, so it works even
+    # when the main thread is stuck): what a failure report needs to say where it stood.
+    diag_config = tmp_path / "diag-config"
+    diag_config.mkdir()
+    (diag_config / "jupyter_server_config.py").write_text(
+        "import faulthandler, signal\n"
+        "faulthandler.register(signal.SIGUSR2, all_threads=True)\n"
+    )
     state = tempfile.mkdtemp(prefix="lp-", dir="/var/tmp")
     env = {
         **os.environ,
         "JUPYTER_PATH": str(jupyter_path),
-        "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config"),
+        "JUPYTER_CONFIG_PATH": os.pathsep.join([str(REPO / "jupyter_config"), str(diag_config)]),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
         "JUPYTERLAB_SETTINGS_DIR": str(settings),
         "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
@@ -92,7 +100,9 @@ async def running_lab(tmp_path: Path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
              "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={TOKEN}",
-             f"--ServerApp.root_dir={root}"],
+             f"--ServerApp.root_dir={root}",
+             # e.g. "--ServerApp.log_level=DEBUG" when chasing a failure
+             *os.environ.get("LIMITED_PROVISIONER_TEST_LAB_ARGS", "").split()],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     base = f"http://127.0.0.1:{port}"
@@ -107,7 +117,11 @@ async def running_lab(tmp_path: Path):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"jupyter lab did not come up:\n{log_path.read_text()}")
                 await asyncio.sleep(0.2)
-        yield base
+        try:
+            yield base
+        except BaseException:
+            print(server_state(proc))
+            raise
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -120,7 +134,28 @@ async def running_lab(tmp_path: Path):
             remove_kernel(registry, entry)
             kill_kernel_leftovers(entry.get("kernel_id", ""), set())
         shutil.rmtree(state, ignore_errors=True)
-        print(log_path.read_text()[-4000:])
+        print(log_path.read_text()[-12000:])
+
+
+def server_state(proc: subprocess.Popen) -> str:
+    """What the server process is doing: its exit status, or each thread's state and
+    wait channel, plus every thread's Python stack into its log (SIGUSR2, registered
+    above; jupyter_server owns SIGUSR1)."""
+    code = proc.poll()
+    if code is not None:
+        return f"jupyter lab had exited with status {code}"
+    lines = [f"jupyter lab (pid {proc.pid}) is alive; threads:"]
+    for task in sorted(Path(f"/proc/{proc.pid}/task").glob("*")):
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            state = stat[stat.rindex(")") + 2:].split()[0]
+            wchan = (task / "wchan").read_text()
+            comm = (task / "comm").read_text().strip()
+            lines.append(f"  {task.name} {comm}: state {state}, wchan {wchan}")
+    with contextlib.suppress(OSError):
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(1)
+    return "\n".join(lines)
 
 
 async def create_notebook(base: str) -> None:

@@ -251,3 +251,89 @@ async def test_a_kernel_whose_restarts_fail_leaves_nothing_behind(tmp_path, jupy
         for entry in Registry(state).entries():
             kill_kernel_leftovers(entry["kernel_id"], set())
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _request(msg_type: str, session: str, content: dict, channel: str = "shell") -> dict:
+    return {
+        "header": {"msg_id": uuid.uuid4().hex, "username": "t", "session": session,
+                   "msg_type": msg_type, "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": channel, "buffers": [],
+        "content": content,
+    }
+
+
+async def _read_until(ws, done, timeout: float) -> list[dict]:
+    """Messages from ``ws`` until ``done(msg)``; TimeoutError names what did come."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            break
+        msg = json.loads(raw)
+        seen.append(msg)
+        if done(msg):
+            return seen
+    raise TimeoutError([(m["msg_type"], m["content"].get("execution_state")) for m in seen])
+
+
+@pytest.mark.parametrize("network", [False, True], ids=["ipc", "tcp"])
+async def test_the_first_cell_after_a_limit_kill_gets_its_output(
+    network, tmp_path, jupyter_path
+):
+    """A browser reconnects after the auto-restart of a kernel killed mid-cell (as
+    JupyterLab does: same session id, kernel_info first, then the next cell). Its output
+    must arrive: the server must not keep the dead process's "busy" state, which made
+    the reconnect skip its IOPub handshake and lose the output (cell stuck at [*])."""
+    write_kernelspec(
+        jupyter_path, "oomnet", {"mem_limit": "256M", "network": network},
+        "limited-process-provisioner",
+    )
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
+    async with running_server(tmp_path, env) as (base, client, started):
+        kid = await post_kernel(base, client, "oomnet", started)
+        session = uuid.uuid4().hex
+        url = (base.replace("http", "ws")
+               + f"/api/kernels/{kid}/channels?session_id={session}&token={TOKEN}")
+
+        async def state() -> str:
+            resp = await client.fetch(f"{base}/api/kernels/{kid}?token={TOKEN}")
+            return json.loads(resp.body)["execution_state"]
+
+        ws = await websocket_connect(url)
+        ws.write_message(json.dumps(_request(
+            "execute_request", session,
+            {"code": "a = []\nwhile True:\n    a.append(bytearray(2**20))", "silent": False},
+        )))
+        await _read_until(
+            ws, lambda m: m["content"].get("execution_state") == "restarting", timeout=60
+        )
+        assert await state() != "busy"  # the process that was busy is gone
+        ws.close()
+
+        ws = await websocket_connect(url)
+        try:
+            info = _request("kernel_info_request", session, {})
+            ws.write_message(json.dumps(info))
+            await _read_until(
+                ws, lambda m: m["parent_header"].get("msg_id") == info["header"]["msg_id"]
+                and m["msg_type"] == "kernel_info_reply", timeout=60,
+            )
+            run = _request("execute_request", session, {"code": "print('alive')", "silent": False})
+            ws.write_message(json.dumps(run))
+            seen = await _read_until(
+                ws, lambda m: m["parent_header"].get("msg_id") == run["header"]["msg_id"]
+                and m["content"].get("execution_state") == "idle", timeout=30,
+            )
+        finally:
+            ws.close()
+        out = [m["content"]["text"] for m in seen
+               if m["msg_type"] == "stream" and m["parent_header"]["msg_id"] == run["header"]["msg_id"]]
+        assert out == ["alive\n"], [m["msg_type"] for m in seen]
+        # The server watches the new process: its state follows it again.
+        for _ in range(50):
+            if await state() == "idle":
+                break
+            await asyncio.sleep(0.1)
+        assert await state() == "idle"

@@ -328,8 +328,9 @@ async def test_the_first_cell_after_a_limit_kill_gets_its_output(
             )
         finally:
             ws.close()
+        run_id = run["header"]["msg_id"]
         out = [m["content"]["text"] for m in seen
-               if m["msg_type"] == "stream" and m["parent_header"]["msg_id"] == run["header"]["msg_id"]]
+               if m["msg_type"] == "stream" and m["parent_header"]["msg_id"] == run_id]
         assert out == ["alive\n"], [m["msg_type"] for m in seen]
         # The server watches the new process: its state follows it again.
         for _ in range(50):

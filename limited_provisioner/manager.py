@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
@@ -42,6 +42,9 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         help="""On a clean server stop, leave limited kernels running (for a deploy) so the
         next start re-adopts them. Default false: they are shut down as usual.""",
     ).tag(config=True)
+
+    # Strong references to tasks started from sync callbacks (releases, re-watches).
+    _background_tasks: ClassVar[set[asyncio.Future]] = set()
 
     async def start_kernel(self, *args: Any, **kwargs: Any) -> str:
         existing = kwargs.get("kernel_id") in self._kernels
@@ -82,8 +85,8 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         task = asyncio.ensure_future(
             self._rewatch_activity(kernel_id, km, km.ready, list(km.ports))
         )
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     async def _rewatch_activity(
         self, kernel_id: str, km: Any, old_ready: Any, old_ports: list[int]
@@ -114,10 +117,8 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         super()._handle_kernel_died(kernel_id)
         if km is not None and isinstance(km.provisioner, LimitedProvisionerMixin):
             task = asyncio.ensure_future(km.cleanup_resources(restart=False))
-            self._releasing.add(task)
-            task.add_done_callback(self._releasing.discard)
-
-    _releasing: set[asyncio.Future] = set()
+            self._background_tasks.add(task)
+            task.add_done_callback(self._background_tasks.discard)
 
     def _forget_failed_starts(self) -> None:
         """Drop failed starts from ``_pending_kernels``.

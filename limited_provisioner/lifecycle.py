@@ -2,9 +2,9 @@
 
 :func:`check_lifecycle` is a plain function over one kernel's observed activity, so the
 timer (:class:`LifecyclePolicy`, a base of every limited provisioner) and the tests call
-the same thing; the timer acts on the :class:`Verdict` it returns.  Works for any client (JupyterLab, nbclient, an agent
-backend driving jupyter_client) because the activity is observed on the kernel's own
-IOPub, not reported by jupyter_server.
+the same thing; the timer acts on the :class:`Verdict` it returns. Works for any client
+(JupyterLab, nbclient, an agent backend driving jupyter_client) because the activity is
+observed on the kernel's own IOPub, not reported by jupyter_server.
 """
 
 from __future__ import annotations

@@ -5,12 +5,14 @@
 :class:`~limited_provisioner.manager.LimitedMappingKernelManager` (refused starts
 answer 429/400/503 instead of 500) and
 :class:`~limited_provisioner.websocket.LimitedWebsocketConnection` (a cell whose kernel a
-limit killed says which limit). It changes nothing for stock kernels. Turn it off
-with ``jupyter server extension disable limited_provisioner``.
+limit killed says which limit). For stock kernels the only change is that their state
+stays right across automatic restarts (see the manager). Turn it off with
+``jupyter server extension disable limited_provisioner``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 MANAGER = "limited_provisioner.manager.LimitedMappingKernelManager"
@@ -36,8 +38,6 @@ def _link_jupyter_server_extension(serverapp: Any) -> None:
 
 def _explain_deaths(serverapp: Any) -> None:
     """Use the websocket connection that writes a limit kill's reason into the cell."""
-    import os
-
     if "kernel_websocket_connection_class" in serverapp.config.get("ServerApp", {}):
         return  # the operator chose
     if serverapp.config.get("GatewayClient", {}).get("url") or os.environ.get(

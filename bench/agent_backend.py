@@ -542,7 +542,7 @@ def remove_everything(svc: Service | None, state: Path) -> None:
 
 async def bench_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     # Short on purpose: the kernels' ipc socket paths live under it.
-    state = Path(tempfile.mkdtemp(prefix="lp-ab-", dir="/var/tmp"))
+    state = Path(tempfile.mkdtemp(prefix="lp-ab-", dir="/var/lib"))
     scratch = Path(tempfile.mkdtemp(prefix="lp-ab-bench-"))
     svc = None
     ok = False

@@ -77,7 +77,7 @@ _ids_seen: set[str] = set()
 
 
 async def churn(backend: str, args: argparse.Namespace, root: Path) -> dict:
-    state = Path(tempfile.mkdtemp(prefix="lp-churn-", dir="/var/tmp"))
+    state = Path(tempfile.mkdtemp(prefix="lp-churn-", dir="/var/lib"))
     os.environ["LIMITED_PROVISIONER_STATE_DIR"] = str(state)
     registry = Registry(state)
     name = write_spec(root, backend, args.idle_timeout)

@@ -99,7 +99,7 @@ class Server:
 
 
 async def one_round(backend: str, n: int, root: Path) -> tuple[float, float]:
-    state = tempfile.mkdtemp(prefix="lp-bench-", dir="/var/tmp")
+    state = tempfile.mkdtemp(prefix="lp-bench-", dir="/var/lib")
     env = {**os.environ, "JUPYTER_PATH": str(root), "LIMITED_PROVISIONER_STATE_DIR": state,
            "LIMITED_PROVISIONER_SERVER_ID": "bench-" + uuid.uuid4().hex[:6],
            "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}

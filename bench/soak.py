@@ -76,7 +76,7 @@ async def execute(server: Server, kernel_id: str, code: str, timeout: float = 30
 
 
 async def soak(backend: str, args: argparse.Namespace, specs: Path) -> dict:
-    state = Path(tempfile.mkdtemp(prefix="lp-soak-", dir="/var/tmp"))
+    state = Path(tempfile.mkdtemp(prefix="lp-soak-", dir="/var/lib"))
     env = {**os.environ, "JUPYTER_PATH": str(specs), "LIMITED_PROVISIONER_STATE_DIR": str(state),
            "LIMITED_PROVISIONER_SERVER_ID": "soak-" + uuid.uuid4().hex[:6],
            "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}

@@ -1,13 +1,21 @@
 """Kernel launcher: ``python -m limited_provisioner._launch SPEC -- CMD...``.
 
 Runs between fork and the kernel: it is the kernel's own process (it ``exec``s the
-kernel command, so the pid jupyter_client holds is the kernel's pid).  Doing this in a
-separate interpreter instead of a ``preexec_fn`` keeps the server safe: ``preexec_fn``
-is unsafe in a threaded server (jupyter_server runs threads), and an error here is a
-clean exit with a message instead of a half-forked server.
+kernel command, so the pid jupyter_client holds is the kernel's pid; but see
+``isolate`` below).  Doing this in a separate interpreter instead of a ``preexec_fn``
+keeps the server safe: ``preexec_fn`` is unsafe in a threaded server (jupyter_server
+runs threads), and an error here is a clean exit with a message instead of a
+half-forked server.
 
 Order matters: join cgroups and unshare namespaces while still root, set rlimits,
 drop supplementary groups, gid, then uid, forbid regaining privileges, then exec.
+
+With ``"isolate": true`` (root only) the kernel also gets its own pid, ipc and mount
+namespaces, a fresh /proc, and a read-only view of the host's file systems except its
+tmpfs scratch dirs and ``writable`` dirs.  A new pid namespace only applies to children,
+so the launcher forks: the child becomes pid 1 of the namespace and execs the kernel;
+the launcher stays outside as an unprivileged supervisor whose exit status mirrors the
+kernel's (see ``_supervise``).  The pid jupyter_client holds is then the supervisor's.
 """
 
 from __future__ import annotations
@@ -16,17 +24,39 @@ import ctypes
 import json
 import os
 import resource
+import signal
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 EXIT_SANDBOX_FAILED = 121
+
+# The new mount API (Linux >= 5.12).  Syscalls numbered from 424 on are the same on
+# every architecture but alpha.
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
 
 _RLIMITS = {
     "data": resource.RLIMIT_DATA,
@@ -35,6 +65,19 @@ _RLIMITS = {
     "core": resource.RLIMIT_CORE,
     "nproc": resource.RLIMIT_NPROC,
 }
+
+# What the isolate supervisor waits for.  SIGINT is only consumed: jupyter_client
+# interrupts with killpg, which reaches the kernel directly.
+_SUPERVISED = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def _fail(message: str) -> None:
@@ -65,6 +108,34 @@ def _mount(libc: ctypes.CDLL, source: str, target: str, fstype: str | None, flag
         _fail(f"mount {source} on {target} failed: {os.strerror(ctypes.get_errno())}")
 
 
+def _syscall(libc: ctypes.CDLL, what: str, number: int, *args: object) -> int:
+    result = libc.syscall(number, *args)
+    if result < 0:
+        _fail(f"{what} failed: {os.strerror(ctypes.get_errno())}")
+    return result
+
+
+def _mount_setattr(libc: ctypes.CDLL, what: str, dirfd: int, path: str, flags: int,
+                   attr_set: int = 0, attr_clr: int = 0) -> None:
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    _syscall(libc, f"mount_setattr {what}", SYS_MOUNT_SETATTR, dirfd, path.encode(), flags,
+             ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+
+
+def _clone_tree(libc: ctypes.CDLL, what: str, dirfd: int, path: str, flags: int) -> int:
+    """A detached copy of the mount at ``dirfd``/``path``: a bind mount that is not
+    attached anywhere yet, so mounts made meanwhile neither cover nor change it."""
+    return _syscall(libc, f"open_tree {what}", SYS_OPEN_TREE, dirfd, path.encode(),
+                    OPEN_TREE_CLONE | os.O_CLOEXEC | flags)
+
+
+def _attach_tree(libc: ctypes.CDLL, what: str, tree: int, dirfd: int, path: str) -> None:
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (0 if path else MOVE_MOUNT_T_EMPTY_PATH)
+    _syscall(libc, f"move_mount {what}", SYS_MOVE_MOUNT, tree, b"", dirfd, path.encode(),
+             flags)
+    os.close(tree)
+
+
 def _expose(libc: ctypes.CDLL, exposures: dict[str, str], stage_root: str) -> None:
     """Make ``path`` reachable for the kernel's uid when an ancestor (``blocker``,
     e.g. a 0700 /root holding a pyenv interpreter) is not traversable by others.
@@ -86,8 +157,106 @@ def _expose(libc: ctypes.CDLL, exposures: dict[str, str], stage_root: str) -> No
         os.rmdir(stage)
 
 
-def apply(spec: dict) -> None:
-    """Apply the sandbox described by ``spec`` to the current process."""
+def _expose_detached(libc: ctypes.CDLL, trees: dict[str, int], blockers: set[str]) -> None:
+    """``_expose`` for isolate, with ``trees`` the copies of each ``path`` (detached
+    mounts): no stage dir, which could not be removed from the read-only host file
+    system (``_expose`` stays for the plain launch, which needs no Linux >= 5.12)."""
+    for blocker in sorted(blockers):
+        _mount(libc, "tmpfs", blocker, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for path, tree in trees.items():
+        os.makedirs(path, exist_ok=True)
+        _attach_tree(libc, path, tree, AT_FDCWD, path)
+
+
+def _is_under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _open_writable(path: str) -> int:
+    """A handle on the kernel-owned dir ``path`` that refuses a symlink in its place.
+
+    Everything later refers to the dir through this handle, never through the path
+    again: a kernel that swapped it for a symlink to /etc gets no writable /etc.
+    """
+    try:
+        return os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        _fail(f"writable dir {path} is not a directory (a symlink?): {e}")
+
+
+def _mount_points() -> list[str]:
+    """Where something is mounted in our mount namespace."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        points = [p.replace(escaped, char) for p in points]
+    return points
+
+
+def _bind_writable(libc: ctypes.CDLL, writable: dict[str, int], ours: list[str]) -> None:
+    """Bind each dir of ``writable`` (real path: handle opened before anything was
+    mounted) onto itself, writable, on top of the read-only view.  ``ours`` are the
+    mounts made since, which may cover some of them."""
+    mounted = _mount_points()
+    for path, fd in sorted(writable.items()):
+        if any(other != path and _is_under(path, other) for other in writable):
+            continue  # writable through the bind of its parent
+        # The bind is not recursive (a recursive one would carry read-write copies of
+        # what is mounted beneath), so it would hide every mount below it.
+        hidden = [m for m in mounted if m != path and _is_under(m, path)]
+        if path in ours or hidden:
+            _fail(f"writable dir {path} would hide {path if path in ours else hidden[0]}")
+        tree = _clone_tree(libc, path, fd, "", AT_EMPTY_PATH)
+        _mount_setattr(libc, path, tree, "", AT_EMPTY_PATH,
+                       attr_set=MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                       attr_clr=MOUNT_ATTR_RDONLY)
+        if any(_is_under(path, top) for top in ours):
+            # Hidden under a mount of ours (a tmpfs on /var/tmp, say): recreate its path
+            # there (nothing but us has seen that mount yet) and attach it to that.
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as e:
+                _fail(f"cannot recreate writable dir {path} in the sandbox: {e}")
+            _attach_tree(libc, path, tree, AT_FDCWD, path)
+        else:
+            _attach_tree(libc, path, tree, fd, "")
+
+
+def _mount_isolated(libc: ctypes.CDLL, spec: dict) -> None:
+    """Private mount + ipc (+ net) namespaces with a read-only view of the host."""
+    flags, what = CLONE_NEWNS | CLONE_NEWIPC, "mount, ipc"
+    if spec.get("unshare_net"):
+        flags, what = flags | CLONE_NEWNET, what + ", network"
+    _unshare(libc, flags, what)
+    # Private propagation first, so nothing we mount ever shows up on the host.
+    _mount(libc, "none", "/", None, MS_REC | MS_PRIVATE)
+    # Opened before anything is mounted over them; keyed by where they really are.
+    handles = [_open_writable(p) for p in spec.get("writable", [])]
+    writable = {os.readlink(f"/proc/self/fd/{fd}"): fd for fd in handles}
+
+    # Device nodes, fifos and sockets stay usable on a read-only mount (only creating,
+    # changing and removing files is refused), so /dev can be read-only too.
+    _mount_setattr(libc, "/ read-only", AT_FDCWD, "/", AT_RECURSIVE,
+                   attr_set=MOUNT_ATTR_RDONLY)
+    exposures = spec.get("expose") or {}
+    # Copied (read-only now) before the tmpfs mounts, which may cover them: a blocker
+    # can be a scratch dir, for an interpreter under /tmp.
+    exposed = {path: _clone_tree(libc, path, AT_FDCWD, path, AT_RECURSIVE)
+               for path in sorted(exposures)}
+    _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    tmpfs = spec.get("tmpfs") or {}
+    for target, options in tmpfs.items():
+        _mount(libc, "tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    if exposed:
+        _expose_detached(libc, exposed, set(exposures.values()) - set(tmpfs))
+
+    ours = ["/proc", *(os.path.realpath(p) for p in [*tmpfs, *exposures.values()])]
+    _bind_writable(libc, writable, ours)
+    for fd in handles:
+        os.close(fd)
+
+
+def _join_cgroups(spec: dict) -> None:
     pid = str(os.getpid())
     for procs_file in spec.get("cgroup_procs", []):
         try:
@@ -95,6 +264,46 @@ def apply(spec: dict) -> None:
                 f.write(pid)
         except OSError as e:
             _fail(f"joining cgroup {procs_file} failed: {e}")
+
+
+def _drop_privileges(libc: ctypes.CDLL, uid: int | None, gid: int | None) -> None:
+    if gid is not None:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+    if uid is not None:
+        os.setresuid(uid, uid, uid)
+        if os.geteuid() == 0 and uid != 0:
+            _fail("still root after setuid")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def _limit_and_drop(libc: ctypes.CDLL, spec: dict) -> None:
+    """Rlimits, niceness, then the kernel's uid, then its work dir."""
+    for name, value in spec.get("rlimits", {}).items():
+        soft, hard = value if isinstance(value, list) else (value, value)
+        try:
+            resource.setrlimit(_RLIMITS[name], (soft, hard))
+        except (ValueError, OSError) as e:
+            _fail(f"setrlimit {name}={value} failed: {e}")
+
+    nice = spec.get("nice")
+    if nice:
+        os.nice(nice)
+
+    _drop_privileges(libc, spec.get("uid"), spec.get("gid"))
+
+    cwd = spec.get("cwd")
+    if cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as e:
+            _fail(f"cannot enter work dir {cwd}: {e}")
+
+
+def apply(spec: dict) -> None:
+    """Apply the sandbox described by ``spec`` to the current process."""
+    _join_cgroups(spec)
 
     libc = _libc()
     if spec.get("unshare_net"):
@@ -110,34 +319,84 @@ def apply(spec: dict) -> None:
         if exposures:
             _expose(libc, exposures, spec["stage_dir"])
 
-    for name, value in spec.get("rlimits", {}).items():
-        soft, hard = value if isinstance(value, list) else (value, value)
-        try:
-            resource.setrlimit(_RLIMITS[name], (soft, hard))
-        except (ValueError, OSError) as e:
-            _fail(f"setrlimit {name}={value} failed: {e}")
+    _limit_and_drop(libc, spec)
 
-    nice = spec.get("nice")
-    if nice:
-        os.nice(nice)
 
-    uid, gid = spec.get("uid"), spec.get("gid")
-    if gid is not None:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-    if uid is not None:
-        os.setresuid(uid, uid, uid)
-        if os.geteuid() == 0 and uid != 0:
-            _fail("still root after setuid")
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        _fail("prctl(PR_SET_NO_NEW_PRIVS) failed")
+def apply_isolated(spec: dict) -> None:
+    """Apply ``spec`` with ``isolate``: returns in the child, as pid 1 of its own pid
+    namespace with the sandbox applied; the parent supervises it and never returns."""
+    if os.geteuid() != 0:
+        _fail("isolate needs root")
+    if not spec.get("uid"):
+        _fail("isolate needs a uid to drop to (root could undo the read-only view)")
+    _join_cgroups(spec)  # the child inherits the cgroups
+    libc = _libc()
+    _unshare(libc, CLONE_NEWPID, "pid")
+    # Until the child has dropped to the kernel's uid the unprivileged parent cannot
+    # kill it; the child instead dies with the parent (PR_SET_PDEATHSIG) and checks
+    # this pipe, which reads EOF once the parent is gone.
+    parent_alive, parent_holds = os.pipe()
+    # Blocked before fork, so no signal is lost or acted on before the parent waits.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
+    child = os.fork()
+    if child:
+        os.close(parent_alive)
+        _supervise(libc, spec, child)
+    os.close(parent_holds)
+    # Python's SIGINT handler would turn an interrupt during setup into a traceback; as
+    # pid 1 with SIG_DFL, signals from outside are dropped until the kernel has a handler.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    _mount_isolated(libc, spec)
+    _limit_and_drop(libc, spec)
+    # Set after the last credential change, which clears it.
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_PDEATHSIG) failed")
+    os.set_blocking(parent_alive, False)
+    try:
+        os.read(parent_alive, 1)
+        _fail("the launcher died during setup")
+    except BlockingIOError:
+        pass  # the parent still holds the pipe open
+    os.close(parent_alive)
 
-    cwd = spec.get("cwd")
-    if cwd:
-        try:
-            os.chdir(cwd)
-        except OSError as e:
-            _fail(f"cannot enter work dir {cwd}: {e}")
+
+def _supervise(libc: ctypes.CDLL, spec: dict, child: int) -> None:
+    """The parent: wait for the child, then exit the way it did.
+
+    jupyter_client's ``terminate`` (SIGTERM) and friends become SIGKILL: the kernel is
+    pid 1 of its namespace, which ignores signals from outside that it has no handler
+    for.  The exit status mirrors the child's, so an OOM kill still reads as -9.
+    """
+    _drop_privileges(libc, spec["uid"], spec.get("gid"))
+    while True:
+        signo = signal.sigwaitinfo(_SUPERVISED).si_signo
+        if signo == signal.SIGCHLD:
+            pid, status = os.waitpid(child, os.WNOHANG)
+            if pid:
+                _exit_as(status)
+        elif signo != signal.SIGINT:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except PermissionError:
+                _die_of(signo)  # it is still root, setting up, and exits when we are gone
+            except OSError:
+                pass  # already gone: SIGCHLD follows
+
+
+def _exit_as(status: int) -> None:
+    """Exit with the wait ``status`` of the child: its code, or killed by its signal."""
+    if os.WIFSIGNALED(status):
+        _die_of(os.WTERMSIG(status))
+    os._exit(os.WEXITSTATUS(status))
+
+
+def _die_of(signo: int) -> None:
+    if signo != signal.SIGKILL:
+        signal.signal(signo, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signo})
+    os.kill(os.getpid(), signo)
+    os._exit(128 + signo)  # not reached for a signal that can kill
 
 
 def main(argv: list[str]) -> None:
@@ -145,7 +404,10 @@ def main(argv: list[str]) -> None:
         _fail("usage: python -m limited_provisioner._launch SPEC_JSON -- CMD...")
     spec = json.loads(argv[0])
     cmd = argv[2:]
-    apply(spec)
+    if spec.get("isolate"):
+        apply_isolated(spec)
+    else:
+        apply(spec)
     try:
         os.execvp(cmd[0], cmd)
     except OSError as e:

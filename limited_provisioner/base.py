@@ -9,14 +9,12 @@ what is specific to it through the ``_prepare_*`` hooks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import getpass
 import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -24,9 +22,10 @@ from typing import Any
 
 from traitlets import Bool, Dict, Float, Int, List, Tuple, Unicode, default, validate
 
-from . import metrics
+from . import metrics, uids
 from .errors import KernelLimitError, LimitConfigError, SandboxUnavailableError
-from .hooks import EXEC_STATE_ENV, IPYTHON_HOOK, MEM_LIMIT_ENV, NOTICE_ENV, OUTPUT_LIMIT_ENV
+from .hooks import IPYTHON_HOOK, MEM_LIMIT_ENV, NOTICE_ENV, OUTPUT_LIMIT_ENV
+from .kerneldir import KernelDir
 from .lifecycle import LifecyclePolicy
 from .limits import (
     MIN_DISK_LIMIT,
@@ -42,15 +41,19 @@ from .limits import (
     format_size,
 )
 from .policy import AdmissionPolicy, admit
+from .proxy import KERNEL_SOCKETS, KernelProxy, Traffic
 from .reaper import reap_periodically
 from .registry import Registry, process_identity
 
 # Longest path a unix socket can bind to (sun_path is 108 bytes with the NUL).
-MAX_IPC_PATH = 100
+MAX_IPC_PATH = 107
+# What follows an ipc prefix: "-<port>", ports 1-5 (proxy.PORTS).
+IPC_SUFFIX = len("-1")
 LABEL_KEY = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-# Variables a kernel needs to work; everything else of the server's environment
-# (tokens, cloud credentials, ...) stays out of reach of the code the kernel runs.
+# Variables a kernel needs to work; everything else of the server's environment (tokens,
+# cloud credentials, Jupyter's and JupyterHub's own settings) stays out of reach of the
+# code the kernel runs. Exact names; a pattern never lets a secret-looking name through.
 DEFAULT_ENV_KEEP = [
     "PATH",
     "LANG",
@@ -63,16 +66,41 @@ DEFAULT_ENV_KEEP = [
     "PYTHONIOENCODING",
     "PYTHONUNBUFFERED",
     "VIRTUAL_ENV",
-    "CONDA_*",
-    "JPY_*",
-    "JUPYTER_*",
-    "IPYTHONDIR",
+    "CONDA_PREFIX",
+    "CONDA_DEFAULT_ENV",
+    "JPY_SESSION_NAME",
     "MPLBACKEND",
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
     "MKL_NUM_THREADS",
-    "LIMITED_PROVISIONER_*",
+    "LIMITED_PROVISIONER_OWNER",
 ]
+# Parts of a name that mark it as a secret: such a variable reaches a kernel only when
+# the kernelspec's env or env_keep names it exactly (and the log says so).
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "COOKIE")
+
+
+def looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS)
+
+
+def filter_env(
+    env: dict[str, str], keep: list[str], explicit: set[str]
+) -> tuple[dict[str, str], list[str]]:
+    """The variables of ``env`` a kernel may see, and the secret-looking ones passed
+    because ``explicit`` (the kernelspec's env) or an exact ``keep`` entry names them."""
+    exact = {p for p in keep if not any(c in p for c in "*?[")}
+    patterns = [p for p in keep if p not in exact]
+    result, named_secrets = {}, []
+    for name, value in env.items():
+        if name in explicit or name in exact:
+            result[name] = value
+            if looks_secret(name):
+                named_secrets.append(name)
+        elif not looks_secret(name) and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            result[name] = value
+    return result, named_secrets
 
 
 def _default_server_id() -> str:
@@ -162,9 +190,19 @@ class LimitedProvisionerMixin(LifecyclePolicy):
 
     output_limit = ByteSize(
         "10M",
-        help="""Bytes of stdout/stderr one execution may send (IPython kernels); the rest of
-        that cell's output is dropped with a one-line notice, so a print loop cannot flood
-        Jupyter or the client's memory. null = unlimited. Default 10M.""",
+        help="""Bytes of output (stream, display data, results, any IOPub message) one
+        execution may send to clients; the rest of that cell's output is dropped with a
+        one-line notice, so a print loop or raw IOPub sends cannot flood Jupyter or a
+        client's memory. Counted by the server's proxy, whatever the kernel does. null =
+        unlimited. Default 10M.""",
+    ).tag(config=True)
+
+    max_message_size = ByteSize(
+        "32M",
+        minimum=1024 * 1024,
+        help="""Largest message (all frames) the server accepts from a kernel on any
+        channel; bigger ones are dropped by the proxy. Bounds what one kernel can make the
+        server hold in memory. Default 32M.""",
     ).tag(config=True)
 
     mem_budget = ByteSize(
@@ -274,9 +312,11 @@ class LimitedProvisionerMixin(LifecyclePolicy):
     env_keep = List(
         Unicode(),
         DEFAULT_ENV_KEEP,
-        help="""Names (glob patterns) of server environment variables passed to the
-        kernel. Variables set in the kernelspec's env are always passed. Everything else
-        (tokens, credentials) is dropped.""",
+        help="""Names of server environment variables passed to the kernel (patterns like
+        "LC_*" allowed). Variables set in the kernelspec's env are always passed.
+        Everything else is dropped, and a name that looks like a secret (containing TOKEN,
+        SECRET, PASSWORD, KEY, CREDENTIAL...) passes only when named exactly here or in
+        the kernelspec's env; the log says so at every start.""",
     ).tag(config=True)
 
     private_work_dir = Bool(
@@ -297,9 +337,10 @@ class LimitedProvisionerMixin(LifecyclePolicy):
     ).tag(config=True)
 
     ipc_bind_wait = Float(
-        30.0,
-        help="""Seconds post_launch waits for an ipc kernel to create its sockets before
-        letting clients connect (saves zmq's 100 ms reconnect delay); 0 disables.""",
+        60.0,
+        help="""Seconds a start waits for the kernel to bind its sockets. Then the server
+        takes the kernel's socket dir back, checks every socket and only then connects;
+        a kernel that has not bound them by then is stopped with the reason.""",
     ).tag(config=True)
 
     watchdog_interval = Float(
@@ -313,7 +354,12 @@ class LimitedProvisionerMixin(LifecyclePolicy):
     exit_kind: str | None = None
     limit_trips: list[dict[str, Any]]
     kernel_dir: Path | None = None
+    kdir: KernelDir | None = None
+    gid: int | None = None
+    proxy: KernelProxy | None = None
+    traffic: Traffic | None = None
     work_dir: str | None = None
+    _restarting = False
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -347,6 +393,7 @@ class LimitedProvisionerMixin(LifecyclePolicy):
             self.labels = {**self.labels, **{str(k): str(v) for k, v in start_labels.items()}}
         self._launch_started = time.monotonic()
         restarting = self.registry.read(self.kernel_id) is not None
+        self._restarting = restarting
         start_env = kwargs.get("env") or {}
         if self.allow_owner_from_start_env and start_env.get("LIMITED_PROVISIONER_OWNER"):
             self.owner = start_env["LIMITED_PROVISIONER_OWNER"]
@@ -356,10 +403,12 @@ class LimitedProvisionerMixin(LifecyclePolicy):
                 await asyncio.to_thread(self._admit)
             try:
                 await self._prepare_sandbox(kwargs)
+                self._route_through_proxy()
                 self.enforcement.update(self._lifecycle_enforcement())
+                self.enforcement.update(self._proxy_enforcement())
                 kwargs = await super().pre_launch(**kwargs)
                 await self._prepare_launch(kwargs)
-                self._add_kernel_hooks(kwargs)
+                await asyncio.to_thread(self._write_kernel_files, kwargs)
             except BaseException:
                 if not restarting:
                     await self._release()
@@ -370,20 +419,12 @@ class LimitedProvisionerMixin(LifecyclePolicy):
         return kwargs
 
     async def post_launch(self, **kwargs: Any) -> None:
-        """Wait until an ipc kernel has bound its sockets, then return.
+        """Start the timers and the reaper; called by ``KernelManager.post_start_kernel()``.
 
-        Called by ``KernelManager.post_start_kernel()``. A zmq client that connects to an
-        ipc path before it exists retries only every 100 ms (``RECONNECT_IVL``); waiting
-        here for the socket files (polled every 10 ms) lets the first connect succeed.
-        Gives up silently after ``ipc_bind_wait`` seconds or when the kernel died, so a
-        slow kernel is never failed by this.
+        The kernel's sockets were checked and connected in ``launch_kernel`` (see
+        :meth:`_open_kernel_door`), before any client could reach them.
         """
         await super().post_launch(**kwargs)
-        await self._wait_for_ipc_sockets()
-        if self.kernel_dir is not None:
-            with contextlib.suppress(FileNotFoundError):
-                # Left by a previous process of this kernel (restart mid-execution).
-                os.unlink(self.kernel_dir / "executing")
         self._start_lifecycle()
         self._ensure_reaper()
         metrics.LIVE_KERNELS.add(self.kernel_id, self.backend, self.owner)
@@ -391,24 +432,42 @@ class LimitedProvisionerMixin(LifecyclePolicy):
             time.monotonic() - self._launch_started
         )
 
-    async def _wait_for_ipc_sockets(self) -> None:
-        km = self.parent
-        if km is None or km.transport != "ipc" or not self.ipc_bind_wait:
-            return
-        paths = [
-            f"{km.ip}-{getattr(km, name)}"
-            for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-        ]
+    async def _open_kernel_door(self) -> None:
+        """Wait for the kernel to bind its sockets, take its socket dir back, check every
+        socket (type, owner), and only then let the proxy connect to them.
+
+        Called by the backends' ``launch_kernel`` right after the process or container
+        started, so no client ever talks to a socket the kernel could still swap. A
+        kernel that dies meanwhile is left to the caller (``poll()`` says so); one whose
+        sockets fail the check, or that binds nothing within ``ipc_bind_wait``, is stopped.
+        """
+        assert self.kdir is not None and self.proxy is not None
         deadline = time.monotonic() + self.ipc_bind_wait
         rounds = 0
-        while time.monotonic() < deadline:
-            if all(os.path.exists(p) for p in paths):
-                return
+        while not self.kdir.sockets_present(KERNEL_SOCKETS):
             rounds += 1
             # poll() may be a Docker API call: check for a dead kernel only every 0.25 s.
             if rounds % 25 == 0 and await self.poll() is not None:
-                return
+                break
+            if time.monotonic() > deadline:
+                break
             await asyncio.sleep(0.01)
+        problems = await asyncio.to_thread(self.kdir.freeze_sockets, KERNEL_SOCKETS)
+        if not problems:
+            self.proxy.connect_kernel()
+            return
+        if await self.poll() is not None:
+            return  # it died: the restarter (or the start) reports that
+        msg = (
+            f"kernel {self.kernel_id} was stopped: its sockets failed the server's check "
+            f"after {self.ipc_bind_wait:g}s ({'; '.join(problems)}). A kernel that is slow to "
+            f"start needs a larger ipc_bind_wait; anything else means code in the kernel "
+            f"tampered with its socket dir"
+        )
+        self.record_trip("sandbox", msg)
+        await self.kill()
+        await self.cleanup(restart=self._restarting)
+        raise SandboxUnavailableError(msg)
 
     def admission_policy(self) -> AdmissionPolicy:
         """The caps this start is checked against; backends add their disk paths."""
@@ -463,11 +522,20 @@ class LimitedProvisionerMixin(LifecyclePolicy):
         """Backend hook, before jupyter_client writes the connection file."""
 
     async def _prepare_launch(self, kwargs: dict[str, Any]) -> None:
-        """Backend hook, after the connection file is written."""
+        """Backend hook, after jupyter_client's pre_launch (``kwargs["cmd"]`` final, with
+        the clients' connection file in it; ``_write_kernel_files`` swaps in the
+        kernel's own)."""
 
     async def _release(self) -> None:
-        """Undo what pre_launch reserved (registry entry); backends extend this."""
+        """Undo what pre_launch reserved (proxy, kernel dir, uid lease, registry entry);
+        backends extend this (and call it last)."""
         metrics.LIVE_KERNELS.remove(self.kernel_id)
+        if self.proxy is not None:
+            await self.proxy.stop()
+            self.proxy = None
+        await asyncio.to_thread(self._remove_kernel_dir)
+        if self.uid is not None and not getattr(self, "container_user", ""):
+            await asyncio.to_thread(uids.release, self.uid, self.kernel_id)
         await asyncio.to_thread(self.registry.remove, self.kernel_id)
         if not metrics.LIVE_KERNELS.kernels:
             # The last kernel of this process is gone: stop the reaper rather than leave a
@@ -477,29 +545,22 @@ class LimitedProvisionerMixin(LifecyclePolicy):
     def _finalize_env(self, env: dict[str, str]) -> None:
         """Drop server environment variables not on the allow-list (see ``env_keep``)."""
         super()._finalize_env(env)
-        keep = set(self.kernel_spec.env) if self.kernel_spec else set()
-        for name in list(env):
-            if name in keep:
-                continue
-            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.env_keep):
-                del env[name]
+        explicit = set(self.kernel_spec.env) if self.kernel_spec else set()
+        kept, named_secrets = filter_env(env, self.env_keep, explicit)
+        env.clear()
+        env.update(kept)
+        for name in named_secrets:
+            self.log.warning(
+                "Kernel %s: passing %s to the kernel because the kernelspec's env or "
+                "env_keep names it; code in the kernel can read it",
+                self.kernel_id, name,
+            )
 
     def _allocate_uid(self) -> int:
-        low, high = self.kernel_uid_range
-        if not 0 < low <= high:
-            msg = f"kernel_uid_range={self.kernel_uid_range!r} must be two uids 0 < low <= high"
-            raise SandboxUnavailableError(msg)
-        with self.registry.lock():
-            used = {e.get("uid") for e in self.registry.live_entries()}
-            for uid in range(low, high + 1):
-                if uid not in used:
-                    self.registry.update(self.kernel_id, uid=uid)
-                    return uid
-        msg = (
-            f"kernel_uid_range {low}-{high} is exhausted: {high - low + 1} kernels run; "
-            f"widen kernel_uid_range or lower max_kernels"
-        )
-        raise KernelLimitError(msg, limit="kernel_uid_range")
+        """A uid no other kernel on this host holds or held recently (see uids.py)."""
+        uid = uids.allocate(self.kernel_id, str(self.registry.state_dir), self.kernel_uid_range)
+        self.registry.update(self.kernel_id, uid=uid)
+        return uid
 
     # -- re-adoption --------------------------------------------------------------------
 
@@ -514,10 +575,15 @@ class LimitedProvisionerMixin(LifecyclePolicy):
         self.kernel_dir = Path(kernel_dir) if kernel_dir else None
         self.work_dir = entry.get("work_dir")
         self.uid = entry.get("uid")
+        self.gid = entry.get("gid", self.uid)
         self.enforcement = dict(entry.get("enforcement") or {})
+        self.kdir = KernelDir(self.registry.kernels_dir, self.kernel_id, self.uid, self.gid)
+        self._route_through_proxy(last_activity=entry.get("last_activity"))
         if self.parent is not None:
             self.connection_info = self.parent.get_connection_info()
         await self._restore(entry)
+        # The kernel's socket dir was frozen by the server that started it: check again.
+        await self._open_kernel_door()
         await asyncio.to_thread(
             self.registry.update,
             self.kernel_id,
@@ -544,6 +610,10 @@ class LimitedProvisionerMixin(LifecyclePolicy):
         if watchdog is not None:
             await watchdog.stop()
             self.watchdog = None
+        if self.proxy is not None:
+            # Whoever adopts the kernel next binds the client side anew.
+            await self.proxy.stop()
+            self.proxy = None
         metrics.LIVE_KERNELS.remove(self.kernel_id)
         km = self.parent
         if km is not None:
@@ -593,82 +663,123 @@ class LimitedProvisionerMixin(LifecyclePolicy):
         # parent": the kernel outlives a crashed server so it can be re-adopted, and it
         # does not print its standalone connection banner into the server's stdout.
         env = {"JPY_PARENT_PID": "1"}
-        if self.kernel_dir is not None:
-            env[NOTICE_ENV] = str(self.kernel_dir / "notice")
-        if self.output_limit:
-            env[OUTPUT_LIMIT_ENV] = str(self.output_limit)
+        if self.kdir is not None:
+            env[NOTICE_ENV] = str(self.kdir.ctl / "notice")
         if self.limits.mem_limit:
             env[MEM_LIMIT_ENV] = format_size(self.limits.mem_limit)
-        if self.kernel_dir is not None:
-            env[EXEC_STATE_ENV] = str(self.kernel_dir / "executing")
+        if self.output_limit:
+            env[OUTPUT_LIMIT_ENV] = str(self.output_limit)
         return env
 
-    def _add_kernel_hooks(self, kwargs: dict[str, Any]) -> None:
-        """IPython kernels: exec_timeout interrupts read as a TimeoutError with text, each
-        execution's output is capped at output_limit, the running execution is recorded
-        (see IPYTHON_HOOK)."""
-        cmd = kwargs.get("cmd") or []
-        if self.kernel_dir is None:
-            return
-        if not any("ipykernel" in part for part in cmd):
-            return  # not an IPython kernel: the interrupt alone has to do
-        hook = self.kernel_dir / "limited_provisioner_hooks.py"
-        hook.write_text(IPYTHON_HOOK)
-        os.chmod(hook, 0o644)
-        kwargs["cmd"] = [*cmd, f"--IPKernelApp.exec_files={hook}"]
+    # -- the per-kernel dir and the proxy ----------------------------------------------
 
-    # -- the per-kernel dir -----------------------------------------------------------
+    def _prepare_kernel_dir(self, uid: int | None = None, gid: int | None = None) -> str:
+        """Create the kernel dir (kerneldir.py), allocating a uid when we are root.
 
-    def _make_kernel_dir(self) -> str:
-        """Create ``<state_dir>/kernels/<id>/{work}`` owned by the kernel's uid.
-
-        It holds the connection file, the ipc sockets and the work dir (the kernel's
-        HOME). Returns a description of the kernel's identity for the enforcement report.
+        Returns a description of the kernel's identity for the enforcement report.
         """
         self.registry.ensure()
-        self.kernel_dir = self.registry.kernels_dir / self.kernel_id
-        if self.uid is None and os.geteuid() == 0:
-            self.uid = self._allocate_uid()
-        self.kernel_dir.mkdir(mode=0o700, exist_ok=True)
-        work = self.kernel_dir / "work"
-        work.mkdir(mode=0o700, exist_ok=True)
+        if uid is not None:
+            self.uid, self.gid = uid, gid if gid is not None else uid
+        elif self.uid is None and os.geteuid() == 0:
+            self.uid = self.gid = self._allocate_uid()
+        self.kdir = KernelDir(self.registry.kernels_dir, self.kernel_id, self.uid, self.gid)
+        self.kernel_dir = self.kdir.path
+        self.kdir.create()
+        # A notice is for one execution of one process: none survives into the next.
+        self.kdir.remove_file("notice")
         if self.uid is None:
             return f"server user (uid {os.geteuid()}): not root, cannot switch"
-        os.chown(self.kernel_dir, self.uid, self.uid)
-        os.chown(work, self.uid, self.uid)
-        return f"uid/gid {self.uid} (unprivileged, per kernel)"
+        return f"uid/gid {self.uid} (unprivileged, per kernel, host-wide unique)"
 
-    def _place_connection_file(self, ipc: bool) -> None:
-        """Point the KernelManager's connection file (and ipc sockets) into the kernel dir.
+    def _route_through_proxy(self, last_activity: float | None = None) -> None:
+        """Point the KernelManager (hence every client) at the proxy's sockets.
 
-        The kernel's uid must read the file (and ipykernel rewrites it); the server's
-        runtime dir is not readable by that uid, the kernel's own dir is.
+        Once per kernel: the client side keeps its addresses across restarts, and its
+        directory (``<state_dir>/clients/<id>``) is the server's alone.
         """
         km = self.parent
-        if km is None:
+        if km is None or self.kdir is None:
             return
-        if self.uid is not None or ipc:
-            km.connection_file = str(self.kernel_dir / "connection.json")
-        if ipc:
-            ipc_prefix = str(self.kernel_dir / "k")
-            if len(ipc_prefix) + 8 > MAX_IPC_PATH:
+        client_dir = self.registry.clients_dir / self.kernel_id
+        kernel_prefix = str(self.kdir.sock / "k")
+        for prefix in (str(client_dir / "c"), kernel_prefix):
+            if len(prefix) + IPC_SUFFIX > MAX_IPC_PATH:
                 msg = (
-                    f"state_dir {self.state_dir!r} is too long for ipc sockets "
-                    f"({ipc_prefix!r}); set {type(self).__name__}.state_dir to a shorter path"
+                    f"state_dir {self.state_dir!r} is too long for ipc sockets ({prefix!r}); "
+                    f"set {type(self).__name__}.state_dir to a shorter path"
                 )
                 raise SandboxUnavailableError(msg)
-            km.transport = "ipc"
-            km.cache_ports = False
-            km.ip = ipc_prefix
+        if self.proxy is None:
+            self.traffic = Traffic(last_activity)
+            self.proxy = KernelProxy(
+                kernel_id=self.kernel_id,
+                client_dir=client_dir,
+                kernel_prefix=kernel_prefix,
+                key=km.session.key,
+                signature_scheme=km.session.signature_scheme,
+                traffic=self.traffic,
+                output_limit=self.output_limit,
+                max_message_size=self.max_message_size,
+            )
+            self.proxy.bind_clients()
+        info = self.proxy.client_connection_info()
+        km.connection_file = str(client_dir / "connection.json")
+        km.transport = info["transport"]
+        km.ip = info["ip"]
+        km.cache_ports = False
+        for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+            setattr(km, name, info[name])
 
-    def _hand_over_connection_file(self) -> None:
+    async def _between_processes(self) -> None:
+        """A restart's cleanup: forget the dead process's sockets, keep the clients'.
+
+        jupyter_client has just removed the client-side socket names (it thinks they are
+        the kernel's): restore them, so reconnecting clients find the proxy again.
+        """
+        if self.proxy is not None:
+            await self.proxy.disconnect_kernel()
+            await asyncio.to_thread(self.proxy.relink)
+
+    def _proxy_enforcement(self) -> dict[str, str]:
+        result = {
+            "connections": "through the server's proxy: clients connect in a server-only "
+            "dir; the kernel's sockets are checked (type, owner) in its frozen socket dir "
+            "before use; every message from the kernel is HMAC-verified before it is "
+            f"forwarded; messages over {format_size(self.max_message_size)} are dropped",
+        }
+        if self.output_limit:
+            result["output_limit"] = (
+                f"enforced by the proxy ({format_size(self.output_limit)} of IOPub output "
+                "per execution, whatever sends it)"
+            )
+        return result
+
+    @property
+    def kernel_connection_file(self) -> str:
+        assert self.kdir is not None
+        return str(self.kdir.conn / "connection.json")
+
+    def _write_kernel_files(self, kwargs: dict[str, Any]) -> None:
+        """(Re)write what the kernel reads, every start: its own connection file (kernel
+        side of the proxy) and, for IPython kernels, the hook."""
+        assert self.kdir is not None and self.proxy is not None
         km = self.parent
-        if self.uid is not None and km is not None:
-            os.chown(km.connection_file, self.uid, self.uid)
+        info = self.proxy.kernel_connection_info()
+        info["kernel_name"] = getattr(km, "kernel_name", "") or ""
+        self.kdir.write("connection.json", json.dumps(info, indent=1), mode=0o600, where="conn")
+        cmd = kwargs.get("cmd") or []
+        if km is not None and cmd:
+            kwargs["cmd"] = cmd = [
+                part.replace(km.connection_file, self.kernel_connection_file) for part in cmd
+            ]
+        if any("ipykernel" in part for part in cmd):
+            hook = self.kdir.write("hooks.py", IPYTHON_HOOK, mode=0o644)
+            kwargs["cmd"] = [*cmd, f"--IPKernelApp.exec_files={hook}"]
 
     def _remove_kernel_dir(self) -> None:
-        if self.kernel_dir is not None:
-            shutil.rmtree(self.kernel_dir, ignore_errors=True)
+        if self.kdir is not None:
+            self.kdir.remove()
 
     # -- limit trips and exit reasons ----------------------------------------------
 
@@ -684,22 +795,17 @@ class LimitedProvisionerMixin(LifecyclePolicy):
     def death_report(self) -> dict[str, Any] | None:
         """Why the kernel just died, for its clients: ``{"kind", "reason", "parent"}``.
 
-        ``parent`` is the header (msg_id, session) of the execution it was running, read
-        from the exec-state file the kernel's hook leaves behind when it is killed
-        mid-cell; None if it died idle. Returns None while no exit reason is known.
-        Called from the restarter's callbacks, before the next process starts (which
-        removes the file): a read of a ~100-byte file in our own kernel dir.
+        ``parent`` is the header (msg_id, session) of the execution it was running, as
+        the proxy saw the client ask for it; None if it died idle. Returns None while no
+        exit reason is known. Called from the restarter's callbacks, before the proxy
+        forgets the dead process's executions.
         """
         if not self.exit_reason:
             return None
         parent = None
-        if self.kernel_dir is not None:
-            try:
-                state = json.loads((self.kernel_dir / "executing").read_text())
-                if state.get("msg_id"):
-                    parent = {"msg_id": state["msg_id"], "session": state.get("session", "")}
-            except (OSError, ValueError):
-                pass
+        running = self.traffic.running() if self.traffic is not None else None
+        if running is not None:
+            parent = {"msg_id": running.msg_id, "session": running.session}
         return {"kind": self.exit_kind or "exit", "reason": self.exit_reason, "parent": parent}
 
     def describe_enforcement(self) -> str:

@@ -1,10 +1,13 @@
 """``limited-docker-provisioner``: each kernel in its own locked-down container.
 
 The container runtime enforces the limits (memory without swap, CPU, pids, nofile,
-read-only root, size-capped tmpfs ``/tmp``, no capabilities, no-new-privileges,
+read-only root, size-capped tmpfs ``/tmp``, ``/var/tmp``, ``/run/lock`` and ``/dev/shm``,
+private IPC and PID namespaces, a capped json log, no capabilities, no-new-privileges,
 non-root uid, an init process, no network unless asked).  The kernel is reached over
-jupyter_client's ``ipc`` transport through the per-kernel host dir, bind-mounted at the
-same path, so even with ``network=False`` (``--network=none``) Jupyter can talk to it.
+``ipc`` sockets in its socket dir, bind-mounted at the same path, through the server's
+proxy (proxy.py), so even with ``network=False`` (``--network=none``) Jupyter can talk to
+it. Only three host dirs are mounted: the kernel's work dir and socket dir, and (read-only)
+the control dir with its connection file and hook.
 
 Every Docker SDK call goes through :meth:`LimitedDockerProvisioner._docker`, which runs
 it in a thread so a slow daemon never blocks the server's event loop.
@@ -100,10 +103,16 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         the security settings: those keys are refused.""",
     ).tag(config=True)
 
+    log_max_size = Unicode(
+        "1m",
+        help="""Size of the container's json log (its stdout/stderr) before Docker rotates
+        it; one file is kept. Default 1m.""",
+    ).tag(config=True)
+
     @default("env_keep")
     def _default_env_keep(self) -> list[str]:
         # The server's PATH, LANG, PYTHONPATH... describe the host, not the image.
-        return ["JPY_SESSION_NAME", "JUPYTER_*", "LIMITED_PROVISIONER_*"]
+        return ["JPY_SESSION_NAME", "LIMITED_PROVISIONER_OWNER"]
 
     @validate("extra_mounts")
     def _validate_extra_mounts(self, proposal: dict) -> list[str]:
@@ -179,10 +188,10 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         """Make the kernel dir and choose ipc (the container name must be free)."""
         # A restart reuses the kernel id, so the old container's name must be free.
         await self._remove_container(container_name(self.kernel_id))
+        uid = gid = None
         if self.container_user:
-            self.uid = int(self.container_user.split(":")[0])
-        identity = await asyncio.to_thread(self._make_kernel_dir)
-        self._place_connection_file(ipc=True)
+            uid, gid = (int(part) for part in self.container_user.split(":"))
+        identity = await asyncio.to_thread(self._prepare_kernel_dir, uid, gid)
         lim = self.limits
         self.enforcement = {
             "identity": identity.replace("per kernel", "per kernel, container user"),
@@ -196,7 +205,12 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             "network": "allowed (bridge network, network=True)"
             if lim.network
             else "hard (--network=none, ipc transport over a bind mount)",
-            "filesystem": "read-only root, cap_drop ALL, no-new-privileges, init process",
+            "filesystem": "read-only root, cap_drop ALL, no-new-privileges, init process; "
+            "only the kernel's work, socket and connection dirs (and, read-only, the "
+            "control dir) mounted",
+            "isolation": "container: private PID and IPC namespaces; private size-capped "
+            "tmpfs /tmp, /var/tmp, /run/lock, /dev/shm; json log capped at "
+            f"{self.log_max_size}",
         }
         for name in list(self.enforcement):
             if name.endswith("_limit") and getattr(lim, name, 0) is None:
@@ -210,8 +224,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         interpreter, which does not exist in the image.
         """
         km = self.parent
-        km.write_connection_file()
-        self._hand_over_connection_file()
+        await asyncio.to_thread(km.write_connection_file)
         self.connection_info = km.get_connection_info()
         extra = kwargs.pop("extra_arguments", [])
         argv = list(self.kernel_spec.argv) + list(extra)
@@ -221,8 +234,8 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         import docker.types
 
         lim = self.limits
-        kernel_dir = str(self.kernel_dir)
-        work = os.path.join(kernel_dir, "work")
+        assert self.kdir is not None
+        work = str(self.kdir.work)
         user = self._container_user()
         ulimits = [docker.types.Ulimit(name="core", soft=0, hard=0)]
         if lim.nofile_limit is not None:
@@ -238,7 +251,13 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             # kernel survives, instead of an OOM kill of the whole container.
             data = lim.mem_limit + DATA_RLIMIT_HEADROOM
             ulimits.append(docker.types.Ulimit(name="data", soft=data, hard=data))
-        mounts = [docker.types.Mount(kernel_dir, kernel_dir, type="bind")]
+        kdir = self.kdir
+        mounts = [
+            docker.types.Mount(str(kdir.work), str(kdir.work), type="bind"),
+            docker.types.Mount(str(kdir.sock), str(kdir.sock), type="bind"),
+            docker.types.Mount(str(kdir.conn), str(kdir.conn), type="bind"),
+            docker.types.Mount(str(kdir.ctl), str(kdir.ctl), type="bind", read_only=True),
+        ]
         for spec in self.extra_mounts:
             host, target, read_only = parse_mount(spec)
             mounts.append(docker.types.Mount(target, host, type="bind", read_only=read_only))
@@ -253,7 +272,15 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             "labels": self._labels(),
             "mounts": mounts,
             "read_only": True,
-            "tmpfs": {"/tmp": f"size={self._tmp_size()},mode=1777"},
+            "tmpfs": {
+                path: f"size={self._tmp_size()},mode=1777,nosuid,nodev"
+                for path in ("/tmp", "/var/tmp", "/run/lock")
+            },
+            "shm_size": self._tmp_size_bytes(),
+            "ipc_mode": "private",
+            "log_config": docker.types.LogConfig(
+                type="json-file", config={"max-size": self.log_max_size, "max-file": "1"}
+            ),
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "init": True,
@@ -285,6 +312,12 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         if self.uid is not None:
             return f"{self.uid}:{self.uid}"
         return f"{os.getuid()}:{os.getgid()}"
+
+    def _tmp_size_bytes(self) -> int:
+        from .limits import parse_size
+
+        size = self._tmp_size()
+        return size if isinstance(size, int) else parse_size("tmp_size", size) or 0
 
     def _tmp_size(self) -> int | str:
         if self.tmp_size:
@@ -322,7 +355,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         """Create and start the container; called by KernelManager after pre_launch."""
         env = dict(kwargs.get("env") or {})
-        work = str(self.kernel_dir / "work")
+        work = str(self.kdir.work)
         env.update(self._kernel_env())
         env.update({KERNEL_ID_ENV: self.kernel_id, "HOME": work})
         create = self._create_kwargs(cmd, env)
@@ -347,6 +380,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             pid=self.pid,
             pid_create_time=process_identity(self.pid) if self.pid else None,
             uid=self.uid,
+            gid=self.gid,
             kernel_dir=str(self.kernel_dir),
             work_dir=work,
             connection_file=getattr(self.parent, "connection_file", None),
@@ -355,6 +389,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         )
         self.work_dir = work
         self._start_watchdog()
+        await self._open_kernel_door()
         self.log.info(
             "Kernel %s started in container %s (%s) with %s [%s]",
             self.kernel_id,
@@ -437,10 +472,11 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             tail = await self._docker(client.api.logs, self.container_id, tail=20)
         except docker.errors.APIError:
             return  # already removed
+        # Kernel-written: bounded (the json log itself is capped at log_max_size).
         self.log.warning(
             "Kernel %s container output (last 20 lines):\n%s",
             self.kernel_id,
-            tail.decode(errors="replace").rstrip(),
+            tail[-4096:].decode(errors="replace").rstrip(),
         )
 
     def _note_exit(self, state: dict[str, Any]) -> None:
@@ -519,12 +555,10 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             await self.poll()  # capture OOMKilled before the evidence is removed
             await self._remove_container(self.container_id)
             self.container_id = None
-        if not restart:
+        if restart:
+            await self._between_processes()
+        else:
             await self._release()
-
-    async def _release(self) -> None:
-        await asyncio.to_thread(self._remove_kernel_dir)
-        await super()._release()
 
     # -- persistence ----------------------------------------------------------------
 

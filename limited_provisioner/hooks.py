@@ -1,27 +1,28 @@
-"""The startup hook every limited IPython kernel runs, and the files it shares with us.
+"""The startup hook every limited IPython kernel runs, and the files it reads.
 
-The provisioner passes the paths in environment variables (``*_ENV``) and loads the hook
-with ``--IPKernelApp.exec_files``; see :data:`IPYTHON_HOOK` for what it does.
+The provisioner writes the hook into the kernel dir (root-owned: the kernel can read it,
+not change it) and loads it with ``--IPKernelApp.exec_files``; see :data:`IPYTHON_HOOK`.
+The hook only *explains*: nothing it does, and nothing the kernel writes, is relied on
+to enforce a limit (the proxy and the provisioner do that, see proxy.py).
 """
 
 from __future__ import annotations
 
 NOTICE_ENV = "LIMITED_PROVISIONER_NOTICE_FILE"
-OUTPUT_LIMIT_ENV = "LIMITED_PROVISIONER_OUTPUT_LIMIT"
-EXEC_STATE_ENV = "LIMITED_PROVISIONER_EXEC_STATE_FILE"
 MEM_LIMIT_ENV = "LIMITED_PROVISIONER_MEM_LIMIT"
+OUTPUT_LIMIT_ENV = "LIMITED_PROVISIONER_OUTPUT_LIMIT"
 
 # Loaded into IPython kernels with ``--IPKernelApp.exec_files``. (1) When the provisioner
-# interrupts an execution for exec_timeout it first writes the notice file; this turns
-# the resulting KeyboardInterrupt into a TimeoutError whose text says why, in the cell's
-# own output (a model driving the kernel only ever sees that text). (2) It caps each
-# execution's stdout/stderr at the output limit. (3) It records the running execution in
-# the exec-state file from the kernel's main thread: code that holds the GIL in C (a
-# catastrophic regex) starves ipykernel's IOPub thread, so "busy" may never be published,
-# but the file is written before the user's code starts; it also names the execution a
-# killed kernel was running, so the server can put the reason into that cell. (4) A
-# MemoryError from the data rlimit names the memory limit. Stdlib only, so it runs in
-# any image; everything it defines is deleted from the user namespace.
+# interrupts an execution for exec_timeout it first writes the notice file ("<msg_id of
+# the execution>\n<reason>"); the resulting KeyboardInterrupt of *that* execution becomes
+# a TimeoutError whose text says why, in the cell's own output (a model driving the
+# kernel only ever sees that text). A user's own interrupt of another cell stays a
+# KeyboardInterrupt. (2) A MemoryError from the data rlimit names the memory limit.
+# (3) It stops print() output past the output limit inside the kernel: the proxy
+# enforces the limit on every kind of output anyway, but a print loop would otherwise
+# buffer what the proxy is going to drop in the kernel's own memory until it hits its
+# memory limit. Stdlib only, so it runs in any image; everything it defines is deleted
+# from the user namespace.
 IPYTHON_HOOK = '''\
 def __limited_provisioner_hooks():
     import os
@@ -30,33 +31,6 @@ def __limited_provisioner_hooks():
     shell = get_ipython()  # noqa: F821
     if shell is None:
         return
-    state_file = os.environ.get("%(state_env)s")
-    if state_file:
-        import json
-        import time
-
-        def started(*args):
-            parent = getattr(shell, "parent_header", None) or {}
-            header = parent.get("header") or {}
-            state = {
-                "msg_id": header.get("msg_id", ""),
-                "session": header.get("session", ""),
-                "since": time.time(),
-            }
-            try:
-                with open(state_file, "w") as f:
-                    json.dump(state, f)
-            except OSError:
-                pass
-
-        def finished(*args):
-            try:
-                os.unlink(state_file)
-            except OSError:
-                pass
-
-        shell.events.register("pre_execute", started)
-        shell.events.register("post_execute", finished)
 
     limit = int(os.environ.get("%(output_env)s") or 0)
     if limit:
@@ -88,21 +62,25 @@ def __limited_provisioner_hooks():
 
         for stream in (sys.stdout, sys.stderr):
             stream.write = capped(stream.write)
-
     notice_file = os.environ.get("%(env)s")
     mem_limit = os.environ.get("%(mem_env)s")
+
+    def timeout_notice():
+        if not notice_file:
+            return ""
+        try:
+            with open(notice_file) as f:
+                msg_id, _, text = f.read(4096).partition("\\n")
+        except OSError:
+            return ""
+        parent = getattr(shell, "parent_header", None) or {}
+        current = (parent.get("header") or {}).get("msg_id", "")
+        return text.strip() if msg_id and msg_id == current else ""
 
     replaced = []
 
     def explained(self, etype, evalue, tb, tb_offset=None):
-        notice = ""
-        if etype is KeyboardInterrupt and notice_file:
-            try:
-                with open(notice_file) as f:
-                    notice = f.read().strip()
-                os.unlink(notice_file)
-            except OSError:
-                pass
+        notice = timeout_notice() if etype is KeyboardInterrupt else ""
         if notice:
             error = TimeoutError(notice)
             replaced.append(error)
@@ -136,7 +114,6 @@ __limited_provisioner_hooks()
 del __limited_provisioner_hooks
 ''' % {
     "env": NOTICE_ENV,
-    "output_env": OUTPUT_LIMIT_ENV,
-    "state_env": EXEC_STATE_ENV,
     "mem_env": MEM_LIMIT_ENV,
+    "output_env": OUTPUT_LIMIT_ENV,
 }

@@ -4,24 +4,24 @@
 timer (:class:`LifecyclePolicy`, a base of every limited provisioner) and the tests call
 the same thing; the timer acts on the :class:`Verdict` it returns. Works for any client
 (JupyterLab, nbclient, an agent backend driving jupyter_client) because the activity is
-observed on the kernel's own IOPub, not reported by jupyter_server.
+what clients send through the kernel's proxy (proxy.py), by the server's clock: nothing
+the kernel writes or publishes can keep it alive or stretch an execution.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from traitlets import Float
 from traitlets.config import LoggingConfigurable
 
-from .activity import ActivityMonitor
+from .kerneldir import KernelDir
 from .limits import Limits, Seconds
+from .proxy import Traffic
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Verdict:
 
 
 def check_lifecycle(
-    monitor: ActivityMonitor,
+    monitor: Traffic,
     *,
     created: float,
     idle_timeout: float,
@@ -86,8 +86,8 @@ class LifecyclePolicy(LoggingConfigurable):
     """The per-kernel timer: idle_timeout, max_lifetime and exec_timeout.
 
     A base of LimitedProvisionerMixin, which provides what it reads: ``limits``,
-    ``registry``, ``kernel_dir``, ``kernel_id``, ``connection_info``, ``parent`` (the
-    KernelManager), ``record_trip()`` and ``send_signal()``.
+    ``registry``, ``kdir``, ``kernel_id``, ``traffic``, ``parent`` (the KernelManager),
+    ``record_trip()`` and ``send_signal()``.
     """
 
     max_lifetime = Seconds(
@@ -108,8 +108,8 @@ class LifecyclePolicy(LoggingConfigurable):
     ).tag(config=True)
 
     limits: Limits
-    kernel_dir: Path | None
-    monitor: ActivityMonitor | None = None
+    traffic: Traffic | None = None
+    kdir: KernelDir | None = None
     _lifecycle_task: asyncio.Task | None = None
     _interrupted: str | None = None
     _interrupted_at: float | None = None
@@ -121,8 +121,8 @@ class LifecyclePolicy(LoggingConfigurable):
         result = {}
         if lim.idle_timeout:
             result["idle_timeout"] = (
-                f"enforced by the provisioner ({lim.idle_timeout:g}s without IOPub activity, "
-                "never while busy)"
+                f"enforced by the provisioner ({lim.idle_timeout:g}s without a client request "
+                "seen by the proxy; never while an execution is pending)"
             )
         if lim.exec_timeout:
             result["exec_timeout"] = (
@@ -138,12 +138,6 @@ class LifecyclePolicy(LoggingConfigurable):
         if not (lim.idle_timeout or lim.exec_timeout or self.max_lifetime):
             return
         entry = self.registry.read(self.kernel_id) or {}
-        # Continue the persisted idle clock (restarts of the kernel or of the server).
-        state_file = str(self.kernel_dir / "executing") if self.kernel_dir else None
-        self.monitor = ActivityMonitor(
-            self.connection_info, entry.get("last_activity"), state_file=state_file
-        )
-        self.monitor.start()
         self._created = entry.get("created", time.time())
         self._interrupted = self._interrupted_at = None
         self._lifecycle_task = asyncio.ensure_future(self._lifecycle_loop())
@@ -154,19 +148,15 @@ class LifecyclePolicy(LoggingConfigurable):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.monitor is not None:
-            await self.monitor.stop()
-            self.monitor = None
 
     async def _lifecycle_loop(self) -> None:
         while True:
             await asyncio.sleep(self.lifecycle_interval)
-            monitor = self.monitor
+            monitor = self.traffic
             if monitor is None:
                 return
             try:
                 await self._persist_activity(monitor)
-                await asyncio.to_thread(monitor.refresh)
                 verdict = check_lifecycle(
                     monitor,
                     created=self._created,
@@ -179,7 +169,9 @@ class LifecyclePolicy(LoggingConfigurable):
                 )
                 if verdict.action == "interrupt":
                     self.record_trip(verdict.kind, verdict.reason)
-                    await asyncio.to_thread(self._write_notice, verdict.reason)
+                    await asyncio.to_thread(
+                        self._write_notice, monitor.executing or "", verdict.reason
+                    )
                     self._interrupted = monitor.executing
                     self._interrupted_at = time.time()
                     await self.send_signal(signal.SIGINT)
@@ -193,14 +185,16 @@ class LifecyclePolicy(LoggingConfigurable):
             except Exception:  # one bad round must not end the policy for this kernel
                 self.log.exception("Kernel %s: lifecycle check failed", self.kernel_id)
 
-    def _write_notice(self, text: str) -> None:
-        if self.kernel_dir is None:
-            return
-        path = self.kernel_dir / "notice"
-        path.write_text(text)
-        os.chmod(path, 0o644)
+    def _write_notice(self, msg_id: str, text: str) -> None:
+        """Why the execution ``msg_id`` is interrupted, for the kernel's hook to show.
 
-    async def _persist_activity(self, monitor: ActivityMonitor) -> None:
+        Written by the server into the kernel dir, which the kernel can read but not
+        change; the hook only believes it for the execution it names.
+        """
+        if self.kdir is not None:
+            self.kdir.write("notice", f"{msg_id}\n{text}", mode=0o644)
+
+    async def _persist_activity(self, monitor: Traffic) -> None:
         """Save last_activity (at most every 5 s) so a restart continues the idle clock."""
         if monitor.last_activity > self._activity_saved and time.time() - self._activity_saved > 5:
             self._activity_saved = time.time()

@@ -3,9 +3,14 @@
 On a host where we are root (the case this package is built for) the kernel runs:
 
 * in its own memory / cpu / pids cgroups (hard limits; see ``cgroups.py``),
-* in an empty network namespace, reached over jupyter_client's ``ipc`` transport,
-* in a private mount namespace with size-capped tmpfs on ``/tmp`` and ``/dev/shm``,
-* as a per-kernel unprivileged uid (from ``kernel_uid_range``) that owns its work dir,
+* in an empty network namespace (unless ``network``), reached over ``ipc`` sockets in
+  its kernel dir through the server's proxy (proxy.py),
+* in private PID, IPC and mount namespaces: it sees only its own processes, its SysV
+  IPC objects vanish with it, the host filesystem is read-only, and ``/tmp``,
+  ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` are private size-capped tmpfs,
+* as a per-kernel unprivileged uid (host-wide unique, uids.py) that owns only its work
+  dir and, until it has bound them, its socket dir,
+* with its stdout/stderr in a size-capped log (kernellog.py), not the server's streams,
 * with rlimits: RLIMIT_DATA (mem), RLIMIT_NOFILE, RLIMIT_FSIZE (disk), RLIMIT_CORE=0,
 * watched by a :class:`~limited_provisioner.watchdog.Watchdog` for the work dir size
   and file count (and for memory where no cgroup exists).
@@ -32,6 +37,8 @@ from traitlets import Float, Int
 from . import _launch
 from .base import LimitedProvisionerMixin
 from .cgroups import KernelCgroups
+from .errors import LimitConfigError
+from .kernellog import KernelLog
 from .limits import DATA_RLIMIT_HEADROOM, format_size
 from .registry import process_identity
 from .watchdog import KERNEL_ID_ENV, Watchdog, tree_pids
@@ -68,6 +75,20 @@ def _can_unshare_net() -> bool:
     return os.geteuid() == 0 and Path("/proc/self/ns/net").exists()
 
 
+# World-writable host directories: each kernel gets a private, size-capped tmpfs in their
+# place, so nothing it writes there is shared with the host or outlives it.
+PRIVATE_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+def scratch_parent(path: str) -> str | None:
+    """The private scratch dir ``path`` lies in, if any (the kernel could not see it)."""
+    real = os.path.realpath(path)
+    for scratch in PRIVATE_SCRATCH:
+        if real == scratch or real.startswith(scratch + "/"):
+            return scratch
+    return None
+
+
 class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
     """A :class:`LocalProvisioner` whose kernel runs inside resource limits."""
 
@@ -87,7 +108,15 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         ready. 0 applies the quota from the first instruction.""",
     ).tag(config=True)
 
+    kernel_log_limit = Int(
+        1024 * 1024,
+        help="""Bytes of a kernel process's own stdout/stderr (raw writes to fd 1/2, C
+        libraries, subprocesses) kept in <kernel dir>/kernel.log; the rest is dropped.
+        Never written to the server's streams. Default 1 MiB.""",
+    ).tag(config=True)
+
     cgroups: KernelCgroups | None = None
+    kernel_log: KernelLog | None = None
     _cpu_task: asyncio.Task | None = None
     watchdog: Watchdog | None = None
     pid_create_time: float | None = None
@@ -96,19 +125,26 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
     # -- start ----------------------------------------------------------------------
 
     async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
-        """Create the kernel dir, uid, cgroups and choose the transport.
+        """Create the kernel dir, uid and cgroups; decide what the launcher isolates.
 
-        Runs before LocalProvisioner.pre_launch writes the connection file, because
-        with ``network=False`` the file must say ``transport=ipc`` and live where the
-        kernel's uid can rewrite it.
+        Runs before LocalProvisioner.pre_launch writes the connection file.
         """
         await asyncio.to_thread(self._prepare_sandbox_sync)
-        self._place_connection_file(ipc=not self.limits.network and self._netns)
 
     def _prepare_sandbox_sync(self) -> None:
         enforcement: dict[str, str] = {}
         root = os.geteuid() == 0
-        enforcement["identity"] = self._make_kernel_dir()
+        if root:
+            scratch = scratch_parent(str(self.registry.state_dir))
+            if scratch is not None:
+                msg = (
+                    f"state_dir {self.registry.state_dir} is under {scratch}, which every "
+                    f"kernel gets a private, empty copy of: the kernel could not see its own "
+                    f"dir. Choose a state_dir outside {', '.join(PRIVATE_SCRATCH)} (the "
+                    f"default is /var/lib/limited-provisioner)"
+                )
+                raise LimitConfigError(msg)
+        enforcement["identity"] = self._prepare_kernel_dir()
 
         self.cgroups = KernelCgroups.create(
             self.kernel_id, self.limits, defer_cpu=self.cpu_startup_grace > 0
@@ -137,10 +173,27 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         if lim.disk_limit is not None:
             enforcement["disk_limit"] = (
                 "hard per file (RLIMIT_FSIZE); best-effort total (watchdog on work dir"
-                + (", size-capped tmpfs /tmp and /dev/shm)" if root else ")")
+                + (
+                    "; host filesystem read-only; private size-capped tmpfs on "
+                    + ", ".join(d for d in PRIVATE_SCRATCH if os.path.isdir(d))
+                    + ")"
+                    if self._isolate
+                    else ")"
+                )
             )
         if lim.files_limit is not None:
             enforcement["files_limit"] = "best-effort (watchdog on work dir)"
+        if self._isolate:
+            enforcement["isolation"] = (
+                "private PID, IPC and mount namespaces (other kernels' processes invisible, "
+                "SysV IPC gone with the kernel, host filesystem read-only except its work "
+                "dir); stdout/stderr to a capped log"
+            )
+        else:
+            enforcement["isolation"] = (
+                "NOT enforced (needs root): the kernel runs as the server's user and can "
+                "see and touch what the server can"
+            )
         self._netns = _can_unshare_net()
         if lim.network:
             enforcement["network"] = "allowed (network=True)"
@@ -150,8 +203,9 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             enforcement["network"] = "NOT enforced (needs root for a network namespace)"
         self.enforcement = enforcement
 
-    async def _prepare_launch(self, kwargs: dict[str, Any]) -> None:
-        self._hand_over_connection_file()
+    @property
+    def _isolate(self) -> bool:
+        return os.geteuid() == 0 and self.uid is not None
 
     def _sandbox_spec(self, cwd: str) -> dict[str, Any]:
         lim = self.limits
@@ -173,12 +227,27 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         if self.cgroups is None or "cpu" not in self.cgroups.paths:
             spec["nice"] = self.kernel_nice
         if self.uid is not None:
-            spec["uid"] = spec["gid"] = self.uid
+            spec["uid"] = self.uid
+            spec["gid"] = self.gid if self.gid is not None else self.uid
+        if self._isolate:
+            assert self.kdir is not None
+            spec["isolate"] = True
             spec["tmpfs"] = self._tmpfs_mounts()
-            expose = exposures_for(self._interpreter_paths())
+            spec["writable"] = sorted(
+                {str(self.kdir.work), str(self.kdir.sock), str(self.kdir.conn), cwd}
+            )
+            spec["stage_dir"] = str(self.kdir.path)
+            paths = self._interpreter_paths()
+            expose = exposures_for(paths)
+            # An interpreter (a venv) in a scratch dir would be hidden by the private tmpfs.
+            for path in sorted({os.path.realpath(p) for p in paths if p}):
+                scratch = scratch_parent(path)
+                if scratch and path != scratch and not any(
+                    path == done or path.startswith(done + os.sep) for done in expose
+                ):
+                    expose[path] = scratch
             if expose:
                 spec["expose"] = expose
-                spec["stage_dir"] = str(self.kernel_dir)
         return spec
 
     def _interpreter_paths(self) -> list[str]:
@@ -192,22 +261,24 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         return paths
 
     def _tmpfs_mounts(self) -> dict[str, str]:
-        """Private /tmp and /dev/shm, so writes there are capped and vanish with the kernel."""
+        """A private tmpfs on every world-writable scratch dir of the host, so writes there
+        are capped, seen by no one else and vanish with the kernel. tmpfs pages are
+        memory, charged to the kernel's memory cgroup: capped at mem_limit too."""
         lim = self.limits
-        mounts = {}
         size = lim.disk_limit if lim.disk_limit is not None else 1024**3
+        if lim.mem_limit:
+            size = min(size, lim.mem_limit)
         inodes = f",nr_inodes={lim.files_limit}" if lim.files_limit else ""
-        # A kernel dir under /tmp would be hidden by the new /tmp mount.
-        if not str(self.kernel_dir).startswith("/tmp/"):
-            mounts["/tmp"] = f"size={size},mode=1777{inodes}"
-        if Path("/dev/shm").is_dir():
-            shm = min(size, lim.mem_limit) if lim.mem_limit else size
-            mounts["/dev/shm"] = f"size={shm},mode=1777{inodes}"
-        return mounts
+        return {
+            target: f"size={size},mode=1777{inodes}"
+            for target in PRIVATE_SCRATCH
+            if os.path.isdir(target)
+        }
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
-        """Start the kernel through ``_launch`` (which applies the sandbox, then execs)."""
-        work = str(self.kernel_dir / "work")
+        """Start the kernel through ``_launch`` (which applies the sandbox, then execs),
+        then check and connect its sockets (``_open_kernel_door``)."""
+        work = str(self.kdir.work)
         if self.private_work_dir:
             kwargs["cwd"] = work
             self.work_dir = work
@@ -239,7 +310,15 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         # Independent: no JPY_PARENT_PID, so the kernel outlives a crashed server and can
         # be re-adopted (recovery.py) instead of dying with it.
         kwargs["independent"] = True
-        connection_info = await super().launch_kernel(wrapped, **kwargs)
+        if self.kernel_log is not None:
+            self.kernel_log.close()
+        log_fd = await asyncio.to_thread(self.kdir.open_log)
+        self.kernel_log = KernelLog(log_fd, self.kernel_log_limit, str(self.kdir.path / "kernel.log"))
+        kwargs["stdout"] = kwargs["stderr"] = self.kernel_log.write_fd
+        try:
+            connection_info = await super().launch_kernel(wrapped, **kwargs)
+        finally:
+            self.kernel_log.start()
         self.pid_create_time = process_identity(self.pid)
         self.exit_reason = self.exit_kind = None
         self._shutting_down = False
@@ -250,6 +329,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             pid=self.pid,
             pid_create_time=self.pid_create_time,
             uid=self.uid,
+            gid=self.gid,
             kernel_dir=str(self.kernel_dir),
             work_dir=self.work_dir,
             connection_file=getattr(self.parent, "connection_file", None),
@@ -262,6 +342,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         self._start_watchdog(baseline_bytes, baseline_files)
         if self.cpu_startup_grace > 0 and "cpu" in self.cgroups.paths:
             self._cpu_task = asyncio.ensure_future(self._apply_cpu_quota_later())
+        await self._open_kernel_door()
         self.log.info(
             "Kernel %s started as pid %s with %s [%s]",
             self.kernel_id,
@@ -301,7 +382,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         except OSError:
             self.pgid = None  # gone meanwhile: poll() will say so
         self.cgroups = KernelCgroups.attach(self.kernel_id, entry.get("cgroups") or [])
-        self._netns = self.parent is not None and self.parent.transport == "ipc"
+        self._netns = _can_unshare_net()
         baseline = entry.get("disk_baseline") or [0, 0]
         self._start_watchdog(baseline[0], baseline[1])
         self.log.info("Kernel %s adopted (pid %s)", self.kernel_id, self.pid)
@@ -367,14 +448,19 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
                 f"memory limit {format_size(self.limits.mem_limit)} exceeded (OOM killed)",
             )
         elif code == _launch.EXIT_SANDBOX_FAILED:
-            self.record_trip("sandbox", "sandbox setup failed (see the kernel's stderr)")
+            tail = self.kernel_log.tail().strip() if self.kernel_log else ""
+            self.record_trip("sandbox", f"sandbox setup failed: {tail or 'see kernel.log'}")
         elif self.exit_reason is None and not self._shutting_down:
             if code < 0:
                 self.exit_reason = f"killed by signal {signal.Signals(-code).name}"
             elif code:
                 self.exit_reason = f"exited with status {code}"
             if self.exit_reason:
-                self.log.warning("Kernel %s died: %s", self.kernel_id, self.exit_reason)
+                tail = self.kernel_log.tail().rstrip() if self.kernel_log else ""
+                self.log.warning(
+                    "Kernel %s died: %s%s", self.kernel_id, self.exit_reason,
+                    f"; its last output (kernel.log):\n{tail}" if tail else "",
+                )
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         """Called by KernelManager.request_shutdown(); an exit after this is expected."""
@@ -423,18 +509,22 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             self._cpu_task = None
         await asyncio.to_thread(self._kill_tree)
         await super().cleanup(restart=restart)
-        if not restart:
+        if restart:
+            await self._between_processes()
+        else:
             await self._release()
 
     async def _release(self) -> None:
         await asyncio.to_thread(self._remove_traces)
+        if self.kernel_log is not None:
+            self.kernel_log.close()
+            self.kernel_log = None
         await super()._release()
 
     def _remove_traces(self) -> None:
         if self.cgroups is not None:
             self.cgroups.kill_all()
             self.cgroups.remove()
-        self._remove_kernel_dir()
 
     # -- persistence ----------------------------------------------------------------
 

@@ -16,10 +16,11 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from . import uids
 from .cgroups import KernelCgroups
+from .kerneldir import KernelDir
 from .metrics import ORPHANS_REAPED
 from .registry import Registry, is_alive, process_identity
 
@@ -102,9 +103,12 @@ def remove_kernel(registry: Registry, entry: dict[str, Any], docker_client: Any 
         elif entry.get("pid") and is_alive(entry):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(entry["pid"], signal.SIGKILL)
-    kernel_dir = entry.get("kernel_dir") or str(registry.kernels_dir / kid)
-    if Path(kernel_dir).parent == registry.kernels_dir:  # never rm anything else
-        shutil.rmtree(kernel_dir, ignore_errors=True)
+    # Only ever <state_dir>/kernels/<id> and <state_dir>/clients/<id>, whatever the entry
+    # says, removed without following a link the kernel planted in its dirs.
+    KernelDir(registry.kernels_dir, kid, None, None).remove()
+    shutil.rmtree(registry.clients_dir / kid, ignore_errors=True)
+    if entry.get("uid") is not None:
+        uids.release(entry["uid"], kid)
     registry.remove(kid)
 
 

@@ -47,10 +47,14 @@ class Registry:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         self.entries_dir = self.state_dir / "registry"
         self.kernels_dir = self.state_dir / "kernels"
+        # The client side of each kernel's proxy: the server's alone (proxy.py).
+        self.clients_dir = self.state_dir / "clients"
 
     def ensure(self) -> None:
         self.entries_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.entries_dir, 0o700)
+        self.clients_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.clients_dir, 0o700)
         self.kernels_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         # Kernels running as other uids must be able to traverse into their own dir,
         # but not list the others.

@@ -154,6 +154,19 @@ async def run(kc, code: str, timeout: float = 60) -> dict:
     return out
 
 
+def host_pids_of(kernel_id: str) -> set[int]:
+    """Host pids of a kernel's processes (what a kernel prints is its own PID namespace's):
+    every process carrying the kernel's id in its environment."""
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("LIMITED_PROVISIONER_KERNEL_ID") == kernel_id:
+                found.add(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
 def alive(pids) -> list[int]:
     result = []
     for pid in pids:

@@ -151,7 +151,7 @@ def make_service(request, tmp_path, jupyter_path):
 
     def _make(**settings: str) -> Service:
         # Short on purpose: the kernels' ipc socket paths live under it.
-        state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/tmp"))
+        state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
         states.append(state)
         log_dir = tmp_path / f"svc{len(services)}"
         log_dir.mkdir()
@@ -171,7 +171,7 @@ def make_service(request, tmp_path, jupyter_path):
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """One service shared by the module's tests; each test uses its own users."""
-    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/tmp"))
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
     svc = Service(state, "test-ab-" + uuid.uuid4().hex[:8], tmp_path_factory.mktemp("svc"))
     try:
         svc.start()

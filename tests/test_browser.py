@@ -83,7 +83,7 @@ async def running_lab(tmp_path: Path):
         "import faulthandler, signal\n"
         "faulthandler.register(signal.SIGUSR2, all_threads=True)\n"
     )
-    state = tempfile.mkdtemp(prefix="lp-", dir="/var/tmp")
+    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
     env = {
         **os.environ,
         "JUPYTER_PATH": str(jupyter_path),

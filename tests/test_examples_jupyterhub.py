@@ -29,7 +29,7 @@ from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
-from limited_provisioner.base import MAX_IPC_PATH, LimitedProvisionerMixin
+from limited_provisioner.base import IPC_SUFFIX, MAX_IPC_PATH, LimitedProvisionerMixin
 from limited_provisioner.cli import main as cli
 from limited_provisioner.docker import LimitedDockerProvisioner
 from limited_provisioner.limits import parse_size
@@ -126,9 +126,11 @@ def test_provisioners_parse_the_example_limits(hub_env, cls):
     assert prov.server_id.endswith("-alice-gpu")
     if cls is LimitedDockerProvisioner:
         assert (lim.pids_limit, lim.network) == (256, False)
-        # ipc sockets live in <state_dir>/kernels/<id>/k-N; the path must fit sun_path.
-        ipc_prefix = f"{prov.state_dir}/kernels/{'0' * 36}/k"
-        assert len(ipc_prefix) + 8 <= MAX_IPC_PATH
+        # ipc sockets live in <state_dir>/kernels/<id>/sock/k-N (the kernel's) and
+        # <state_dir>/clients/<id>/c-N (the proxy's); both must fit sun_path.
+        for ipc_prefix in (f"{prov.state_dir}/kernels/{'0' * 36}/sock/k",
+                           f"{prov.state_dir}/clients/{'0' * 36}/c"):
+            assert len(ipc_prefix) + IPC_SUFFIX <= MAX_IPC_PATH
     else:
         expected_pids = None if os.path.exists("/.dockerenv") else 1024
         assert (lim.pids_limit, lim.network) == (expected_pids, True)
@@ -166,7 +168,7 @@ def _request(method: str, url: str) -> tuple[int, dict]:
 
 def test_single_user_server_enforces_the_per_user_cap(tmp_path):
     """jupyter_server with the example config, as JupyterHub would start alice's server."""
-    home = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/tmp"))
+    home = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
     os.chmod(home, 0o711)  # kernels run as their own uid when the server is root
     prefix = tmp_path / "prefix"
     assert cli(["install", "--prefix", str(prefix), "--name", "limited-python"]) == 0

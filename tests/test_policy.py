@@ -17,7 +17,7 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 
 from limited_provisioner import KernelLimitError
-from limited_provisioner.activity import DELIM, ActivityMonitor
+from limited_provisioner.proxy import Traffic
 from limited_provisioner.registry import Registry
 
 from .conftest import alive, backends, kill_kernel_leftovers, run, write_kernelspec
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def state_dir(monkeypatch):
     """A registry of our own, so caps count only this test's kernels (short path: ipc)."""
-    path = tempfile.mkdtemp(prefix="lp-", dir="/var/tmp")
+    path = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
     monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", path)
     yield Path(path)
     for entry in Registry(path).entries():
@@ -311,20 +311,17 @@ async def test_max_lifetime_ends_even_a_busy_kernel(start_kernel):
     assert "max_lifetime 3s reached" in prov.exit_reason
 
 
-def _iopub(msg_type: str, parent_type: str, content: dict) -> list[bytes]:
-    """An IOPub message's frames as the monitor receives them (unsigned: it only reads)."""
-    parts = [{"msg_type": msg_type}, {"msg_type": parent_type, "msg_id": parent_type},
-             {}, content]
-    return [b"topic", DELIM, b"", *(json.dumps(p).encode() for p in parts)]
-
-
 def test_reconnect_chatter_does_not_reset_the_idle_clock():
     """A client that reconnects (kernel_info_request) more often than idle_timeout - a
     crash-looping agent service - must not keep an abandoned kernel alive forever."""
-    monitor = ActivityMonitor({"ip": "127.0.0.1", "iopub_port": 1}, last_activity=1000.0)
-    for state in ("busy", "idle"):
-        monitor.observe(_iopub("status", "kernel_info_request", {"execution_state": state}))
-    monitor.observe(_iopub("status", "comm_info_request", {"execution_state": "busy"}))
-    assert monitor.last_activity == 1000.0 and not monitor.busy
-    monitor.observe(_iopub("status", "execute_request", {"execution_state": "busy"}))
-    assert monitor.last_activity > 1000.0 and monitor.executing == "execute_request"
+    traffic = Traffic(last_activity=1000.0)
+    for msg_type in ("kernel_info_request", "comm_info_request", "usage_request"):
+        traffic.request(msg_type, {"msg_id": msg_type}, now=2000.0)
+    assert traffic.last_activity == 1000.0 and not traffic.busy
+    traffic.request("execute_request", {"msg_id": "x", "session": "s"}, now=2000.0)
+    assert traffic.last_activity == 2000.0 and traffic.executing == "x"
+    # A reply to something never asked (forged by the kernel) changes nothing.
+    traffic.reply("execute_reply", "forged", now=3000.0)
+    assert traffic.executing == "x" and traffic.executing_since == 2000.0
+    traffic.reply("execute_reply", "x", now=3000.0)
+    assert not traffic.busy and traffic.last_activity == 3000.0

@@ -89,7 +89,7 @@ class Server:
 @pytest.fixture
 def recovery_env(jupyter_path):
     """Private state dir and server id; afterwards everything in that registry is removed."""
-    state = tempfile.mkdtemp(prefix="lp-", dir="/var/tmp")
+    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
     server_id = "test-" + uuid.uuid4().hex[:8]
     env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config"),
            "LIMITED_PROVISIONER_STATE_DIR": state, "LIMITED_PROVISIONER_SERVER_ID": server_id}

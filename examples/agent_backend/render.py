@@ -13,6 +13,7 @@ was culled, a child process was OOM-killed) come just before it, one per line, a
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,14 @@ def strip_ansi(text: str) -> str:
     return ANSI.sub("", text)
 
 
+# What one execution may make the service hold (text kept for the answer). The proxy
+# already caps a cell's output at the kernelspec's output_limit; this caps what the
+# service keeps of it whatever that setting is, so one tenant's cell cannot exhaust the
+# memory every other tenant's sessions share.
+MAX_KEPT_BYTES = 2 * 1024 * 1024
+TRUNCATED = "\n[limited-provisioner notice] output truncated: the service keeps at most {n} bytes per execution\n"
+
+
 @dataclass
 class Execution:
     """Outputs of one execute request, collected from IOPub in arrival order."""
@@ -40,6 +49,8 @@ class Execution:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     chunks: list[str] = field(default_factory=list)
     reply: dict[str, Any] | None = None
+    kept: int = 0
+    limit: int = MAX_KEPT_BYTES
 
     def handle(self, msg: dict[str, Any]) -> bool:
         """Take one IOPub message of this execution; True once the kernel is idle."""
@@ -47,6 +58,12 @@ class Execution:
         content = msg["content"]
         if kind == "status":
             return content.get("execution_state") == "idle"
+        if self.kept >= self.limit:
+            return False  # already truncated: nothing more is kept
+        self.kept += len(json.dumps(content, default=str))
+        if self.kept >= self.limit:
+            self.chunks.append(TRUNCATED.format(n=self.limit))
+            return False
         if kind == "stream":
             text = content.get("text", "")
             if content.get("name") == "stderr":

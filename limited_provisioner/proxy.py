@@ -1,0 +1,486 @@
+"""The kernel's only door: a proxy between its sockets and every client.
+
+Clients (jupyter_server, ``KernelManager.client()``, nbclient, an agent backend) connect
+to sockets the *server* binds in a directory only its user can enter; the proxy forwards
+to the kernel's own sockets, which it connects to only after the kernel dir has checked
+them (see ``KernelDir.freeze_sockets``). Standing in the middle lets the server rely on
+what the kernel cannot forge:
+
+* **Requests come from clients only.** What clients ask (an execute, a completion, a
+  comm message) and when is seen on the way in, by the server's clock: idle culling and
+  exec_timeout rest on that (:class:`Traffic`), never on what the kernel says about
+  itself. A reply the kernel sends early can only end an execution sooner.
+* **Every message from the kernel is verified** (HMAC of the session key) before it is
+  forwarded, on every channel: a kernel that points a socket at another kernel's, or
+  publishes unsigned frames, reaches no client.
+* **Output is capped on the receiving side**: bytes per execution (``output_limit``, a
+  notice once, the rest dropped) and bytes per message (``max_message_size``), whatever
+  the kernel uses to send it (print, display_data, raw IOPub sends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger(__name__)
+
+DELIM = b"<IDS|MSG>"
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+# Fixed ports (ipc "ports" are file name suffixes): the same on both sides, every start.
+PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
+KERNEL_SOCKETS = [f"k-{port}" for port in PORTS.values()]
+# Requests clients send by themselves on every (re)connect: answering them is not use.
+# Counting them would let a client that reconnects more often than idle_timeout (a
+# crash-looping agent service, a flapping browser tab) keep an abandoned kernel forever.
+HOUSEKEEPING = frozenset({"kernel_info_request", "comm_info_request", "usage_request"})
+# Header and parent header frames are small; bigger ones are not worth parsing.
+MAX_HEADER_BYTES = 64 * 1024
+# Messages the proxy buffers per kernel socket: with max_message_size this bounds what a
+# flooding kernel can make the server hold (the rest waits in the kernel's own memory).
+KERNEL_RCVHWM = 8
+# Counted on top of output_limit: message framing, and the notice the kernel's own hook
+# prints when it stops a print loop at the same limit (hooks.py).
+FRAMING_ALLOWANCE = 64 * 1024
+OUTPUT_NOTICE = (
+    "\n[limited-provisioner] output limit of {limit} bytes reached: the rest of this "
+    "cell's output is dropped\n"
+)
+
+_context: zmq.asyncio.Context | None = None
+
+
+def zmq_context() -> zmq.asyncio.Context:
+    """Our own asyncio context: ``zmq.asyncio.Context.instance()`` can hand back a
+    *sync* context that another library created first, whose sockets cannot be awaited."""
+    global _context
+    if _context is None or _context.closed:
+        _context = zmq.asyncio.Context()
+    return _context
+
+
+@dataclass
+class Execution:
+    msg_id: str
+    session: str
+    sent: float
+    started: float | None = None
+
+
+class Traffic:
+    """What clients asked of one kernel and what it answered, by the server's clock.
+
+    ``last_activity`` moves on a client's request (housekeeping excluded) and on the
+    reply that ends an execution; the kernel's own output never moves it. An execution
+    runs from the later of its request and the previous execution's reply until its own
+    reply: requests queue in the kernel and run one at a time.
+    """
+
+    def __init__(self, last_activity: float | None = None):
+        self.last_activity = last_activity or time.time()
+        self._pending: list[Execution] = []
+
+    def request(self, msg_type: str, header: dict[str, Any], now: float | None = None) -> None:
+        now = now or time.time()
+        if msg_type in HOUSEKEEPING:
+            return
+        self.last_activity = now
+        if msg_type == "execute_request":
+            execution = Execution(str(header.get("msg_id", "")), str(header.get("session", "")), now)
+            if not self._pending:
+                execution.started = now
+            self._pending.append(execution)
+
+    def reply(self, msg_type: str, parent_id: str, now: float | None = None) -> None:
+        """A verified execute_reply: ends the execution it answers (if it is pending)."""
+        if msg_type != "execute_reply":
+            return
+        now = now or time.time()
+        for i, execution in enumerate(self._pending):
+            if execution.msg_id == parent_id:
+                del self._pending[i]
+                self.last_activity = now
+                if self._pending and self._pending[0].started is None:
+                    self._pending[0].started = now
+                return
+
+    def reset(self) -> None:
+        """The kernel process is gone: nothing it was asked is running any more."""
+        self._pending.clear()
+
+    def running(self) -> Execution | None:
+        return self._pending[0] if self._pending else None
+
+    @property
+    def executing(self) -> str | None:
+        running = self.running()
+        return running.msg_id if running else None
+
+    @property
+    def executing_since(self) -> float | None:
+        running = self.running()
+        return running.started if running else None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    def idle_for(self, now: float | None = None) -> float:
+        """Seconds since the last activity; 0 while an execution is pending."""
+        if self.busy:
+            return 0.0
+        return max(0.0, (now or time.time()) - self.last_activity)
+
+    def execution_running_for(self, now: float | None = None) -> float:
+        since = self.executing_since
+        if since is None:
+            return 0.0
+        return (now or time.time()) - since
+
+
+class OutputBudget:
+    """Bytes of IOPub output per execution (by parent msg_id); past the limit, one notice
+    and then nothing. Output with an older parent (a background thread of a finished
+    cell) keeps counting against that cell's budget."""
+
+    def __init__(self, limit: int | None, remember: int = 64):
+        self.limit = limit
+        self._cap = limit + FRAMING_ALLOWANCE if limit else 0
+        self._used: OrderedDict[str, int] = OrderedDict()
+        self._remember = remember
+
+    def admit(self, parent_id: str, size: int) -> str:
+        """"pass", "notice" (first refusal: tell the cell) or "drop"."""
+        if not self._cap:
+            return "pass"
+        used = self._used.pop(parent_id, 0)
+        self._used[parent_id] = used + size
+        while len(self._used) > self._remember:
+            self._used.popitem(last=False)
+        if used + size <= self._cap:
+            return "pass"
+        return "notice" if used <= self._cap else "drop"
+
+
+def _digest(signature_scheme: str) -> Any:
+    name = signature_scheme.split("-", 1)[-1] if signature_scheme else "sha256"
+    return getattr(hashlib, name)
+
+
+class KernelProxy:
+    """Forwards one kernel's five channels between its sockets and its clients.
+
+    ``client_dir``: a directory only the server's user can enter, where the client-facing
+    sockets are bound (``s-<port>``) and linked under the names clients connect to
+    (``c-<port>``: jupyter_client removes those on restart, :meth:`relink` restores
+    them). ``kernel_prefix``: the kernel's ipc prefix (``<kernel dir>/sock/k``).
+    """
+
+    def __init__(
+        self,
+        *,
+        kernel_id: str,
+        client_dir: Path,
+        kernel_prefix: str,
+        key: bytes,
+        signature_scheme: str,
+        traffic: Traffic,
+        output_limit: int | None,
+        max_message_size: int | None,
+    ):
+        self.kernel_id = kernel_id
+        self.client_dir = Path(client_dir)
+        self.kernel_prefix = kernel_prefix
+        self.key = key
+        self.signature_scheme = signature_scheme
+        self.traffic = traffic
+        self.budget = OutputBudget(output_limit)
+        self.max_message_size = max_message_size
+        self._auth = hmac.new(key, digestmod=_digest(signature_scheme)) if key else None
+        self._clients: dict[str, zmq.asyncio.Socket] = {}
+        self._kernel: dict[str, zmq.asyncio.Socket] = {}
+        self._pumps: list[asyncio.Task] = []
+        self.dropped = 0  # messages from the kernel refused (bad signature, too big)
+        self._session: Any = None
+
+    # -- addresses ------------------------------------------------------------------
+
+    @property
+    def client_prefix(self) -> str:
+        return str(self.client_dir / "c")
+
+    def client_connection_info(self) -> dict[str, Any]:
+        """What clients are told: ipc in the server-only dir, fixed ports."""
+        return {
+            "transport": "ipc",
+            "ip": self.client_prefix,
+            **{f"{channel}_port": port for channel, port in PORTS.items()},
+        }
+
+    def kernel_connection_info(self) -> dict[str, Any]:
+        """What the kernel is told (its own connection file)."""
+        return {
+            "transport": "ipc",
+            "ip": self.kernel_prefix,
+            **{f"{channel}_port": port for channel, port in PORTS.items()},
+            "key": self.key.decode(),
+            "signature_scheme": self.signature_scheme,
+        }
+
+    # -- client side ------------------------------------------------------------------
+
+    def bind_clients(self) -> None:
+        """Bind the client-facing sockets (once per kernel; kept across restarts)."""
+        if self._clients:
+            return
+        os.makedirs(self.client_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.client_dir, 0o700)
+        ctx = zmq_context()
+        for channel, port in PORTS.items():
+            sock = ctx.socket(zmq.PUB if channel == "iopub" else zmq.ROUTER)
+            sock.linger = 0
+            bound = self.client_dir / f"s-{port}"
+            with contextlib.suppress(FileNotFoundError):
+                bound.unlink()  # left by a server that died
+            sock.bind(f"ipc://{bound}")
+            self._clients[channel] = sock
+        self.relink()
+
+    def relink(self) -> None:
+        """(Re)create the names clients connect to (hard links of the bound sockets)."""
+        for port in PORTS.values():
+            link = self.client_dir / f"c-{port}"
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            os.link(self.client_dir / f"s-{port}", link)
+
+    # -- kernel side ------------------------------------------------------------------
+
+    def connect_kernel(self) -> None:
+        """Connect to the kernel's (verified) sockets and start forwarding."""
+        if self._kernel:
+            return
+        ctx = zmq_context()
+        # The kernel answers stdin requests to the identity that sent the execute_request
+        # on shell: both sockets must carry the same identity, as jupyter_client's do.
+        identity = secrets.token_bytes(8)
+        for channel, port in PORTS.items():
+            sock = ctx.socket(zmq.SUB if channel == "iopub" else zmq.DEALER)
+            sock.linger = 0
+            sock.rcvhwm = KERNEL_RCVHWM
+            if self.max_message_size:
+                sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+            if channel in ("shell", "stdin"):
+                sock.setsockopt(zmq.IDENTITY, identity)
+            if channel == "iopub":
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.connect(f"ipc://{self.kernel_prefix}-{port}")
+            self._kernel[channel] = sock
+        for channel in ("shell", "control", "stdin"):
+            self._spawn(self._up(channel), channel)
+            self._spawn(self._down(channel), channel)
+        self._spawn(self._hb(), "hb")
+        self._spawn(self._iopub(), "iopub")
+
+    def _spawn(self, coro: Any, channel: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda t: self._pump_done(t, channel))
+        self._pumps.append(task)
+
+    def _pump_done(self, task: asyncio.Task, channel: str) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("kernel %s: %s proxy stopped: %r", self.kernel_id, channel, task.exception())
+
+    async def disconnect_kernel(self) -> None:
+        """The kernel process is gone (or about to be): stop forwarding to it.
+
+        Client-facing sockets stay bound, so clients keep their connections across a
+        restart; what they send meanwhile waits until :meth:`connect_kernel`.
+        """
+        pumps, self._pumps = self._pumps, []
+        for task in pumps:
+            task.cancel()
+        for task in pumps:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for sock in self._kernel.values():
+            sock.close(linger=0)
+        self._kernel.clear()
+        self.traffic.reset()
+
+    async def stop(self) -> None:
+        await self.disconnect_kernel()
+        for sock in self._clients.values():
+            sock.close(linger=0)
+        self._clients.clear()
+        for port in PORTS.values():
+            for name in (f"s-{port}", f"c-{port}"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.client_dir / name).unlink()
+        with contextlib.suppress(OSError):
+            self.client_dir.rmdir()
+
+    # -- forwarding -----------------------------------------------------------------
+
+    async def _up(self, channel: str) -> None:
+        """Client -> kernel. Clients are the server's own code: observed, not checked."""
+        client, kernel = self._clients[channel], self._kernel[channel]
+        while True:
+            frames = await client.recv_multipart()
+            if channel != "stdin":
+                header = _header_of(frames)
+                if header is not None:
+                    self.traffic.request(str(header.get("msg_type", "")), header)
+            await kernel.send_multipart(frames)
+
+    async def _down(self, channel: str) -> None:
+        """Kernel -> client: verified, then routed by the client identity it carries."""
+        client, kernel = self._clients[channel], self._kernel[channel]
+        while True:
+            frames = await kernel.recv_multipart()
+            checked = self._verified(frames)
+            if checked is None:
+                continue
+            header, parent = checked
+            if channel == "shell":
+                self.traffic.reply(str(header.get("msg_type", "")), str(parent.get("msg_id", "")))
+            await client.send_multipart(frames)
+
+    async def _hb(self) -> None:
+        """Heartbeats are raw echoes (unsigned): forwarded both ways, size-capped."""
+        client, kernel = self._clients["hb"], self._kernel["hb"]
+        poller = zmq.asyncio.Poller()
+        poller.register(client, zmq.POLLIN)
+        poller.register(kernel, zmq.POLLIN)
+        while True:
+            events = dict(await poller.poll())
+            if client in events:
+                await kernel.send_multipart(await client.recv_multipart())
+            if kernel in events:
+                frames = await kernel.recv_multipart()
+                if self._size_ok(frames):
+                    await client.send_multipart(frames)
+
+    async def _iopub(self) -> None:
+        client, kernel = self._clients["iopub"], self._kernel["iopub"]
+        while True:
+            frames = await kernel.recv_multipart()
+            parsed = self._parsed(frames)
+            if parsed is None:
+                continue
+            start, header, parent = parsed
+            if header.get("msg_type") != "status":
+                verdict = self.budget.admit(
+                    str(parent.get("msg_id", "")), sum(len(f) for f in frames)
+                )
+                # Past the budget nothing is forwarded: no need to check the signature
+                # (a flood is dropped at the cost of parsing two small frames).
+                if verdict == "drop":
+                    continue
+                if not self._signed(frames, start):
+                    continue
+                if verdict == "notice":
+                    frames = self._notice(parent)
+            elif not self._signed(frames, start):
+                continue
+            await client.send_multipart(frames)
+
+    # -- checks -----------------------------------------------------------------------
+
+    def _size_ok(self, frames: list[bytes]) -> bool:
+        if self.max_message_size and sum(len(f) for f in frames) > self.max_message_size:
+            self._refuse("message larger than max_message_size")
+            return False
+        return True
+
+    def _verified(self, frames: list[bytes]) -> tuple[dict, dict] | None:
+        """(header, parent) of a message signed with the session key, else None."""
+        parsed = self._parsed(frames)
+        if parsed is None or not self._signed(frames, parsed[0]):
+            return None
+        return parsed[1], parsed[2]
+
+    def _parsed(self, frames: list[bytes]) -> tuple[int, dict, dict] | None:
+        """(index of the delimiter, header, parent) of a well-formed message, else None."""
+        if not self._size_ok(frames):
+            return None
+        try:
+            start = frames.index(DELIM)
+        except ValueError:
+            self._refuse("no message delimiter")
+            return None
+        parts = frames[start + 2 : start + 6]
+        if len(parts) < 4:
+            self._refuse("truncated message")
+            return None
+        if len(parts[0]) > MAX_HEADER_BYTES or len(parts[1]) > MAX_HEADER_BYTES:
+            self._refuse("oversized header")
+            return None
+        try:
+            header, parent = json.loads(parts[0]), json.loads(parts[1])
+        except ValueError:
+            self._refuse("unparsable header")
+            return None
+        if not isinstance(header, dict) or not isinstance(parent, dict):
+            self._refuse("header is not an object")
+            return None
+        return start, header, parent
+
+    def _signed(self, frames: list[bytes], start: int) -> bool:
+        """Whether the message carries the HMAC of the session key over its four parts."""
+        if self._auth is None:
+            return True
+        mac = self._auth.copy()
+        for part in frames[start + 2 : start + 6]:
+            mac.update(part)
+        if hmac.compare_digest(frames[start + 1], mac.hexdigest().encode()):
+            return True
+        self._refuse("bad signature")
+        return False
+
+    def _refuse(self, why: str) -> None:
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.warning(
+                "kernel %s: dropped a message from the kernel (%s); %d so far",
+                self.kernel_id, why, self.dropped,
+            )
+
+    def _notice(self, parent: dict[str, Any]) -> list[bytes]:
+        """A stderr stream message, signed with the session key, for the capped cell."""
+        from jupyter_client.session import Session
+
+        if self._session is None:
+            self._session = Session(
+                key=self.key, signature_scheme=self.signature_scheme,
+                username="limited-provisioner",
+            )
+        text = OUTPUT_NOTICE.format(limit=self.budget.limit)
+        msg = self._session.msg("stream", {"name": "stderr", "text": text}, parent=parent)
+        return self._session.serialize(msg, ident=[b"stream.stderr"])
+
+
+def _header_of(frames: list[bytes]) -> dict[str, Any] | None:
+    try:
+        i = frames.index(DELIM)
+        raw = frames[i + 2]
+        if len(raw) > MAX_HEADER_BYTES:
+            return None
+        header = json.loads(raw)
+    except (ValueError, IndexError):
+        return None
+    return header if isinstance(header, dict) else None

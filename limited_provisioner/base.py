@@ -200,8 +200,10 @@ class LimitedProvisionerMixin(LifecyclePolicy):
     max_message_size = ByteSize(
         "32M",
         minimum=1024 * 1024,
-        help="""Largest message (all frames) the server accepts from a kernel on any
-        channel; bigger ones are dropped by the proxy. Bounds what one kernel can make the
+        help="""Largest message (all frames) the server forwards from a kernel on any
+        channel; a bigger output is dropped by the proxy with a notice in the cell (the
+        execution still ends normally), and a kernel that sends more than 4 times this in
+        one message is disconnected by the transport. Bounds what one kernel can make the
         server hold in memory. Default 32M.""",
     ).tag(config=True)
 

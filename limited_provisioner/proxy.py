@@ -50,15 +50,25 @@ KERNEL_SOCKETS = [f"k-{port}" for port in PORTS.values()]
 HOUSEKEEPING = frozenset({"kernel_info_request", "comm_info_request", "usage_request"})
 # Header and parent header frames are small; bigger ones are not worth parsing.
 MAX_HEADER_BYTES = 64 * 1024
-# Messages the proxy buffers per kernel socket: with max_message_size this bounds what a
-# flooding kernel can make the server hold (the rest waits in the kernel's own memory).
+# A status message only says busy/idle/starting: anything bigger is padding, dropped.
+MAX_STATUS_BYTES = 4 * 1024
+# Messages the proxy buffers per kernel socket: with the transport's size cap this bounds
+# what a flooding kernel can make the server hold (the rest waits in the kernel's memory).
 KERNEL_RCVHWM = 8
+# The transport drops the connection of a kernel that sends a message this many times
+# max_message_size (zmq MAXMSGSIZE); below that, the proxy drops an oversized message
+# itself and tells the cell, so the execution still ends normally.
+TRANSPORT_CAP_FACTOR = 4
 # Counted on top of output_limit: message framing, and the notice the kernel's own hook
 # prints when it stops a print loop at the same limit (hooks.py).
 FRAMING_ALLOWANCE = 64 * 1024
 OUTPUT_NOTICE = (
     "\n[limited-provisioner] output limit of {limit} bytes reached: the rest of this "
     "cell's output is dropped\n"
+)
+OVERSIZE_NOTICE = (
+    "\n[limited-provisioner] an output message of {size} bytes was dropped: larger than "
+    "max_message_size ({limit} bytes)\n"
 )
 
 _context: zmq.asyncio.Context | None = None
@@ -93,6 +103,7 @@ class Traffic:
     def __init__(self, last_activity: float | None = None):
         self.last_activity = last_activity or time.time()
         self._pending: list[Execution] = []
+        self.last_execution: Execution | None = None
 
     def request(self, msg_type: str, header: dict[str, Any], now: float | None = None) -> None:
         now = now or time.time()
@@ -104,6 +115,7 @@ class Traffic:
             if not self._pending:
                 execution.started = now
             self._pending.append(execution)
+            self.last_execution = execution
 
     def reply(self, msg_type: str, parent_id: str, now: float | None = None) -> None:
         """A verified execute_reply: ends the execution it answers (if it is pending)."""
@@ -153,9 +165,13 @@ class Traffic:
 
 
 class OutputBudget:
-    """Bytes of IOPub output per execution (by parent msg_id); past the limit, one notice
-    and then nothing. Output with an older parent (a background thread of a finished
-    cell) keeps counting against that cell's budget."""
+    """Bytes of IOPub output per execution; past the limit, one notice and then nothing.
+
+    The execution is the one the proxy knows is running (from the clients' requests),
+    never the parent the kernel writes into its messages: a kernel that makes up a new
+    parent per message must not get a new budget per message. Output while nothing runs
+    (a background thread of a finished cell) counts against a budget of its own, renewed
+    by the next execution."""
 
     def __init__(self, limit: int | None, remember: int = 64):
         self.limit = limit
@@ -283,7 +299,7 @@ class KernelProxy:
             sock.linger = 0
             sock.rcvhwm = KERNEL_RCVHWM
             if self.max_message_size:
-                sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+                sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size * TRANSPORT_CAP_FACTOR)
             if channel in ("shell", "stdin"):
                 sock.setsockopt(zmq.IDENTITY, identity)
             if channel == "iopub":
@@ -383,18 +399,29 @@ class KernelProxy:
             if parsed is None:
                 continue
             start, header, parent = parsed
+            size = sum(len(f) for f in frames)
+            if header.get("msg_type") == "status" and size > MAX_STATUS_BYTES:
+                self._refuse("padded status message")
+                continue
             if header.get("msg_type") != "status":
-                verdict = self.budget.admit(
-                    str(parent.get("msg_id", "")), sum(len(f) for f in frames)
-                )
+                running = self.traffic.running()
+                last = self.traffic.last_execution
+                key = running.msg_id if running else f"after:{last.msg_id if last else ''}"
+                verdict = self.budget.admit(key, size)
                 # Past the budget nothing is forwarded: no need to check the signature
                 # (a flood is dropped at the cost of parsing two small frames).
                 if verdict == "drop":
                     continue
+                cell = _parent_of(running or last) or parent
+                if self.max_message_size and size > self.max_message_size:
+                    self._refuse("message larger than max_message_size")
+                    text = OVERSIZE_NOTICE.format(size=size, limit=self.max_message_size)
+                    await client.send_multipart(self._notice(cell, text))
+                    continue
                 if not self._signed(frames, start):
                     continue
                 if verdict == "notice":
-                    frames = self._notice(parent)
+                    frames = self._notice(cell)
             elif not self._signed(frames, start):
                 continue
             await client.send_multipart(frames)
@@ -409,6 +436,8 @@ class KernelProxy:
 
     def _verified(self, frames: list[bytes]) -> tuple[dict, dict] | None:
         """(header, parent) of a message signed with the session key, else None."""
+        if not self._size_ok(frames):
+            return None
         parsed = self._parsed(frames)
         if parsed is None or not self._signed(frames, parsed[0]):
             return None
@@ -416,8 +445,6 @@ class KernelProxy:
 
     def _parsed(self, frames: list[bytes]) -> tuple[int, dict, dict] | None:
         """(index of the delimiter, header, parent) of a well-formed message, else None."""
-        if not self._size_ok(frames):
-            return None
         try:
             start = frames.index(DELIM)
         except ValueError:
@@ -460,7 +487,7 @@ class KernelProxy:
                 self.kernel_id, why, self.dropped,
             )
 
-    def _notice(self, parent: dict[str, Any]) -> list[bytes]:
+    def _notice(self, parent: dict[str, Any], text: str | None = None) -> list[bytes]:
         """A stderr stream message, signed with the session key, for the capped cell."""
         from jupyter_client.session import Session
 
@@ -469,9 +496,23 @@ class KernelProxy:
                 key=self.key, signature_scheme=self.signature_scheme,
                 username="limited-provisioner",
             )
-        text = OUTPUT_NOTICE.format(limit=self.budget.limit)
+        text = text or OUTPUT_NOTICE.format(limit=self.budget.limit)
         msg = self._session.msg("stream", {"name": "stderr", "text": text}, parent=parent)
         return self._session.serialize(msg, ident=[b"stream.stderr"])
+
+
+def _parent_of(execution: Execution | None) -> dict[str, Any] | None:
+    """The parent header a notice for ``execution`` carries (clients route output by it)."""
+    if execution is None:
+        return None
+    return {
+        "msg_id": execution.msg_id,
+        "session": execution.session,
+        "msg_type": "execute_request",
+        "username": "",
+        "date": "",
+        "version": "5.3",
+    }
 
 
 def _header_of(frames: list[bytes]) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -28,35 +29,79 @@ log = logging.getLogger(__name__)
 class DirUsage:
     bytes: int
     files: int
+    # Directories nested deeper than MAX_DEPTH: the walk stopped there, so the usage is
+    # not known (and is treated as over the limit: data must not hide deep down).
+    too_deep: bool = False
+
+
+# One open fd per level of the walk; deeper trees are not measured (see DirUsage).
+MAX_DEPTH = 96
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Enough(Exception):
+    """Counted past ``stop_after_files``."""
 
 
 def dir_usage(path: str, stop_after_files: int | None = None) -> DirUsage:
     """Disk usage of ``path`` in allocated bytes (sparse files count what they use).
 
+    The kernel owns what it walks and can swap any directory for a link at any moment:
+    every directory is opened beneath its parent's fd with O_NOFOLLOW, so a swapped one
+    is skipped, never followed (root never lists a directory the kernel points it at).
     Stops counting entries after ``stop_after_files`` so an inode bomb of a million
     files cannot make each check take seconds.
     """
-    total = 0
-    files = 0
-    stack = [path]
-    while stack:
-        current = stack.pop()
-        try:
-            with os.scandir(current) as it:
-                for entry in it:
-                    files += 1
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue  # deleted while we walk
-                    total += st.st_blocks * 512
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                    if stop_after_files is not None and files > stop_after_files:
-                        return DirUsage(total, files)
-        except OSError:
-            continue  # unreadable or removed subdirectory
-    return DirUsage(total, files)
+    usage = DirUsage(0, 0)
+
+    def scan(fd: int) -> list[str]:
+        subdirs = []
+        with os.scandir(fd) as it:
+            for entry in it:
+                usage.files += 1
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # deleted while we walk
+                usage.bytes += st.st_blocks * 512
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(entry.name)
+                if stop_after_files is not None and usage.files > stop_after_files:
+                    raise _Enough
+        return subdirs
+
+    try:
+        root = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return usage
+    stack: list[tuple[int, list[str]]] = []
+    try:
+        stack.append((root, []))
+        stack[-1] = (root, scan(root))
+        while stack:
+            fd, pending = stack[-1]
+            if not pending:
+                os.close(stack.pop()[0])
+                continue
+            name = pending.pop()
+            if len(stack) >= MAX_DEPTH:
+                usage.too_deep = True
+                continue
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue  # removed, or swapped for a link: not followed
+            stack.append((child, []))
+            try:
+                stack[-1] = (child, scan(child))
+            except OSError:
+                stack[-1] = (child, [])  # unreadable meanwhile
+    except _Enough:
+        pass
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+    return usage
 
 
 def tree_pids(root_pid: int, kernel_id: str | None = None, scan_env: bool = False) -> set[int]:
@@ -171,6 +216,12 @@ class Watchdog:
         self.last_usage = usage
         used = usage.bytes - self.disk_baseline
         files = usage.files - self.files_baseline
+        if usage.too_deep:
+            kind = "disk_limit" if self.disk_limit is not None else "files_limit"
+            return kind, (
+                f"directories nested more than {MAX_DEPTH} levels deep in {self.work_dir}: "
+                "their size cannot be checked, so the kernel was stopped"
+            )
         if self.disk_limit is not None and used > self.disk_limit:
             return "disk_limit", (
                 f"disk limit {format_size(self.disk_limit)} exceeded "

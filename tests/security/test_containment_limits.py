@@ -1,0 +1,609 @@
+"""Containment, classes 6-10 of SECURITY.md, with real kernels on both backends.
+
+As in test_containment.py (classes 1-5): the kernel is the attacker, every verdict is
+taken from the host, and each test has a positive control so that it can fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import stat
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
+from limited_provisioner.errors import LimitConfigError
+from limited_provisioner.uids import lease_dir
+
+from ..conftest import backends
+from .containment import (
+    DENIED,
+    PROBE_BOUND,
+    SCRATCH,
+    RssPeak,
+    code_with,
+    environ_of,
+    is_docker,
+    kernel_main_pid,
+    kernel_pids,
+    limits,
+    namespace,
+    parse_sysvipc_shm,
+    probe_latency,
+    run_json,
+    run_ok,
+    sysvipc_shm_rows,
+    wait_for,
+)
+
+# -- class 6: output is not a weapon ----------------------------------------------------------
+
+OUTPUT_LIMIT = 2**20
+# What one execution may put on IOPub: the limit, the proxy's framing allowance (64 KiB),
+# the notice, and the few small messages every execution has (status, execute_input).
+IOPUB_BOUND = OUTPUT_LIMIT + 128 * 1024
+NOTICE = re.compile(r"output limit of \d+ bytes reached")
+
+RAW_STREAM_FLOOD = r'''
+k = get_ipython().kernel
+parent = k.get_parent("shell")
+chunk = "x" * 2**20
+for i in range(200):
+    k.session.send(k.iopub_socket, "stream", {"name": "stdout", "text": chunk}, parent=parent)
+'''
+
+DISPLAY_FLOOD = r'''
+from IPython.display import display
+chunk = "y" * 2**20
+for i in range(200):
+    display({"text/plain": chunk}, raw=True)
+'''
+
+# Each message claims a parent request nobody sent (a fresh msg_id).
+FORGED_PARENT_FLOOD = r'''
+import uuid
+k = get_ipython().kernel
+parent = k.get_parent("shell")
+chunk = "z" * 2**20
+for i in range(100):
+    forged = dict(parent, header=dict(parent["header"], msg_id=uuid.uuid4().hex))
+    k.session.send(k.iopub_socket, "stream", {"name": "stdout", "text": chunk}, parent=forged)
+'''
+
+# 'status' messages padded with a payload.
+STATUS_FLOOD = r'''
+k = get_ipython().kernel
+parent = k.get_parent("shell")
+chunk = "s" * 2**20
+for i in range(100):
+    k.session.send(k.iopub_socket, "status", {"execution_state": "busy", "pad": chunk},
+                   parent=parent)
+'''
+
+
+class IOPubTap:
+    """A raw SUB socket on the clients' side of the proxy: every byte any client gets."""
+
+    def __init__(self, km):
+        info = km.get_connection_info()
+        self._ctx = zmq.asyncio.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.linger = 0
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(f"ipc://{info['ip']}-{info['iopub_port']}")
+        self.bytes = 0
+        self.messages = 0
+        self._task = asyncio.ensure_future(self._listen())
+
+    async def _listen(self):
+        while True:
+            frames = await self._sub.recv_multipart()
+            self.bytes += sum(len(f) for f in frames)
+            self.messages += 1
+
+    def reset(self):
+        self.bytes = self.messages = 0
+
+    async def close(self):
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._sub.close()
+        self._ctx.term()
+
+
+async def execute_collecting(kc, code: str, timeout: float = 60) -> dict:
+    """Run ``code``; sizes of what the client got for it, by kind, and the notices."""
+    got = {"stream": 0, "display_data": 0, "notices": 0, "status": None}
+
+    def hook(msg):
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            if NOTICE.search(content["text"]):
+                got["notices"] += 1
+            else:
+                got["stream"] += len(content["text"])
+        elif kind == "display_data":
+            got["display_data"] += sum(len(str(v)) for v in content["data"].values())
+
+    reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    got["status"] = reply["content"]["status"]
+    return got
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_output_flood_is_capped_per_execution(backend, lp_kernels):
+    """Class 6a/b: 200 x 1 MB raw IOPub stream sends, then 200 x 1 MB display_data, with
+    output_limit 1M: the client gets at most ~1.1 MB of each cell plus one notice, the
+    server does not swell, a second kernel keeps answering, the next cell works."""
+    _probe_km, probe_kc = await lp_kernels(limits(), backend)
+    km, kc = await lp_kernels(limits(output_limit="1M"), backend)
+    tap = IOPubTap(km)
+    try:
+        await asyncio.sleep(0.5)
+        rss = RssPeak()
+        for code, kind in ((RAW_STREAM_FLOOD, "stream"), (DISPLAY_FLOOD, "display_data")):
+            tap.reset()
+            task = asyncio.ensure_future(execute_collecting(kc, code))
+            await asyncio.sleep(0.1)
+            latency = await probe_latency(probe_kc)
+            got = await task
+            await asyncio.sleep(0.5)
+            assert got["status"] == "ok", got
+            assert 0 < got[kind] <= 1.1 * OUTPUT_LIMIT, f"{kind}: client got {got}"
+            assert got["notices"] == 1, f"{kind}: {got['notices']} notices"
+            assert tap.bytes <= IOPUB_BOUND, f"{kind}: {tap.bytes} bytes on IOPub"
+            assert latency < PROBE_BOUND, f"{kind}: probe answered in {latency:.2f}s"
+        growth = rss.stop()
+        assert growth < 50 * 2**20, f"server RSS grew by {growth / 2**20:.0f} MB"
+    finally:
+        await tap.close()
+    out = await run_ok(kc, "print(6*7)")
+    assert out["stdout"].strip() == "42", out
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+@pytest.mark.parametrize("flood", ["forged-parent", "padded-status"])
+async def test_output_limit_cannot_be_dodged_by_message_headers(backend, flood, lp_kernels):
+    """Class 6: 'whatever it uses to send'. 100 x 1 MB signed IOPub messages in one
+    execution, each claiming a parent request nobody sent, or typed 'status' with a
+    payload: what reaches clients during that execution stays within output_limit."""
+    km, kc = await lp_kernels(limits(output_limit="1M"), backend)
+    tap = IOPubTap(km)
+    try:
+        await asyncio.sleep(0.5)
+        code = FORGED_PARENT_FLOOD if flood == "forged-parent" else STATUS_FLOOD
+        out = await run_ok(kc, code)
+        await asyncio.sleep(1.0)
+        assert out["status"] == "ok", out
+        assert tap.messages > 0  # the tap sees the cell's own messages
+        assert tap.bytes <= IOPUB_BOUND, (
+            f"{flood}: {tap.bytes / 2**20:.1f} MiB in {tap.messages} IOPub messages reached "
+            f"clients in one execution with output_limit 1M")
+    finally:
+        await tap.close()
+
+
+async def run_or_hang(kc, code: str, timeout: float) -> dict:
+    """``run_ok``, with a client that never got the cell's end reported as such."""
+    try:
+        return await run_ok(kc, code, timeout=timeout)
+    except TimeoutError:
+        return {"status": f"no end of the cell on IOPub within {timeout:g}s", "stdout": ""}
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_oversized_message_is_dropped_and_output_keeps_flowing(backend, lp_kernels):
+    """Class 6: the proxy "drops messages over max_message_size". One ordinary 2 MiB
+    print with max_message_size 1M is that message: it is dropped, the rest of the cell's
+    output and every later cell's still reach clients."""
+    km, kc = await lp_kernels(limits(max_message_size="1M"), backend)
+    out = await run_ok(kc, "print('before')")
+    assert out["stdout"] == "before\n", out  # the link works
+    # The flush makes the big print one message of its own (ipykernel batches writes).
+    code = "import sys\nprint('x' * 2 * 2**20)\nsys.stdout.flush()\nprint('after')"
+    big = await run_or_hang(kc, code, timeout=6)
+    after = await run_or_hang(kc, "print('next')", timeout=6)
+    assert (big["status"], after["status"]) == ("ok", "ok"), (
+        f"the cell with the oversized message: {big['status']}; the next cell: "
+        f"{after['status']}; messages dropped by the proxy: {km.provisioner.proxy.dropped}")
+    assert "after" in big["stdout"] and len(big["stdout"]) < 2**20, big["stdout"][:200]
+    assert after["stdout"] == "next\n", after
+
+
+# ipykernel redirects fds 1 and 2 into a pipe it forwards to clients as stream output
+# (where output_limit applies); the fds the kernel was started with survive as
+# ``_original_stdstream_copy``: a kernel that wants to flood the server's own streams
+# writes there.
+FD_FLOOD = r'''
+import os, sys
+token = ("LP" + "FD" + "FLOOD").encode()
+chunk = (token * (2**20 // len(token) + 1))[:2**20]
+originals = [getattr(s, "_original_stdstream_copy", None) for s in (sys.stdout, sys.stderr)]
+print(originals, flush=True)
+for fd in (1, originals[0]):
+    if fd is not None:
+        for i in range(N):
+            os.write(fd, chunk)
+for fd in (2, originals[1]):
+    if fd is not None:
+        for i in range(N // 10):
+            os.write(fd, chunk)
+'''
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_raw_fd_writes_stay_out_of_server_streams(backend, lp_kernels, capfd):
+    """Class 6c: raw writes to fds 1 and 2 never reach the server's own streams; the
+    process backend keeps at most kernel_log_limit of them in a root-only kernel.log, and
+    Docker's json log is capped at log_max_size."""
+    log_limit = 256 * 1024
+    config = limits(output_limit="1M")
+    if not is_docker(backend):
+        config["kernel_log_limit"] = log_limit
+    km, kc = await lp_kernels(config, backend)
+    prov = km.provisioner
+    n = 20 if is_docker(backend) else 100
+    out = await run_ok(kc, code_with(FD_FLOOD, N=n), timeout=120)
+    assert out["status"] == "ok", out
+    originals = out["stdout"].splitlines()[0]
+    assert re.fullmatch(r"\[\d+, \d+\]", originals), originals  # the real fds were used
+    await asyncio.sleep(1.0)
+    captured = capfd.readouterr()
+    assert "LPFDFLOOD" not in captured.out and "LPFDFLOOD" not in captured.err
+    if is_docker(backend):
+        import docker
+
+        attrs = docker.from_env().api.inspect_container(prov.container_id)
+        log = attrs["HostConfig"]["LogConfig"]
+        assert log["Type"] == "json-file", log
+        assert log["Config"].get("max-size") == prov.log_max_size == "1m", log
+        assert log["Config"].get("max-file") == "1", log
+        size = os.stat(attrs["LogPath"]).st_size
+        assert 0 < size <= 2**20 + 64 * 1024, f"container log is {size} bytes"
+    else:
+        path = Path(prov.kernel_dir) / "kernel.log"
+        st = os.lstat(path)
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_size <= log_limit + 1024, f"kernel.log is {st.st_size} bytes"
+        assert b"LPFDFLOOD" in path.read_bytes()[:log_limit]  # it went there, capped
+    out = await run_ok(kc, "print(1+1)")
+    assert out["stdout"].strip() == "2", out
+
+
+# -- class 7: storage and IPC stay inside -----------------------------------------------------
+
+SCRATCH_AND_SHM = r'''
+import ctypes, errno, json, os
+
+def err(e):
+    return errno.errorcode.get(e.errno, str(e.errno))
+
+res = {"scratch": {}, "kernel dir": {}}
+for d in SCRATCH:
+    path = d + "/" + NAME
+    try:
+        with open(path, "w") as f:
+            f.write("lp scratch\n")
+        res["scratch"][path] = "OK" if os.path.exists(path) else "missing"
+    except OSError as e:
+        res["scratch"][path] = err(e)
+for label, path in {"kernel dir": KD + "/" + NAME, "ctl": KD + "/ctl/" + NAME,
+                    "sock": KD + "/sock/" + NAME}.items():
+    try:
+        open(path, "w").close()
+        res["kernel dir"][label] = "OK"
+    except OSError as e:
+        res["kernel dir"][label] = err(e)
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.restype = ctypes.c_int
+libc.shmget.argtypes = (ctypes.c_int, ctypes.c_size_t, ctypes.c_int)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+libc.shmdt.argtypes = (ctypes.c_void_p,)
+shmid = libc.shmget(KEY, 2**20, 0o1000 | 0o600)  # IPC_CREAT | 0600
+res["shmid"] = shmid
+if shmid >= 0:
+    addr = libc.shmat(shmid, None, 0)
+    if addr is not None and addr != ctypes.c_void_p(-1).value:
+        ctypes.memset(addr, 0x5A, 2**20)
+        res["shmdt"] = libc.shmdt(addr)  # detached, not removed
+print(json.dumps(res))
+'''
+
+
+WRITABLE_DIRS = r'''
+import json, os
+found = []
+for root, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.join(root, d) not in ("/proc", "/sys")]
+    if os.access(root, os.W_OK):
+        found.append(root)
+        dirs[:] = []
+print(json.dumps(found))
+'''
+
+
+def nsenter(pid: int, flag: str, *argv: str) -> str:
+    return subprocess.run(["nsenter", "-t", str(pid), flag, "--", *argv], capture_output=True,
+                          text=True, timeout=20, check=True).stdout
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_scratch_files_and_sysv_shm_stay_inside_the_kernel(backend, lp_kernels):
+    """Class 7: files in /tmp, /var/tmp, /dev/shm, /run/lock and a SysV shm segment the
+    kernel leaves behind are in its own namespaces only: the host never sees them, during
+    or after; the kernel dir outside work/ is not writable."""
+    km, kc = await lp_kernels(limits(), backend)
+    prov = km.provisioner
+    uid, kd = prov.uid, str(prov.kernel_dir)
+    name = f"lp-sec-{uuid.uuid4().hex}"
+    key = int.from_bytes(os.urandom(3), "big") + 0x10000
+    res = await run_json(kc, code_with(SCRATCH_AND_SHM, SCRATCH=list(SCRATCH), NAME=name,
+                                       KD=kd, KEY=key))
+    assert set(res["scratch"].values()) == {"OK"}, res  # it did write them (inside)
+    assert res["shmid"] >= 0 and res.get("shmdt") == 0, res
+    wrong = {k: v for k, v in res["kernel dir"].items() if v not in DENIED}
+    assert not wrong, f"wrote into its kernel dir outside work/: {wrong}"
+    main = kernel_main_pid(km)
+    # Everywhere the kernel may write (the walk cannot enter the 0711 kernels dir, so its
+    # own work/ and conn/ show up only in a container, where they are mounted).
+    writable = set(await run_json(kc, WRITABLE_DIRS, timeout=120))
+    allowed = {*SCRATCH, f"{kd}/work", f"{kd}/conn"}
+    if is_docker(backend):
+        allowed.add("/dev/mqueue")  # the container's own (private IPC namespace)
+    assert set(SCRATCH) <= writable, writable  # the walk sees the scratch dirs
+    assert writable <= allowed, f"writable outside its dirs: {sorted(writable - allowed)}"
+
+    def assert_host_clean(when: str):
+        leaked = [f"{d}/{name}" for d in SCRATCH if os.path.lexists(f"{d}/{name}")]
+        assert not leaked, f"{when}: kernel files in the host's scratch dirs: {leaked}"
+        rows = [r for r in sysvipc_shm_rows() if r.get("key") == key or r.get("uid") == uid]
+        assert not rows, f"{when}: host SysV shm segments of the kernel: {rows}"
+        for label in ("kernel dir", "ctl", "sock"):
+            path = f"{kd}/{name}" if label == "kernel dir" else f"{kd}/{label}/{name}"
+            assert not os.path.lexists(path), f"{when}: {path} exists"
+
+    assert_host_clean("while the kernel runs")
+    # Positive controls, from the host but inside the kernel's namespaces.
+    assert namespace(main, "ipc") != namespace("self", "ipc")
+    inside = parse_sysvipc_shm(nsenter(main, "-i", "cat", "/proc/sysvipc/shm"))
+    assert any(r.get("key") == key and r.get("uid") == uid for r in inside), inside
+    for d in SCRATCH:
+        assert nsenter(main, "-m", "cat", f"{d}/{name}") == "lp scratch\n"
+
+    await km.shutdown_kernel(now=True)
+    await asyncio.sleep(0.3)
+    assert_host_clean("after shutdown")
+
+
+# -- class 8: kernels cannot see each other ---------------------------------------------------
+
+LOOK_AROUND = r'''
+import json, os
+seen, hits = {}, []
+for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+        continue
+    info = {}
+    for part in ("cmdline", "environ"):
+        try:
+            with open("/proc/%s/%s" % (entry, part), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            info[part] = e.errno
+            continue
+        if OTHER.encode() in data:
+            hits.append([entry, part])
+        if part == "environ":
+            info["mine"] = ("LIMITED_PROVISIONER_KERNEL_ID=" + MINE).encode() in data.split(b"\0")
+    seen[entry] = info
+print(json.dumps({"seen": seen, "hits": hits}))
+'''
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_kernels_cannot_see_each_other(backend, lp_kernels):
+    """Class 8: in kernel A's /proc, nothing mentions kernel B, and only A's own few
+    processes are listed (as many as the host counts in A's pid namespace)."""
+    km_b, _kc_b = await lp_kernels(limits(), backend)
+    km_a, kc_a = await lp_kernels(limits(), backend)
+    id_a, id_b = km_a.kernel_id, km_b.kernel_id
+    main_a, main_b = kernel_main_pid(km_a), kernel_main_pid(km_b)
+    # Positive control: B's processes do carry B's id where A would look.
+    assert environ_of(main_b).get("LIMITED_PROVISIONER_KERNEL_ID") == id_b
+    ns_a, ns_b, ns_host = (namespace(p, "pid") for p in (main_a, main_b, "self"))
+    assert len({ns_a, ns_b, ns_host}) == 3, "kernels share a pid namespace"
+
+    res = await run_json(kc_a, code_with(LOOK_AROUND, OTHER=id_b, MINE=id_a))
+    assert res["hits"] == [], f"kernel A sees kernel B: {res['hits']}"
+    seen = res["seen"]
+    assert 1 <= len(seen) <= 4, f"kernel A sees {len(seen)} processes: {sorted(seen)}"
+    assert all(info.get("mine") for info in seen.values()), seen
+    in_ns_a = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if namespace(entry, "pid") == ns_a:
+                    in_ns_a.append(int(entry))
+    assert len(in_ns_a) == len(seen), (in_ns_a, sorted(seen))
+    assert set(in_ns_a) <= kernel_pids(km_a)
+
+
+# -- class 9: the enforcement report tells the truth ------------------------------------------
+
+
+def kernel_leftovers(kernel_id: str, state_dir: Path) -> list[str]:
+    """Everything of ``kernel_id`` still on the host."""
+    found = []
+    for sub in ("registry", "kernels", "clients"):
+        path = state_dir / sub
+        if path.is_dir():
+            found += [f"{sub}/{n}" for n in os.listdir(path) if kernel_id in n]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if environ_of(int(entry)).get("LIMITED_PROVISIONER_KERNEL_ID") == kernel_id:
+                    found.append(f"process {entry}")
+    for controller in ("pids", "memory", "cpu"):
+        group = CGROUP_ROOT / controller / GROUP_NAME / kernel_id
+        if group.exists():
+            found.append(str(group))
+    leases = lease_dir()
+    if leases.is_dir():
+        for lease in leases.iterdir():
+            if lease.name.isdigit():
+                with contextlib.suppress(OSError, ValueError):
+                    if json.loads(lease.read_text()).get("kernel_id") == kernel_id:
+                        found.append(f"uid lease {lease.name}")
+    return found
+
+
+async def test_state_dir_in_a_private_scratch_dir_is_refused(start_kernel):
+    """Class 9: as root, the process backend refuses a state_dir under /var/tmp (every
+    kernel gets a private, empty /var/tmp) with a reason and the fix; nothing is left."""
+    state_dir = Path(tempfile.mkdtemp(prefix="lp-sd-", dir="/var/tmp"))
+    try:
+        os.chmod(state_dir, 0o711)
+        kernel_id = str(uuid.uuid4())
+        with pytest.raises(LimitConfigError) as raised:
+            await start_kernel(limits(state_dir=str(state_dir)), kernel_id=kernel_id)
+        msg = str(raised.value)
+        assert str(state_dir) in msg and "/var/tmp" in msg, msg
+        assert "state_dir outside" in msg and "/var/lib/limited-provisioner" in msg, msg
+        assert kernel_leftovers(kernel_id, state_dir) == []
+    finally:
+        import shutil
+
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def interfaces(pid: int) -> set[str]:
+    lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    return {line.split(":")[0].strip() for line in lines}
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_enforcement_report_tells_the_truth(backend, lp_kernels):
+    """Class 9: the report lists isolation and claims 'network: hard' only with network
+    off; the host agrees (namespaces, interfaces)."""
+    km_off, _ = await lp_kernels(limits(), backend)
+    km_on, _ = await lp_kernels(limits(network=True), backend)
+    host = {kind: namespace("self", kind) for kind in ("pid", "ipc", "mnt", "net")}
+    for km, network in ((km_off, False), (km_on, True)):
+        enforcement = (await km.provisioner.get_provisioner_info())["enforcement"]
+        main = kernel_main_pid(km)
+        assert "isolation" in enforcement, enforcement
+        assert "NOT enforced" not in enforcement["isolation"], enforcement["isolation"]
+        for kind in ("pid", "ipc", "mnt"):
+            assert namespace(main, kind) != host[kind], f"{kind} namespace shared with host"
+        claim = enforcement.get("network", "")
+        if network:
+            assert not claim.startswith("hard") and "allowed" in claim, claim
+            if is_docker(backend):
+                assert interfaces(main) - {"lo"}, "network=True but no interface"
+            else:
+                assert namespace(main, "net") == host["net"]
+        else:
+            assert claim.startswith("hard"), claim
+            assert namespace(main, "net") != host["net"]
+            assert interfaces(main) == {"lo"}, interfaces(main)
+
+
+# -- class 10: idle culling cannot be defeated from inside -----------------------------------
+
+PRINTER = r'''
+import threading, time
+
+def chatter():
+    while True:
+        print("still here", flush=True)
+        time.sleep(0.5)
+
+threading.Thread(target=chatter, daemon=True).start()
+'''
+IDLE_TIMEOUT = 3
+CULL_BOUND = 8.0
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_idle_culling_ignores_kernel_output_and_housekeeping(backend, lp_kernels):
+    """Class 10: with idle_timeout=3, a kernel printing every 0.5 s from a background
+    thread, and one receiving a kernel_info request every second, are both shut down
+    within ~8 s of their last real request."""
+    config = limits(idle_timeout=IDLE_TIMEOUT)
+    km_p, kc_p = await lp_kernels(config, backend)
+    km_i, kc_i = await lp_kernels(config, backend)
+    prov_p, prov_i = km_p.provisioner, km_i.provisioner
+
+    out = await run_ok(kc_i, "print(1+1)")
+    assert out["stdout"].strip() == "2"
+    t_i = time.monotonic()
+    out = await run_ok(kc_p, PRINTER)
+    assert out["status"] == "ok", out
+    t_p = time.monotonic()
+
+    printed = 0
+
+    async def count_output():
+        nonlocal printed
+        while True:
+            msg = await kc_p.get_iopub_msg()
+            if msg["msg_type"] == "stream" and "still here" in msg["content"]["text"]:
+                printed += 1
+
+    answered = 0
+
+    async def poll_kernel_info():
+        nonlocal answered
+        while True:
+            t0 = time.monotonic()
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await kc_i.kernel_info(reply=True, timeout=0.9)
+                answered += 1
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
+
+    culled = {}
+
+    async def watch(km, name, since):
+        prov = km.provisioner
+        kernel_dir = prov.kernel_dir
+        await wait_for(lambda: _dead(km), CULL_BOUND + 4, what=f"{name} to be culled")
+        culled[name] = time.monotonic() - since
+        # Shut down, not only dead: the entry, dir and uid are released too (and the
+        # test does not end under the feet of the shutdown still running).
+        await wait_for(
+            lambda: prov.registry.read(km.kernel_id) is None and not kernel_dir.exists(),
+            10, what=f"{name}'s shutdown to finish",
+        )
+
+    tasks = [asyncio.ensure_future(count_output()), asyncio.ensure_future(poll_kernel_info())]
+    try:
+        await asyncio.gather(watch(km_p, "printer", t_p), watch(km_i, "polled", t_i))
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+    assert printed >= 4, f"the printer printed {printed} times"  # it kept talking
+    assert answered >= 2, f"{answered} kernel_info replies"  # and answered housekeeping
+    for name, prov in (("printer", prov_p), ("polled", prov_i)):
+        assert IDLE_TIMEOUT - 0.5 <= culled[name] <= CULL_BOUND, (name, culled)
+        assert prov.exit_reason and "idle_timeout" in prov.exit_reason, prov.exit_reason
+
+
+async def _dead(km) -> bool:
+    return not await km.is_alive()

@@ -1,8 +1,13 @@
-"""Containment table: runs the attack suite (tests/attacks) on both backends and prints,
-per attack: stopped (yes/no), time to stop, how, the reason the user saw, the second
-kernel's answer time during the attack, and peak extra host memory during the attack.
+"""Containment tables.
 
-    python bench/attacks.py [--markdown] [-k EXPR]
+1. Resource attacks: runs the attack suite (tests/attacks) on both backends and prints,
+   per attack: stopped (yes/no), time to stop, how, the reason the user saw, the second
+   kernel's answer time during the attack, and peak extra host memory during the attack.
+2. Escapes (``--security``): runs the security suite (tests/security) and prints, per
+   class of the threat model (SECURITY.md) and backend, each attack and whether it was
+   contained (the test passed), with its run time.
+
+    python bench/attacks.py [--markdown] [-k EXPR] [--security]
 
 Rows that are not contained are printed as they are: the suite then also fails.
 """
@@ -12,19 +17,99 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# tests/security test -> (class of SECURITY.md, what the kernel tries).
+SECURITY_TESTS = {
+    "test_root_never_follows_paths_the_kernel_plants":
+        (1, "symlinks/FIFOs in its dirs, then interrupt, limit kill, restart"),
+    "test_disk_watch_never_follows_a_directory_swapped_for_a_link":
+        (1, "swap work-dir subdirs for links to a root-only dir during disk checks"),
+    "test_forged_idle_status_does_not_stop_exec_timeout":
+        (2, "forge signed 'idle' statuses while looping past exec_timeout"),
+    "test_fifos_and_dev_zero_links_are_never_read":
+        (2, "FIFOs and /dev/zero links at every control-file name"),
+    "test_no_server_secret_reaches_the_kernel": (3, "read JUPYTER_TOKEN, JPY_API_TOKEN, keys"),
+    "test_a_secret_passes_only_when_named_exactly": (3, "a secret through an env_keep pattern"),
+    "test_uids_are_unique_across_state_dirs_and_not_handed_on":
+        (4, "same uid from two state dirs; reuse of a freed uid"),
+    "test_kernel_cannot_touch_its_frozen_socket_dir":
+        (5, "repoint its sockets at another kernel's"),
+    "test_foreign_signed_messages_never_reach_a_client":
+        (5, "publish messages signed with another key"),
+    "test_network_on_still_uses_ipc_and_listens_on_no_tcp_port":
+        (5, "network=true: kernel ports reachable by other kernels"),
+    "test_output_flood_is_capped_per_execution": (6, "raw IOPub / display_data flood"),
+    "test_output_limit_cannot_be_dodged_by_message_headers":
+        (6, "made-up parents, padded status messages"),
+    "test_oversized_message_is_dropped_and_output_keeps_flowing":
+        (6, "one message over max_message_size"),
+    "test_raw_fd_writes_stay_out_of_server_streams": (6, "100 MB of raw writes to fd 1"),
+    "test_scratch_files_and_sysv_shm_stay_inside_the_kernel":
+        (7, "files in /tmp, /var/tmp, /dev/shm, /run/lock; SysV shm"),
+    "test_kernels_cannot_see_each_other": (8, "find another kernel in /proc"),
+    "test_state_dir_in_a_private_scratch_dir_is_refused":
+        (9, "state_dir under /var/tmp (would hide the kernel dir)"),
+    "test_enforcement_report_tells_the_truth": (9, "enforcement report vs what is in force"),
+    "test_idle_culling_ignores_kernel_output_and_housekeeping":
+        (10, "print forever from a thread; kernel_info every second"),
+}
+
+
+def security_table(markdown: bool) -> int:
+    """Run tests/security's containment tests; one row per attack and backend."""
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "security.xml"
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             str(REPO / "tests" / "security"), "-k", "containment", f"--junitxml={junit}"],
+            cwd=REPO, capture_output=True, text=True,
+        )
+        cases = ET.parse(junit).getroot().iter("testcase") if junit.exists() else []
+        rows = []
+        for case in cases:
+            name = case.get("name", "")
+            match = re.fullmatch(r"(test_\w+?)(?:\[(.*)\])?", name)
+            test, params = (match.group(1), match.group(2) or "") if match else (name, "")
+            if test not in SECURITY_TESTS:
+                continue
+            cls, what = SECURITY_TESTS[test]
+            backend = "docker" if "docker" in params else "process"
+            variant = re.sub(r"-?(process|docker)-?", "", params)
+            failed = any(child.tag in ("failure", "error") for child in case)
+            rows.append((cls, what + (f" ({variant})" if variant else ""), backend,
+                         not failed, float(case.get("time", 0))))
+    rows.sort()
+    if markdown:
+        print("| class | the kernel tries | backend | contained | test s |")
+        print("|---:|---|---|---|---:|")
+        for cls, what, backend, ok, secs in rows:
+            print(f"| {cls} | {what} | {backend} | {'yes' if ok else '**NO**'} | {secs:.1f} |")
+    else:
+        for cls, what, backend, ok, secs in rows:
+            print(f"class={cls} backend={backend} contained={ok} s={secs:.1f} {what}")
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "no output"
+    print(f"\npytest: {summary}")
+    return result.returncode
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("-k", default="test_attack_is_contained", help="pytest -k expression")
+    parser.add_argument("--security", action="store_true",
+                        help="the escape classes of tests/security instead")
     args = parser.parse_args()
+    if args.security:
+        return security_table(args.markdown)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "attacks.jsonl"
         result = subprocess.run(

@@ -779,6 +779,12 @@ class LimitedProvisionerMixin(LifecyclePolicy):
             hook = self.kdir.write("hooks.py", IPYTHON_HOOK, mode=0o644)
             kwargs["cmd"] = [*cmd, f"--IPKernelApp.exec_files={hook}"]
 
+    def _kernel_writable_dirs(self) -> tuple[str, ...]:
+        """Dirs of the kernel dir the kernel can write besides work/ (watchdog counts them)."""
+        if self.kdir is None:
+            return ()
+        return (str(self.kdir.conn), str(self.kdir.sock))
+
     def _remove_kernel_dir(self) -> None:
         if self.kdir is not None:
             self.kdir.remove()

@@ -406,6 +406,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             get_pids=list,
             on_trip=self._on_trip,
             work_dir=self.work_dir,
+            extra_dirs=self._kernel_writable_dirs(),
             disk_limit=self.limits.disk_limit,
             files_limit=self.limits.files_limit,
             interval=self.watchdog_interval,

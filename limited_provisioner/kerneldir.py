@@ -51,13 +51,18 @@ def open_trusted_dir(path: str | os.PathLike) -> int:
     except OSError as e:
         msg = f"cannot open {path} as a directory without following links: {e}"
         raise SandboxUnavailableError(msg) from None
+    return _ours_alone(fd, path, "fix it or choose another state_dir")
+
+
+def _ours_alone(fd: int, path: str | os.PathLike, fix: str) -> int:
+    """``fd`` if its directory is owned by us and writable by nobody else; else closes it
+    and raises (anyone else who can write there could swap our entries)."""
     st = os.fstat(fd)
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         os.close(fd)
         msg = (
             f"{path} must be owned by uid {os.geteuid()} and writable by nobody else "
-            f"(owner {st.st_uid}, mode {stat.filemode(st.st_mode)}); fix it or choose "
-            f"another state_dir"
+            f"(owner {st.st_uid}, mode {stat.filemode(st.st_mode)}); {fix}"
         )
         raise SandboxUnavailableError(msg)
     return fd
@@ -125,12 +130,7 @@ class KernelDir:
             except OSError as e:
                 msg = f"kernel dir {self.path} cannot be opened safely: {e}"
                 raise SandboxUnavailableError(msg) from None
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            os.close(fd)
-            msg = f"kernel dir {self.path} is not ours alone; refusing to use it"
-            raise SandboxUnavailableError(msg)
-        return fd
+        return _ours_alone(fd, self.path, "refusing to use it")
 
     # -- layout -----------------------------------------------------------------------
 

@@ -361,6 +361,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             check_events=self._check_cgroup_events if paths else None,
             mem_limit=None if "memory" in paths else self.limits.mem_limit,
             work_dir=self.work_dir,
+            extra_dirs=self._kernel_writable_dirs(),
             disk_limit=self.limits.disk_limit,
             files_limit=self.limits.files_limit,
             disk_baseline=baseline_bytes,

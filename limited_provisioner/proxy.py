@@ -15,7 +15,8 @@ what the kernel cannot forge:
   publishes unsigned frames, reaches no client.
 * **Output is capped on the receiving side**: bytes per execution (``output_limit``, a
   notice once, the rest dropped) and bytes per message (``max_message_size``), whatever
-  the kernel uses to send it (print, display_data, raw IOPub sends).
+  the kernel uses to send it (print, display_data, raw IOPub sends, input requests); on
+  shell and control only the one reply to each request a client sent is forwarded.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ HOUSEKEEPING = frozenset({"kernel_info_request", "comm_info_request", "usage_req
 MAX_HEADER_BYTES = 64 * 1024
 # A status message only says busy/idle/starting: anything bigger is padding, dropped.
 MAX_STATUS_BYTES = 4 * 1024
+# Requests on shell/control still waiting for their reply (one each), remembered per
+# kernel; older ones are forgotten (a reply to them is then dropped).
+MAX_AWAITING = 4096
 # Messages the proxy buffers per kernel socket: with the transport's size cap this bounds
 # what a flooding kernel can make the server hold (the rest waits in the kernel's memory).
 KERNEL_RCVHWM = 8
@@ -170,8 +174,7 @@ class OutputBudget:
     The execution is the one the proxy knows is running (from the clients' requests),
     never the parent the kernel writes into its messages: a kernel that makes up a new
     parent per message must not get a new budget per message. Output while nothing runs
-    (a background thread of a finished cell) counts against a budget of its own, renewed
-    by the next execution."""
+    (a background thread of a finished cell) counts against the last execution's."""
 
     def __init__(self, limit: int | None, remember: int = 64):
         self.limit = limit
@@ -230,6 +233,7 @@ class KernelProxy:
         self._clients: dict[str, zmq.asyncio.Socket] = {}
         self._kernel: dict[str, zmq.asyncio.Socket] = {}
         self._pumps: list[asyncio.Task] = []
+        self._awaiting: OrderedDict[str, None] = OrderedDict()
         self.dropped = 0  # messages from the kernel refused (bad signature, too big)
         self._session: Any = None
 
@@ -269,6 +273,11 @@ class KernelProxy:
         for channel, port in PORTS.items():
             sock = ctx.socket(zmq.PUB if channel == "iopub" else zmq.ROUTER)
             sock.linger = 0
+            if channel != "iopub":
+                # As ipykernel's own sockets: a client reconnecting with the identity of an
+                # earlier connection (a browser tab, a second KernelClient of the same
+                # manager) takes it over instead of being silently ignored.
+                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             bound = self.client_dir / f"s-{port}"
             with contextlib.suppress(FileNotFoundError):
                 bound.unlink()  # left by a server that died
@@ -309,7 +318,8 @@ class KernelProxy:
         for channel in ("shell", "control", "stdin"):
             self._spawn(self._up(channel), channel)
             self._spawn(self._down(channel), channel)
-        self._spawn(self._hb(), "hb")
+        self._spawn(self._hb(upward=True), "hb")
+        self._spawn(self._hb(upward=False), "hb")
         self._spawn(self._iopub(), "iopub")
 
     def _spawn(self, coro: Any, channel: str) -> None:
@@ -361,10 +371,17 @@ class KernelProxy:
                 header = _header_of(frames)
                 if header is not None:
                     self.traffic.request(str(header.get("msg_type", "")), header)
+                    self._awaiting[str(header.get("msg_id", ""))] = None
+                    while len(self._awaiting) > MAX_AWAITING:
+                        self._awaiting.popitem(last=False)
             await kernel.send_multipart(frames)
 
     async def _down(self, channel: str) -> None:
-        """Kernel -> client: verified, then routed by the client identity it carries."""
+        """Kernel -> client: verified, then routed by the client identity it carries.
+
+        On shell and control only the reply to a request a client sent (once); on stdin
+        (the kernel asks for input) within the running execution's output budget.
+        """
         client, kernel = self._clients[channel], self._kernel[channel]
         while True:
             frames = await kernel.recv_multipart()
@@ -372,24 +389,34 @@ class KernelProxy:
             if checked is None:
                 continue
             header, parent = checked
-            if channel == "shell":
-                self.traffic.reply(str(header.get("msg_type", "")), str(parent.get("msg_id", "")))
+            if channel == "stdin":
+                if self.budget.admit(self._budget_key(), sum(len(f) for f in frames)) != "pass":
+                    self._refuse("input request past the output limit")
+                    continue
+            else:
+                parent_id = str(parent.get("msg_id", ""))
+                if parent_id not in self._awaiting:
+                    self._refuse("reply to no request")
+                    continue
+                del self._awaiting[parent_id]
+                if channel == "shell":
+                    self.traffic.reply(str(header.get("msg_type", "")), parent_id)
             await client.send_multipart(frames)
 
-    async def _hb(self) -> None:
+    def _budget_key(self) -> str:
+        """Output is charged to the execution clients asked for; while none runs, to the
+        last one (its reply can overtake its output: they come on different sockets)."""
+        running = self.traffic.running() or self.traffic.last_execution
+        return running.msg_id if running is not None else ""
+
+    async def _hb(self, upward: bool) -> None:
         """Heartbeats are raw echoes (unsigned): forwarded both ways, size-capped."""
         client, kernel = self._clients["hb"], self._kernel["hb"]
-        poller = zmq.asyncio.Poller()
-        poller.register(client, zmq.POLLIN)
-        poller.register(kernel, zmq.POLLIN)
+        source, target = (client, kernel) if upward else (kernel, client)
         while True:
-            events = dict(await poller.poll())
-            if client in events:
-                await kernel.send_multipart(await client.recv_multipart())
-            if kernel in events:
-                frames = await kernel.recv_multipart()
-                if self._size_ok(frames):
-                    await client.send_multipart(frames)
+            frames = await source.recv_multipart()
+            if upward or self._size_ok(frames):
+                await target.send_multipart(frames)
 
     async def _iopub(self) -> None:
         client, kernel = self._clients["iopub"], self._kernel["iopub"]
@@ -406,8 +433,7 @@ class KernelProxy:
             if header.get("msg_type") != "status":
                 running = self.traffic.running()
                 last = self.traffic.last_execution
-                key = running.msg_id if running else f"after:{last.msg_id if last else ''}"
-                verdict = self.budget.admit(key, size)
+                verdict = self.budget.admit(self._budget_key(), size)
                 # Past the budget nothing is forwarded: no need to check the signature
                 # (a flood is dropped at the cost of parsing two small frames).
                 if verdict == "drop":

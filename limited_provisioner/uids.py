@@ -169,7 +169,9 @@ def _allocate_locked(
             return uid
 
     processes = _process_holders(low, high)
-    leftovers = {**_ipc_holders(low, high), **_file_holders(low, high)}
+    leftovers = {
+        **_ipc_holders(low, high), **_key_holders(low, high), **_file_holders(low, high)
+    }
     now = _clock()
     leased: list[int] = []
     quarantined: dict[int, float] = {}  # uid -> seconds of quarantine left
@@ -341,6 +343,30 @@ def _ipc_holders(low: int, high: int) -> dict[int, str]:
                 uid = int(fields[column])
                 if low <= uid <= high and uid not in holders:
                     holders[uid] = f"SysV {table} id {fields[1]}"
+    return holders
+
+
+def _key_holders(low: int, high: int) -> dict[int, str]:
+    """uid -> keys it still holds in the kernel's keyrings (``/proc/key-users``).
+
+    A uid's user keyring can outlive all of its processes; the next holder of the uid
+    could read what the previous one put there.
+    """
+    holders: dict[int, str] = {}
+    try:
+        with open("/proc/key-users") as f:
+            lines = f.read().splitlines()
+    except OSError:  # kernel built without keys
+        return holders
+    for line in lines:
+        uid_field, _, rest = line.partition(":")
+        try:
+            uid = int(uid_field)
+            keys = int(rest.split()[1].split("/")[0])
+        except (ValueError, IndexError):
+            continue
+        if low <= uid <= high and keys > 0:
+            holders[uid] = f"{keys} key(s) in its keyrings"
     return holders
 
 

@@ -148,6 +148,7 @@ class Watchdog:
         check_events: Callable[[], None] | None = None,
         mem_limit: int | None = None,
         work_dir: str | None = None,
+        extra_dirs: tuple[str, ...] = (),
         disk_limit: int | None = None,
         files_limit: int | None = None,
         disk_baseline: int = 0,
@@ -163,6 +164,9 @@ class Watchdog:
         self.check_events = check_events
         self.mem_limit = mem_limit
         self.work_dir = work_dir
+        # Other dirs the kernel can write (its connection and socket dirs): they count
+        # against the same limits, or they would be free disk.
+        self.extra_dirs = extra_dirs
         self.disk_limit = disk_limit
         self.files_limit = files_limit
         self.disk_baseline = disk_baseline
@@ -213,6 +217,12 @@ class Watchdog:
         if self.files_limit is not None:
             stop_after = self.files_limit + self.files_baseline
         usage = dir_usage(self.work_dir, stop_after)
+        for extra in self.extra_dirs:
+            more = dir_usage(extra, stop_after)
+            usage = DirUsage(
+                usage.bytes + more.bytes, usage.files + more.files,
+                usage.too_deep or more.too_deep,
+            )
         self.last_usage = usage
         used = usage.bytes - self.disk_baseline
         files = usage.files - self.files_baseline

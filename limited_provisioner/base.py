@@ -688,8 +688,10 @@ class LimitedProvisionerMixin(LifecyclePolicy):
         self.kdir = KernelDir(self.registry.kernels_dir, self.kernel_id, self.uid, self.gid)
         self.kernel_dir = self.kdir.path
         self.kdir.create()
-        # A notice is for one execution of one process: none survives into the next.
+        # A notice is for one execution of one process: none survives into the next; and
+        # nothing the previous process left in its connection dir does either.
         self.kdir.remove_file("notice")
+        self.kdir.empty("conn")
         if self.uid is None:
             return f"server user (uid {os.geteuid()}): not root, cannot switch"
         return f"uid/gid {self.uid} (unprivileged, per kernel, host-wide unique)"

@@ -173,6 +173,12 @@ class KernelDir:
                     remove_entry(sock, name)
             self._hand_over(fd, "sock")
 
+    def empty(self, name: str) -> None:
+        """Remove everything in the kernel's dir ``name`` (the dir itself stays its)."""
+        with _opened(self._open()) as fd, _opened(_open_subdir(fd, name)) as sub:
+            for entry in os.listdir(sub):
+                remove_entry(sub, entry)
+
     def sockets_present(self, names: list[str]) -> bool:
         """Whether an entry exists for every name (lstat only: never opens anything)."""
         try:

@@ -22,6 +22,7 @@ the log and ``get_provisioner_info()['enforcement']`` — never silently skipped
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -339,10 +340,12 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             launch_cwd=str(kwargs.get("cwd") or ""),
             disk_baseline=[baseline_bytes, baseline_files],
         )
-        self._start_watchdog(baseline_bytes, baseline_files)
         if self.cpu_startup_grace > 0 and "cpu" in self.cgroups.paths:
             self._cpu_task = asyncio.ensure_future(self._apply_cpu_quota_later())
         await self._open_kernel_door()
+        # Only now: a kernel that bound its sockets has joined its cgroups, so a trip
+        # (dirs left over the limit by the previous process) kills the whole tree.
+        self._start_watchdog(baseline_bytes, baseline_files)
         self.log.info(
             "Kernel %s started as pid %s with %s [%s]",
             self.kernel_id,
@@ -477,6 +480,10 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
     def _kill_tree(self) -> None:
         if self.cgroups is not None and self.cgroups.paths:
             self.cgroups.kill_all()
+            # A launcher that has not joined its cgroups yet is not in them.
+            if self.pid and self.process is not None and self.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
             return
         # No cgroup: descendants, then anything still carrying our env marker
         # (double-forked daemons re-parented to init), until nothing is left.

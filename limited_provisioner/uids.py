@@ -365,7 +365,9 @@ def _key_holders(low: int, high: int) -> dict[int, str]:
             keys = int(rest.split()[1].split("/")[0])
         except (ValueError, IndexError):
             continue
-        if low <= uid <= high and keys > 0:
+        # A uid that ever looked at its keyrings keeps two of them (user and
+        # user-session, created together) for good; only what is beyond those is data.
+        if low <= uid <= high and keys > 2:
             holders[uid] = f"{keys} key(s) in its keyrings"
     return holders
 

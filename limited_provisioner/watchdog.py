@@ -235,7 +235,8 @@ class Watchdog:
         if self.disk_limit is not None and used > self.disk_limit:
             return "disk_limit", (
                 f"disk limit {format_size(self.disk_limit)} exceeded "
-                f"({format_size(used)} written in {self.work_dir})"
+                f"({format_size(used)} written in {self.work_dir}"
+                + (" and its connection/socket dirs)" if self.extra_dirs else ")")
             )
         if self.files_limit is not None and files > self.files_limit:
             return "files_limit", (

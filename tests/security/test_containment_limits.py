@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import re
 import stat
 import subprocess
@@ -607,3 +608,356 @@ async def test_idle_culling_ignores_kernel_output_and_housekeeping(backend, lp_k
 
 async def _dead(km) -> bool:
     return not await km.is_alive()
+
+
+# -- classes 2 and 6: only replies to real requests, within the budget, reach clients ---------
+
+# The kernel answers its own request (the running cell's) with made-up replies: correctly
+# signed, sent where ipykernel sends its real replies (6: the shell stream; 7: the main
+# shell's pipe to the shell-channel thread), routed by the identity frames of the running
+# request (the requesting client), each claiming a parent request nobody sent, or one a
+# client sent and already got its reply to.
+FORGED_REPLIES = r'''
+import json
+k = get_ipython().kernel
+ident, head = k._parent_ident["shell"], k.get_parent("shell")["header"]
+if getattr(k, "_supports_kernel_subshells", False):  # ipykernel 7: via the shell thread
+    stream = k.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
+else:
+    stream = k.shell_stream
+content = {"status": "ok", "execution_count": 1, "user_expressions": {}, "payload": []}
+parents = [{"msg_id": "made-up-%d" % i, "msg_type": "execute_request",
+            "session": head["session"], "username": head.get("username", ""),
+            "version": head.get("version", "5.3")} for i in range(N)]
+parents += [dict(parents[0], msg_id=ANSWERED) for i in range(N_ANSWERED)]
+for parent in parents:
+    k.session.send(stream, "execute_reply", content, parent=parent, ident=ident)
+print(json.dumps({"sent": len(parents), "idents": len(ident)}))
+'''
+
+# input_request messages on the kernel's stdin socket, to the requesting client: signed
+# first, then sent as raw frames as fast as the socket takes them; the cell ends right after.
+INPUT_FLOOD = r'''
+import json
+k = get_ipython().kernel
+ident, request = k._parent_ident["shell"], k.get_parent("shell")
+content = {"prompt": "p" * SIZE, "password": False}
+messages = [k.session.serialize(k.session.msg("input_request", content, parent=request),
+                                ident=ident) for i in range(N)]
+sent = 0
+for frames in messages:
+    k.stdin_socket.send_multipart(frames)
+    sent += 1
+del messages
+'''
+
+
+async def execute_watching(kc, code: str, allow_stdin: bool = False, settle: float = 1.0,
+                           timeout: float = 60) -> dict:
+    """Run ``code`` through a client; everything that client got on shell and stdin until
+    ``settle`` s after the cell's real reply, and the cell's stdout."""
+    msg_id = kc.execute(code, allow_stdin=allow_stdin, store_history=False)
+    got: dict = {"msg_id": msg_id, "shell": [], "stdin": [], "stdout": "", "reply": None}
+
+    async def read(get, into):
+        while True:
+            with contextlib.suppress(queue.Empty):
+                into.append(await get(timeout=0.2))
+
+    async def read_iopub():
+        while True:
+            with contextlib.suppress(queue.Empty):
+                msg = await kc.get_iopub_msg(timeout=0.2)
+                if (msg["parent_header"].get("msg_id") == msg_id
+                        and msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout"):
+                    got["stdout"] += msg["content"]["text"]
+
+    tasks = [asyncio.ensure_future(read(kc.get_shell_msg, got["shell"])),
+             asyncio.ensure_future(read(kc.get_stdin_msg, got["stdin"])),
+             asyncio.ensure_future(read_iopub())]
+    try:
+        def replied():
+            return next((m for m in got["shell"]
+                         if m["parent_header"].get("msg_id") == msg_id), None)
+
+        got["reply"] = await wait_for(replied, timeout, what="the cell's execute_reply")
+        await asyncio.sleep(settle)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+    return got
+
+
+class DirectKernel:
+    """Root's own connection to the kernel's shell and stdin sockets, behind the proxy's
+    back (one identity on both, as a client has): the control that shows what the
+    kernel's sends deliver when nothing filters them."""
+
+    def __init__(self, km):
+        from jupyter_client.session import Session
+
+        from limited_provisioner.proxy import PORTS
+
+        proxy = km.provisioner.proxy
+        self.session = Session(key=proxy.key, signature_scheme=proxy.signature_scheme,
+                               username="lp-test")
+        self._ctx = zmq.asyncio.Context()
+        identity = os.urandom(8)
+        self.sockets = {}
+        for channel in ("shell", "stdin"):
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(f"ipc://{proxy.kernel_prefix}-{PORTS[channel]}")
+            self.sockets[channel] = sock
+
+    async def execute(self, code: str, settle: float = 1.0, timeout: float = 60) -> dict:
+        msg = self.session.msg("execute_request", {
+            "code": code, "silent": False, "store_history": False, "user_expressions": {},
+            "allow_stdin": True, "stop_on_error": True})
+        msg_id = msg["header"]["msg_id"]
+        await asyncio.sleep(0.3)  # the connections are up
+        await self.sockets["shell"].send_multipart(self.session.serialize(msg))
+        got: dict = {"msg_id": msg_id, "shell": [], "stdin": [], "reply": None}
+
+        async def read(channel):
+            while True:
+                frames = await self.sockets[channel].recv_multipart()
+                try:
+                    _idents, rest = self.session.feed_identities(frames)
+                    got[channel].append(self.session.deserialize(rest))
+                except ValueError:
+                    got.setdefault("unparsable", []).append(frames)
+
+        tasks = [asyncio.ensure_future(read(channel)) for channel in self.sockets]
+        try:
+            def replied():
+                return next((m for m in got["shell"]
+                             if m["parent_header"].get("msg_id") == msg_id), None)
+
+            got["reply"] = await wait_for(replied, timeout, what="the direct execute_reply")
+            await asyncio.sleep(settle)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+        return got
+
+    def close(self):
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+        self._ctx.term()
+
+
+def other_replies(got: dict) -> list[str]:
+    """Parent msg_ids of the shell messages a client got that answer something else than
+    its request."""
+    return [m["parent_header"].get("msg_id") for m in got["shell"]
+            if m["parent_header"].get("msg_id") != got["msg_id"]]
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_made_up_replies_never_reach_clients(backend, lp_kernels):
+    """Classes 2 and 5: in one cell the kernel sends 200 signed execute_replies to requests
+    nobody sent, and 50 to a request already answered, routed to the client running the
+    cell: that client gets none of them, only the cell's own reply (once), and the next
+    cell works. Control: the same cell over root's own connection to the kernel's shell
+    socket delivers all 250 made-up replies."""
+    n, n_answered = 200, 50
+    km, kc = await lp_kernels(limits(), backend)
+    proxy = km.provisioner.proxy
+    first = await kc.execute_interactive("1", timeout=30)
+    answered = first["parent_header"]["msg_id"]
+    code = code_with(FORGED_REPLIES, N=n, N_ANSWERED=n_answered, ANSWERED=answered)
+
+    direct = DirectKernel(km)
+    try:
+        control = await direct.execute(code)
+    finally:
+        direct.close()
+    assert control["reply"]["content"]["status"] == "ok", control["reply"]["content"]
+    made_up = other_replies(control)
+    assert len(made_up) == n + n_answered, f"direct: {len(made_up)} made-up replies"
+    assert made_up.count(answered) == n_answered
+
+    dropped = proxy.dropped
+    got = await execute_watching(kc, code)
+    assert got["reply"]["content"]["status"] == "ok", got["reply"]["content"]
+    report = json.loads(got["stdout"].strip().splitlines()[-1])
+    assert report["sent"] == n + n_answered and report["idents"] >= 1, report
+    leaked = other_replies(got)
+    assert leaked == [], (
+        f"{len(leaked)} made-up replies reached the client, e.g. {sorted(set(leaked))[:5]}")
+    assert len(got["shell"]) == 1, [m["msg_type"] for m in got["shell"]]  # its reply, once
+    # They reached the proxy (and were refused there), not lost on the way.
+    assert proxy.dropped - dropped >= n + n_answered, proxy.dropped - dropped
+    out = await run_ok(kc, "print(6*7)")
+    assert out["stdout"].strip() == "42", out
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_input_request_flood_is_capped_per_execution(backend, lp_kernels):
+    """Class 6: 200 input_requests of 100 KiB on the kernel's stdin socket in one cell,
+    with output_limit 1M, five cells in a row: a client with allow_stdin gets at most
+    ~1.1 MiB of them per cell, each cell's reply arrives and the next cell works.
+    Control: over root's own connection to the kernel's sockets all 200 (19.5 MiB) arrive."""
+    n, size, rounds = 200, 100 * 1024, 5
+    km, kc = await lp_kernels(limits(output_limit="1M"), backend)
+    code = code_with(INPUT_FLOOD, N=n, SIZE=size)
+
+    direct = DirectKernel(km)
+    try:
+        control = await direct.execute(code)
+    finally:
+        direct.close()
+    direct_bytes = sum(len(m["content"]["prompt"]) for m in control["stdin"])
+    assert direct_bytes == n * size, f"direct: {direct_bytes} bytes of input requests"
+
+    totals = []
+    for _ in range(rounds):
+        got = await execute_watching(kc, code, allow_stdin=True, settle=0.5)
+        assert got["reply"]["content"]["status"] == "ok", got["reply"]["content"]
+        # The cell's own output is past the budget too: it reports in the next cell.
+        assert await run_json(kc, "print(json.dumps({'sent': sent}))") == {"sent": n}
+        prompts = [len(m["content"]["prompt"]) for m in got["stdin"]
+                   if m["msg_type"] == "input_request"]
+        assert prompts, "no input request reached the client (the channel works in budget)"
+        totals.append(sum(prompts))
+    assert max(totals) <= 1.1 * OUTPUT_LIMIT, (
+        f"input requests that reached the client per cell: "
+        f"{[f'{t / 2**20:.2f} MiB' for t in totals]}, with output_limit 1M")
+    out = await run_ok(kc, "print(6*7)")
+    assert out["stdout"].strip() == "42", out
+
+
+# -- class 7: the connection dir counts against disk_limit ------------------------------------
+
+# Files of SIZE bytes in the directory of the kernel's own connection file (its conn/,
+# writable by the kernel at any time; bind-mounted at the same path in a container).
+CONN_DIR_FILL = r'''
+import json, os
+from ipykernel.connect import get_connection_file
+d = os.path.dirname(os.path.abspath(get_connection_file()))
+block = b"c" * SIZE
+for i in range(COUNT):
+    with open(os.path.join(d, "%s-%d" % (NAME, i)), "wb") as f:
+        f.write(block)
+print(json.dumps({"dir": d}))
+'''
+
+
+def conn_junk(conn: Path, name: str) -> tuple[int, set[int]]:
+    """Bytes on disk and owners of the kernel's ``name-*`` files in its conn dir."""
+    used, owners = 0, set()
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(conn):
+            if entry.name.startswith(name):
+                st = entry.stat(follow_symlinks=False)
+                used += st.st_blocks * 512
+                owners.add(st.st_uid)
+    return used, owners
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_files_in_the_connection_dir_count_against_disk_limit(backend, lp_kernels):
+    """Class 7: with disk_limit 100M, 10 x 20 MB written into the directory of the
+    kernel's connection file get the kernel killed within seconds, with a reason naming
+    the disk limit; after its shutdown nothing of it is left on the host. Control:
+    10 x 5 MB there (50 MB on the host, in the watched dir) leave it running."""
+    km, kc = await lp_kernels(limits(watchdog_interval=0.2), backend)
+    prov = km.provisioner
+    kernel_id, kernel_dir, conn = km.kernel_id, Path(prov.kernel_dir), Path(prov.kdir.conn)
+    state_dir = Path(prov.registry.state_dir)
+    name = f"lp-sec-{uuid.uuid4().hex[:8]}"
+    uid = None if is_docker(backend) else prov.uid
+
+    res = await run_json(kc, code_with(CONN_DIR_FILL, SIZE=5 * 10**6, COUNT=10, NAME=name))
+    assert res["dir"] == str(conn), res  # the connection file's dir is conn/ on the host
+    used, owners = conn_junk(conn, name)
+    assert used >= 50 * 10**6, f"{used} bytes of the kernel's files in {conn}"
+    if uid is not None:
+        assert owners == {uid}, owners
+    await asyncio.sleep(2.0)  # > 2 disk checks (every 4 x 0.2 s)
+    assert await km.is_alive(), f"killed with 50 MB in conn/: {prov.exit_reason}"
+    assert prov.exit_reason is None, prov.exit_reason
+    out = await run_ok(kc, "print(6*7)")
+    assert out["stdout"].strip() == "42", out
+
+    kc.execute(code_with(CONN_DIR_FILL + "import time\ntime.sleep(60)\n",
+                         SIZE=20 * 10**6, COUNT=10, NAME=name))
+    t0 = time.monotonic()
+    await wait_for(lambda: _dead(km), 15, what="the kernel to be killed")
+    took = time.monotonic() - t0
+    assert prov.exit_reason and "disk limit 100M exceeded" in prov.exit_reason, (
+        prov.exit_reason)
+    assert took < 8, f"killed {took:.1f}s after the cell started"
+    assert conn_junk(conn, name)[0] > 100 * 2**20  # the kernel did get past the limit there
+    assert not kernel_pids(km), kernel_pids(km)
+
+    await km.shutdown_kernel(now=True)
+    assert not kernel_dir.exists(), f"{kernel_dir} is left: {os.listdir(kernel_dir)}"
+    assert kernel_leftovers(kernel_id, state_dir) == []
+    if is_docker(backend):
+        import docker
+
+        from limited_provisioner.docker import LABEL_PREFIX
+
+        assert docker.from_env().containers.list(
+            all=True, filters={"label": f"{LABEL_PREFIX}kernel-id={kernel_id}"}) == []
+
+
+def host_usage(*dirs: Path) -> int:
+    """Bytes on disk under ``dirs``, walked from the host (links not followed)."""
+    total = 0
+    for top in dirs:
+        for root, subdirs, files in os.walk(top):
+            for name in subdirs + files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_restarted_kernel_with_a_full_connection_dir_stays_limited(backend, lp_kernels):
+    """Class 7: conn/ (like work/) survives a restart. A kernel killed for 200 MB there
+    with disk_limit 100M and then restarted (what a server's restarter does on its own)
+    is still held to the limit: within seconds it is either killed again for the disk
+    limit, or it runs with its dirs within the limit (conn/ cleaned) and 10 x 20 MB more
+    there get it killed. Control: the first kill."""
+    km, kc = await lp_kernels(limits(watchdog_interval=0.2), backend)
+    prov = km.provisioner
+    kernel_dir = Path(prov.kernel_dir)
+    dirs = (kernel_dir / "work", kernel_dir / "conn")
+    name = f"lp-sec-{uuid.uuid4().hex[:8]}"
+    fill = code_with(CONN_DIR_FILL + "import time\ntime.sleep(60)\n",
+                     SIZE=20 * 10**6, COUNT=10, NAME=name)
+    kc.execute(fill)
+    await wait_for(lambda: _dead(km), 15, what="the kernel to be killed")
+    assert prov.exit_reason and "disk limit 100M exceeded" in prov.exit_reason, (
+        prov.exit_reason)
+    assert host_usage(*dirs) > 100 * 2**20  # still there: conn/ is kept for the restart
+
+    await km.restart_kernel(now=True)
+    await asyncio.sleep(3.0)  # > 3 disk checks (every 4 x 0.2 s)
+    alive, used = await km.is_alive(), host_usage(*dirs)
+    watchdog = prov.watchdog
+    assert not (alive and used > 100 * 2**20), (
+        f"the restarted kernel runs unkilled with {used / 2**20:.0f} MiB in work/ and conn/ "
+        f"(disk_limit 100M); its watchdog tripped={getattr(watchdog, 'tripped', None)!r}, "
+        f"still running={getattr(watchdog, '_task', None) is not None}; "
+        f"exit_reason={prov.exit_reason!r}")
+    if not alive:
+        assert not kernel_pids(km), kernel_pids(km)
+        trips = (await prov.get_provisioner_info())["limit_trips"]
+        assert [t["kind"] for t in trips].count("disk_limit") >= 2, trips  # killed again
+        return
+    await kc.wait_for_ready(timeout=30)
+    kc.execute(fill)
+    await wait_for(lambda: _dead(km), 15, what="the restarted kernel to be killed")
+    assert prov.exit_reason and "disk limit 100M exceeded" in prov.exit_reason, (
+        prov.exit_reason)

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -575,3 +576,128 @@ def test_allocate_is_fast(real_leases, state_dir, capsys):
             f"max {max(took) * 1000:.1f} ms with {processes} processes"
         )
     assert statistics.median(took) < 0.1
+
+
+# -- keys in the kernel's keyrings --------------------------------------------------------
+
+# add_key(2) and keyctl(2) by syscall number (glibc has no wrappers; keyutils may be absent).
+KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
+KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -4, -5
+KEYCTL_GET_KEYRING_ID, KEYCTL_CLEAR, KEYCTL_INVALIDATE = 0, 7, 21
+
+
+def key_users() -> dict[int, int]:
+    """uid -> keys the kernel counts for it (/proc/key-users: ``uid: usage n/ni ...``)."""
+    found = {}
+    for line in Path("/proc/key-users").read_text().splitlines():
+        uid, _, rest = line.partition(":")
+        found[int(uid)] = int(rest.split()[1].split("/")[0])
+    return found
+
+
+def _keyctl_as(uid: int, action: str, write_fd: int) -> None:  # pragma: no cover - forked child
+    """As ``uid`` (no other identity): ``add`` a user key to its user keyring, ``clear``
+    that keyring, or ``invalidate`` its user and user-session keyrings (what is left
+    once the keys are gone). Writes the result (a key serial, or 0) to ``write_fd``."""
+    status = 1
+    try:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        import platform
+
+        add_key, keyctl = KEY_SYSCALLS[platform.machine()]
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+
+        def call(number, *args):
+            result = libc.syscall(ctypes.c_long(number), *args)
+            if result < 0:
+                raise OSError(ctypes.get_errno(), f"syscall {number}{args}")
+            return result
+
+        long = ctypes.c_long
+        if action == "add":
+            result = call(add_key, b"user", b"lp-test", b"the previous tenant's secret",
+                          ctypes.c_size_t(28), ctypes.c_int(KEY_SPEC_USER_KEYRING))
+        elif action == "clear":
+            result = call(keyctl, long(KEYCTL_CLEAR), long(KEY_SPEC_USER_KEYRING))
+        else:
+            result = 0
+            serials = [call(keyctl, long(KEYCTL_GET_KEYRING_ID), long(spec), long(1))
+                       for spec in (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING)]
+            call(keyctl, long(KEYCTL_CLEAR), long(serials[0]))
+            for serial in serials:
+                call(keyctl, long(KEYCTL_INVALIDATE), long(serial))
+        os.write(write_fd, str(result).encode())
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def keyctl_as(uid: int, action: str) -> int:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(read_fd)
+        _keyctl_as(uid, action, write_fd)
+    os.close(write_fd)
+    try:
+        result = os.read(read_fd, 64).decode()
+    finally:
+        os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and result, f"{action} as uid {uid} failed"
+    return int(result)
+
+
+def wait_keys(uid: int, predicate, timeout: float = 10) -> int:
+    """Poll /proc/key-users until ``predicate(keys of uid)``; the kernel's key garbage
+    collector runs asynchronously."""
+    deadline = time.monotonic() + timeout
+    while True:
+        keys = key_users().get(uid, 0)
+        if predicate(keys) or time.monotonic() > deadline:
+            return keys
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/key-users"), reason="kernel without keys")
+@pytest.mark.skipif(os.uname().machine not in KEY_SYSCALLS, reason="add_key number unknown")
+def test_uid_with_keys_in_its_keyring_is_skipped(real_leases, state_dir):
+    """A uid whose previous holder left a key in its user keyring (which outlives all of
+    its processes) is skipped, and the refusal names the keys; it is handed out again
+    once only its two empty keyrings are left.
+
+    The user and user-session keyrings the kernel made for the uid stay (2 keys in
+    /proc/key-users) after the key is gone and after every process of the uid has
+    exited; they hold nothing, so they must not burn the uid for good."""
+    uid, other = 63000, 63001
+    assert key_users().get(uid, 0) == 0, f"uid {uid} already has keys: {key_users()}"
+    d, a, b = state_dir(), kid(), kid()
+    register(d, a)
+    register(d, b)
+    try:
+        serial = keyctl_as(uid, "add")
+        assert serial > 0
+        assert wait_keys(uid, lambda n: n >= 1) >= 1, "the key is not in /proc/key-users"
+        assert not uids._process_holders(*TEST_RANGE), "a process of the test uids is left"
+
+        assert uids.allocate(a, d, (uid, other)) == other  # 63000 comes first when free
+        with pytest.raises(KernelLimitError) as refused:
+            uids.allocate(b, d, (uid, other))
+        message = str(refused.value)
+        assert "1 leased" in message, message
+        assert re.search(rf"uid {uid}: \d+ key\(s\) in its keyrings", message), message
+
+        keyctl_as(uid, "clear")  # the key itself is gone...
+        left = wait_keys(uid, lambda n: n <= 2)
+        assert left == 2, f"uid {uid}: {left} keys after clearing its keyring"
+        # ...and its two empty keyrings do not block it.
+        assert uids.allocate(b, d, (uid, other)) == uid
+        uids.release(uid, b)
+    finally:
+        keyctl_as(uid, "invalidate")
+        left = wait_keys(uid, lambda n: n == 0)
+        assert left == 0, f"uid {uid} still has {left} keys in /proc/key-users"
+    assert uid not in key_users()

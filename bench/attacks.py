@@ -49,10 +49,17 @@ SECURITY_TESTS = {
         (5, "network=true: kernel ports reachable by other kernels"),
     "test_output_flood_is_capped_per_execution": (6, "raw IOPub / display_data flood"),
     "test_output_limit_cannot_be_dodged_by_message_headers":
-        (6, "made-up parents, padded status messages"),
+        (6, "dodge output_limit by message headers"),
     "test_oversized_message_is_dropped_and_output_keeps_flowing":
         (6, "one message over max_message_size"),
     "test_raw_fd_writes_stay_out_of_server_streams": (6, "100 MB of raw writes to fd 1"),
+    "test_made_up_replies_never_reach_clients":
+        (6, "250 signed replies to requests nobody sent"),
+    "test_input_request_flood_is_capped_per_execution": (6, "200 x 100 KiB input requests"),
+    "test_files_in_the_connection_dir_count_against_disk_limit":
+        (7, "200 MB into its connection dir (outside work/)"),
+    "test_restarted_kernel_with_a_full_connection_dir_stays_limited":
+        (7, "leave its dirs over disk_limit, then get restarted"),
     "test_scratch_files_and_sysv_shm_stay_inside_the_kernel":
         (7, "files in /tmp, /var/tmp, /dev/shm, /run/lock; SysV shm"),
     "test_kernels_cannot_see_each_other": (8, "find another kernel in /proc"),

@@ -781,6 +781,27 @@ class LimitedProvisionerMixin(LifecyclePolicy):
             hook = self.kdir.write("hooks.py", IPYTHON_HOOK, mode=0o644)
             kwargs["cmd"] = [*cmd, f"--IPKernelApp.exec_files={hook}"]
 
+    async def _carried_over_usage(self) -> tuple[int, int]:
+        """(bytes, files) a (re)starting kernel's work dir holds beyond its limits.
+
+        A kernel killed for disk_limit keeps its files: its next process may keep (and
+        delete) what is over the limit plus a little room to start (16M, 100 files:
+        IPython writes its history), never grow it further, or it would be killed at once
+        on every restart and the user could never clean up.
+        """
+        from .watchdog import dir_usage
+
+        lim = self.limits
+        if self.kdir is None or not (lim.disk_limit or lim.files_limit):
+            return 0, 0
+        usage = await asyncio.to_thread(dir_usage, str(self.kdir.work), 200_000)
+        over_bytes = usage.bytes - lim.disk_limit if lim.disk_limit else 0
+        over_files = usage.files - lim.files_limit if lim.files_limit else 0
+        return (
+            over_bytes + min(16 * 2**20, lim.disk_limit) if over_bytes > 0 else 0,
+            over_files + min(100, lim.files_limit) if over_files > 0 else 0,
+        )
+
     def _kernel_writable_dirs(self) -> tuple[str, ...]:
         """Dirs of the kernel dir the kernel can write besides work/ (watchdog counts them)."""
         if self.kdir is None:

@@ -1,7 +1,7 @@
 """``limited-docker-provisioner``: each kernel in its own locked-down container.
 
 The container runtime enforces the limits (memory without swap, CPU, pids, nofile,
-read-only root, size-capped tmpfs ``/tmp``, ``/var/tmp``, ``/run/lock`` and ``/dev/shm``,
+read-only root, size-capped tmpfs ``/tmp``, ``/var/tmp``, ``/run/lock`` (``/dev/shm``: Docker's private 64M),
 private IPC and PID namespaces, a capped json log, no capabilities, no-new-privileges,
 non-root uid, an init process, no network unless asked).  The kernel is reached over
 ``ipc`` sockets in its socket dir, bind-mounted at the same path, through the server's
@@ -209,7 +209,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             "only the kernel's work, socket and connection dirs (and, read-only, the "
             "control dir) mounted",
             "isolation": "container: private PID and IPC namespaces; private size-capped "
-            "tmpfs /tmp, /var/tmp, /run/lock, /dev/shm; json log capped at "
+            "tmpfs /tmp, /var/tmp, /run/lock and Docker's 64M /dev/shm; json log capped at "
             f"{self.log_max_size}",
         }
         for name in list(self.enforcement):
@@ -276,7 +276,6 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
                 path: f"size={self._tmp_size()},mode=1777,nosuid,nodev"
                 for path in ("/tmp", "/var/tmp", "/run/lock")
             },
-            "shm_size": self._tmp_size_bytes(),
             "ipc_mode": "private",
             "log_config": docker.types.LogConfig(
                 type="json-file", config={"max-size": self.log_max_size, "max-file": "1"}
@@ -312,12 +311,6 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         if self.uid is not None:
             return f"{self.uid}:{self.uid}"
         return f"{os.getuid()}:{os.getgid()}"
-
-    def _tmp_size_bytes(self) -> int:
-        from .limits import parse_size
-
-        size = self._tmp_size()
-        return size if isinstance(size, int) else parse_size("tmp_size", size) or 0
 
     def _tmp_size(self) -> int | str:
         if self.tmp_size:
@@ -388,8 +381,9 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             started=time.time(),
         )
         self.work_dir = work
-        self._start_watchdog()
+        baseline = await self._carried_over_usage()
         await self._open_kernel_door()
+        self._start_watchdog(baseline)
         self.log.info(
             "Kernel %s started in container %s (%s) with %s [%s]",
             self.kernel_id,
@@ -400,7 +394,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
         )
         return self.connection_info
 
-    def _start_watchdog(self) -> None:
+    def _start_watchdog(self, baseline: tuple[int, int] = (0, 0)) -> None:
         self.watchdog = Watchdog(
             kernel_id=self.kernel_id,
             get_pids=list,
@@ -409,6 +403,8 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
             extra_dirs=self._kernel_writable_dirs(),
             disk_limit=self.limits.disk_limit,
             files_limit=self.limits.files_limit,
+            disk_baseline=baseline[0],
+            files_baseline=baseline[1],
             interval=self.watchdog_interval,
             disk_interval=self.watchdog_interval * 4,
         )

@@ -307,6 +307,8 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
 
             usage = await asyncio.to_thread(dir_usage, self.work_dir, 200_000)
             baseline_bytes, baseline_files = usage.bytes, usage.files
+        elif self.private_work_dir:
+            baseline_bytes, baseline_files = await self._carried_over_usage()
 
         # Independent: no JPY_PARENT_PID, so the kernel outlives a crashed server and can
         # be re-adopted (recovery.py) instead of dying with it.

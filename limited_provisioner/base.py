@@ -536,7 +536,8 @@ class LimitedProvisionerMixin(LifecyclePolicy):
             await self.proxy.stop()
             self.proxy = None
         await asyncio.to_thread(self._remove_kernel_dir)
-        if self.uid is not None and not getattr(self, "container_user", ""):
+        if self.uid is not None:
+            # A no-op for a uid this kernel holds no lease on (a fixed container_user).
             await asyncio.to_thread(uids.release, self.uid, self.kernel_id)
         await asyncio.to_thread(self.registry.remove, self.kernel_id)
         if not metrics.LIVE_KERNELS.kernels:

@@ -234,9 +234,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             assert self.kdir is not None
             spec["isolate"] = True
             spec["tmpfs"] = self._tmpfs_mounts()
-            spec["writable"] = sorted(
-                {str(self.kdir.work), str(self.kdir.sock), str(self.kdir.conn), cwd}
-            )
+            spec["writable"] = sorted({str(self.kdir.work), *self._kernel_writable_dirs(), cwd})
             spec["stage_dir"] = str(self.kdir.path)
             paths = self._interpreter_paths()
             expose = exposures_for(paths)

@@ -141,6 +141,11 @@ class Traffic:
     def running(self) -> Execution | None:
         return self._pending[0] if self._pending else None
 
+    def charged(self) -> Execution | None:
+        """The execution output is charged to: the running one, else the last one (its
+        reply can overtake its output: they come on different sockets)."""
+        return self.running() or self.last_execution
+
     @property
     def executing(self) -> str | None:
         running = self.running()
@@ -390,7 +395,9 @@ class KernelProxy:
                 continue
             header, parent = checked
             if channel == "stdin":
-                if self.budget.admit(self._budget_key(), sum(len(f) for f in frames)) != "pass":
+                execution = self.traffic.charged()
+                key = execution.msg_id if execution else ""
+                if self.budget.admit(key, sum(len(f) for f in frames)) != "pass":
                     self._refuse("input request past the output limit")
                     continue
             else:
@@ -402,12 +409,6 @@ class KernelProxy:
                 if channel == "shell":
                     self.traffic.reply(str(header.get("msg_type", "")), parent_id)
             await client.send_multipart(frames)
-
-    def _budget_key(self) -> str:
-        """Output is charged to the execution clients asked for; while none runs, to the
-        last one (its reply can overtake its output: they come on different sockets)."""
-        running = self.traffic.running() or self.traffic.last_execution
-        return running.msg_id if running is not None else ""
 
     async def _hb(self, upward: bool) -> None:
         """Heartbeats are raw echoes (unsigned): forwarded both ways, size-capped."""
@@ -431,14 +432,13 @@ class KernelProxy:
                 self._refuse("padded status message")
                 continue
             if header.get("msg_type") != "status":
-                running = self.traffic.running()
-                last = self.traffic.last_execution
-                verdict = self.budget.admit(self._budget_key(), size)
+                execution = self.traffic.charged()
+                verdict = self.budget.admit(execution.msg_id if execution else "", size)
                 # Past the budget nothing is forwarded: no need to check the signature
                 # (a flood is dropped at the cost of parsing two small frames).
                 if verdict == "drop":
                     continue
-                cell = _parent_of(running or last) or parent
+                cell = _parent_of(execution) or parent
                 if self.max_message_size and size > self.max_message_size:
                     self._refuse("message larger than max_message_size")
                     text = OVERSIZE_NOTICE.format(size=size, limit=self.max_message_size)

@@ -672,15 +672,22 @@ async def execute_watching(kc, code: str, allow_stdin: bool = False, settle: flo
                         and msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout"):
                     got["stdout"] += msg["content"]["text"]
 
-    tasks = [asyncio.ensure_future(read(kc.get_shell_msg, got["shell"])),
-             asyncio.ensure_future(read(kc.get_stdin_msg, got["stdin"])),
-             asyncio.ensure_future(read_iopub())]
+    readers = [read(kc.get_shell_msg, got["shell"]), read(kc.get_stdin_msg, got["stdin"]),
+               read_iopub()]
+    return await read_until_reply(got, readers, timeout, settle, "the cell's execute_reply")
+
+
+async def read_until_reply(got: dict, readers: list, timeout: float, settle: float,
+                           what: str) -> dict:
+    """Run ``readers`` until ``got["shell"]`` holds the reply to ``got["msg_id"]``, and
+    ``settle`` s more; then cancel them. Returns ``got`` with ``reply`` set."""
+    tasks = [asyncio.ensure_future(reader) for reader in readers]
     try:
         def replied():
             return next((m for m in got["shell"]
-                         if m["parent_header"].get("msg_id") == msg_id), None)
+                         if m["parent_header"].get("msg_id") == got["msg_id"]), None)
 
-        got["reply"] = await wait_for(replied, timeout, what="the cell's execute_reply")
+        got["reply"] = await wait_for(replied, timeout, what=what)
         await asyncio.sleep(settle)
     finally:
         for task in tasks:
@@ -732,21 +739,8 @@ class DirectKernel:
                 except ValueError:
                     got.setdefault("unparsable", []).append(frames)
 
-        tasks = [asyncio.ensure_future(read(channel)) for channel in self.sockets]
-        try:
-            def replied():
-                return next((m for m in got["shell"]
-                             if m["parent_header"].get("msg_id") == msg_id), None)
-
-            got["reply"] = await wait_for(replied, timeout, what="the direct execute_reply")
-            await asyncio.sleep(settle)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
-        return got
+        readers = [read(channel) for channel in self.sockets]
+        return await read_until_reply(got, readers, timeout, settle, "the direct execute_reply")
 
     def close(self):
         for sock in self.sockets.values():

@@ -32,6 +32,7 @@ import os
 import secrets
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -267,4 +268,12 @@ class KernelDir:
         except SandboxUnavailableError:
             return
         with _opened(parent):
-            remove_entry(parent, self.kernel_id)
+            # A container that was just removed may still be letting go of its bind
+            # mounts of our dirs: try again for a moment rather than leave the dir behind.
+            for _ in range(40):
+                remove_entry(parent, self.kernel_id)
+                try:
+                    os.stat(self.kernel_id, dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    return
+                time.sleep(0.05)

@@ -65,7 +65,7 @@ from jupyter_client.manager import AsyncKernelManager
 from common import kernel_cgroups, kernel_processes
 
 from limited_provisioner import list_kernels
-from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
+from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
 from limited_provisioner.reaper import LABEL_PREFIX, remove_kernel
 from limited_provisioner.registry import Registry, is_alive
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
+from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
 from limited_provisioner.watchdog import KERNEL_ID_ENV
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     """Enabled by jupyter_config/jupyter_server_config.d/limited_provisioner.json."""
-    return [{"module": "limited_provisioner.serverext"}]
+    return [{"module": "limited_provisioner.server.extension"}]
 
 __all__ = [
     "AdoptionError",

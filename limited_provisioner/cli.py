@@ -209,7 +209,7 @@ def _running(state_dir: str | None) -> list[dict[str, Any]]:
 
 def _kernel_pids(entry: dict[str, Any]) -> list[int]:
     """Processes of a kernel, from its cgroup (process backend) or its container's."""
-    from .cgroups import CGROUP_ROOT, GROUP_NAME
+    from .process.cgroups import CGROUP_ROOT, GROUP_NAME
 
     if entry.get("backend") == "docker" and entry.get("container_id"):
         candidates = [CGROUP_ROOT / "pids" / "docker" / entry["container_id"]]
@@ -329,7 +329,7 @@ def cmd_build_image(args: argparse.Namespace) -> int:
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
-    from .base import _default_server_id
+    from .provisioner import _default_server_id
     from .reaper import reap
 
     server_id = args.server_id or os.environ.get("LIMITED_PROVISIONER_SERVER_ID") or (

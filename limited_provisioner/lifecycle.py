@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from traitlets import Float
 from traitlets.config import LoggingConfigurable
 
-from .kerneldir import KernelDir
+from .kernel_dir import KernelDir
 from .limits import Limits, Seconds
 from .proxy import Traffic
 

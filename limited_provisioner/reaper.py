@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import uids
-from .cgroups import KernelCgroups
-from .kerneldir import KernelDir
+from .process.cgroups import KernelCgroups
+from .kernel_dir import KernelDir
 from .metrics import ORPHANS_REAPED
 from .registry import Registry, is_alive, process_identity
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
+from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
 from limited_provisioner.docker import DEFAULT_IMAGE, LABEL_PREFIX
 
 # Docker kernels started by tests carry this owner; the session fixture removes any

@@ -29,11 +29,11 @@ from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
-from limited_provisioner.base import IPC_SUFFIX, MAX_IPC_PATH, LimitedProvisionerMixin
+from limited_provisioner.provisioner import IPC_SUFFIX, MAX_IPC_PATH, LimitedProvisionerMixin
 from limited_provisioner.cli import main as cli
 from limited_provisioner.docker import LimitedDockerProvisioner
 from limited_provisioner.limits import parse_size
-from limited_provisioner.manager import LimitedMappingKernelManager
+from limited_provisioner.server.manager import LimitedMappingKernelManager
 from limited_provisioner.process import LimitedProcessProvisioner
 from limited_provisioner.reaper import remove_kernel
 from limited_provisioner.registry import Registry

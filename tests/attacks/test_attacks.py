@@ -74,7 +74,7 @@ def kernel_pids(km) -> set[int]:
         return set()
     if prov.backend == "process":
         return set(prov._tree_pids())
-    from limited_provisioner.cgroups import CGROUP_ROOT
+    from limited_provisioner.process.cgroups import CGROUP_ROOT
 
     if prov.container_id:
         procs = CGROUP_ROOT / "pids" / "docker" / prov.container_id / "cgroup.procs"

@@ -23,7 +23,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from limited_provisioner.cgroups import CGROUP_ROOT, GROUP_NAME
+from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
 from limited_provisioner.errors import LimitConfigError
 from limited_provisioner.uids import lease_dir
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from limited_provisioner import _launch
+from limited_provisioner.process import launch as _launch
 from limited_provisioner.process import exposures_for
 
 UID = 64999

@@ -35,14 +35,14 @@ from typing import Any
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float, Int
 
-from . import _launch
-from .base import LimitedProvisionerMixin
+from . import launch as _launch
+from ..provisioner import LimitedProvisionerMixin
 from .cgroups import KernelCgroups
-from .errors import LimitConfigError
-from .kernellog import KernelLog
-from .limits import DATA_RLIMIT_HEADROOM, format_size
-from .registry import process_identity
-from .watchdog import KERNEL_ID_ENV, Watchdog, tree_pids
+from ..errors import LimitConfigError
+from .kernel_log import KernelLog
+from ..limits import DATA_RLIMIT_HEADROOM, format_size
+from ..registry import process_identity
+from ..watchdog import KERNEL_ID_ENV, Watchdog, tree_pids
 
 
 def untraversable_ancestor(path: str) -> str | None:
@@ -301,7 +301,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
 
         baseline_bytes = baseline_files = 0
         if not self.private_work_dir and (self.limits.disk_limit or self.limits.files_limit):
-            from .watchdog import dir_usage
+            from ..watchdog import dir_usage
 
             usage = await asyncio.to_thread(dir_usage, self.work_dir, 200_000)
             baseline_bytes, baseline_files = usage.bytes, usage.files
@@ -376,7 +376,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
 
     async def _restore(self, entry: dict[str, Any]) -> None:
         """Take over a kernel process a previous server started (see recovery.adopt)."""
-        from .recovery import AdoptedProcess
+        from ..recovery import AdoptedProcess
 
         self.pid = entry["pid"]
         self.pid_create_time = entry.get("pid_create_time")

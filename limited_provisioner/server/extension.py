@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-MANAGER = "limited_provisioner.manager.LimitedMappingKernelManager"
+MANAGER = "limited_provisioner.server.manager.LimitedMappingKernelManager"
 
 
 def _link_jupyter_server_extension(serverapp: Any) -> None:
@@ -58,7 +58,7 @@ def _persist_sessions(serverapp: Any) -> None:
         return  # the operator chose
     from jupyter_core.paths import jupyter_runtime_dir
 
-    from .base import LimitedProvisionerMixin
+    from ..provisioner import LimitedProvisionerMixin
 
     server_id = LimitedProvisionerMixin(config=serverapp.config).server_id
     runtime = jupyter_runtime_dir()

@@ -26,11 +26,11 @@ from typing import Any
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Dict, List, Unicode, default, validate
 
-from .base import LimitedProvisionerMixin
-from .errors import LimitConfigError, SandboxUnavailableError
-from .limits import DATA_RLIMIT_HEADROOM, format_size
-from .registry import process_identity
-from .watchdog import KERNEL_ID_ENV, Watchdog
+from ..provisioner import LimitedProvisionerMixin
+from ..errors import LimitConfigError, SandboxUnavailableError
+from ..limits import DATA_RLIMIT_HEADROOM, format_size
+from ..registry import process_identity
+from ..watchdog import KERNEL_ID_ENV, Watchdog
 
 LABEL_PREFIX = "limited-provisioner."
 DEFAULT_IMAGE = "limited-provisioner-kernel:latest"
@@ -412,7 +412,7 @@ class LimitedDockerProvisioner(LimitedProvisionerMixin, KernelProvisionerBase):
 
     async def _restore(self, entry: dict[str, Any]) -> None:
         """Take over a container a previous server started (see recovery.adopt)."""
-        from .errors import AdoptionError
+        from ..errors import AdoptionError
 
         self.container_id = entry.get("container_id")
         attrs = await self._inspect()

@@ -24,8 +24,8 @@ from traitlets import Bool, Dict, Float, Int, List, Tuple, Unicode, default, val
 
 from . import metrics, uids
 from .errors import KernelLimitError, LimitConfigError, SandboxUnavailableError
-from .hooks import IPYTHON_HOOK, MEM_LIMIT_ENV, NOTICE_ENV, OUTPUT_LIMIT_ENV
-from .kerneldir import KernelDir
+from .kernel_hook import IPYTHON_HOOK, MEM_LIMIT_ENV, NOTICE_ENV, OUTPUT_LIMIT_ENV
+from .kernel_dir import KernelDir
 from .lifecycle import LifecyclePolicy
 from .limits import (
     MIN_DISK_LIMIT,
@@ -40,7 +40,7 @@ from .limits import (
     Switch,
     format_size,
 )
-from .policy import AdmissionPolicy, admit
+from .admission import AdmissionPolicy, admit
 from .proxy import KERNEL_SOCKETS, KernelProxy, Traffic
 from .reaper import reap_periodically
 from .registry import Registry, process_identity

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .limits import Limits
+from ..limits import Limits
 
 CGROUP_ROOT = Path(os.environ.get("LIMITED_PROVISIONER_CGROUP_ROOT", "/sys/fs/cgroup"))
 GROUP_NAME = "limited-provisioner"

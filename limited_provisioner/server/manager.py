@@ -17,7 +17,7 @@ from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelMana
 from tornado import web
 from traitlets import Bool
 
-from .errors import AdoptionError, KernelLimitError, LimitConfigError, SandboxUnavailableError
+from ..errors import AdoptionError, KernelLimitError, LimitConfigError, SandboxUnavailableError
 
 
 class LimitedMappingKernelManager(AsyncMappingKernelManager):
@@ -111,7 +111,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         """After its auto-restarts failed, jupyter_server only forgets a kernel; also
         release what the provisioner holds for it (registry entry, kernel dir, cgroups,
         container), which the reaper leaves alone while this server lives."""
-        from .base import LimitedProvisionerMixin
+        from ..provisioner import LimitedProvisionerMixin
 
         km = self._kernels.get(kernel_id)
         super()._handle_kernel_died(kernel_id)
@@ -133,7 +133,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
 
     def _policy(self) -> Any:
         """A provisioner-config view, so server_id/state_dir resolve as for kernels."""
-        from .base import LimitedProvisionerMixin
+        from ..provisioner import LimitedProvisionerMixin
 
         return LimitedProvisionerMixin(parent=self)
 
@@ -143,8 +143,8 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         Dead kernels of this server are removed (one log line each); a kernel that
         cannot be reached is shut down rather than left unmanaged.
         """
-        from .reaper import reap, remove_kernel, server_alive
-        from .registry import Registry, is_alive
+        from ..reaper import reap, remove_kernel, server_alive
+        from ..registry import Registry, is_alive
 
         policy = self._policy()
         registry = Registry(policy.state_dir)
@@ -188,7 +188,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
     async def _adopt(self, kernel_id: str, policy: Any) -> None:
         from jupyter_server._tz import utcnow
 
-        from .recovery import adopt
+        from ..recovery import adopt
 
         def factory(**kwargs: Any) -> Any:
             return self.kernel_manager_factory(parent=self, log=self.log, **kwargs)
@@ -212,7 +212,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         if not self.keep_kernels_on_exit:
             await super().shutdown_all(now=now)
             return
-        from .base import LimitedProvisionerMixin
+        from ..provisioner import LimitedProvisionerMixin
 
         for kid in list(self._kernels):
             km = self._kernels[kid]

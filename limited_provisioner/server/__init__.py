@@ -1,0 +1,1 @@
+"""jupyter_server integration: the kernel manager, the websocket, the server extension."""

@@ -6,17 +6,17 @@
 # metadata.kernel_provisioner.config overrides them per kernelspec.
 c = get_config()  # noqa: F821
 
-# Limits for every kernel, both backends (LimitedProvisionerMixin is their shared base).
-c.LimitedProvisionerMixin.mem_limit = "2G"
-c.LimitedProvisionerMixin.cpu_limit = 1
-c.LimitedProvisionerMixin.pids_limit = 256
-c.LimitedProvisionerMixin.nofile_limit = 1024
-c.LimitedProvisionerMixin.disk_limit = "10G"
-c.LimitedProvisionerMixin.network = False
+# Limits for every kernel, both backends (LimitedProvisioner is their shared base).
+c.LimitedProvisioner.mem_limit = "2G"
+c.LimitedProvisioner.cpu_limit = 1
+c.LimitedProvisioner.pids_limit = 256
+c.LimitedProvisioner.nofile_limit = 1024
+c.LimitedProvisioner.disk_limit = "10G"
+c.LimitedProvisioner.network = False
 
 # Host-wide caps, counted across every server sharing the state dir.
-c.LimitedProvisionerMixin.max_kernels = 50
-c.LimitedProvisionerMixin.max_kernels_per_user = 5
+c.LimitedProvisioner.max_kernels = 50
+c.LimitedProvisioner.max_kernels_per_user = 5
 
 # Process backend only: uids kernels run as when the server is root.
 c.LimitedProcessProvisioner.kernel_uid_range = (64000, 64999)

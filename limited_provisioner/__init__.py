@@ -1,8 +1,10 @@
 """Resource-limited Jupyter kernels: kernel provisioners that bound every kernel."""
 
 from .errors import AdoptionError, KernelLimitError, LimitConfigError, SandboxUnavailableError
+from .host import LimitedHost
 from .limits import Limits
 from .process import LimitedProcessProvisioner
+from .provisioner import LimitedProvisioner
 from .recovery import adopt, list_kernels, reap_orphans
 
 __version__ = "0.1.0"
@@ -12,11 +14,14 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
     """Enabled by jupyter_config/jupyter_server_config.d/limited_provisioner.json."""
     return [{"module": "limited_provisioner.server.extension"}]
 
+
 __all__ = [
     "AdoptionError",
     "KernelLimitError",
     "LimitConfigError",
+    "LimitedHost",
     "LimitedProcessProvisioner",
+    "LimitedProvisioner",
     "Limits",
     "SandboxUnavailableError",
     "__version__",

@@ -14,6 +14,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from .errors import KernelLimitError
 from .limits import format_size
@@ -30,6 +33,36 @@ class AdmissionPolicy:
     min_free_disk: int | None = None
     disk_paths: list[Path] = field(default_factory=list)
     max_starts_per_minute: int | None = None
+
+    @classmethod
+    def of(cls, settings: Any, disk_paths: list[Path]) -> AdmissionPolicy:
+        """The caps of a provisioner's settings; mem_budget defaults to
+        mem_budget_fraction of host memory."""
+        budget = settings.mem_budget
+        if budget is None and settings.mem_budget_fraction > 0:
+            budget = int(psutil.virtual_memory().total * settings.mem_budget_fraction)
+        return cls(
+            max_kernels=settings.max_kernels,
+            max_kernels_per_user=settings.max_kernels_per_user,
+            mem_budget=budget,
+            min_free_disk=settings.min_free_disk,
+            disk_paths=disk_paths,
+            max_starts_per_minute=settings.max_starts_per_minute,
+        )
+
+
+def admit_and_record(registry: Registry, policy: AdmissionPolicy, entry: dict[str, Any]) -> None:
+    """Admit the start ``entry`` describes and write it, under the host-wide lock, so
+    the next start (of any server) counts it."""
+    with registry.lock():
+        admit(
+            registry,
+            policy,
+            kernel_id=entry["kernel_id"],
+            owner=entry["owner"],
+            mem_limit=(entry.get("limits") or {}).get("mem_limit"),
+        )
+        registry.write(entry["kernel_id"], entry)
 
 
 def admit(
@@ -52,7 +85,7 @@ def admit(
             f"running on this host (owner {owner!r} asked for one more); shut one down "
             f"(or raise max_kernels) and try again"
         )
-        raise KernelLimitError(msg, limit="max_kernels", owner=owner)
+        raise KernelLimitError(msg, limit="max_kernels")
     if policy.max_kernels_per_user is not None:
         mine = [e for e in live if e.get("owner") == owner]
         if len(mine) >= policy.max_kernels_per_user:
@@ -61,11 +94,11 @@ def admit(
                 f"already runs {len(mine)} kernels; shut one down (or raise "
                 f"max_kernels_per_user)"
             )
-            raise KernelLimitError(msg, limit="max_kernels_per_user", owner=owner)
+            raise KernelLimitError(msg, limit="max_kernels_per_user")
     if policy.mem_budget is not None:
         # A kernel without mem_limit may use everything: it counts as the whole budget.
         used = sum(
-            e.get("limits", {}).get("mem_limit") or policy.mem_budget for e in live
+            (e.get("limits") or {}).get("mem_limit") or policy.mem_budget for e in live
         )
         wanted = mem_limit if mem_limit is not None else policy.mem_budget
         if used + wanted > policy.mem_budget:
@@ -75,7 +108,7 @@ def admit(
                 f"{format_size(wanted)} more; shut a kernel down, lower mem_limit, or raise "
                 f"mem_budget"
             )
-            raise KernelLimitError(msg, limit="mem_budget", owner=owner)
+            raise KernelLimitError(msg, limit="mem_budget")
     if policy.min_free_disk is not None:
         for path in policy.disk_paths:
             try:
@@ -88,7 +121,7 @@ def admit(
                     f"{format_size(free)} free on {path} where kernels write; free disk space "
                     f"(remove old kernels' files) before starting more kernels"
                 )
-                raise KernelLimitError(msg, limit="min_free_disk", owner=owner)
+                raise KernelLimitError(msg, limit="min_free_disk")
     if policy.max_starts_per_minute is not None:
         _check_rate(registry, owner, policy.max_starts_per_minute)
 
@@ -107,7 +140,7 @@ def _check_rate(registry: Registry, owner: str, per_minute: int) -> None:
             f"max_starts_per_minute={per_minute} reached: {owner!r} started {len(recent)} "
             f"kernels in the last minute; retry in {wait:.0f} s"
         )
-        raise KernelLimitError(msg, limit="max_starts_per_minute", owner=owner)
+        raise KernelLimitError(msg, limit="max_starts_per_minute")
     recent.append(now)
     starts = {k: [t for t in v if now - t < 60] for k, v in starts.items()}
     starts[owner] = recent

@@ -329,12 +329,10 @@ def cmd_build_image(args: argparse.Namespace) -> int:
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
-    from .provisioner import _default_server_id
+    from .host import LimitedHost
     from .reaper import reap
 
-    server_id = args.server_id or os.environ.get("LIMITED_PROVISIONER_SERVER_ID") or (
-        _default_server_id()
-    )
+    server_id = args.server_id or LimitedHost.instance().server_id
     done = reap(
         Registry(args.state_dir),
         server_id=server_id,

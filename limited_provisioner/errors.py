@@ -22,10 +22,9 @@ class KernelLimitError(RuntimeError):
     jupyter_server handler that maps this to HTTP 429) can report it precisely.
     """
 
-    def __init__(self, message: str, *, limit: str = "", owner: str | None = None):
+    def __init__(self, message: str, *, limit: str = ""):
         super().__init__(message)
         self.limit = limit
-        self.owner = owner
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -33,4 +32,13 @@ class SandboxUnavailableError(RuntimeError):
 
 
 class AdoptionError(RuntimeError):
-    """A running kernel could not be re-adopted (unknown, dead, managed elsewhere)."""
+    """A running kernel could not be re-adopted.
+
+    ``reason`` says why, for callers that sort the cases: "unknown", "dead" (its
+    leftovers were removed), "managed" (another live process manages it), "unreachable"
+    (it was shut down rather than left running unmanaged).
+    """
+
+    def __init__(self, message: str, *, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason

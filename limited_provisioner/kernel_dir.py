@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import SandboxUnavailableError
+from .registry import Registry
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -277,3 +278,19 @@ class KernelDir:
                 except FileNotFoundError:
                     return
                 time.sleep(0.05)
+
+
+def prepare_kernel_dir(
+    registry: Registry, kernel_id: str, uid: int | None, gid: int | None
+) -> KernelDir:
+    """Create (or, on a restart, reuse) a kernel's dir for one start of its process."""
+    registry.ensure()
+    if uid is not None:
+        registry.update(kernel_id, uid=uid)
+    kdir = KernelDir(registry.kernels_dir, kernel_id, uid, gid)
+    kdir.create()
+    # A notice is for one execution of one process: none survives into the next; and
+    # nothing the previous process left in its connection dir does either.
+    kdir.remove_file("notice")
+    kdir.empty("conn")
+    return kdir

@@ -1,38 +1,49 @@
-"""The startup hook every limited IPython kernel runs, and the files it reads.
+"""The startup hook every limited IPython kernel runs: it explains the limits in the cell.
 
-The provisioner writes the hook into the kernel dir (root-owned: the kernel can read it,
-not change it) and loads it with ``--IPKernelApp.exec_files``; see :data:`IPYTHON_HOOK`.
-The hook only *explains*: nothing it does, and nothing the kernel writes, is relied on
-to enforce a limit (the proxy and the provisioner do that, see proxy.py).
+The provisioner writes this file's own source (:func:`hook_source`) into the kernel dir
+(root-owned: the kernel can read it, not change it) and starts ipykernel with
+``--IPKernelApp.exec_files=<that file>``; IPython runs it in the user namespace at kernel
+start and the bootstrap at the end calls :func:`install`, then gives the namespace back
+as it was. It only *explains*: the code in the kernel can undo all of it, so nothing it
+does is relied on to enforce a limit (the proxy and the provisioner do that, proxy.py).
+
+- A KeyboardInterrupt of the execution named in the notice file (``"<msg_id>\\n<text>"``,
+  written by the provisioner before it interrupts that execution for exec_timeout)
+  becomes a TimeoutError with that text, in the cell's own output: a model driving the
+  kernel only ever sees that text. A user's own interrupt stays a KeyboardInterrupt.
+- A MemoryError (the data rlimit refused an allocation) names the memory limit.
+- print() output past the output limit is dropped in the kernel itself: the proxy drops
+  it anyway, but a print loop would otherwise fill the kernel's own memory with it.
+
+It runs in any image, with any Python >= 3.8: stdlib only, nothing from this package.
 """
 
-from __future__ import annotations
+# exec_files runs this file in the user namespace: remember it, to give it back unchanged.
+_USER_NS = dict(globals()) if __name__ == "__main__" else {}
+
+import functools  # after _USER_NS: these names are the file's too
+import os
 
 NOTICE_ENV = "LIMITED_PROVISIONER_NOTICE_FILE"
 MEM_LIMIT_ENV = "LIMITED_PROVISIONER_MEM_LIMIT"
 OUTPUT_LIMIT_ENV = "LIMITED_PROVISIONER_OUTPUT_LIMIT"
+NOTICE_MAX_BYTES = 4096
 
-# Loaded into IPython kernels with ``--IPKernelApp.exec_files``. (1) When the provisioner
-# interrupts an execution for exec_timeout it first writes the notice file ("<msg_id of
-# the execution>\n<reason>"); the resulting KeyboardInterrupt of *that* execution becomes
-# a TimeoutError whose text says why, in the cell's own output (a model driving the
-# kernel only ever sees that text). A user's own interrupt of another cell stays a
-# KeyboardInterrupt. (2) A MemoryError from the data rlimit names the memory limit.
-# (3) It stops print() output past the output limit inside the kernel: the proxy
-# enforces the limit on every kind of output anyway, but a print loop would otherwise
-# buffer what the proxy is going to drop in the kernel's own memory until it hits its
-# memory limit. Stdlib only, so it runs in any image; everything it defines is deleted
-# from the user namespace.
-IPYTHON_HOOK = '''\
-def __limited_provisioner_hooks():
-    import os
+
+@functools.lru_cache(maxsize=None)  # noqa: UP033 (functools.cache: Python 3.9)
+def hook_source() -> str:
+    """This file's text: what the provisioner writes into the kernel dir."""
+    with open(__file__, encoding="utf-8") as f:
+        return f.read()
+
+
+def install(shell, environ):
+    """Explain the limits named in ``environ`` in ``shell``'s output (module docstring)."""
     import sys
 
-    shell = get_ipython()  # noqa: F821
-    if shell is None:
-        return
-
-    limit = int(os.environ.get("%(output_env)s") or 0)
+    limit = int(environ.get(OUTPUT_LIMIT_ENV) or 0)
+    notice_file = environ.get(NOTICE_ENV)
+    mem_limit = environ.get(MEM_LIMIT_ENV)
     if limit:
         sent = {"bytes": 0, "noticed": False}
 
@@ -53,8 +64,8 @@ def __limited_provisioner_hooks():
                 if not sent["noticed"]:
                     sent["noticed"] = True
                     original(
-                        "\\n[limited-provisioner] output limit of %%d bytes reached: the "
-                        "rest of this cell's output is dropped\\n" %% limit
+                        f"\n[limited-provisioner] output limit of {limit} bytes reached: "
+                        "the rest of this cell's output is dropped\n"
                     )
                 return len(text)
 
@@ -62,15 +73,14 @@ def __limited_provisioner_hooks():
 
         for stream in (sys.stdout, sys.stderr):
             stream.write = capped(stream.write)
-    notice_file = os.environ.get("%(env)s")
-    mem_limit = os.environ.get("%(mem_env)s")
 
     def timeout_notice():
+        """The notice text, if the notice file names the execution running now."""
         if not notice_file:
             return ""
         try:
             with open(notice_file) as f:
-                msg_id, _, text = f.read(4096).partition("\\n")
+                msg_id, _, text = f.read(NOTICE_MAX_BYTES).partition("\n")
         except OSError:
             return ""
         parent = getattr(shell, "parent_header", None) or {}
@@ -88,9 +98,9 @@ def __limited_provisioner_hooks():
         elif issubclass(etype, MemoryError) and mem_limit:
             # An allocation refused by the data rlimit: say which limit, or a user
             # (or a model) reads a bare "MemoryError" as a bug in their code.
-            text = "memory limit %%s reached (limited-provisioner)" %% mem_limit
+            text = f"memory limit {mem_limit} reached (limited-provisioner)"
             if str(evalue):
-                text += ": %%s" %% evalue
+                text += f": {evalue}"
             text += "; free memory (del large objects) or ask for a larger mem_limit"
             error = etype(text)
             replaced.append(error)
@@ -110,10 +120,23 @@ def __limited_provisioner_hooks():
     shell.events.register("post_run_cell", reply_with_explained_error)
 
 
-__limited_provisioner_hooks()
-del __limited_provisioner_hooks
-''' % {
-    "env": NOTICE_ENV,
-    "mem_env": MEM_LIMIT_ENV,
-    "output_env": OUTPUT_LIMIT_ENV,
-}
+def _give_back(namespace, before, shell):
+    """Leave ``namespace`` as it was before this file ran in it (exec_files)."""
+    for name in [name for name in namespace if name not in before]:
+        del namespace[name]
+    namespace.update(before)
+    # Our docstring replaced the namespace's __doc__ before _USER_NS was taken: IPython's
+    # is the one of a fresh user module.
+    fresh = getattr(shell, "prepare_user_module", None)
+    if fresh is not None:
+        namespace["__doc__"] = fresh()[0].__doc__
+
+
+# Run by IPython's exec_files (in the user namespace, __name__ "__main__"), not imported.
+if __name__ == "__main__" and "get_ipython" in globals():
+    try:
+        # With its own copy of these globals, what install leaves running (at every write,
+        # error and cell) outlives their removal below and ignores a user's "len = 3".
+        type(install)(install.__code__, dict(globals()))(get_ipython(), os.environ)  # noqa: F821
+    finally:
+        _give_back(globals(), _USER_NS, get_ipython())  # noqa: F821

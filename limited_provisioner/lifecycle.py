@@ -1,7 +1,7 @@
 """Idle culling, maximum lifetime and execution timeouts, enforced by the provisioner.
 
 :func:`check_lifecycle` is a plain function over one kernel's observed activity, so the
-timer (:class:`LifecyclePolicy`, a base of every limited provisioner) and the tests call
+timer (:class:`LifecycleTimer`, which each limited provisioner holds) and the tests call
 the same thing; the timer acts on the :class:`Verdict` it returns. Works for any client
 (JupyterLab, nbclient, an agent backend driving jupyter_client) because the activity is
 what clients send through the kernel's proxy (proxy.py), by the server's clock: nothing
@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from traitlets import Float
-from traitlets.config import LoggingConfigurable
-
-from .kernel_dir import KernelDir
-from .limits import Limits, Seconds
-from .proxy import Traffic
+from .limits import Limits
+from .traffic import Traffic
 
 
 @dataclass
@@ -82,158 +79,97 @@ def check_lifecycle(
     return Verdict("none")
 
 
-class LifecyclePolicy(LoggingConfigurable):
-    """The per-kernel timer: idle_timeout, max_lifetime and exec_timeout.
+class LifecycleTimer:
+    """The per-kernel timer of idle_timeout, max_lifetime and exec_timeout.
 
-    A base of LimitedProvisionerMixin, which provides what it reads: ``limits``,
-    ``registry``, ``kdir``, ``kernel_id``, ``traffic``, ``parent`` (the KernelManager),
-    ``record_trip()`` and ``send_signal()``.
+    Every ``interval`` seconds it saves the activity clock (``persist``, so a restarted
+    server continues it) and asks :func:`check_lifecycle`; it acts through the
+    provisioner's callbacks: ``interrupt(verdict, msg_id)`` for an execution past
+    exec_timeout, ``stop(verdict)`` to cull or restart the kernel (after which it ends).
     """
 
-    max_lifetime = Seconds(
-        0,
-        help="""Hard age cap in seconds ("8h"): the kernel is shut down this long after it
-        started, busy or not. 0 (default) disables.""",
-    ).tag(config=True)
+    def __init__(
+        self,
+        *,
+        kernel_id: str,
+        limits: Limits,
+        traffic: Traffic,
+        created: float,
+        max_lifetime: float,
+        exec_timeout_grace: float,
+        interval: float,
+        interrupt: Callable[[Verdict, str], Awaitable[None]],
+        stop: Callable[[Verdict], Awaitable[None]],
+        persist: Callable[[float], Awaitable[None]],
+        log: logging.Logger | logging.LoggerAdapter,
+    ):
+        self.kernel_id = kernel_id
+        self.limits = limits
+        self.traffic = traffic
+        self.created = created
+        self.max_lifetime = max_lifetime
+        self.exec_timeout_grace = exec_timeout_grace
+        self.interval = interval
+        self._interrupt, self._stop, self._persist = interrupt, stop, persist
+        self.log = log
+        self.interrupted: str | None = None
+        self.interrupted_at: float | None = None
+        self._saved = 0.0
+        self._task: asyncio.Task | None = None
 
-    exec_timeout_grace = Seconds(
-        5,
-        help="""Seconds an execution may keep running after the exec_timeout interrupt
-        before the kernel is restarted (its state is lost). Default 5.""",
-    ).tag(config=True)
-
-    lifecycle_interval = Float(
-        1.0,
-        help="Seconds between two checks of idle_timeout, max_lifetime and exec_timeout.",
-    ).tag(config=True)
-
-    limits: Limits
-    traffic: Traffic | None = None
-    kdir: KernelDir | None = None
-    _lifecycle_task: asyncio.Task | None = None
-    _interrupted: str | None = None
-    _interrupted_at: float | None = None
-    _activity_saved: float = 0.0
-    _created: float = 0.0
-
-    def _lifecycle_enforcement(self) -> dict[str, str]:
+    @property
+    def needed(self) -> bool:
         lim = self.limits
-        result = {}
-        if lim.idle_timeout:
-            result["idle_timeout"] = (
-                f"enforced by the provisioner ({lim.idle_timeout:g}s without a client request "
-                "seen by the proxy; never while an execution is pending)"
-            )
-        if lim.exec_timeout:
-            result["exec_timeout"] = (
-                f"enforced by the provisioner (SIGINT after {lim.exec_timeout:g}s, restart "
-                f"after {self.exec_timeout_grace:g}s more)"
-            )
-        if self.max_lifetime:
-            result["max_lifetime"] = f"enforced by the provisioner ({self.max_lifetime:g}s)"
-        return result
+        return bool(lim.idle_timeout or lim.exec_timeout or self.max_lifetime)
 
-    def _start_lifecycle(self) -> None:
-        lim = self.limits
-        if not (lim.idle_timeout or lim.exec_timeout or self.max_lifetime):
-            return
-        entry = self.registry.read(self.kernel_id) or {}
-        self._created = entry.get("created", time.time())
-        self._interrupted = self._interrupted_at = None
-        self._lifecycle_task = asyncio.ensure_future(self._lifecycle_loop())
+    def start(self) -> None:
+        if self.needed and self._task is None:
+            self._task = asyncio.ensure_future(self._run())
 
-    async def _stop_lifecycle(self) -> None:
-        task, self._lifecycle_task = self._lifecycle_task, None
+    async def stop(self) -> None:
+        task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _lifecycle_loop(self) -> None:
+    async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.lifecycle_interval)
-            monitor = self.traffic
-            if monitor is None:
-                return
+            await asyncio.sleep(self.interval)
             try:
-                await self._persist_activity(monitor)
-                verdict = check_lifecycle(
-                    monitor,
-                    created=self._created,
-                    idle_timeout=self.limits.idle_timeout,
-                    max_lifetime=self.max_lifetime,
-                    exec_timeout=self.limits.exec_timeout,
-                    exec_timeout_grace=self.exec_timeout_grace,
-                    interrupted=self._interrupted,
-                    interrupted_at=self._interrupted_at,
-                )
-                if verdict.action == "interrupt":
-                    self.record_trip(verdict.kind, verdict.reason)
-                    await asyncio.to_thread(
-                        self._write_notice, monitor.executing or "", verdict.reason
-                    )
-                    self._interrupted = monitor.executing
-                    self._interrupted_at = time.time()
-                    await self.send_signal(signal.SIGINT)
-                elif verdict.action in ("cull", "restart"):
-                    # A restart follows an interrupt that was already counted as the trip.
-                    self.record_trip(verdict.kind, verdict.reason, count=verdict.action == "cull")
-                    # Shutting down ends this task (cleanup stops it): act from another.
-                    self._lifecycle_task = None
-                    asyncio.ensure_future(self._act(verdict.action))
+                if await self.check_once():
                     return
-            except Exception:  # one bad round must not end the policy for this kernel
+            except Exception:  # one bad round must not end the timer of this kernel
                 self.log.exception("Kernel %s: lifecycle check failed", self.kernel_id)
 
-    def _write_notice(self, msg_id: str, text: str) -> None:
-        """Why the execution ``msg_id`` is interrupted, for the kernel's hook to show.
+    async def check_once(self, now: float | None = None) -> bool:
+        """One round; True once the kernel is being culled or restarted."""
+        traffic = self.traffic
+        await self._save_activity(traffic)
+        verdict = check_lifecycle(
+            traffic,
+            created=self.created,
+            idle_timeout=self.limits.idle_timeout,
+            max_lifetime=self.max_lifetime,
+            exec_timeout=self.limits.exec_timeout,
+            exec_timeout_grace=self.exec_timeout_grace,
+            interrupted=self.interrupted,
+            interrupted_at=self.interrupted_at,
+            now=now,
+        )
+        if verdict.action == "interrupt":
+            self.interrupted = traffic.executing
+            self.interrupted_at = time.time()
+            await self._interrupt(verdict, traffic.executing or "")
+        elif verdict.action in ("cull", "restart"):
+            # Shutting down cancels this timer: act from a task of its own.
+            self._task = None
+            asyncio.ensure_future(self._stop(verdict))
+            return True
+        return False
 
-        Written by the server into the kernel dir, which the kernel can read but not
-        change; the hook only believes it for the execution it names.
-        """
-        if self.kdir is not None:
-            self.kdir.write("notice", f"{msg_id}\n{text}", mode=0o644)
-
-    async def _persist_activity(self, monitor: Traffic) -> None:
+    async def _save_activity(self, traffic: Traffic) -> None:
         """Save last_activity (at most every 5 s) so a restart continues the idle clock."""
-        if monitor.last_activity > self._activity_saved and time.time() - self._activity_saved > 5:
-            self._activity_saved = time.time()
-            await asyncio.to_thread(
-                self.registry.update, self.kernel_id, last_activity=monitor.last_activity
-            )
-
-    async def _act(self, action: str) -> None:
-        """Shut down or restart through the owner of the kernel, so its listing stays true."""
-        from jupyter_core.utils import ensure_async
-
-        km = self.parent
-        mkm = getattr(km, "parent", None)
-        managed = mkm is not None and self.kernel_id in getattr(mkm, "_kernels", {})
-        try:
-            if action == "cull":
-                if managed:
-                    await ensure_async(mkm.shutdown_kernel(self.kernel_id))
-                else:
-                    await ensure_async(km.shutdown_kernel())
-            else:
-                self._announce_restart()
-                if managed:
-                    await ensure_async(mkm.restart_kernel(self.kernel_id, now=True))
-                else:
-                    await ensure_async(km.restart_kernel(now=True))
-        except Exception:
-            self.log.exception("Kernel %s: %s failed", self.kernel_id, action)
-
-    def _announce_restart(self) -> None:
-        """Tell the kernel's clients it is restarting, as the auto-restarter does.
-
-        A restart requested by a client is announced by that client; one decided here
-        (exec_timeout ignored) is not, so the server's websocket would never send
-        "restarting" (nor the reason, see websocket.py) and a notebook would wait forever
-        on the killed cell. Fires the restarter's "restart" callbacks, which is what
-        jupyter_server subscribes to.
-        """
-        restarter = getattr(self.parent, "_restarter", None)
-        fire = getattr(restarter, "_fire_callbacks", None)
-        if fire is not None:
-            fire("restart")
+        if traffic.last_activity > self._saved and time.time() - self._saved > 5:
+            self._saved = time.time()
+            await self._persist(traffic.last_activity)

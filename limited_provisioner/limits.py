@@ -294,6 +294,11 @@ class Limits:
             idle_timeout=parse_duration("idle_timeout", values.get("idle_timeout")),
         )
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        """From an object whose traits (already parsed) carry the same names."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

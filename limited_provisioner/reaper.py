@@ -3,29 +3,33 @@
 A registry entry is reaped when the server (the process that started the kernel) is
 gone and either the kernel died (process gone / container stopped) or its idle clock (or
 max_lifetime) has run out — a live kernel of a dead server is kept until then, so a
-restarted server can still adopt it. Kernels of live servers are never touched. Only things carrying our registry entry or our Docker label are ever touched.
+restarted server can still adopt it. Kernels of live servers are never touched, and only
+what carries our registry entry or our Docker label is. Each backend removes its own
+traces (``remove_traces``: cgroups and processes, containers on the daemon that runs
+them); a backend that cannot be asked keeps the entry for the next round.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import importlib
 import logging
-import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import uids
-from .process.cgroups import KernelCgroups
 from .kernel_dir import KernelDir
 from .metrics import ORPHANS_REAPED
-from .registry import Registry, is_alive, process_identity
+from .registry import Registry, is_alive, server_alive
 
 log = logging.getLogger(__name__)
-LABEL_PREFIX = "limited-provisioner."
+# Where each backend's provisioner lives; imported only when an entry of it is reaped.
+BACKENDS = {
+    "process": "limited_provisioner.process:LimitedProcessProvisioner",
+    "docker": "limited_provisioner.docker:LimitedDockerProvisioner",
+}
 
 
 @dataclass
@@ -37,13 +41,10 @@ class Orphan:
     owner: str = ""
 
 
-def server_alive(entry: dict[str, Any]) -> bool:
-    pid = entry.get("server_pid")
-    if not pid:
-        return False
-    created = process_identity(pid)
-    expected = entry.get("server_pid_create_time")
-    return created is not None and (expected is None or abs(created - expected) < 1.0)
+def provisioner_class(backend: str) -> type:
+    """The provisioner class of a registry entry's ``backend``."""
+    module, _, name = BACKENDS.get(backend, BACKENDS["process"]).partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def find_orphans(
@@ -84,25 +85,14 @@ def find_orphans(
     return found
 
 
-def remove_kernel(registry: Registry, entry: dict[str, Any], docker_client: Any = None) -> None:
-    """Kill and remove everything of one kernel: processes/container, cgroups, dir, entry."""
+def remove_kernel(registry: Registry, entry: dict[str, Any]) -> None:
+    """Kill and remove everything of one kernel: processes/container, cgroups, dir, entry.
+
+    Raises if its backend cannot remove its traces (e.g. its Docker daemon is
+    unreachable): then the entry stays, so the kernel is not forgotten while it runs.
+    """
     kid = entry["kernel_id"]
-    if entry.get("backend") == "docker":
-        client = docker_client or _docker_client()
-        if client is not None:
-            for c in client.containers.list(
-                all=True, filters={"label": f"{LABEL_PREFIX}kernel-id={kid}"}
-            ):
-                with contextlib.suppress(Exception):  # gone meanwhile / removal in progress
-                    c.remove(force=True)
-    else:
-        groups = KernelCgroups.attach(kid, entry.get("cgroups") or ["memory", "cpu", "pids"])
-        if groups.paths:
-            groups.kill_all()
-            groups.remove()
-        elif entry.get("pid") and is_alive(entry):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(entry["pid"], signal.SIGKILL)
+    provisioner_class(entry.get("backend", "process")).remove_traces(registry, entry)
     # Only ever <state_dir>/kernels/<id> and <state_dir>/clients/<id>, whatever the entry
     # says, removed without following a link the kernel planted in its dirs.
     KernelDir(registry.kernels_dir, kid, None, None).remove()
@@ -118,7 +108,6 @@ def reap(
     server_id: str | None = None,
     all_servers: bool = False,
     dry_run: bool = False,
-    docker_client: Any = None,
 ) -> list[Orphan]:
     """Find and (unless ``dry_run``) remove orphans. Each failure is logged on its own."""
     orphans = find_orphans(registry, server_id=server_id, all_servers=all_servers)
@@ -130,12 +119,13 @@ def reap(
         if entry is None:
             continue
         try:
-            remove_kernel(registry, entry, docker_client)
+            remove_kernel(registry, entry)
             done.append(orphan)
             ORPHANS_REAPED.labels(backend=orphan.backend).inc()
             log.info("reaped kernel %s (%s): %s", orphan.kernel_id, orphan.backend, orphan.why)
-        except Exception:
-            log.exception("could not reap kernel %s", orphan.kernel_id)
+        except Exception as e:
+            log.error("could not reap kernel %s (%s), kept for the next round: %s",
+                      orphan.kernel_id, orphan.backend, e)
     return done
 
 
@@ -147,14 +137,3 @@ async def reap_periodically(registry: Registry, interval: float, log: Any) -> No
             await asyncio.to_thread(reap, registry, all_servers=True)
         except Exception:  # the next round may succeed; never end the loop
             log.exception("orphan reaper failed")
-
-
-def _docker_client() -> Any:
-    try:
-        import docker
-
-        client = docker.from_env()
-        client.ping()
-        return client
-    except Exception:  # no daemon: nothing of ours can be running there either
-        return None

@@ -13,91 +13,29 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import psutil
 from jupyter_client.manager import AsyncKernelManager
 
+from . import _jupyter_internals as internals
+from . import metrics
+from .enforcement import EnforcementPlan
 from .errors import AdoptionError
-from .reaper import Orphan, reap, remove_kernel, server_alive
-from .registry import Registry, is_alive
+from .kernel_dir import KernelDir
+from .reaper import Orphan, provisioner_class, reap, remove_kernel
+from .registry import Registry, is_alive, list_kernels, process_identity, server_alive
 
+__all__ = ["TRAIT_KEYS", "adopt", "list_kernels", "reap_orphans"]
+
+# The limits a kernel runs with, restored from its registry entry (not its kernelspec,
+# which may have been edited since it started).
 TRAIT_KEYS = (
     "mem_limit", "cpu_limit", "pids_limit", "nofile_limit", "disk_limit", "files_limit",
     "network", "exec_timeout", "idle_timeout",
 )
-
-
-class AdoptedProcess:
-    """A ``Popen`` stand-in for a kernel process started by a previous server.
-
-    It is not our child, so there is no exit status to collect: a vanished process (or
-    a reused pid — the start time is compared) reads as exited with -1.
-    """
-
-    stdin = stdout = stderr = None
-
-    def __init__(self, pid: int, create_time: float | None):
-        self.pid = pid
-        self.create_time = create_time
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is not None:
-            return self.returncode
-        try:
-            proc = psutil.Process(self.pid)
-            same = self.create_time is None or abs(proc.create_time() - self.create_time) < 1
-            if same and proc.status() != psutil.STATUS_ZOMBIE:
-                return None
-        except psutil.NoSuchProcess:
-            pass
-        self.returncode = -1
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"pid {self.pid} still running")
-            time.sleep(0.05)
-        return self.returncode  # type: ignore[return-value]
-
-    def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-
-def list_kernels(
-    state_dir: str | os.PathLike | None = None,
-    *,
-    server_id: str | None = None,
-    owner: str | None = None,
-    labels: dict[str, str] | None = None,
-) -> list[dict[str, Any]]:
-    """Registry entries of the live limited kernels on this host (optionally filtered;
-    ``labels`` matches kernels carrying all of the given label values)."""
-    result = []
-    for entry in Registry(state_dir).live_entries():
-        if entry.get("state") != "running":
-            continue
-        if server_id is not None and entry.get("server_id") != server_id:
-            continue
-        if owner is not None and entry.get("owner") != owner:
-            continue
-        if labels and any((entry.get("labels") or {}).get(k) != v for k, v in labels.items()):
-            continue
-        result.append(entry)
-    return result
 
 
 def reap_orphans(
@@ -117,46 +55,39 @@ def reap_orphans(
     return reap(Registry(state_dir), server_id=server_id, all_servers=all_servers)
 
 
-def _provisioner_class(backend: str) -> type:
-    if backend == "docker":
-        from .docker import LimitedDockerProvisioner
-
-        return LimitedDockerProvisioner
-    from .process import LimitedProcessProvisioner
-
-    return LimitedProcessProvisioner
-
-
 async def adopt(
     kernel_id: str,
     *,
     state_dir: str | os.PathLike | None = None,
     parent: Any = None,
     factory: Callable[..., Any] | None = None,
+    entry: dict[str, Any] | None = None,
     **provisioner_config: Any,
 ) -> AsyncKernelManager:
     """A started ``AsyncKernelManager`` for the running limited kernel ``kernel_id``.
 
     ``factory(connection_file=..., kernel_name=...)`` builds the manager (default
-    ``AsyncKernelManager(parent=parent, ...)``). Raises :class:`AdoptionError` if the
-    kernel is unknown, dead (its leftovers are removed), managed by another live
-    process, or unreachable (it is then shut down rather than left unmanaged).
+    ``AsyncKernelManager(parent=parent, ...)``); ``entry`` is its registry entry if the
+    caller has just read it. Raises :class:`AdoptionError` (``reason``) if the kernel is
+    unknown, dead (its leftovers are removed), managed by another live process, or
+    unreachable (it is then shut down rather than left running unmanaged).
     """
     registry = Registry(state_dir)
-    entry = registry.read(kernel_id)
+    if entry is None:
+        entry = await asyncio.to_thread(registry.read, kernel_id)
     if entry is None:
         msg = f"no limited kernel {kernel_id} in the registry at {registry.state_dir}"
-        raise AdoptionError(msg)
-    if not is_alive(entry) or entry.get("state") != "running":
-        await asyncio.to_thread(remove_kernel, registry, entry)
-        msg = f"kernel {kernel_id} is not running any more; its leftovers were removed"
-        raise AdoptionError(msg)
+        raise AdoptionError(msg, reason="unknown")
     if server_alive(entry) and entry.get("server_pid") != os.getpid():
         msg = (
             f"kernel {kernel_id} is managed by live process {entry.get('server_pid')}; "
             f"refusing to adopt it too (two managers would fight over it)"
         )
-        raise AdoptionError(msg)
+        raise AdoptionError(msg, reason="managed")
+    if not is_alive(entry) or entry.get("state") != "running":
+        await asyncio.to_thread(remove_kernel, registry, entry)
+        msg = f"kernel {kernel_id} is not running any more; its leftovers were removed"
+        raise AdoptionError(msg, reason="dead")
     connection_file = entry.get("connection_file")
     if not connection_file or not os.path.exists(connection_file):
         await asyncio.to_thread(remove_kernel, registry, entry)
@@ -164,7 +95,7 @@ async def adopt(
             f"kernel {kernel_id}: connection file {connection_file!r} is gone, so nobody can "
             f"talk to it; it was shut down instead of being left running unmanaged"
         )
-        raise AdoptionError(msg)
+        raise AdoptionError(msg, reason="unreachable")
 
     kernel_name = entry.get("kernel_name") or ""
     if factory is None:
@@ -186,9 +117,7 @@ async def adopt(
         if spec is not None
         else {}
     )
-    config.update(
-        {k: v for k, v in (entry.get("limits") or {}).items() if k in TRAIT_KEYS}
-    )
+    config.update({k: v for k, v in (entry.get("limits") or {}).items() if k in TRAIT_KEYS})
     config.update(
         owner=entry.get("owner", ""),
         max_lifetime=entry.get("max_lifetime") or 0,
@@ -196,22 +125,43 @@ async def adopt(
         state_dir=str(registry.state_dir),
         **provisioner_config,
     )
-    prov = _provisioner_class(entry.get("backend", "process"))(
+    prov = provisioner_class(entry.get("backend", "process"))(
         kernel_id=kernel_id, kernel_spec=spec, parent=km, **config
     )
     km.provisioner = prov
     try:
-        await prov.adopt(entry)
+        await _resume(prov, entry)
     except Exception:
         await asyncio.to_thread(remove_kernel, registry, entry)
         raise
-    if entry.get("launch_cwd"):
-        km._launch_args = {"cwd": entry["launch_cwd"]}
-    else:
-        km._launch_args = {}
-    km._attempted_start = True
-    km._connect_control_socket()
-    if not km.ready.done():
-        km.ready.set_result(None)
+    internals.mark_started(km, entry.get("launch_cwd"))
     km.start_restarter()
     return km
+
+
+async def _resume(prov: Any, entry: dict[str, Any]) -> None:
+    """Make ``prov`` manage the running kernel its registry entry describes: restore the
+    backend's handle on it, check its sockets again, re-attach the watchdog, the timers
+    (continuing the saved idle clock) and the reaper, and take the entry over."""
+    kernel_dir = entry.get("kernel_dir")
+    prov.kernel_dir = Path(kernel_dir) if kernel_dir else None
+    prov.work_dir = entry.get("work_dir")
+    prov.uid = entry.get("uid")
+    prov.gid = entry.get("gid", prov.uid)
+    prov.created = entry.get("created") or time.time()
+    prov.plan = EnforcementPlan.from_report(
+        entry.get("enforcement") or {}, entry.get("mechanisms") or {}
+    )
+    prov.kdir = KernelDir(prov.registry.kernels_dir, prov.kernel_id, prov.uid, prov.gid)
+    prov._connect_clients(last_activity=entry.get("last_activity"))
+    if prov.parent is not None:
+        prov.connection_info = prov.parent.get_connection_info()
+    await prov._restore(entry)
+    await prov._open_kernel_door()
+    await asyncio.to_thread(
+        prov.registry.update, prov.kernel_id, server_id=prov.server_id,
+        server_pid=os.getpid(), server_pid_create_time=process_identity(os.getpid()),
+        adopted=time.time(),
+    )
+    prov._start_watching()
+    metrics.ADOPTIONS.labels(backend=prov.backend).inc()

@@ -129,15 +129,48 @@ def process_identity(pid: int) -> float | None:
         return None
 
 
-def is_alive(entry: dict[str, Any]) -> bool:
-    """Whether the kernel an entry describes is still running (not a reused pid)."""
-    if entry.get("state") == "starting":
-        # A start in progress counts against caps until it finishes or goes stale.
-        return time.time() - entry.get("created", 0) < 120
-    pid = entry.get("pid")
-    if not pid:
+def same_process(pid: Any, create_time: Any) -> bool:
+    """Whether ``pid`` still runs and is the process that started at ``create_time``
+    (None: unknown, any process with that pid will do)."""
+    if not isinstance(pid, int) or pid <= 0:
         return False
     created = process_identity(pid)
     if created is None:
         return False
-    return abs(created - entry.get("pid_create_time", created)) < 1.0
+    return not isinstance(create_time, (int, float)) or abs(created - create_time) < 1.0
+
+
+def is_alive(entry: dict[str, Any]) -> bool:
+    """Whether the kernel an entry describes is still running (not a reused pid)."""
+    if entry.get("state") == "starting":
+        # A start in progress counts against caps until it finishes or goes stale.
+        return time.time() - (entry.get("created") or 0) < 120
+    return same_process(entry.get("pid"), entry.get("pid_create_time"))
+
+
+def server_alive(entry: dict[str, Any]) -> bool:
+    """Whether the server (or agent) process that manages the kernel still runs."""
+    return same_process(entry.get("server_pid"), entry.get("server_pid_create_time"))
+
+
+def list_kernels(
+    state_dir: str | os.PathLike | None = None,
+    *,
+    server_id: str | None = None,
+    owner: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Registry entries of the live limited kernels on this host (optionally filtered;
+    ``labels`` matches kernels carrying all of the given label values)."""
+    result = []
+    for entry in Registry(state_dir).live_entries():
+        if entry.get("state") != "running":
+            continue
+        if server_id is not None and entry.get("server_id") != server_id:
+            continue
+        if owner is not None and entry.get("owner") != owner:
+            continue
+        if labels and any((entry.get("labels") or {}).get(k) != v for k, v in labels.items()):
+            continue
+        result.append(entry)
+    return result

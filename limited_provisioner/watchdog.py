@@ -15,10 +15,15 @@ import os
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
 
-from .limits import format_size
+from .enforcement import WATCHDOG, EnforcementPlan
+from .limits import Limits, format_size
+
+if TYPE_CHECKING:
+    from .kernel_dir import KernelDir
 
 KERNEL_ID_ENV = "LIMITED_PROVISIONER_KERNEL_ID"
 
@@ -104,6 +109,25 @@ def dir_usage(path: str, stop_after_files: int | None = None) -> DirUsage:
     return usage
 
 
+def carried_over(work_dir: str, limits: Limits) -> tuple[int, int]:
+    """(bytes, files) a (re)starting kernel's work dir holds beyond its limits.
+
+    A kernel killed for disk_limit keeps its files: its next process may keep (and
+    delete) what is over the limit plus a little room to start (16M, 100 files: IPython
+    writes its history), never grow it further, or it would be killed at once on every
+    restart and the user could never clean up. Blocking.
+    """
+    if not (limits.disk_limit or limits.files_limit):
+        return 0, 0
+    usage = dir_usage(work_dir, 200_000)
+    over_bytes = usage.bytes - limits.disk_limit if limits.disk_limit else 0
+    over_files = usage.files - limits.files_limit if limits.files_limit else 0
+    return (
+        over_bytes + min(16 * 2**20, limits.disk_limit) if over_bytes > 0 else 0,
+        over_files + min(100, limits.files_limit) if over_files > 0 else 0,
+    )
+
+
 def tree_pids(root_pid: int, kernel_id: str | None = None, scan_env: bool = False) -> set[int]:
     """Processes of a kernel's tree without cgroups: descendants of the kernel, plus
     (with ``scan_env``) any process carrying our kernel-id environment marker, which
@@ -174,9 +198,42 @@ class Watchdog:
         self.interval = interval
         self.disk_interval = disk_interval
         self.tripped: str | None = None
-        self.last_usage: DirUsage | None = None
-        self.last_rss: int | None = None
+        # Walks of the kernel's dirs so far (evidence for tests and debugging).
+        self.disk_checks = 0
         self._task: asyncio.Task | None = None
+
+    @classmethod
+    def for_kernel(
+        cls,
+        kernel_id: str,
+        limits: Limits,
+        plan: EnforcementPlan,
+        kdir: KernelDir | None,
+        work_dir: str | None,
+        *,
+        interval: float,
+        on_trip: Callable[[str, str], Awaitable[None]],
+        get_pids: Callable[[], list[int] | set[int]] = list,
+        check_events: Callable[[], None] | None = None,
+        baseline: tuple[int, int] = (0, 0),
+    ) -> Watchdog:
+        """The watchdog of one kernel: memory where the plan leaves it to the watchdog
+        (no cgroup), the size and file count of every dir the kernel can write."""
+        return cls(
+            kernel_id=kernel_id,
+            get_pids=get_pids,
+            on_trip=on_trip,
+            check_events=check_events,
+            mem_limit=limits.mem_limit if plan.uses("mem_limit", WATCHDOG) else None,
+            work_dir=work_dir,
+            extra_dirs=(str(kdir.conn), str(kdir.sock)) if kdir is not None else (),
+            disk_limit=limits.disk_limit,
+            files_limit=limits.files_limit,
+            disk_baseline=baseline[0],
+            files_baseline=baseline[1],
+            interval=interval,
+            disk_interval=interval * 4,
+        )
 
     @property
     def watches_anything(self) -> bool:
@@ -202,7 +259,6 @@ class Watchdog:
         if self.mem_limit is None:
             return None
         rss = tree_rss(self.get_pids())
-        self.last_rss = rss
         if rss > self.mem_limit:
             return "mem_limit", (
                 f"memory limit {format_size(self.mem_limit)} exceeded "
@@ -217,13 +273,13 @@ class Watchdog:
         if self.files_limit is not None:
             stop_after = self.files_limit + self.files_baseline
         usage = dir_usage(self.work_dir, stop_after)
+        self.disk_checks += 1
         for extra in self.extra_dirs:
             more = dir_usage(extra, stop_after)
             usage = DirUsage(
                 usage.bytes + more.bytes, usage.files + more.files,
                 usage.too_deep or more.too_deep,
             )
-        self.last_usage = usage
         used = usage.bytes - self.disk_baseline
         files = usage.files - self.files_baseline
         if usage.too_deep:

@@ -21,8 +21,9 @@ import psutil
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
 from limited_provisioner.docker import DEFAULT_IMAGE, LABEL_PREFIX
+from limited_provisioner.host import LimitedHost
+from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
 
 # Docker kernels started by tests carry this owner; the session fixture removes any
 # container with it, whatever happened.
@@ -45,6 +46,15 @@ def write_kernelspec(prefix: Path, name: str, config: dict, provisioner: str) ->
         },
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+@pytest.fixture(autouse=True)
+def fresh_host():
+    """Each test builds its own LimitedHost from its own config and environment (in a
+    server there is one per process; here tests change config and env between them)."""
+    LimitedHost.clear_instance()
+    yield
+    LimitedHost.clear_instance()
 
 
 @pytest.fixture

@@ -29,7 +29,9 @@ from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
-from limited_provisioner.provisioner import IPC_SUFFIX, MAX_IPC_PATH, LimitedProvisionerMixin
+from limited_provisioner.connection import IPC_SUFFIX, MAX_IPC_PATH
+from limited_provisioner.host import LimitedHost
+from limited_provisioner.provisioner import LimitedProvisioner
 from limited_provisioner.cli import main as cli
 from limited_provisioner.docker import LimitedDockerProvisioner
 from limited_provisioner.limits import parse_size
@@ -46,7 +48,8 @@ SINGLE_USER = EXAMPLE / "jupyter_server_config.py"
 CONFIGURABLE = {
     cls.__name__: cls
     for cls in (
-        LimitedProvisionerMixin,
+        LimitedHost,
+        LimitedProvisioner,
         LimitedProcessProvisioner,
         LimitedDockerProvisioner,
         LimitedMappingKernelManager,
@@ -88,7 +91,7 @@ def test_single_user_config_sets_only_existing_traits(hub_env):
     cfg = load(SINGLE_USER)
 
     assert config_errors(cfg) == []
-    assert {"LimitedProvisionerMixin", "LimitedProcessProvisioner",
+    assert {"LimitedHost", "LimitedProvisioner", "LimitedProcessProvisioner",
             "LimitedDockerProvisioner", "LimitedMappingKernelManager"} <= set(cfg)
 
 

@@ -72,7 +72,7 @@ async def test_metrics_count_each_event(jupyter_path, recovery_env):  # noqa: F8
     write_kernelspec(jupyter_path, "idle", {"idle_timeout": 2, "owner": OWNER},
                      "limited-process-provisioner")
     # The server's reaper runs from its start: its period is server config.
-    server = Server(jupyter_path, env, args=("--LimitedProvisionerMixin.reap_interval=1",))
+    server = Server(jupyter_path, env, args=("--LimitedHost.reap_interval=1",))
     try:
         await server.start()
         samples = await scrape(server)

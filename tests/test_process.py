@@ -65,7 +65,7 @@ async def test_root_server_runs_kernel_unprivileged_offline_and_scrubbed(start_k
     assert info["enforcement"]["network"].startswith("hard")
     assert info["enforcement"]["identity"].startswith("uid/gid")
     # The key is readable by the kernel's uid (its own file) and root (the clients').
-    st = os.stat(km.provisioner.kernel_connection_file)
+    st = os.stat(km.provisioner.connection.kernel_connection_file)
     assert st.st_mode & 0o077 == 0 and st.st_uid == int(uid)
     st = os.stat(km.connection_file)
     assert st.st_mode & 0o077 == 0 and st.st_uid == 0

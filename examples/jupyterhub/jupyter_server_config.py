@@ -22,35 +22,37 @@ server_name = os.environ.get("JUPYTERHUB_SERVER_NAME", "") or "default"
 # server (jupyterhub_config.py: c.Spawner.mem_limit = "4G"):
 #   max_kernels_per_user * (mem_limit + 128M) + ~300M for the server  <=  4G
 # (128M: the RLIMIT_DATA headroom each kernel process gets above mem_limit).
-c.LimitedProvisionerMixin.mem_limit = "1G"
-c.LimitedProvisionerMixin.cpu_limit = 1
-c.LimitedProvisionerMixin.nofile_limit = 1024
-c.LimitedProvisionerMixin.disk_limit = "5G"
-c.LimitedProvisionerMixin.files_limit = 100000
-c.LimitedProvisionerMixin.output_limit = "10M"
+c.LimitedProvisioner.mem_limit = "1G"
+c.LimitedProvisioner.cpu_limit = 1
+c.LimitedProvisioner.nofile_limit = 1024
+c.LimitedProvisioner.disk_limit = "5G"
+c.LimitedProvisioner.files_limit = 100000
+c.LimitedProvisioner.output_limit = "10M"
 
 # Per-kernel policy: the provisioner enforces it for the browser, nbclient and API
 # clients alike (jupyter_server's own culler stays off).
-c.LimitedProvisionerMixin.idle_timeout = "1h"  # shut down a kernel idle this long
-c.LimitedProvisionerMixin.exec_timeout = "2h"  # interrupt one cell running this long
-c.LimitedProvisionerMixin.max_lifetime = "24h"
+c.LimitedProvisioner.idle_timeout = "1h"  # shut down a kernel idle this long
+c.LimitedProvisioner.exec_timeout = "2h"  # interrupt one cell running this long
+c.LimitedProvisioner.max_lifetime = "24h"
 
 # -- Who the user is, and how many kernels they get -------------------------------------
 # The owner a kernel counts against is read from $JUPYTERHUB_USER (the default
 # owner_env, spelled out here); max_kernels_per_user counts the kernels in the
 # registry under state_dir, i.e. across all of this user's servers that share it.
-c.LimitedProvisionerMixin.owner_env = "JUPYTERHUB_USER"
-c.LimitedProvisionerMixin.max_kernels_per_user = 3
-c.LimitedProvisionerMixin.max_starts_per_minute = 20
+c.LimitedProvisioner.owner_env = "JUPYTERHUB_USER"
+c.LimitedProvisioner.max_kernels_per_user = 3
+c.LimitedProvisioner.max_starts_per_minute = 20
 
+# Host-wide settings (LimitedHost: the registry, this server's identity, the reaper) are
+# read by the server, its reaper and every kernel alike.
 # One registry per user, in the home directory (persistent under DockerSpawner too),
 # shared by the user's named servers. Short on purpose: the Docker backend's ipc socket
 # paths (state_dir + /kernels/<36-char id>/k-N) must stay under 100 bytes.
-c.LimitedProvisionerMixin.state_dir = os.path.join(os.path.expanduser("~"), ".limited-provisioner")
+c.LimitedHost.state_dir = os.path.join(os.path.expanduser("~"), ".limited-provisioner")
 
 # Stable across restarts of this server and distinct for each named server, so a
 # restarted server re-adopts exactly its own kernels (and its own session database).
-c.LimitedProvisionerMixin.server_id = f"{socket.gethostname()}-{user}-{server_name}"
+c.LimitedHost.server_id = f"{socket.gethostname()}-{user}-{server_name}"
 
 # -- Process backend (kernelspec "limited-python") --------------------------------------
 # Single-user servers run as the hub user, not root: memory is bounded per process by

@@ -10,7 +10,7 @@ On a host where we are root (the case this package is built for) the kernel runs
   ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` are private size-capped tmpfs,
 * as a per-kernel unprivileged uid (host-wide unique, uids.py) that owns only its work
   dir and, until it has bound them, its socket dir,
-* with its stdout/stderr in a size-capped log (kernellog.py), not the server's streams,
+* with its stdout/stderr in a size-capped log (kernel_log.py), not the server's streams,
 * with rlimits: RLIMIT_DATA (mem), RLIMIT_NOFILE, RLIMIT_FSIZE (disk), RLIMIT_CORE=0,
 * watched by a :class:`~limited_provisioner.watchdog.Watchdog` for the work dir size
   and file count (and for memory where no cgroup exists).
@@ -25,72 +25,35 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float, Int
 
-from . import launch as _launch
-from ..provisioner import LimitedProvisionerMixin
-from .cgroups import KernelCgroups
+from ..enforcement import CGROUP, process_plan
 from ..errors import LimitConfigError
+from ..kernel_env import BLAS_THREADS
+from ..limits import format_size
+from ..provisioner import LimitedProvisioner
+from ..registry import Registry, is_alive, process_identity
+from ..watchdog import KERNEL_ID_ENV, dir_usage, tree_pids
+from . import launch as _launch
+from .adopted import AdoptedProcess
+from .cgroups import KernelCgroups
 from .kernel_log import KernelLog
-from ..limits import DATA_RLIMIT_HEADROOM, format_size
-from ..registry import process_identity
-from ..watchdog import KERNEL_ID_ENV, Watchdog, tree_pids
+from .sandbox import (
+    PRIVATE_SCRATCH,
+    can_unshare_net,
+    host_scratch_dirs,
+    launch_spec,
+    scratch_parent,
+)
 
 
-def untraversable_ancestor(path: str) -> str | None:
-    """The highest ancestor of ``path`` that other users cannot enter, if any."""
-    parts = Path(path).parts
-    for i in range(2, len(parts) + 1):
-        ancestor = Path(*parts[:i])
-        try:
-            mode = ancestor.stat().st_mode
-        except OSError:
-            return None
-        if not mode & 0o001:
-            return str(ancestor)
-    return None
-
-
-def exposures_for(paths: list[str]) -> dict[str, str]:
-    """``{path: blocker}`` for interpreter paths a kernel uid could not reach."""
-    result: dict[str, str] = {}
-    for path in sorted({os.path.realpath(p) for p in paths if p}):
-        blocker = untraversable_ancestor(path)
-        if blocker is None or blocker == path:
-            continue
-        if any(path.startswith(done + os.sep) for done in result):
-            continue  # already exposed through a parent
-        result[path] = blocker
-    return result
-
-
-def _can_unshare_net() -> bool:
-    return os.geteuid() == 0 and Path("/proc/self/ns/net").exists()
-
-
-# World-writable host directories: each kernel gets a private, size-capped tmpfs in their
-# place, so nothing it writes there is shared with the host or outlives it.
-PRIVATE_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-
-
-def scratch_parent(path: str) -> str | None:
-    """The private scratch dir ``path`` lies in, if any (the kernel could not see it)."""
-    real = os.path.realpath(path)
-    for scratch in PRIVATE_SCRATCH:
-        if real == scratch or real.startswith(scratch + "/"):
-            return scratch
-    return None
-
-
-class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
+class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     """A :class:`LocalProvisioner` whose kernel runs inside resource limits."""
 
     backend = "process"
@@ -119,23 +82,18 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
     cgroups: KernelCgroups | None = None
     kernel_log: KernelLog | None = None
     _cpu_task: asyncio.Task | None = None
-    watchdog: Watchdog | None = None
     pid_create_time: float | None = None
     _shutting_down = False
 
     # -- start ----------------------------------------------------------------------
 
     async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
-        """Create the kernel dir, uid and cgroups; decide what the launcher isolates.
-
-        Runs before LocalProvisioner.pre_launch writes the connection file.
-        """
+        """Kernel dir, uid and cgroups, and the plan of what enforces each limit; runs
+        before LocalProvisioner.pre_launch writes the connection file."""
         await asyncio.to_thread(self._prepare_sandbox_sync)
 
     def _prepare_sandbox_sync(self) -> None:
-        enforcement: dict[str, str] = {}
-        root = os.geteuid() == 0
-        if root:
+        if os.geteuid() == 0:
             scratch = scratch_parent(str(self.registry.state_dir))
             if scratch is not None:
                 msg = (
@@ -145,176 +103,66 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
                     f"default is /var/lib/limited-provisioner)"
                 )
                 raise LimitConfigError(msg)
-        enforcement["identity"] = self._prepare_kernel_dir()
-
+        identity = self._prepare_kernel_dir()
         self.cgroups = KernelCgroups.create(
             self.kernel_id, self.limits, defer_cpu=self.cpu_startup_grace > 0
         )
-        enforcement.update(self.cgroups.enforced(self.limits))
-        if "cpu_limit" in enforcement and self.cpu_startup_grace > 0:
-            enforcement["cpu_limit"] += f" from {self.cpu_startup_grace:g}s after launch"
-        lim = self.limits
-        if lim.mem_limit is not None:
-            enforcement.setdefault(
-                "mem_limit", "best-effort (watchdog on the tree's RSS, RLIMIT_DATA per process)"
-            )
-        if lim.cpu_limit is not None:
-            enforcement.setdefault(
-                "cpu_limit", f"best-effort (nice {self.kernel_nice}; no writable cpu cgroup)"
-            )
-        if lim.pids_limit is not None and "pids_limit" not in enforcement:
-            if self.uid is not None:
-                enforcement["pids_limit"] = "hard (RLIMIT_NPROC on the kernel's own uid)"
-            else:
-                enforcement["pids_limit"] = (
-                    "best-effort (RLIMIT_NPROC counts every process of the server user)"
-                )
-        if lim.nofile_limit is not None:
-            enforcement["nofile_limit"] = "hard (RLIMIT_NOFILE, per process)"
-        if lim.disk_limit is not None:
-            enforcement["disk_limit"] = (
-                "hard per file (RLIMIT_FSIZE); best-effort total (watchdog on work dir"
-                + (
-                    "; host filesystem read-only; private size-capped tmpfs on "
-                    + ", ".join(d for d in PRIVATE_SCRATCH if os.path.isdir(d))
-                    + ")"
-                    if self._isolate
-                    else ")"
-                )
-            )
-        if lim.files_limit is not None:
-            enforcement["files_limit"] = "best-effort (watchdog on work dir)"
-        if self._isolate:
-            enforcement["isolation"] = (
-                "private PID, IPC and mount namespaces (other kernels' processes invisible, "
-                "SysV IPC gone with the kernel, host filesystem read-only except its work "
-                "dir); stdout/stderr to a capped log"
-            )
-        else:
-            enforcement["isolation"] = (
-                "NOT enforced (needs root): the kernel runs as the server's user and can "
-                "see and touch what the server can"
-            )
-        self._netns = _can_unshare_net()
-        if lim.network:
-            enforcement["network"] = "allowed (network=True)"
-        elif self._netns:
-            enforcement["network"] = "hard (empty network namespace, ipc transport)"
-        else:
-            enforcement["network"] = "NOT enforced (needs root for a network namespace)"
-        self.enforcement = enforcement
+        self._netns = can_unshare_net()
+        self.plan = process_plan(
+            self.limits, cgroups=self.cgroups.paths, own_uid=self.uid is not None,
+            isolated=self._isolate, netns=self._netns, nice=self.kernel_nice,
+            cpu_grace=self.cpu_startup_grace, scratch_dirs=host_scratch_dirs(),
+        )
+        self.plan.measures["identity"] = identity
 
     @property
     def _isolate(self) -> bool:
         return os.geteuid() == 0 and self.uid is not None
 
-    def _sandbox_spec(self, cwd: str) -> dict[str, Any]:
-        lim = self.limits
-        rlimits: dict[str, Any] = {"core": 0}
-        if lim.mem_limit is not None:
-            rlimits["data"] = lim.mem_limit + DATA_RLIMIT_HEADROOM
-        if lim.nofile_limit is not None:
-            rlimits["nofile"] = lim.nofile_limit
-        if lim.disk_limit is not None:
-            rlimits["fsize"] = lim.disk_limit
-        if lim.pids_limit is not None and "pids" not in (self.cgroups.paths if self.cgroups else {}):
-            rlimits["nproc"] = lim.pids_limit
-        spec: dict[str, Any] = {
-            "cgroup_procs": self.cgroups.procs_files if self.cgroups else [],
-            "unshare_net": bool(self._netns and not lim.network),
-            "rlimits": rlimits,
-            "cwd": cwd,
-        }
-        if self.cgroups is None or "cpu" not in self.cgroups.paths:
-            spec["nice"] = self.kernel_nice
-        if self.uid is not None:
-            spec["uid"] = self.uid
-            spec["gid"] = self.gid if self.gid is not None else self.uid
-        if self._isolate:
-            assert self.kdir is not None
-            spec["isolate"] = True
-            spec["tmpfs"] = self._tmpfs_mounts()
-            spec["writable"] = sorted({str(self.kdir.work), *self._kernel_writable_dirs(), cwd})
-            spec["stage_dir"] = str(self.kdir.path)
-            paths = self._interpreter_paths()
-            expose = exposures_for(paths)
-            # An interpreter (a venv) in a scratch dir would be hidden by the private tmpfs.
-            for path in sorted({os.path.realpath(p) for p in paths if p}):
-                scratch = scratch_parent(path)
-                if scratch and path != scratch and not any(
-                    path == done or path.startswith(done + os.sep) for done in expose
-                ):
-                    expose[path] = scratch
-            if expose:
-                spec["expose"] = expose
-        return spec
-
-    def _interpreter_paths(self) -> list[str]:
-        """Install locations the kernel process must be able to read."""
-        argv0 = self.kernel_spec.argv[0] if self.kernel_spec and self.kernel_spec.argv else ""
-        paths = [sys.prefix, sys.base_prefix, os.path.dirname(shutil.which(argv0) or "")]
-        real = os.path.realpath(shutil.which(argv0) or argv0) if argv0 else ""
-        if real:
-            # <prefix>/bin/python -> <prefix>
-            paths.append(os.path.dirname(os.path.dirname(real)))
-        return paths
-
-    def _tmpfs_mounts(self) -> dict[str, str]:
-        """A private tmpfs on every world-writable scratch dir of the host, so writes there
-        are capped, seen by no one else and vanish with the kernel. tmpfs pages are
-        memory, charged to the kernel's memory cgroup: capped at mem_limit too."""
-        lim = self.limits
-        size = lim.disk_limit if lim.disk_limit is not None else 1024**3
-        if lim.mem_limit:
-            size = min(size, lim.mem_limit)
-        inodes = f",nr_inodes={lim.files_limit}" if lim.files_limit else ""
-        return {
-            target: f"size={size},mode=1777{inodes}"
-            for target in PRIVATE_SCRATCH
-            if os.path.isdir(target)
-        }
-
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
-        """Start the kernel through ``_launch`` (which applies the sandbox, then execs),
+        """Start the kernel through ``launch.py`` (which applies the sandbox, then execs),
         then check and connect its sockets (``_open_kernel_door``)."""
+        assert self.kdir is not None
         work = str(self.kdir.work)
         if self.private_work_dir:
             kwargs["cwd"] = work
-            self.work_dir = work
-        else:
-            self.work_dir = str(kwargs.get("cwd") or os.getcwd())
-        env = dict(kwargs.get("env") or {})
-        env.update(self._kernel_env())
-        env[KERNEL_ID_ENV] = self.kernel_id
-        env["HOME"] = work
+        self.work_dir = str(kwargs.get("cwd") or os.getcwd())
+        env = self._kernel_env(kwargs.get("env"))
+        env.update({KERNEL_ID_ENV: self.kernel_id, "HOME": work})
         env.setdefault("IPYTHONDIR", os.path.join(work, ".ipython"))
         if self.limits.cpu_limit is not None:
             # BLAS/OpenMP pools sized to the host's cores only thrash under a CPU quota.
-            threads = str(max(1, int(self.limits.cpu_limit)))
-            for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-                env.setdefault(name, threads)
+            for name in BLAS_THREADS:
+                env.setdefault(name, str(max(1, int(self.limits.cpu_limit))))
         kwargs["env"] = env
-        spec = self._sandbox_spec(kwargs.get("cwd") or work)
+        argv0 = self.kernel_spec.argv[0] if self.kernel_spec and self.kernel_spec.argv else ""
+        spec = launch_spec(
+            self.limits, self.plan, cwd=kwargs.get("cwd") or work,
+            cgroup_procs=self.cgroups.procs_files if self.cgroups else [],
+            netns=self._netns, nice=self.kernel_nice, uid=self.uid, gid=self.gid,
+            isolated=self._isolate, writable=[work, str(self.kdir.conn), str(self.kdir.sock)],
+            stage_dir=str(self.kdir.path), argv0=argv0,
+        )
         # Run the launcher by path, isolated and without site: it needs only the
         # stdlib, and importing our package (and jupyter_client) would cost ~0.2 s.
         wrapped = [sys.executable, "-I", "-S", _launch.__file__, json.dumps(spec), "--", *cmd]
-
-        baseline_bytes = baseline_files = 0
-        if not self.private_work_dir and (self.limits.disk_limit or self.limits.files_limit):
-            from ..watchdog import dir_usage
-
+        if self.private_work_dir:
+            baseline = await self._carried_over_usage()
+        elif self.limits.disk_limit or self.limits.files_limit:
+            # Only growth past what the notebook's dir already holds is counted.
             usage = await asyncio.to_thread(dir_usage, self.work_dir, 200_000)
-            baseline_bytes, baseline_files = usage.bytes, usage.files
-        elif self.private_work_dir:
-            baseline_bytes, baseline_files = await self._carried_over_usage()
-
+            baseline = (usage.bytes, usage.files)
+        else:
+            baseline = (0, 0)
         # Independent: no JPY_PARENT_PID, so the kernel outlives a crashed server and can
         # be re-adopted (recovery.py) instead of dying with it.
         kwargs["independent"] = True
         if self.kernel_log is not None:
             self.kernel_log.close()
         log_fd = await asyncio.to_thread(self.kdir.open_log)
-        self.kernel_log = KernelLog(log_fd, self.kernel_log_limit, str(self.kdir.path / "kernel.log"))
+        self.kernel_log = KernelLog(
+            log_fd, self.kernel_log_limit, str(self.kdir.path / "kernel.log")
+        )
         kwargs["stdout"] = kwargs["stderr"] = self.kernel_log.write_fd
         try:
             connection_info = await super().launch_kernel(wrapped, **kwargs)
@@ -323,61 +171,31 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         self.pid_create_time = process_identity(self.pid)
         self.exit_reason = self.exit_kind = None
         self._shutting_down = False
-        await asyncio.to_thread(
-            self.registry.update,
-            self.kernel_id,
-            state="running",
-            pid=self.pid,
-            pid_create_time=self.pid_create_time,
-            uid=self.uid,
-            gid=self.gid,
-            kernel_dir=str(self.kernel_dir),
-            work_dir=self.work_dir,
-            connection_file=getattr(self.parent, "connection_file", None),
+        await self._record_running(
             cgroups=sorted(self.cgroups.paths) if self.cgroups else [],
-            enforcement=self.enforcement,
-            started=time.time(),
-            launch_cwd=str(kwargs.get("cwd") or ""),
-            disk_baseline=[baseline_bytes, baseline_files],
+            launch_cwd=str(kwargs.get("cwd") or ""), disk_baseline=list(baseline),
         )
-        if self.cpu_startup_grace > 0 and "cpu" in self.cgroups.paths:
+        if self.plan.uses("cpu_limit", CGROUP) and self.cpu_startup_grace > 0:
             self._cpu_task = asyncio.ensure_future(self._apply_cpu_quota_later())
         await self._open_kernel_door()
         # Only now: a kernel that bound its sockets has joined its cgroups, so a trip
         # (dirs left over the limit by the previous process) kills the whole tree.
-        self._start_watchdog(baseline_bytes, baseline_files)
+        self._start_process_watchdog(baseline)
         self.log.info(
-            "Kernel %s started as pid %s with %s [%s]",
-            self.kernel_id,
-            self.pid,
-            self.limits.describe(),
-            self.describe_enforcement(),
+            "Kernel %s started as pid %s with %s [%s]", self.kernel_id, self.pid,
+            self.limits.describe(), self.describe_enforcement(),
         )
         return connection_info
 
-    def _start_watchdog(self, baseline_bytes: int = 0, baseline_files: int = 0) -> None:
+    def _start_process_watchdog(self, baseline: tuple[int, int]) -> None:
         paths = self.cgroups.paths if self.cgroups is not None else {}
-        self.watchdog = Watchdog(
-            kernel_id=self.kernel_id,
-            get_pids=self._tree_pids,
-            on_trip=self._on_trip,
+        self._start_watchdog(
+            baseline, get_pids=self._tree_pids,
             check_events=self._check_cgroup_events if paths else None,
-            mem_limit=None if "memory" in paths else self.limits.mem_limit,
-            work_dir=self.work_dir,
-            extra_dirs=self._kernel_writable_dirs(),
-            disk_limit=self.limits.disk_limit,
-            files_limit=self.limits.files_limit,
-            disk_baseline=baseline_bytes,
-            files_baseline=baseline_files,
-            interval=self.watchdog_interval,
-            disk_interval=self.watchdog_interval * 4,
         )
-        self.watchdog.start()
 
     async def _restore(self, entry: dict[str, Any]) -> None:
         """Take over a kernel process a previous server started (see recovery.adopt)."""
-        from ..recovery import AdoptedProcess
-
         self.pid = entry["pid"]
         self.pid_create_time = entry.get("pid_create_time")
         self.process = AdoptedProcess(self.pid, self.pid_create_time)
@@ -386,10 +204,21 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         except OSError:
             self.pgid = None  # gone meanwhile: poll() will say so
         self.cgroups = KernelCgroups.attach(self.kernel_id, entry.get("cgroups") or [])
-        self._netns = _can_unshare_net()
-        baseline = entry.get("disk_baseline") or [0, 0]
-        self._start_watchdog(baseline[0], baseline[1])
+        self._netns = can_unshare_net()
+        self._start_process_watchdog(tuple(entry.get("disk_baseline") or (0, 0)))
         self.log.info("Kernel %s adopted (pid %s)", self.kernel_id, self.pid)
+
+    @classmethod
+    def remove_traces(cls, registry: Registry, entry: dict[str, Any]) -> None:
+        """The reaper's part for a process kernel: kill its tree, remove its cgroups."""
+        controllers = entry.get("cgroups") or ["memory", "cpu", "pids"]
+        groups = KernelCgroups.attach(entry["kernel_id"], controllers)
+        if groups.paths:
+            groups.kill_all()
+            groups.remove()
+        elif entry.get("pid") and is_alive(entry):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(entry["pid"], signal.SIGKILL)
 
     # -- running --------------------------------------------------------------------
 
@@ -508,10 +337,7 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         Called by ``KernelManager.cleanup_resources()`` after the kernel process has
         exited. On restart the cgroups, uid and dir are kept for the next process.
         """
-        await self._stop_lifecycle()
-        if self.watchdog is not None:
-            await self.watchdog.stop()
-            self.watchdog = None
+        await self._stop_watching()
         if self._cpu_task is not None:
             self._cpu_task.cancel()
             self._cpu_task = None
@@ -523,16 +349,13 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
             await self._release()
 
     async def _release(self) -> None:
-        await asyncio.to_thread(self._remove_traces)
+        if self.cgroups is not None:
+            await asyncio.to_thread(self.cgroups.kill_all)
+            await asyncio.to_thread(self.cgroups.remove)
         if self.kernel_log is not None:
             self.kernel_log.close()
             self.kernel_log = None
         await super()._release()
-
-    def _remove_traces(self) -> None:
-        if self.cgroups is not None:
-            self.cgroups.kill_all()
-            self.cgroups.remove()
 
     # -- persistence ----------------------------------------------------------------
 
@@ -540,7 +363,6 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
         info = await super().get_provisioner_info()
         info.update(
             {
-                "uid": self.uid,
                 "pid_create_time": self.pid_create_time,
                 "cgroups": sorted(self.cgroups.paths) if self.cgroups else [],
             }
@@ -549,6 +371,5 @@ class LimitedProcessProvisioner(LimitedProvisionerMixin, LocalProvisioner):
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
         await super().load_provisioner_info(provisioner_info)
-        self.uid = provisioner_info.get("uid")
         self.pid_create_time = provisioner_info.get("pid_create_time")
         self.cgroups = KernelCgroups.attach(self.kernel_id, provisioner_info.get("cgroups") or [])

@@ -2,9 +2,9 @@
 
 ``pip install`` drops ``jupyter_server_config.d/limited_provisioner.json`` into
 ``{sys.prefix}/etc/jupyter``; it enables this extension, which selects
-:class:`~limited_provisioner.manager.LimitedMappingKernelManager` (refused starts
+:class:`~limited_provisioner.server.manager.LimitedMappingKernelManager` (refused starts
 answer 429/400/503 instead of 500) and
-:class:`~limited_provisioner.websocket.LimitedWebsocketConnection` (a cell whose kernel a
+:class:`~limited_provisioner.server.websocket.LimitedWebsocketConnection` (a cell whose kernel a
 limit killed says which limit). For stock kernels the only change is that their state
 stays right across automatic restarts (see the manager). Turn it off with
 ``jupyter server extension disable limited_provisioner``.
@@ -16,11 +16,17 @@ import os
 from typing import Any
 
 MANAGER = "limited_provisioner.server.manager.LimitedMappingKernelManager"
+# Where the manager lived before 0.2; configs naming it are pointed at MANAGER.
+OLD_MANAGER = "limited_provisioner.manager.LimitedMappingKernelManager"
 
 
 def _link_jupyter_server_extension(serverapp: Any) -> None:
     """Runs before the server creates its kernel manager (init_configurables)."""
     configured = serverapp.config.get("ServerApp", {}).get("kernel_manager_class")
+    if configured and str(configured) == OLD_MANAGER:
+        serverapp.log.warning("ServerApp.kernel_manager_class: %s moved to %s",
+                              OLD_MANAGER, MANAGER)
+        configured = serverapp.config.ServerApp.kernel_manager_class = MANAGER
     if configured and str(configured) != MANAGER:
         serverapp.log.warning(
             "limited-provisioner: ServerApp.kernel_manager_class is set to %s; refused "
@@ -52,15 +58,13 @@ def _explain_deaths(serverapp: Any) -> None:
 def _persist_sessions(serverapp: Any) -> None:
     """Keep notebook <-> kernel sessions on disk, so a restarted server still maps each
     notebook to its adopted kernel instead of starting a second one."""
-    import os
-
     if "database_filepath" in serverapp.config.get("SessionManager", {}):
         return  # the operator chose
     from jupyter_core.paths import jupyter_runtime_dir
 
-    from ..provisioner import LimitedProvisionerMixin
+    from ..host import LimitedHost
 
-    server_id = LimitedProvisionerMixin(config=serverapp.config).server_id
+    server_id = LimitedHost.instance(config=serverapp.config).server_id
     runtime = jupyter_runtime_dir()
     os.makedirs(runtime, exist_ok=True)
     path = os.path.join(runtime, f"limited-provisioner-sessions-{server_id}.db")

@@ -9,7 +9,6 @@ activity state right across automatic restarts (which limit kills make routine).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any, ClassVar
 
@@ -17,7 +16,12 @@ from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelMana
 from tornado import web
 from traitlets import Bool
 
+from .. import _jupyter_internals as internals
 from ..errors import AdoptionError, KernelLimitError, LimitConfigError, SandboxUnavailableError
+from ..host import LimitedHost
+from ..provisioner import LimitedProvisioner
+from ..reaper import reap
+from ..recovery import adopt
 
 
 class LimitedMappingKernelManager(AsyncMappingKernelManager):
@@ -46,13 +50,17 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
     # Strong references to tasks started from sync callbacks (releases, re-watches).
     _background_tasks: ClassVar[set[asyncio.Future]] = set()
 
+    @property
+    def host(self) -> LimitedHost:
+        return LimitedHost.instance(config=self.config)
+
     async def start_kernel(self, *args: Any, **kwargs: Any) -> str:
-        existing = kwargs.get("kernel_id") in self._kernels
+        existing = kwargs.get("kernel_id") in internals.managed_kernels(self)
         try:
             try:
                 kernel_id = await super().start_kernel(*args, **kwargs)
             finally:
-                self._forget_failed_starts()
+                internals.forget_failed_starts(self)
         except KernelLimitError as e:
             # 429: the caller may retry once a kernel is gone or the rate window passed.
             raise web.HTTPError(429, str(e), reason="Kernel limit reached") from e
@@ -78,7 +86,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         kernel "starting", as jupyter_server does for a restart it was asked for, and
         re-watch activity if the new process got new ports.
         """
-        km = self._kernels.get(kernel_id)
+        km = internals.managed_kernels(self).get(kernel_id)
         if km is None:
             return
         km.execution_state = "starting"
@@ -95,7 +103,9 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         deadline = time.monotonic() + self.kernel_info_timeout
         while True:
             await asyncio.sleep(0.05)
-            if self._kernels.get(kernel_id) is not km or time.monotonic() > deadline:
+            if internals.managed_kernels(self).get(kernel_id) is not km or (
+                time.monotonic() > deadline
+            ):
                 return
             ready = km.ready
             if ready is not old_ready and ready.done() and km.has_kernel:
@@ -111,31 +121,12 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         """After its auto-restarts failed, jupyter_server only forgets a kernel; also
         release what the provisioner holds for it (registry entry, kernel dir, cgroups,
         container), which the reaper leaves alone while this server lives."""
-        from ..provisioner import LimitedProvisionerMixin
-
-        km = self._kernels.get(kernel_id)
+        km = internals.managed_kernels(self).get(kernel_id)
         super()._handle_kernel_died(kernel_id)
-        if km is not None and isinstance(km.provisioner, LimitedProvisionerMixin):
+        if km is not None and isinstance(km.provisioner, LimitedProvisioner):
             task = asyncio.ensure_future(km.cleanup_resources(restart=False))
             self._background_tasks.add(task)
             task.add_done_callback(self._background_tasks.discard)
-
-    def _forget_failed_starts(self) -> None:
-        """Drop failed starts from ``_pending_kernels``.
-
-        jupyter_client keeps a start whose task failed there; ``shutdown_all`` then asks
-        for that id, gets 404, and the server never finishes stopping (kernels left
-        running, SIGTERM ignored). A refused start is a routine event here.
-        """
-        for kernel_id, task in list(self._pending_kernels.items()):
-            if task.done() and kernel_id not in self._kernels:
-                self._pending_kernels.pop(kernel_id, None)
-
-    def _policy(self) -> Any:
-        """A provisioner-config view, so server_id/state_dir resolve as for kernels."""
-        from ..provisioner import LimitedProvisionerMixin
-
-        return LimitedProvisionerMixin(parent=self)
 
     async def adopt_kernels(self) -> list[str]:
         """Adopt this server's running kernels concurrently; returns their ids.
@@ -143,37 +134,31 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         Dead kernels of this server are removed (one log line each); a kernel that
         cannot be reached is shut down rather than left unmanaged.
         """
-        from ..reaper import reap, remove_kernel, server_alive
-        from ..registry import Registry, is_alive
-
-        policy = self._policy()
-        registry = Registry(policy.state_dir)
+        host = self.host
+        registry = host.registry
         # Orphans first (e.g. a start our previous process was killed in the middle of),
         # then the reaper for the server's whole life, kernels or not.
         try:
             await asyncio.to_thread(reap, registry, all_servers=True)
         except Exception:  # adoption matters more than one failed sweep
             self.log.exception("Reaping orphans at start failed")
-        policy._ensure_reaper(lasting=True)
+        host.start_reaper(lasting=True)
         entries = [
             e for e in await asyncio.to_thread(registry.entries)
-            if self.adopt_all or e.get("server_id") == policy.server_id
+            if self.adopt_all or e.get("server_id") == host.server_id
         ]
 
         async def one(entry: dict[str, Any]) -> str | None:
             kid = entry.get("kernel_id", "")
-            if kid in self._kernels:
-                return None
-            if server_alive(entry) and entry.get("server_pid") != os.getpid():
-                return None  # another live server manages it
-            if not is_alive(entry):
-                await asyncio.to_thread(remove_kernel, registry, entry)
-                self.log.info("Kernel %s died while the server was down; removed", kid)
+            if kid in internals.managed_kernels(self):
                 return None
             try:
-                await self._adopt(kid, policy)
+                await self._adopt(kid, entry)
             except AdoptionError as e:
-                self.log.warning("Not adopting kernel %s: %s", kid, e)
+                if e.reason == "dead":
+                    self.log.info("Kernel %s died while the server was down; removed", kid)
+                elif e.reason != "managed":  # another live server's: not ours to report
+                    self.log.warning("Not adopting kernel %s: %s", kid, e)
                 return None
             except Exception:
                 self.log.exception("Adopting kernel %s failed", kid)
@@ -185,38 +170,30 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             self.log.info("Adopted %d running limited kernel(s): %s", len(adopted), adopted)
         return adopted
 
-    async def _adopt(self, kernel_id: str, policy: Any) -> None:
+    async def _adopt(self, kernel_id: str, entry: dict[str, Any]) -> None:
         from jupyter_server._tz import utcnow
-
-        from ..recovery import adopt
 
         def factory(**kwargs: Any) -> Any:
             return self.kernel_manager_factory(parent=self, log=self.log, **kwargs)
 
         km = await adopt(
-            kernel_id, state_dir=policy.state_dir, factory=factory, server_id=policy.server_id
+            kernel_id, state_dir=self.host.state_dir, factory=factory, entry=entry,
+            server_id=self.host.server_id,
         )
-        self._kernels[kernel_id] = km
-        self._kernel_connections[kernel_id] = 0
         km.execution_state = "idle"
         km.reason = ""
         km.last_activity = utcnow()
-        self._kernel_ports[kernel_id] = km.ports
+        internals.register_adopted(self, kernel_id, km)
         self.start_watching_activity(kernel_id)
         self.add_restart_callback(kernel_id, lambda: self._handle_kernel_died(kernel_id), "dead")
         self._watch_auto_restarts(kernel_id)
-        if not self._initialized_culler:
-            self.initialize_culler()
 
     async def shutdown_all(self, now: bool = False) -> None:
         if not self.keep_kernels_on_exit:
             await super().shutdown_all(now=now)
             return
-        from ..provisioner import LimitedProvisionerMixin
-
-        for kid in list(self._kernels):
-            km = self._kernels[kid]
-            if isinstance(km.provisioner, LimitedProvisionerMixin):
+        for kid, km in list(internals.managed_kernels(self).items()):
+            if isinstance(km.provisioner, LimitedProvisioner):
                 await km.provisioner.detach()
                 self.log.info("Leaving kernel %s running for the next server start", kid)
             else:

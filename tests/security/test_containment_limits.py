@@ -218,7 +218,7 @@ async def test_oversized_message_is_dropped_and_output_keeps_flowing(backend, lp
     after = await run_or_hang(kc, "print('next')", timeout=6)
     assert (big["status"], after["status"]) == ("ok", "ok"), (
         f"the cell with the oversized message: {big['status']}; the next cell: "
-        f"{after['status']}; messages dropped by the proxy: {km.provisioner.proxy.dropped}")
+        f"{after['status']}; messages dropped by the proxy: {km.provisioner.connection.proxy.dropped}")
     assert "after" in big["stdout"] and len(big["stdout"]) < 2**20, big["stdout"][:200]
     assert after["stdout"] == "next\n", after
 
@@ -708,7 +708,7 @@ class DirectKernel:
 
         from limited_provisioner.proxy import PORTS
 
-        proxy = km.provisioner.proxy
+        proxy = km.provisioner.connection.proxy
         self.session = Session(key=proxy.key, signature_scheme=proxy.signature_scheme,
                                username="lp-test")
         self._ctx = zmq.asyncio.Context()
@@ -764,7 +764,7 @@ async def test_made_up_replies_never_reach_clients(backend, lp_kernels):
     socket delivers all 250 made-up replies."""
     n, n_answered = 200, 50
     km, kc = await lp_kernels(limits(), backend)
-    proxy = km.provisioner.proxy
+    proxy = km.provisioner.connection.proxy
     first = await kc.execute_interactive("1", timeout=30)
     answered = first["parent_header"]["msg_id"]
     code = code_with(FORGED_REPLIES, N=n, N_ANSWERED=n_answered, ANSWERED=answered)

@@ -1,0 +1,146 @@
+"""How clients reach one kernel: the proxy in front of it, the files the kernel reads to
+find the proxy, and the check of the kernel's sockets before anyone talks to them.
+
+Clients (jupyter_server, ``km.client()``, nbclient, an agent backend) connect to the
+proxy's sockets in ``<state_dir>/clients/<id>/``, a dir only the server can touch; the
+kernel binds its own in its socket dir, which the server takes back and checks before
+the proxy connects (see :meth:`KernelConnection.open_door`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import SandboxUnavailableError
+from .kernel_dir import KernelDir
+from .kernel_hook import hook_source
+from .proxy import KERNEL_SOCKETS, KernelProxy
+from .traffic import Traffic
+
+# Longest path a unix socket can bind to (sun_path is 108 bytes with the NUL).
+MAX_IPC_PATH = 107
+# What follows an ipc prefix: "-<port>", ports 1-5 (proxy.PORTS).
+IPC_SUFFIX = len("-1")
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+
+
+def door_refusal(kernel_id: str, problems: list[str], bind_wait: float) -> str:
+    """Why a kernel whose sockets failed the check was stopped, and what to do."""
+    return (
+        f"kernel {kernel_id} was stopped: its sockets failed the server's check after "
+        f"{bind_wait:g}s ({'; '.join(problems)}). A kernel that is slow to start needs a "
+        f"larger ipc_bind_wait; anything else means code in the kernel tampered with its "
+        f"socket dir"
+    )
+
+
+class KernelConnection:
+    """The proxy of one kernel, kept across its restarts (clients keep their addresses)."""
+
+    def __init__(
+        self,
+        *,
+        kernel_id: str,
+        kdir: KernelDir,
+        client_dir: Path,
+        session: Any,
+        output_limit: int | None,
+        max_message_size: int,
+        last_activity: float | None = None,
+    ):
+        self.kdir = kdir
+        kernel_prefix = str(kdir.sock / "k")
+        for prefix in (str(client_dir / "c"), kernel_prefix):
+            if len(prefix) + IPC_SUFFIX > MAX_IPC_PATH:
+                msg = (
+                    f"state_dir {str(client_dir.parent.parent)!r} is too long for ipc "
+                    f"sockets ({prefix!r}); set LimitedHost.state_dir (or the kernelspec's "
+                    f"state_dir) to a shorter path"
+                )
+                raise SandboxUnavailableError(msg)
+        self.client_dir = client_dir
+        self.traffic = Traffic(last_activity)
+        self.proxy = KernelProxy(
+            kernel_id=kernel_id,
+            client_dir=client_dir,
+            kernel_prefix=kernel_prefix,
+            key=session.key,
+            signature_scheme=session.signature_scheme,
+            traffic=self.traffic,
+            output_limit=output_limit,
+            max_message_size=max_message_size,
+        )
+        self.proxy.bind_clients()
+
+    @property
+    def client_connection_file(self) -> str:
+        return str(self.client_dir / "connection.json")
+
+    @property
+    def kernel_connection_file(self) -> str:
+        return str(self.kdir.conn / "connection.json")
+
+    def point_clients(self, km: Any) -> None:
+        """Point the KernelManager (hence every client it makes) at the proxy."""
+        info = self.proxy.client_connection_info()
+        km.connection_file = self.client_connection_file
+        km.transport = info["transport"]
+        km.ip = info["ip"]
+        km.cache_ports = False
+        for name in PORT_NAMES:
+            setattr(km, name, info[name])
+
+    def write_kernel_files(self, cmd: list[str], kernel_name: str) -> list[str]:
+        """(Re)write what the kernel reads at every start — its own connection file (the
+        kernel side of the proxy) and, for IPython kernels, the hook; returns ``cmd``
+        pointed at them."""
+        info = self.proxy.kernel_connection_info()
+        info["kernel_name"] = kernel_name
+        self.kdir.write("connection.json", json.dumps(info, indent=1), mode=0o600, where="conn")
+        cmd = [part.replace(self.client_connection_file, self.kernel_connection_file)
+               for part in cmd]
+        if any("ipykernel" in part for part in cmd):
+            hook = self.kdir.write("hooks.py", hook_source(), mode=0o644)
+            cmd.append(f"--IPKernelApp.exec_files={hook}")
+        return cmd
+
+    async def open_door(
+        self, poll: Callable[[], Awaitable[int | None]], bind_wait: float
+    ) -> list[str]:
+        """Wait for the kernel to bind its sockets, take its socket dir back, check every
+        socket (type, owner), and only then let the proxy connect to them.
+
+        Returns the problems found (none: connected). A kernel that dies meanwhile
+        stops the wait early; the caller asks ``poll()`` what happened.
+        """
+        deadline = time.monotonic() + bind_wait
+        rounds = 0
+        while not self.kdir.sockets_present(KERNEL_SOCKETS):
+            rounds += 1
+            # poll() may be a Docker API call: check for a dead kernel only every 0.25 s.
+            if rounds % 25 == 0 and await poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        problems = await asyncio.to_thread(self.kdir.freeze_sockets, KERNEL_SOCKETS)
+        if not problems:
+            self.proxy.connect_kernel()
+        return problems
+
+    async def between_processes(self) -> None:
+        """A restart's cleanup: forget the dead process's sockets, keep the clients'.
+
+        jupyter_client has just removed the client-side socket names (it thinks they are
+        the kernel's): restore them, so reconnecting clients find the proxy again.
+        """
+        await self.proxy.disconnect_kernel()
+        await asyncio.to_thread(self.proxy.relink)
+
+    async def close(self) -> None:
+        await self.proxy.stop()

@@ -1,0 +1,175 @@
+"""The container a kernel runs in, as plain data: create arguments and labels.
+
+Pure functions of the kernel's limits and dirs, so the security settings can be tested
+without a daemon (tests/unit/test_container_settings.py) and nothing about them is
+decided anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LimitConfigError
+from ..limits import DATA_RLIMIT_HEADROOM, Limits
+from .client import container_name, label
+
+# Private scratch dirs of every container (Docker gives /dev/shm its own private 64M).
+SCRATCH_TMPFS = ("/tmp", "/var/tmp", "/run/lock")
+# Settings extra_create_kwargs may not touch: they are the sandbox.
+PROTECTED = frozenset({
+    "image", "command", "name", "user", "working_dir", "environment", "labels", "mounts",
+    "read_only", "tmpfs", "ipc_mode", "log_config", "cap_drop", "security_opt", "init",
+    "privileged", "ulimits", "network_mode", "mem_limit", "memswap_limit", "nano_cpus",
+    "pids_limit", "detach", "stop_signal",
+})
+
+
+@dataclass
+class ContainerSpec:
+    """Everything the container of one kernel start is made of."""
+
+    kernel_id: str
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    user: str
+    limits: Limits
+    work: str
+    sock: str
+    conn: str
+    ctl: str
+    labels: dict[str, str] = field(default_factory=dict)
+    extra_mounts: list[str] = field(default_factory=list)
+    tmp_size: int | str = 1024**3
+    log_max_size: str = "1m"
+    extra_create_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
+    """``containers.run`` arguments for ``spec``; refuses overrides of the sandbox."""
+    import docker.types
+
+    lim = spec.limits
+    refused = sorted(set(spec.extra_create_kwargs) & PROTECTED)
+    if refused:
+        msg = (
+            f"extra_create_kwargs may not override {refused}: those settings are the "
+            f"container's limits and sandbox; use the matching limit traits instead"
+        )
+        raise LimitConfigError(msg)
+    ulimits = [docker.types.Ulimit(name="core", soft=0, hard=0)]
+    rlimits = {"nofile": lim.nofile_limit, "fsize": lim.disk_limit}
+    if lim.mem_limit is not None:
+        # As on the process backend: one runaway allocation becomes a MemoryError the
+        # kernel survives, instead of an OOM kill of the whole container.
+        rlimits["data"] = lim.mem_limit + DATA_RLIMIT_HEADROOM
+    for name, value in rlimits.items():
+        if value is not None:
+            ulimits.append(docker.types.Ulimit(name=name, soft=value, hard=value))
+    # Only the kernel's own dirs, at the same paths (ipc socket names stay valid).
+    mounts = [
+        docker.types.Mount(path, path, type="bind") for path in (spec.work, spec.sock, spec.conn)
+    ]
+    mounts.append(docker.types.Mount(spec.ctl, spec.ctl, type="bind", read_only=True))
+    for entry in spec.extra_mounts:
+        host, target, read_only = parse_mount(entry)
+        mounts.append(docker.types.Mount(target, host, type="bind", read_only=read_only))
+    kwargs: dict[str, Any] = {
+        "image": spec.image,
+        "command": spec.command,
+        "name": container_name(spec.kernel_id),
+        "detach": True,
+        "user": spec.user,
+        "working_dir": spec.work,
+        "environment": spec.env,
+        "labels": spec.labels,
+        "mounts": mounts,
+        "read_only": True,
+        "tmpfs": {p: f"size={spec.tmp_size},mode=1777,nosuid,nodev" for p in SCRATCH_TMPFS},
+        "ipc_mode": "private",
+        "log_config": docker.types.LogConfig(
+            type="json-file", config={"max-size": spec.log_max_size, "max-file": "1"}
+        ),
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "init": True,
+        "privileged": False,
+        "ulimits": ulimits,
+        "network_mode": "bridge" if lim.network else "none",
+        "stop_signal": "SIGTERM",
+    }
+    if lim.mem_limit is not None:
+        kwargs["mem_limit"] = kwargs["memswap_limit"] = lim.mem_limit
+    if lim.cpu_limit is not None:
+        kwargs["nano_cpus"] = int(lim.cpu_limit * 1e9)
+    if lim.pids_limit is not None:
+        kwargs["pids_limit"] = lim.pids_limit
+    kwargs.update(spec.extra_create_kwargs)
+    return kwargs
+
+
+def kernel_labels(
+    *,
+    kernel_id: str,
+    owner: str,
+    server_id: str,
+    kernelspec: str,
+    state_dir: str,
+    kernel_dir: str,
+    connection_file: str,
+    uid: int,
+    limits: Limits,
+    caller_labels: dict[str, str],
+) -> dict[str, str]:
+    """The container's labels: who it belongs to, its limits, the caller's own labels."""
+    labels = {
+        label("kernel-id"): kernel_id,
+        label("owner"): owner,
+        label("server-id"): server_id,
+        label("kernelspec"): kernelspec,
+        label("created"): str(time.time()),
+        label("state-dir"): state_dir,
+        label("kernel-dir"): kernel_dir,
+        label("connection-file"): connection_file,
+        label("uid"): str(uid),
+        label("network"): str(limits.network).lower(),
+    }
+    for name in ("mem_limit", "cpu_limit", "pids_limit", "nofile_limit", "disk_limit"):
+        value = getattr(limits, name)
+        labels[label(name.replace("_", "-"))] = "" if value is None else str(value)
+    labels.update({label("label." + k): v for k, v in caller_labels.items()})
+    return labels
+
+
+def tmp_size(limits: Limits, configured: str = "") -> int | str:
+    """The scratch tmpfs size: as configured, else disk_limit capped at mem_limit (tmpfs
+    pages are memory)."""
+    if configured:
+        return configured
+    size = limits.disk_limit or 1024**3
+    if limits.mem_limit is not None:
+        size = min(size, limits.mem_limit)
+    return size
+
+
+def parse_mount(spec: str) -> tuple[str, str, bool]:
+    """"HOST:CONTAINER[:ro|rw]" -> (host, container, read_only); refuses bad specs."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        msg = f'extra_mounts entry {spec!r} must look like "HOST_PATH:CONTAINER_PATH[:ro|rw]"'
+        raise LimitConfigError(msg)
+    host, target = parts[0], parts[1]
+    mode = parts[2] if len(parts) == 3 else "ro"
+    if mode not in ("ro", "rw"):
+        msg = f"extra_mounts entry {spec!r}: mode must be ro or rw, not {mode!r}"
+        raise LimitConfigError(msg)
+    if not (os.path.isabs(host) and os.path.isabs(target)):
+        msg = f"extra_mounts entry {spec!r}: both paths must be absolute"
+        raise LimitConfigError(msg)
+    if not os.path.exists(host):
+        msg = f"extra_mounts entry {spec!r}: host path {host} does not exist"
+        raise LimitConfigError(msg)
+    return host, target, mode == "ro"

@@ -1,0 +1,210 @@
+"""One enforcement plan per kernel start: which mechanism enforces each limit, and the
+text reported for it.
+
+Decided once, from what the host offers (cgroups, root, namespaces) or what the backend
+is (a container); then the launch spec, the watchdog and ``get_provisioner_info()``
+all read the same :class:`EnforcementPlan`, so what is reported is what is done. A
+limit nothing enforces is reported as ``NOT enforced`` — never claimed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .limits import Limits, format_size
+
+# Mechanisms (the first word of a Measure): what the launch spec and the watchdog ask for.
+CGROUP, RLIMIT, WATCHDOG, NICE, CONTAINER = "cgroup", "rlimit", "watchdog", "nice", "container"
+PROXY, PROVISIONER, NAMESPACE, NONE = "proxy", "provisioner", "namespace", "none"
+# Known only by its text (an adopted kernel's plan, read back from its registry entry).
+REPORTED = "reported"
+
+
+@dataclass(frozen=True)
+class Measure:
+    mechanism: str
+    text: str
+
+
+class EnforcementPlan:
+    """``{limit or property: Measure}`` for one kernel process or container."""
+
+    def __init__(self, measures: dict[str, Measure] | None = None):
+        self.measures: dict[str, Measure] = dict(measures or {})
+
+    @classmethod
+    def from_report(
+        cls, report: dict[str, str], mechanisms: dict[str, str] | None = None
+    ) -> EnforcementPlan:
+        """The plan of a kernel started elsewhere, as its registry entry recorded it."""
+        mechanisms = mechanisms or {}
+        return cls({
+            name: Measure(mechanisms.get(name, REPORTED), text) for name, text in report.items()
+        })
+
+    def mechanisms(self) -> dict[str, str]:
+        return {name: m.mechanism for name, m in self.measures.items()}
+
+    def set(self, name: str, mechanism: str, text: str) -> None:
+        self.measures[name] = Measure(mechanism, text)
+
+    def uses(self, name: str, mechanism: str) -> bool:
+        measure = self.measures.get(name)
+        return measure is not None and measure.mechanism == mechanism
+
+    def report(self) -> dict[str, str]:
+        """What ``get_provisioner_info()["enforcement"]`` and the registry show."""
+        return {name: m.text for name, m in self.measures.items()}
+
+    def describe(self) -> str:
+        return "; ".join(f"{name}: {text}" for name, text in sorted(self.report().items()))
+
+
+def identity_measure(uid: int | None, server_uid: int, in_container: bool = False) -> Measure:
+    if uid is None:
+        if in_container:
+            return Measure(NONE, f"server user's uid {server_uid} in the container (not root)")
+        return Measure(NONE, f"server user (uid {server_uid}): not root, cannot switch")
+    where = "per kernel, container user" if in_container else "per kernel"
+    return Measure(NAMESPACE, f"uid/gid {uid} (unprivileged, {where}, host-wide unique)")
+
+
+def shared_measures(
+    limits: Limits,
+    *,
+    exec_timeout_grace: float,
+    max_lifetime: float,
+    output_limit: int | None,
+    max_message_size: int,
+) -> dict[str, Measure]:
+    """What the server enforces itself, the same on every backend (proxy and timers)."""
+    result = {
+        "connections": Measure(
+            PROXY,
+            "through the server's proxy: clients connect in a server-only dir; the kernel's "
+            "sockets are checked (type, owner) in its frozen socket dir before use; every "
+            "message from the kernel is HMAC-verified before it is forwarded; messages over "
+            f"{format_size(max_message_size)} are dropped",
+        )
+    }
+    if output_limit:
+        result["output_limit"] = Measure(
+            PROXY,
+            f"enforced by the proxy ({format_size(output_limit)} of IOPub output per "
+            "execution, whatever sends it)",
+        )
+    if limits.idle_timeout:
+        result["idle_timeout"] = Measure(
+            PROVISIONER,
+            f"enforced by the provisioner ({limits.idle_timeout:g}s without a client request "
+            "seen by the proxy; never while an execution is pending)",
+        )
+    if limits.exec_timeout:
+        result["exec_timeout"] = Measure(
+            PROVISIONER,
+            f"enforced by the provisioner (SIGINT after {limits.exec_timeout:g}s, restart "
+            f"after {exec_timeout_grace:g}s more)",
+        )
+    if max_lifetime:
+        result["max_lifetime"] = Measure(
+            PROVISIONER, f"enforced by the provisioner ({max_lifetime:g}s)"
+        )
+    return result
+
+
+def process_plan(
+    limits: Limits,
+    *,
+    cgroups: Iterable[str],
+    own_uid: bool,
+    isolated: bool,
+    netns: bool,
+    nice: int,
+    cpu_grace: float,
+    scratch_dirs: Iterable[str],
+) -> EnforcementPlan:
+    """The plan of a local kernel process, from the cgroup controllers that could be set
+    up, whether it runs as its own uid, in private namespaces, and in a network namespace."""
+    groups = set(cgroups)
+    plan = EnforcementPlan()
+    if limits.mem_limit is not None:
+        if "memory" in groups:
+            plan.set("mem_limit", CGROUP, "hard (cgroup memory.limit_in_bytes, no swap)")
+        else:
+            plan.set("mem_limit", WATCHDOG,
+                     "best-effort (watchdog on the tree's RSS, RLIMIT_DATA per process)")
+    if limits.cpu_limit is not None:
+        if "cpu" in groups:
+            later = f" from {cpu_grace:g}s after launch" if cpu_grace > 0 else ""
+            plan.set("cpu_limit", CGROUP, f"hard (cgroup cpu.cfs_quota_us){later}")
+        else:
+            plan.set("cpu_limit", NICE, f"best-effort (nice {nice}; no writable cpu cgroup)")
+    if limits.pids_limit is not None:
+        if "pids" in groups:
+            plan.set("pids_limit", CGROUP, "hard (cgroup pids.max)")
+        elif own_uid:
+            plan.set("pids_limit", RLIMIT, "hard (RLIMIT_NPROC on the kernel's own uid)")
+        else:
+            plan.set("pids_limit", RLIMIT,
+                     "best-effort (RLIMIT_NPROC counts every process of the server user)")
+    if limits.nofile_limit is not None:
+        plan.set("nofile_limit", RLIMIT, "hard (RLIMIT_NOFILE, per process)")
+    if limits.disk_limit is not None:
+        scratch = (
+            "; host filesystem read-only; private size-capped tmpfs on " + ", ".join(scratch_dirs)
+            if isolated else ""
+        )
+        plan.set("disk_limit", WATCHDOG,
+                 f"hard per file (RLIMIT_FSIZE); best-effort total (watchdog on work dir{scratch})")
+    if limits.files_limit is not None:
+        plan.set("files_limit", WATCHDOG, "best-effort (watchdog on work dir)")
+    if isolated:
+        plan.set("isolation", NAMESPACE,
+                 "private PID, IPC and mount namespaces (other kernels' processes invisible, "
+                 "SysV IPC gone with the kernel, host filesystem read-only except its work "
+                 "dir); stdout/stderr to a capped log")
+    else:
+        plan.set("isolation", NONE,
+                 "NOT enforced (needs root): the kernel runs as the server's user and can "
+                 "see and touch what the server can")
+    if limits.network:
+        plan.set("network", NONE, "allowed (network=True)")
+    elif netns:
+        plan.set("network", NAMESPACE, "hard (empty network namespace, ipc transport)")
+    else:
+        plan.set("network", NONE, "NOT enforced (needs root for a network namespace)")
+    return plan
+
+
+def container_plan(limits: Limits, *, log_max_size: str) -> EnforcementPlan:
+    """The plan of a kernel container: the runtime enforces the resource limits."""
+    plan = EnforcementPlan()
+    hard = {
+        "mem_limit": "hard (container memory, memswap = memory: no swap)",
+        "cpu_limit": "hard (container nano_cpus)",
+        "pids_limit": "hard (container pids_limit)",
+        "nofile_limit": "hard (ulimit nofile)",
+    }
+    for name, text in hard.items():
+        if getattr(limits, name) is not None:
+            plan.set(name, CONTAINER, text)
+    if limits.disk_limit is not None:
+        plan.set("disk_limit", WATCHDOG,
+                 "hard per file (ulimit fsize) and tmpfs /tmp size; best-effort total "
+                 "(watchdog on the bind-mounted work dir)")
+    if limits.files_limit is not None:
+        plan.set("files_limit", WATCHDOG, "best-effort (watchdog on the work dir)")
+    if limits.network:
+        plan.set("network", NONE, "allowed (bridge network, network=True)")
+    else:
+        plan.set("network", CONTAINER, "hard (--network=none, ipc transport over a bind mount)")
+    plan.set("filesystem", CONTAINER,
+             "read-only root, cap_drop ALL, no-new-privileges, init process; only the "
+             "kernel's work, socket and connection dirs (and, read-only, the control dir) "
+             "mounted")
+    plan.set("isolation", CONTAINER,
+             "container: private PID and IPC namespaces; private size-capped tmpfs /tmp, "
+             "/var/tmp, /run/lock and Docker's 64M /dev/shm; json log capped at "
+             f"{log_max_size}")
+    return plan

@@ -1,0 +1,139 @@
+"""What is one per host (or per server process), not one per kernel.
+
+:class:`LimitedHost` holds the settings the server manager, the server extension, the
+CLI and every kernel share — where the registry lives, which server this is, how often
+orphans are reaped — and the one periodic reaper task of each event loop. Kernels read
+their defaults from it; a kernelspec may still point one kernel elsewhere (an agent
+backend keeps its own state dir and server id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+from typing import Any
+
+from traitlets import Float, Unicode, default
+from traitlets.config import Config, SingletonConfigurable
+from traitlets.config.loader import DeferredConfig
+
+from .reaper import reap_periodically
+from .registry import STATE_DIR_ENV, Registry, default_state_dir
+from .settings import HOST_SETTINGS
+
+SERVER_ID_ENV = "LIMITED_PROVISIONER_SERVER_ID"
+# Config sections that held these settings before they moved here; still read (with a
+# deprecation warning) so existing jupyter_server_config.py files keep working.
+LEGACY_SECTIONS = ("LimitedProvisionerMixin", "LimitedProcessProvisioner",
+                   "LimitedDockerProvisioner")
+
+log = logging.getLogger(__name__)
+
+
+def default_server_id() -> str:
+    """Stable across restarts of the same server: its hostname and Jupyter runtime dir."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    seed = f"{socket.gethostname()}:{jupyter_runtime_dir()}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:12]
+
+
+class LimitedHost(SingletonConfigurable):
+    """Host-wide settings and the in-process orphan reaper."""
+
+    state_dir = Unicode(
+        help=f"""Directory holding the kernel registry, locks and per-kernel dirs, shared
+        by every server of the host (caps count across them). Default:
+        /var/lib/limited-provisioner as root, else a dir in the Jupyter runtime dir;
+        ${STATE_DIR_ENV} overrides the default.""",
+    ).tag(config=True)
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        return str(default_state_dir())
+
+    server_id = Unicode(
+        help=f"""Identity of this Jupyter server in the registry and on containers; stable
+        across restarts of the same server, so a restarted server re-adopts its kernels.
+        Default: ${SERVER_ID_ENV}, else derived from hostname and runtime dir.""",
+    ).tag(config=True)
+
+    @default("server_id")
+    def _default_server_id(self) -> str:
+        return os.environ.get(SERVER_ID_ENV) or default_server_id()
+
+    reap_interval = Float(
+        60.0,
+        help="""Seconds between two runs of the in-server orphan reaper, which removes
+        kernels left by servers that are gone once they died or their idle clock ran
+        out. 0 disables (then run `limited-provisioner reap` from cron).""",
+    ).tag(config=True)
+
+    def __init__(self, **kwargs: Any):
+        config = kwargs.get("config")
+        if config is None and kwargs.get("parent") is not None:
+            config = kwargs["parent"].config
+        legacy = _legacy_settings(config) if config is not None else {}
+        for name, value in legacy.items():
+            if isinstance(value, DeferredConfig):  # from the command line: still a string
+                value = value.get_value(self.class_traits()[name])
+            kwargs.setdefault(name, value)
+        super().__init__(**kwargs)
+        # Loop -> its reaper task; "lasting" loops are servers', whose reaper runs for
+        # their whole life, kernels or not (orphans of crashed peers still need removing).
+        self._reapers: dict[Any, asyncio.Task] = {}
+        self._lasting: set[Any] = set()
+
+    @property
+    def registry(self) -> Registry:
+        return Registry(self.state_dir)
+
+    def start_reaper(
+        self, state_dir: str | None = None, interval: float | None = None, lasting: bool = False
+    ) -> None:
+        """One periodic reaper per event loop (i.e. per server or agent process)."""
+        interval = self.reap_interval if interval is None else interval
+        if not interval:
+            return
+        loop = asyncio.get_running_loop()
+        if lasting:
+            self._lasting.add(loop)
+        task = self._reapers.get(loop)
+        if task is None or task.done():
+            registry = Registry(state_dir or self.state_dir)
+            self._reapers[loop] = asyncio.ensure_future(
+                reap_periodically(registry, interval, self.log)
+            )
+
+    def stop_reaper(self) -> None:
+        """Stop the reaper a script's kernels started (never a server's lasting one)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if loop in self._lasting:
+            return
+        task = self._reapers.pop(loop, None)
+        if task is not None:
+            task.cancel()
+
+
+def _legacy_settings(config: Config) -> dict[str, Any]:
+    """Host settings still written in a provisioner's section (c.LimitedProvisionerMixin.*)."""
+    found: dict[str, Any] = {}
+    current = config["LimitedHost"] if config._has_section("LimitedHost") else {}
+    for section in LEGACY_SECTIONS:
+        if not config._has_section(section):
+            continue
+        for name in HOST_SETTINGS:
+            if name in config[section] and name not in found and name not in current:
+                found[name] = config[section][name]
+                log.warning(
+                    "c.%s.%s: host-wide settings belong in c.LimitedHost.%s (the server's "
+                    "adoption and reaper read it there); using this value for now",
+                    section, name, name,
+                )
+    return found

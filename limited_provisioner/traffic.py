@@ -1,0 +1,1 @@
+from .proxy import Execution, OutputBudget, Traffic  # TEMP

@@ -1,7 +1,8 @@
 """Every use of a private jupyter_client / jupyter_server name, in one place.
 
-Re-adoption, restarts decided by the provisioner and refused starts need a few things
-neither library offers publicly. Each is wrapped here, named after what it does for us;
+Re-adoption, restarts decided by the provisioner, refused starts and the deprecated
+config section need a few things jupyter_client, jupyter_server and traitlets do not
+offer publicly. Each is wrapped here, named after what it does for us;
 :data:`PRIVATE_NAMES` lists them and ``tests/unit/test_jupyter_internals.py`` checks each
 still exists in the installed versions, so an upgrade that moves one fails a fast test
 instead of a kernel in production.
@@ -29,6 +30,9 @@ PRIVATE_NAMES = [
      "_initialized_culler"),
     ("jupyter_server.services.kernels.kernelmanager:AsyncMappingKernelManager",
      "_handle_kernel_died"),
+    # traitlets: reading the pre-0.2 config section (settings.py, host.py)
+    ("traitlets.config.configurable:Configurable", "_load_config"),
+    ("traitlets.config.loader:Config", "_has_section"),
 ]
 
 

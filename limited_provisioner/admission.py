@@ -79,22 +79,20 @@ def admit(
     window) so the next caller sees it.
     """
     live = [e for e in registry.live_entries() if e.get("kernel_id") != kernel_id]
-    if policy.max_kernels is not None and len(live) >= policy.max_kernels:
-        msg = (
-            f"max_kernels={policy.max_kernels} reached: {len(live)} limited kernels are "
-            f"running on this host (owner {owner!r} asked for one more); shut one down "
-            f"(or raise max_kernels) and try again"
-        )
-        raise KernelLimitError(msg, limit="max_kernels")
-    if policy.max_kernels_per_user is not None:
-        mine = [e for e in live if e.get("owner") == owner]
-        if len(mine) >= policy.max_kernels_per_user:
+    mine = [e for e in live if e.get("owner") == owner]
+    counted = (
+        ("max_kernels", policy.max_kernels, live,
+         "{n} limited kernels are running on this host (owner {owner!r} asked for one more)"),
+        ("max_kernels_per_user", policy.max_kernels_per_user, mine,
+         "{owner!r} already runs {n} kernels"),
+    )
+    for limit, cap, entries, what in counted:
+        if cap is not None and len(entries) >= cap:
             msg = (
-                f"max_kernels_per_user={policy.max_kernels_per_user} reached: {owner!r} "
-                f"already runs {len(mine)} kernels; shut one down (or raise "
-                f"max_kernels_per_user)"
+                f"{limit}={cap} reached: {what.format(n=len(entries), owner=owner)}; shut "
+                f"one down (or raise {limit}) and try again"
             )
-            raise KernelLimitError(msg, limit="max_kernels_per_user")
+            raise KernelLimitError(msg, limit=limit)
     if policy.mem_budget is not None:
         # A kernel without mem_limit may use everything: it counts as the whole budget.
         used = sum(

@@ -9,11 +9,12 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 
-from .errors import LimitConfigError
+from .errors import LimitConfigError, SandboxUnavailableError
 from .limits import Limits, format_size
 from .registry import Registry, is_alive
 
@@ -43,10 +44,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     install = sub.add_parser(
-        "install",
-        help="install a kernelspec whose kernels run under limits",
-        description="Install a kernelspec that uses a limited provisioner. Limits not "
-        "given stay at the provisioner's configured defaults.",
+        "install", help="install a kernelspec whose kernels run under limits",
+        description="Install a kernelspec that uses a limited provisioner. Limits not given "
+        "stay at the provisioner's configured defaults.",
     )
     install.add_argument("--name", default="limited-python", help="kernelspec name")
     install.add_argument(
@@ -72,8 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     where.add_argument("--prefix", default=None, help="install under this prefix")
 
     build = sub.add_parser(
-        "build-image",
-        help="build the default kernel image for the docker backend",
+        "build-image", help="build the default kernel image for the docker backend",
         description="Build the kernel image (slim Python + ipykernel + non-root user) from "
         "the Dockerfile shipped in this package. Needs a Docker daemon that can pull "
         "python:3.11-slim.",
@@ -81,22 +80,18 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tag", default=None, help="image tag (default: the docker default image)")
 
     reap = sub.add_parser(
-        "reap",
-        help="remove kernels left behind by servers that are gone",
+        "reap", help="remove kernels left behind by servers that are gone",
         description="Remove limited kernels whose server is gone and that died or whose "
         "idle clock (or max_lifetime) ran out: their processes or containers, cgroups, "
         "host dirs and registry entries. Only touches kernels in our registry.",
     )
     reap.add_argument("--dry-run", action="store_true", help="only list what would go")
-    reap.add_argument(
-        "--all-servers", action="store_true", help="not only this server's kernels"
-    )
+    reap.add_argument("--all-servers", action="store_true", help="not only this server's kernels")
     reap.add_argument("--server-id", default=None, help="server whose kernels to consider")
     reap.add_argument("--state-dir", default=None, help="registry location (default: auto)")
 
     lst = sub.add_parser(
-        "list",
-        help="list limited kernelspecs and running limited kernels",
+        "list", help="list limited kernelspecs and running limited kernels",
         description="Show installed kernelspecs that use a limited provisioner and the "
         "limited kernels running on this host.",
     )
@@ -300,29 +295,23 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_build_image(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import docker
     import docker.errors
 
     from .docker import DEFAULT_IMAGE
+    from .docker.client import DockerSession
 
     tag = args.tag or DEFAULT_IMAGE
-    context = Path(__file__).parent / "image"
+    context = Path(__file__).parent / "docker" / "image"
     try:
-        client = docker.from_env()
+        client = DockerSession().client()  # $DOCKER_HOST, else the local socket
         for chunk in client.api.build(path=str(context), tag=tag, decode=True, rm=True):
             if "stream" in chunk:
                 sys.stdout.write(chunk["stream"])
             elif "error" in chunk:
                 print(f"limited-provisioner build-image: {chunk['error']}", file=sys.stderr)
                 return 1
-    except docker.errors.DockerException as e:
-        print(
-            f"limited-provisioner build-image: Docker daemon unreachable ({e}); start dockerd "
-            "or set DOCKER_HOST",
-            file=sys.stderr,
-        )
+    except (docker.errors.DockerException, SandboxUnavailableError) as e:
+        print(f"limited-provisioner build-image: {e}", file=sys.stderr)
         return 1
     print(f"Built {tag}")
     return 0

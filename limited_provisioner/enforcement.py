@@ -205,6 +205,6 @@ def container_plan(limits: Limits, *, log_max_size: str) -> EnforcementPlan:
              "mounted")
     plan.set("isolation", CONTAINER,
              "container: private PID and IPC namespaces; private size-capped tmpfs /tmp, "
-             "/var/tmp, /run/lock and Docker's 64M /dev/shm; json log capped at "
+             "/var/tmp, /run/lock and Docker's /dev/shm (64M unless shm_size); json log capped at "
              f"{log_max_size}")
     return plan

@@ -11,12 +11,12 @@ the kernel writes or publishes can keep it alive or stretch an execution.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ._tasks import cancel_and_wait
 from .limits import Limits
 from .traffic import Traffic
 
@@ -128,10 +128,7 @@ class LifecycleTimer:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -8,7 +8,7 @@ what the kernel cannot forge:
 
 * **Requests come from clients only.** What clients ask (an execute, a completion, a
   comm message) and when is seen on the way in, by the server's clock: idle culling and
-  exec_timeout rest on that (:class:`Traffic`), never on what the kernel says about
+  exec_timeout rest on that (traffic.py), never on what the kernel says about
   itself. A reply the kernel sends early can only end an execution sooner.
 * **Every message from the kernel is verified** (HMAC of the session key) before it is
   forwarded, on every channel: a kernel that points a socket at another kernel's, or
@@ -29,33 +29,24 @@ import json
 import logging
 import os
 import secrets
-import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from .traffic import OUTPUT_NOTICE, OVERSIZE_NOTICE, Awaiting, OutputBudget, Traffic
+
 log = logging.getLogger(__name__)
 
 DELIM = b"<IDS|MSG>"
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 # Fixed ports (ipc "ports" are file name suffixes): the same on both sides, every start.
 PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
 KERNEL_SOCKETS = [f"k-{port}" for port in PORTS.values()]
-# Requests clients send by themselves on every (re)connect: answering them is not use.
-# Counting them would let a client that reconnects more often than idle_timeout (a
-# crash-looping agent service, a flapping browser tab) keep an abandoned kernel forever.
-HOUSEKEEPING = frozenset({"kernel_info_request", "comm_info_request", "usage_request"})
 # Header and parent header frames are small; bigger ones are not worth parsing.
 MAX_HEADER_BYTES = 64 * 1024
 # A status message only says busy/idle/starting: anything bigger is padding, dropped.
 MAX_STATUS_BYTES = 4 * 1024
-# Requests on shell/control still waiting for their reply (one each), remembered per
-# kernel; older ones are forgotten (a reply to them is then dropped).
-MAX_AWAITING = 4096
 # Messages the proxy buffers per kernel socket: with the transport's size cap this bounds
 # what a flooding kernel can make the server hold (the rest waits in the kernel's memory).
 KERNEL_RCVHWM = 8
@@ -63,17 +54,6 @@ KERNEL_RCVHWM = 8
 # max_message_size (zmq MAXMSGSIZE); below that, the proxy drops an oversized message
 # itself and tells the cell, so the execution still ends normally.
 TRANSPORT_CAP_FACTOR = 4
-# Counted on top of output_limit: message framing, and the notice the kernel's own hook
-# prints when it stops a print loop at the same limit (hooks.py).
-FRAMING_ALLOWANCE = 64 * 1024
-OUTPUT_NOTICE = (
-    "\n[limited-provisioner] output limit of {limit} bytes reached: the rest of this "
-    "cell's output is dropped\n"
-)
-OVERSIZE_NOTICE = (
-    "\n[limited-provisioner] an output message of {size} bytes was dropped: larger than "
-    "max_message_size ({limit} bytes)\n"
-)
 
 _context: zmq.asyncio.Context | None = None
 
@@ -85,119 +65,6 @@ def zmq_context() -> zmq.asyncio.Context:
     if _context is None or _context.closed:
         _context = zmq.asyncio.Context()
     return _context
-
-
-@dataclass
-class Execution:
-    msg_id: str
-    session: str
-    sent: float
-    started: float | None = None
-
-
-class Traffic:
-    """What clients asked of one kernel and what it answered, by the server's clock.
-
-    ``last_activity`` moves on a client's request (housekeeping excluded) and on the
-    reply that ends an execution; the kernel's own output never moves it. An execution
-    runs from the later of its request and the previous execution's reply until its own
-    reply: requests queue in the kernel and run one at a time.
-    """
-
-    def __init__(self, last_activity: float | None = None):
-        self.last_activity = last_activity or time.time()
-        self._pending: list[Execution] = []
-        self.last_execution: Execution | None = None
-
-    def request(self, msg_type: str, header: dict[str, Any], now: float | None = None) -> None:
-        now = now or time.time()
-        if msg_type in HOUSEKEEPING:
-            return
-        self.last_activity = now
-        if msg_type == "execute_request":
-            execution = Execution(str(header.get("msg_id", "")), str(header.get("session", "")), now)
-            if not self._pending:
-                execution.started = now
-            self._pending.append(execution)
-            self.last_execution = execution
-
-    def reply(self, msg_type: str, parent_id: str, now: float | None = None) -> None:
-        """A verified execute_reply: ends the execution it answers (if it is pending)."""
-        if msg_type != "execute_reply":
-            return
-        now = now or time.time()
-        for i, execution in enumerate(self._pending):
-            if execution.msg_id == parent_id:
-                del self._pending[i]
-                self.last_activity = now
-                if self._pending and self._pending[0].started is None:
-                    self._pending[0].started = now
-                return
-
-    def reset(self) -> None:
-        """The kernel process is gone: nothing it was asked is running any more."""
-        self._pending.clear()
-
-    def running(self) -> Execution | None:
-        return self._pending[0] if self._pending else None
-
-    def charged(self) -> Execution | None:
-        """The execution output is charged to: the running one, else the last one (its
-        reply can overtake its output: they come on different sockets)."""
-        return self.running() or self.last_execution
-
-    @property
-    def executing(self) -> str | None:
-        running = self.running()
-        return running.msg_id if running else None
-
-    @property
-    def executing_since(self) -> float | None:
-        running = self.running()
-        return running.started if running else None
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._pending)
-
-    def idle_for(self, now: float | None = None) -> float:
-        """Seconds since the last activity; 0 while an execution is pending."""
-        if self.busy:
-            return 0.0
-        return max(0.0, (now or time.time()) - self.last_activity)
-
-    def execution_running_for(self, now: float | None = None) -> float:
-        since = self.executing_since
-        if since is None:
-            return 0.0
-        return (now or time.time()) - since
-
-
-class OutputBudget:
-    """Bytes of IOPub output per execution; past the limit, one notice and then nothing.
-
-    The execution is the one the proxy knows is running (from the clients' requests),
-    never the parent the kernel writes into its messages: a kernel that makes up a new
-    parent per message must not get a new budget per message. Output while nothing runs
-    (a background thread of a finished cell) counts against the last execution's."""
-
-    def __init__(self, limit: int | None, remember: int = 64):
-        self.limit = limit
-        self._cap = limit + FRAMING_ALLOWANCE if limit else 0
-        self._used: OrderedDict[str, int] = OrderedDict()
-        self._remember = remember
-
-    def admit(self, parent_id: str, size: int) -> str:
-        """"pass", "notice" (first refusal: tell the cell) or "drop"."""
-        if not self._cap:
-            return "pass"
-        used = self._used.pop(parent_id, 0)
-        self._used[parent_id] = used + size
-        while len(self._used) > self._remember:
-            self._used.popitem(last=False)
-        if used + size <= self._cap:
-            return "pass"
-        return "notice" if used <= self._cap else "drop"
 
 
 def _digest(signature_scheme: str) -> Any:
@@ -238,7 +105,7 @@ class KernelProxy:
         self._clients: dict[str, zmq.asyncio.Socket] = {}
         self._kernel: dict[str, zmq.asyncio.Socket] = {}
         self._pumps: list[asyncio.Task] = []
-        self._awaiting: OrderedDict[str, None] = OrderedDict()
+        self._awaiting = Awaiting()
         self.dropped = 0  # messages from the kernel refused (bad signature, too big)
         self._session: Any = None
 
@@ -284,8 +151,7 @@ class KernelProxy:
                 # manager) takes it over instead of being silently ignored.
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             bound = self.client_dir / f"s-{port}"
-            with contextlib.suppress(FileNotFoundError):
-                bound.unlink()  # left by a server that died
+            bound.unlink(missing_ok=True)  # left by a server that died
             sock.bind(f"ipc://{bound}")
             self._clients[channel] = sock
         self.relink()
@@ -294,8 +160,7 @@ class KernelProxy:
         """(Re)create the names clients connect to (hard links of the bound sockets)."""
         for port in PORTS.values():
             link = self.client_dir / f"c-{port}"
-            with contextlib.suppress(FileNotFoundError):
-                link.unlink()
+            link.unlink(missing_ok=True)
             os.link(self.client_dir / f"s-{port}", link)
 
     # -- kernel side ------------------------------------------------------------------
@@ -360,8 +225,7 @@ class KernelProxy:
         self._clients.clear()
         for port in PORTS.values():
             for name in (f"s-{port}", f"c-{port}"):
-                with contextlib.suppress(FileNotFoundError):
-                    (self.client_dir / name).unlink()
+                (self.client_dir / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.client_dir.rmdir()
 
@@ -376,9 +240,7 @@ class KernelProxy:
                 header = _header_of(frames)
                 if header is not None:
                     self.traffic.request(str(header.get("msg_type", "")), header)
-                    self._awaiting[str(header.get("msg_id", ""))] = None
-                    while len(self._awaiting) > MAX_AWAITING:
-                        self._awaiting.popitem(last=False)
+                    self._awaiting.add(str(header.get("msg_id", "")))
             await kernel.send_multipart(frames)
 
     async def _down(self, channel: str) -> None:
@@ -395,17 +257,15 @@ class KernelProxy:
                 continue
             header, parent = checked
             if channel == "stdin":
-                execution = self.traffic.charged()
-                key = execution.msg_id if execution else ""
-                if self.budget.admit(key, sum(len(f) for f in frames)) != "pass":
+                size = sum(len(f) for f in frames)
+                if self.budget.admit(self.traffic.charged(), size) != "pass":
                     self._refuse("input request past the output limit")
                     continue
             else:
                 parent_id = str(parent.get("msg_id", ""))
-                if parent_id not in self._awaiting:
+                if not self._awaiting.take(parent_id):
                     self._refuse("reply to no request")
                     continue
-                del self._awaiting[parent_id]
                 if channel == "shell":
                     self.traffic.reply(str(header.get("msg_type", "")), parent_id)
             await client.send_multipart(frames)
@@ -433,14 +293,13 @@ class KernelProxy:
                 continue
             if header.get("msg_type") != "status":
                 execution = self.traffic.charged()
-                verdict = self.budget.admit(execution.msg_id if execution else "", size)
+                verdict = self.budget.admit(execution, size)
                 # Past the budget nothing is forwarded: no need to check the signature
                 # (a flood is dropped at the cost of parsing two small frames).
                 if verdict == "drop":
                     continue
-                cell = _parent_of(execution) or parent
-                if self.max_message_size and size > self.max_message_size:
-                    self._refuse("message larger than max_message_size")
+                cell = execution.parent_header() if execution else parent
+                if not self._size_ok(frames):
                     text = OVERSIZE_NOTICE.format(size=size, limit=self.max_message_size)
                     await client.send_multipart(self._notice(cell, text))
                     continue
@@ -525,20 +384,6 @@ class KernelProxy:
         text = text or OUTPUT_NOTICE.format(limit=self.budget.limit)
         msg = self._session.msg("stream", {"name": "stderr", "text": text}, parent=parent)
         return self._session.serialize(msg, ident=[b"stream.stderr"])
-
-
-def _parent_of(execution: Execution | None) -> dict[str, Any] | None:
-    """The parent header a notice for ``execution`` carries (clients route output by it)."""
-    if execution is None:
-        return None
-    return {
-        "msg_id": execution.msg_id,
-        "session": execution.session,
-        "msg_type": "execute_request",
-        "username": "",
-        "date": "",
-        "version": "5.3",
-    }
 
 
 def _header_of(frames: list[bytes]) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@ once handed out the same uid), and a freed uid must not go to the next tenant at
 
 Leases live in :data:`UID_LEASE_DIR`, one root-owned directory for the whole host, on
 tmpfs: after a reboot no kernel runs, so no lease has to survive one.  Every file in it
-is written under an ``flock`` of ``<dir>/lock`` and replaced atomically:
+is written under an ``flock`` of ``<dir>/lock`` and replaced atomically, the directory
+reached by fd only (uid_lease_dir.py):
 
 * ``<uid>``: the lease of a running kernel, JSON ``{"uid", "kernel_id", "state_dir",
   "time", "clock", "pid", "pid_create_time"}``.  ``time`` is wall-clock seconds for
@@ -19,9 +20,9 @@ is written under an ``flock`` of ``<dir>/lock`` and replaced atomically:
 * ``next``: JSON ``{"<low>-<high>": <last uid handed out>}``: where the round robin of
   each ``kernel_uid_range`` resumes.
 
-What a uid still has on the host is looked up in this process's namespaces (/proc,
-/proc/sysvipc): servers in containers with their own /run, pid or IPC namespace are
-not covered by each other's leases or checks.
+What a uid still has on the host (uid_holders.py) is looked up in this process's
+namespaces (/proc, /proc/sysvipc): servers in containers with their own /run, pid or
+IPC namespace are not covered by each other's leases or checks.
 
 :envvar:`LIMITED_PROVISIONER_UID_LEASE_DIR` moves the directory, for this module's own
 tests of corner cases only.  Overriding it in production defeats its purpose: servers
@@ -31,36 +32,25 @@ with different lease dirs hand out the same uids again.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import math
 import os
-import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import KernelLimitError, SandboxUnavailableError
 from .registry import process_identity
+from .uid_holders import file_holders, ipc_holders, key_holders, process_holders
+from .uid_lease_dir import locked, open_lease_dir, read_json, write_json
 
 UID_LEASE_DIR = Path("/run/limited-provisioner/uids")
 LEASE_DIR_ENV = "LIMITED_PROVISIONER_UID_LEASE_DIR"
 
-# World-writable directories every uid can leave things in for the next holder of its
-# uid.  Only their top level is looked at: a bounded cost per allocation.
-SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
-SYSVIPC_TABLES = ("shm", "msg", "sem")
-
 # A lease whose kernel is not registered yet is still valid this long while the
 # process that took it lives (the registry's own window for a start in progress).
 START_GRACE = 120.0
-# How long allocate/release wait for another allocation to finish.  The lock is held
-# for milliseconds; waiting longer means a holder hangs, which must surface as an error.
-LOCK_TIMEOUT = 10.0
 RELEASED = ".released"
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _MAX_UID = 2**32 - 2  # (uid_t)-1 means "no change" to setresuid
 
 
@@ -90,7 +80,7 @@ def allocate(
 
     Raises :class:`KernelLimitError` (``limit="kernel_uid_range"``) when no uid is
     free, :class:`SandboxUnavailableError` when the lease dir is unsafe or its lock
-    is held for more than :data:`LOCK_TIMEOUT` seconds.
+    is held for more than :data:`uid_lease_dir.LOCK_TIMEOUT` seconds.
     """
     low, high = _check_range(uid_range)
     _check_kernel_id(kernel_id)
@@ -100,7 +90,7 @@ def allocate(
     state_dir = os.path.abspath(os.fspath(state_dir))
     dir_fd = _open_lease_dir(create=True)
     try:
-        with _locked(dir_fd):
+        with locked(dir_fd, lease_dir()):
             return _allocate_locked(dir_fd, kernel_id, state_dir, low, high, quarantine)
     finally:
         os.close(dir_fd)
@@ -117,13 +107,13 @@ def release(uid: int, kernel_id: str) -> None:
     if dir_fd is None:
         return  # no lease dir, so no lease (e.g. /run was emptied by a reboot)
     try:
-        with _locked(dir_fd):
+        with locked(dir_fd, lease_dir()):
             lease = _read_record(dir_fd, str(uid))
             if lease is None or lease.get("kernel_id") != kernel_id:
                 return
             released = {**lease, "released": time.time(), "released_clock": _clock()}
             # Quarantine first, lease second: a crash in between leaves both, never neither.
-            _write_json(dir_fd, f"{uid}{RELEASED}", released)
+            write_json(dir_fd, f"{uid}{RELEASED}", released)
             with contextlib.suppress(FileNotFoundError):  # a concurrent release won
                 os.unlink(str(uid), dir_fd=dir_fd)
     finally:
@@ -168,10 +158,8 @@ def _allocate_locked(
             _write_lease(dir_fd, uid, kernel_id, state_dir)
             return uid
 
-    processes = _process_holders(low, high)
-    leftovers = {
-        **_ipc_holders(low, high), **_key_holders(low, high), **_file_holders(low, high)
-    }
+    processes = process_holders(low, high)
+    leftovers = {**ipc_holders(low, high), **key_holders(low, high), **file_holders(low, high)}
     now = _clock()
     leased: list[int] = []
     quarantined: dict[int, float] = {}  # uid -> seconds of quarantine left
@@ -260,12 +248,12 @@ def _round_robin_start(dir_fd: int, low: int, high: int) -> int:
 def _remember_last(dir_fd: int, low: int, high: int, uid: int) -> None:
     pointers = _read_next(dir_fd)
     pointers[f"{low}-{high}"] = uid
-    _write_json(dir_fd, "next", pointers)
+    write_json(dir_fd, "next", pointers)
 
 
 def _read_next(dir_fd: int) -> dict[str, Any]:
     try:
-        pointers = _read_json(dir_fd, "next")
+        pointers = read_json(dir_fd, "next")
     except ValueError:  # corrupt: start over at the range's low end, still safe
         return {}
     return pointers if isinstance(pointers, dict) else {}
@@ -281,252 +269,35 @@ def _write_lease(dir_fd: int, uid: int, kernel_id: str, state_dir: str) -> None:
         "pid": os.getpid(),
         "pid_create_time": process_identity(os.getpid()),
     }
-    _write_json(dir_fd, str(uid), lease)
-
-
-# -- what a uid still has on the host ------------------------------------------------
-
-
-def _process_holders(low: int, high: int) -> dict[int, str]:
-    """uid -> a process having it as real, effective, saved or filesystem uid.
-
-    Read from ``/proc/<pid>/status``, not from the owner of ``/proc/<pid>`` (its
-    effective uid only): a setuid program the uid ran, still waiting on a prompt, has
-    it as real uid only, and can go back to it.
-    """
-    holders: dict[int, str] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            fd = os.open(f"/proc/{name}/status", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:  # exited since the listing
-            continue
-        try:
-            status = os.read(fd, 2048)
-        except OSError:  # exited while being read (ESRCH)
-            continue
-        finally:
-            os.close(fd)
-        start = status.find(b"\nUid:")
-        if start < 0:
-            continue
-        end = status.find(b"\n", start + 1)
-        for field in status[start + 5 : end].split():
-            uid = int(field)
-            if low <= uid <= high and uid not in holders:
-                comm = status[: status.find(b"\n")].partition(b":")[2].strip()
-                holders[uid] = f"process {name} ({comm.decode(errors='replace')})"
-    return holders
-
-
-def _ipc_holders(low: int, high: int) -> dict[int, str]:
-    """uid -> a SysV shared memory segment, message queue or semaphore set of it.
-
-    Both the owner and the creator count: the creator can hand the object to another
-    owner (IPC_SET) and still control it.
-    """
-    holders: dict[int, str] = {}
-    for table in SYSVIPC_TABLES:
-        try:
-            with open(f"/proc/sysvipc/{table}") as f:
-                lines = f.read().splitlines()
-        except OSError:  # kernel built without SysV IPC
-            continue
-        if not lines:
-            continue
-        header = lines[0].split()
-        columns = [header.index(c) for c in ("uid", "cuid") if c in header]
-        for line in lines[1:]:
-            fields = line.split()
-            for column in columns:
-                uid = int(fields[column])
-                if low <= uid <= high and uid not in holders:
-                    holders[uid] = f"SysV {table} id {fields[1]}"
-    return holders
-
-
-def _key_holders(low: int, high: int) -> dict[int, str]:
-    """uid -> keys it still holds in the kernel's keyrings (``/proc/key-users``).
-
-    A uid's user keyring can outlive all of its processes; the next holder of the uid
-    could read what the previous one put there.
-    """
-    holders: dict[int, str] = {}
-    try:
-        with open("/proc/key-users") as f:
-            lines = f.read().splitlines()
-    except OSError:  # kernel built without keys
-        return holders
-    for line in lines:
-        uid_field, _, rest = line.partition(":")
-        try:
-            uid = int(uid_field)
-            keys = int(rest.split()[1].split("/")[0])
-        except (ValueError, IndexError):
-            continue
-        # A uid that ever looked at its keyrings keeps two of them (user and
-        # user-session, created together) for good; only what is beyond those is data.
-        if low <= uid <= high and keys > 2:
-            holders[uid] = f"{keys} key(s) in its keyrings"
-    return holders
-
-
-def _file_holders(low: int, high: int) -> dict[int, str]:
-    """uid -> an entry it owns at the top level of a shared scratch dir."""
-    holders: dict[int, str] = {}
-    for scratch in SCRATCH_DIRS:
-        try:
-            entries = os.scandir(scratch)
-        except OSError:  # this host has no such dir (e.g. /dev/mqueue not mounted)
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    uid = entry.stat(follow_symlinks=False).st_uid
-                except OSError:  # removed since the listing
-                    continue
-                if low <= uid <= high and uid not in holders:
-                    holders[uid] = entry.path
-    return holders
+    write_json(dir_fd, str(uid), lease)
 
 
 # -- the lease dir ----------------------------------------------------------------------
 
 
 def _open_lease_dir(create: bool) -> int | None:
-    """An fd of the lease dir, after checking it cannot be redirected or tampered with.
-
-    Its parent and itself are opened without following symlinks (created mode 0700 if
-    missing and ``create``) and must be root-owned directories nobody else can write;
-    their own parent must not let others replace them (root-owned, and not writable by
-    others unless sticky, like /tmp).  Returns None if missing and not ``create``.
-    """
+    """An fd of :func:`lease_dir`, checked (see :func:`uid_lease_dir.open_lease_dir`);
+    None if it is missing and not ``create``."""
     path = lease_dir()
     if not path.is_absolute() or len(path.parts) < 3:
         msg = f"{LEASE_DIR_ENV}={str(path)!r} must be an absolute path below a directory"
         raise SandboxUnavailableError(msg)
-    try:
-        fd = os.open(path.parent.parent, _DIR_FLAGS)
-    except FileNotFoundError:
-        if not create:
-            return None
-        msg = f"cannot keep uid leases in {path}: {path.parent.parent} does not exist"
-        raise SandboxUnavailableError(msg) from None
-    try:
-        st = os.fstat(fd)
-        replaceable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
-        if st.st_uid != 0 or replaceable:
-            msg = (
-                f"cannot keep uid leases in {path}: {path.parent.parent} lets others than "
-                f"root replace it (owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}); "
-                f"make it root-owned and not writable by others"
-            )
-            raise SandboxUnavailableError(msg)
-        for part in (path.parent, path):
-            child = _open_private_dir(fd, part, create)
-            os.close(fd)
-            fd = child
-            if fd is None:
-                return None
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        raise
-    return fd
-
-
-def _open_private_dir(parent_fd: int, path: Path, create: bool) -> int | None:
-    """Open ``path.name`` in ``parent_fd`` as a root-only directory (see _open_lease_dir)."""
-    try:
-        fd = os.open(path.name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent_fd)
-    except FileNotFoundError:
-        if not create:
-            return None
-        with contextlib.suppress(FileExistsError):  # a concurrent first allocate made it
-            os.mkdir(path.name, 0o700, dir_fd=parent_fd)
-        return _open_private_dir(parent_fd, path, create=False)
-    except NotADirectoryError:  # also what O_NOFOLLOW gives for a symlink here
-        what = "a symlink" if os.path.islink(path) else "not a directory"
-        msg = (
-            f"refusing to keep uid leases in {path}: it is {what}; remove it so a "
-            f"root-owned directory (mode 0700) can be created there"
-        )
-        raise SandboxUnavailableError(msg) from None
-    st = os.fstat(fd)
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        os.close(fd)
-        msg = (
-            f"refusing to keep uid leases in {path}: owner uid {st.st_uid}, mode "
-            f"{stat.filemode(st.st_mode)}; it must be owned by root and writable by root "
-            f"only (chown root:root {path}; chmod 0700 {path})"
-        )
-        raise SandboxUnavailableError(msg)
-    return fd
-
-
-@contextlib.contextmanager
-def _locked(dir_fd: int) -> Iterator[None]:
-    """Hold the host-wide allocation lock; give up after :data:`LOCK_TIMEOUT`."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open("lock", flags, 0o600, dir_fd=dir_fd)
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        delay = 0.0005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:  # another allocate or release is running
-                if time.monotonic() > deadline:
-                    msg = (
-                        f"the uid allocation lock {lease_dir() / 'lock'} has been held for "
-                        f"over {LOCK_TIMEOUT:.0f} s; a stuck process holds it (find it "
-                        f"with: fuser {lease_dir() / 'lock'})"
-                    )
-                    raise SandboxUnavailableError(msg) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.02)
-        yield
-    finally:
-        os.close(fd)  # drops the flock too
+    return open_lease_dir(path, create)
 
 
 # -- small helpers ----------------------------------------------------------------------
 
 
-def _read_json(dir_fd: int, name: str) -> Any:
-    """The parsed content of ``name`` in the lease dir; None if missing.
-
-    Raises ValueError if it is not JSON.
-    """
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    with open(fd, "rb") as f:
-        return json.loads(f.read())
-
-
 def _read_record(dir_fd: int, name: str) -> dict[str, Any] | None:
     """A lease or released record, or None if missing or unreadable."""
     try:
-        record = _read_json(dir_fd, name)
+        record = read_json(dir_fd, name)
     except ValueError:  # only a hand edit can do this: files are replaced atomically
         return None
     if not isinstance(record, dict):
         return None
     record["uid"] = int(name.removesuffix(RELEASED))
     return record
-
-
-def _write_json(dir_fd: int, name: str, data: Any) -> None:
-    """Replace ``name`` atomically: readers see the old or the new content, never half."""
-    tmp = f".{name}.{os.getpid()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    with open(os.open(tmp, flags, 0o600, dir_fd=dir_fd), "w") as f:
-        json.dump(data, f, sort_keys=True)
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def _clock() -> float:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from ._tasks import cancel_and_wait
 from .enforcement import WATCHDOG, EnforcementPlan
 from .limits import Limits, format_size
 
@@ -248,12 +249,7 @@ class Watchdog:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
     def check_memory(self) -> tuple[str, str] | None:
         if self.mem_limit is None:

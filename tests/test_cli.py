@@ -112,4 +112,4 @@ def test_wheel_installs_the_server_config(tmp_path):
     assert config, names
     data = json.loads(zipfile.ZipFile(wheel).read(config[0]))
     assert data["ServerApp"]["jpserver_extensions"]["limited_provisioner"] is True
-    assert "limited_provisioner/image/Dockerfile" in names
+    assert "limited_provisioner/docker/image/Dockerfile" in names

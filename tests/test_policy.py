@@ -17,8 +17,8 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 
 from limited_provisioner import KernelLimitError
-from limited_provisioner.proxy import Traffic
 from limited_provisioner.registry import Registry
+from limited_provisioner.traffic import Traffic
 
 from .conftest import alive, backends, kill_kernel_leftovers, run, write_kernelspec
 

@@ -80,7 +80,8 @@ class DockerSession:
             if is_connection_error(e):
                 msg = (
                     f"Docker daemon unreachable at {self.where} ({type(e).__name__}); start "
-                    f"dockerd (or set docker_host), or use limited-process-provisioner, "
+                    f"dockerd (or point docker_host or $DOCKER_HOST at one), or use "
+                    f"limited-process-provisioner, "
                     f"which needs no Docker"
                 )
                 raise DockerUnavailableError(msg) from None

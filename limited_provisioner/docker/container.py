@@ -18,7 +18,16 @@ from .client import container_name, label
 
 # Private scratch dirs of every container (Docker gives /dev/shm its own private 64M).
 SCRATCH_TMPFS = ("/tmp", "/var/tmp", "/run/lock")
-# Settings extra_create_kwargs may not touch: they are the sandbox.
+# What extra_create_kwargs may add: settings that cannot widen what the kernel reaches
+# (a sandboxing runtime, CPU pinning, names, DNS, GPUs handed out by the operator).
+# Anything else — volumes, cap_add, pid_mode, devices, sysctls... — is refused, not
+# merely the keys this module sets itself.
+EXTRA_ALLOWED = frozenset({
+    "runtime", "cpuset_cpus", "cpuset_mems", "hostname", "domainname", "dns", "dns_opt",
+    "dns_search", "extra_hosts", "platform", "stop_timeout", "healthcheck",
+    "device_requests", "shm_size",
+})
+# Settings this module makes: the container's limits and sandbox.
 PROTECTED = frozenset({
     "image", "command", "name", "user", "working_dir", "environment", "labels", "mounts",
     "read_only", "tmpfs", "ipc_mode", "log_config", "cap_drop", "security_opt", "init",
@@ -58,6 +67,14 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         msg = (
             f"extra_create_kwargs may not override {refused}: those settings are the "
             f"container's limits and sandbox; use the matching limit traits instead"
+        )
+        raise LimitConfigError(msg)
+    unknown = sorted(set(spec.extra_create_kwargs) - EXTRA_ALLOWED)
+    if unknown:
+        msg = (
+            f"extra_create_kwargs may not set {unknown}: only {sorted(EXTRA_ALLOWED)} are "
+            f"accepted, since anything else could widen what the kernel reaches (mount "
+            f"host paths with extra_mounts)"
         )
         raise LimitConfigError(msg)
     ulimits = [docker.types.Ulimit(name="core", soft=0, hard=0)]
@@ -104,7 +121,7 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     if lim.mem_limit is not None:
         kwargs["mem_limit"] = kwargs["memswap_limit"] = lim.mem_limit
     if lim.cpu_limit is not None:
-        kwargs["nano_cpus"] = int(lim.cpu_limit * 1e9)
+        kwargs["nano_cpus"] = round(lim.cpu_limit * 1e9)
     if lim.pids_limit is not None:
         kwargs["pids_limit"] = lim.pids_limit
     kwargs.update(spec.extra_create_kwargs)

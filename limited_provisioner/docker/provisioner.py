@@ -90,8 +90,10 @@ class LimitedDockerProvisioner(LimitedProvisioner):
     ).tag(config=True)
 
     extra_create_kwargs = Dict(
-        help="""Extra docker create arguments (e.g. {"runtime": "runsc"}). Cannot override
-        the security settings: those keys are refused.""",
+        help="""Extra docker create arguments (e.g. {"runtime": "runsc"}, "cpuset_cpus",
+        "device_requests", "shm_size"). Only settings that cannot widen what the kernel
+        reaches are accepted; the sandbox's own settings and anything else (volumes,
+        cap_add, pid_mode, devices...) are refused with the list of what is allowed.""",
     ).tag(config=True)
 
     log_max_size = Unicode(

@@ -119,17 +119,6 @@ class KernelCgroups:
         if path is not None and path.is_dir():
             self._configure("cpu", path, limits)
 
-    def enforced(self, limits: Limits) -> dict[str, str]:
-        """Which limits these groups enforce, for get_provisioner_info()."""
-        result = {}
-        if "memory" in self.paths and limits.mem_limit is not None:
-            result["mem_limit"] = "hard (cgroup memory.limit_in_bytes, no swap)"
-        if "cpu" in self.paths and limits.cpu_limit is not None:
-            result["cpu_limit"] = "hard (cgroup cpu.cfs_quota_us)"
-        if "pids" in self.paths and limits.pids_limit is not None:
-            result["pids_limit"] = "hard (cgroup pids.max)"
-        return result
-
     @property
     def procs_files(self) -> list[str]:
         return [str(p / "cgroup.procs") for p in self.paths.values()]
@@ -146,15 +135,6 @@ class KernelCgroups:
                 continue
             return [int(line) for line in text.split()]
         return []
-
-    def memory_usage(self) -> int | None:
-        path = self.paths.get("memory")
-        if path is None:
-            return None
-        try:
-            return int((path / "memory.usage_in_bytes").read_text())
-        except (OSError, ValueError):
-            return None
 
     def _counter(self, controller: str, filename: str, key: str) -> int:
         """A "key value" line of a cgroup events file; 0 if absent or unreadable."""

@@ -1,11 +1,12 @@
-"""Kernel launcher: ``python -m limited_provisioner._launch SPEC -- CMD...``.
+"""Kernel launcher: ``python -I -S .../process/launch.py SPEC -- CMD...``.
 
 Runs between fork and the kernel: it is the kernel's own process (it ``exec``s the
 kernel command, so the pid jupyter_client holds is the kernel's pid; but see
 ``isolate`` below).  Doing this in a separate interpreter instead of a ``preexec_fn``
 keeps the server safe: ``preexec_fn`` is unsafe in a threaded server (jupyter_server
 runs threads), and an error here is a clean exit with a message instead of a
-half-forked server.
+half-forked server.  It is run by path, without site, and imports nothing but the
+standard library: importing the package (and jupyter_client) would cost ~0.2 s a start.
 
 Order matters: join cgroups and unshare namespaces while still root, set rlimits,
 drop supplementary groups, gid, then uid, forbid regaining privileges, then exec.
@@ -38,7 +39,6 @@ MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
-MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 EXIT_SANDBOX_FAILED = 121
@@ -86,86 +86,69 @@ def _fail(message: str) -> None:
     os._exit(EXIT_SANDBOX_FAILED)
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _unshare(libc: ctypes.CDLL, flags: int, what: str) -> None:
-    if libc.unshare(flags) != 0:
-        err = ctypes.get_errno()
-        _fail(f"unshare({what}) failed: {os.strerror(err)}")
-
-
-def _mount(libc: ctypes.CDLL, source: str, target: str, fstype: str | None, flags: int,
-           options: str | None = None) -> None:
-    if libc.mount(
-        source.encode(),
-        target.encode(),
-        fstype.encode() if fstype else None,
-        flags,
-        options.encode() if options else None,
-    ) != 0:
-        _fail(f"mount {source} on {target} failed: {os.strerror(ctypes.get_errno())}")
-
-
-def _syscall(libc: ctypes.CDLL, what: str, number: int, *args: object) -> int:
-    result = libc.syscall(number, *args)
+def _check(result: int, what: str) -> int:
+    """The ``result`` of a libc call, unless it failed: then the launch ends here."""
     if result < 0:
         _fail(f"{what} failed: {os.strerror(ctypes.get_errno())}")
     return result
 
 
+def _unshare(libc: ctypes.CDLL, flags: int, what: str) -> None:
+    _check(libc.unshare(flags), f"unshare({what})")
+    if flags & CLONE_NEWNS:
+        # Private propagation first, so nothing we mount ever shows up on the host.
+        _mount(libc, "none", "/", None, MS_REC | MS_PRIVATE)
+
+
+def _mount(libc: ctypes.CDLL, source: str, target: str, fstype: str | None, flags: int,
+           options: str | None = None) -> None:
+    result = libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                        flags, options.encode() if options else None)
+    _check(result, f"mount {source} on {target}")
+
+
 def _mount_setattr(libc: ctypes.CDLL, what: str, dirfd: int, path: str, flags: int,
                    attr_set: int = 0, attr_clr: int = 0) -> None:
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
-    _syscall(libc, f"mount_setattr {what}", SYS_MOUNT_SETATTR, dirfd, path.encode(), flags,
-             ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    result = libc.syscall(SYS_MOUNT_SETATTR, dirfd, path.encode(), flags, ctypes.byref(attr),
+                          ctypes.c_size_t(ctypes.sizeof(attr)))
+    _check(result, f"mount_setattr {what}")
 
 
 def _clone_tree(libc: ctypes.CDLL, what: str, dirfd: int, path: str, flags: int) -> int:
     """A detached copy of the mount at ``dirfd``/``path``: a bind mount that is not
     attached anywhere yet, so mounts made meanwhile neither cover nor change it."""
-    return _syscall(libc, f"open_tree {what}", SYS_OPEN_TREE, dirfd, path.encode(),
-                    OPEN_TREE_CLONE | os.O_CLOEXEC | flags)
+    tree = libc.syscall(SYS_OPEN_TREE, dirfd, path.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC | flags)
+    return _check(tree, f"open_tree {what}")
 
 
 def _attach_tree(libc: ctypes.CDLL, what: str, tree: int, dirfd: int, path: str) -> None:
     flags = MOVE_MOUNT_F_EMPTY_PATH | (0 if path else MOVE_MOUNT_T_EMPTY_PATH)
-    _syscall(libc, f"move_mount {what}", SYS_MOVE_MOUNT, tree, b"", dirfd, path.encode(),
-             flags)
+    _check(libc.syscall(SYS_MOVE_MOUNT, tree, b"", dirfd, path.encode(), flags),
+           f"move_mount {what}")
     os.close(tree)
 
 
-def _expose(libc: ctypes.CDLL, exposures: dict[str, str], stage_root: str) -> None:
-    """Make ``path`` reachable for the kernel's uid when an ancestor (``blocker``,
-    e.g. a 0700 /root holding a pyenv interpreter) is not traversable by others.
+def _expose(libc: ctypes.CDLL, copies: dict[str, str | int], blockers: set[str],
+            flags: int) -> None:
+    """Make each ``path`` of ``copies`` reachable for the kernel's uid when an ancestor
+    (a blocker, e.g. a 0700 /root holding a pyenv interpreter) is not traversable by
+    others: cover each blocker with an empty tmpfs (the kernel sees none of its other
+    contents), then put ``path`` back from its copy, made before.
 
-    In our private mount namespace: bind ``path`` aside, cover ``blocker`` with an
-    empty tmpfs (the kernel sees none of its other contents), and move ``path`` back.
+    The copy is a stage dir ``path`` is bound to (plain launch: needs no Linux >= 5.12)
+    or, with isolate, a detached mount: a stage dir could not be removed from the
+    read-only host file system there.
     """
-    staged = []
-    for i, path in enumerate(sorted(exposures)):
-        stage = os.path.join(stage_root, f".expose{i}")
-        os.makedirs(stage, exist_ok=True)
-        _mount(libc, path, stage, None, MS_BIND | MS_REC)
-        staged.append((path, stage))
-    for blocker in sorted(set(exposures.values())):
-        _mount(libc, "tmpfs", blocker, "tmpfs", 0, "mode=0755,size=1m")
-    for path, stage in staged:
-        os.makedirs(path, exist_ok=True)
-        _mount(libc, stage, path, None, MS_MOVE)
-        os.rmdir(stage)
-
-
-def _expose_detached(libc: ctypes.CDLL, trees: dict[str, int], blockers: set[str]) -> None:
-    """``_expose`` for isolate, with ``trees`` the copies of each ``path`` (detached
-    mounts): no stage dir, which could not be removed from the read-only host file
-    system (``_expose`` stays for the plain launch, which needs no Linux >= 5.12)."""
     for blocker in sorted(blockers):
-        _mount(libc, "tmpfs", blocker, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-    for path, tree in trees.items():
+        _mount(libc, "tmpfs", blocker, "tmpfs", flags, "mode=0755,size=1m")
+    for path, copy in copies.items():
         os.makedirs(path, exist_ok=True)
-        _attach_tree(libc, path, tree, AT_FDCWD, path)
+        if isinstance(copy, int):
+            _attach_tree(libc, path, copy, AT_FDCWD, path)
+        else:
+            _mount(libc, copy, path, None, MS_MOVE)
+            os.rmdir(copy)
 
 
 def _is_under(path: str, top: str) -> bool:
@@ -228,8 +211,6 @@ def _mount_isolated(libc: ctypes.CDLL, spec: dict) -> None:
     if spec.get("unshare_net"):
         flags, what = flags | CLONE_NEWNET, what + ", network"
     _unshare(libc, flags, what)
-    # Private propagation first, so nothing we mount ever shows up on the host.
-    _mount(libc, "none", "/", None, MS_REC | MS_PRIVATE)
     # Opened before anything is mounted over them; keyed by where they really are.
     handles = [_open_writable(p) for p in spec.get("writable", [])]
     writable = {os.readlink(f"/proc/self/fd/{fd}"): fd for fd in handles}
@@ -248,7 +229,7 @@ def _mount_isolated(libc: ctypes.CDLL, spec: dict) -> None:
     for target, options in tmpfs.items():
         _mount(libc, "tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
     if exposed:
-        _expose_detached(libc, exposed, set(exposures.values()) - set(tmpfs))
+        _expose(libc, exposed, set(exposures.values()) - set(tmpfs), MS_NOSUID | MS_NODEV)
 
     ours = ["/proc", *(os.path.realpath(p) for p in [*tmpfs, *exposures.values()])]
     _bind_writable(libc, writable, ours)
@@ -274,8 +255,7 @@ def _drop_privileges(libc: ctypes.CDLL, uid: int | None, gid: int | None) -> Non
         os.setresuid(uid, uid, uid)
         if os.geteuid() == 0 and uid != 0:
             _fail("still root after setuid")
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        _fail("prctl(PR_SET_NO_NEW_PRIVS) failed")
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 def _limit_and_drop(libc: ctypes.CDLL, spec: dict) -> None:
@@ -305,19 +285,22 @@ def apply(spec: dict) -> None:
     """Apply the sandbox described by ``spec`` to the current process."""
     _join_cgroups(spec)
 
-    libc = _libc()
+    libc = ctypes.CDLL(None, use_errno=True)
     if spec.get("unshare_net"):
         _unshare(libc, CLONE_NEWNET, "network")
     tmpfs = spec.get("tmpfs")
     exposures = spec.get("expose")
     if tmpfs or exposures:
         _unshare(libc, CLONE_NEWNS, "mount")
-        # Private propagation first, so nothing we mount ever shows up on the host.
-        _mount(libc, "none", "/", None, MS_REC | MS_PRIVATE)
         for target, options in (tmpfs or {}).items():
             _mount(libc, "tmpfs", target, "tmpfs", 0, options)
         if exposures:
-            _expose(libc, exposures, spec["stage_dir"])
+            staged: dict[str, str | int] = {}  # bound aside before the blockers are covered
+            for i, path in enumerate(sorted(exposures)):
+                staged[path] = stage = os.path.join(spec["stage_dir"], f".expose{i}")
+                os.makedirs(stage, exist_ok=True)
+                _mount(libc, path, stage, None, MS_BIND | MS_REC)
+            _expose(libc, staged, set(exposures.values()), 0)
 
     _limit_and_drop(libc, spec)
 
@@ -330,7 +313,7 @@ def apply_isolated(spec: dict) -> None:
     if not spec.get("uid"):
         _fail("isolate needs a uid to drop to (root could undo the read-only view)")
     _join_cgroups(spec)  # the child inherits the cgroups
-    libc = _libc()
+    libc = ctypes.CDLL(None, use_errno=True)
     _unshare(libc, CLONE_NEWPID, "pid")
     # Until the child has dropped to the kernel's uid the unprivileged parent cannot
     # kill it; the child instead dies with the parent (PR_SET_PDEATHSIG) and checks
@@ -350,8 +333,7 @@ def apply_isolated(spec: dict) -> None:
     _mount_isolated(libc, spec)
     _limit_and_drop(libc, spec)
     # Set after the last credential change, which clears it.
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        _fail("prctl(PR_SET_PDEATHSIG) failed")
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     os.set_blocking(parent_alive, False)
     try:
         os.read(parent_alive, 1)
@@ -401,7 +383,7 @@ def _die_of(signo: int) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[1] != "--":
-        _fail("usage: python -m limited_provisioner._launch SPEC_JSON -- CMD...")
+        _fail("usage: launch.py SPEC_JSON -- CMD...")
     spec = json.loads(argv[0])
     cmd = argv[2:]
     if spec.get("isolate"):

@@ -123,7 +123,8 @@ def kernel_main_pid(km) -> int:
         joined = " ".join(argv)
         if "ipykernel_launcher" not in joined:
             continue
-        if "_launch.py" in joined or "docker-init" in (argv[0] if argv else ""):
+        launcher = any(part.endswith("/process/launch.py") for part in argv)
+        if launcher or "docker-init" in (argv[0] if argv else ""):
             continue
         candidates.add(pid)
     top = []

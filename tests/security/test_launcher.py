@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from limited_provisioner.process import launch as _launch
-from limited_provisioner.process import exposures_for
+from limited_provisioner.process.sandbox import exposures_for
 
 UID = 64999
 SCRATCH = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"]

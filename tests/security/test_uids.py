@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from limited_provisioner import uids
+from limited_provisioner import uid_holders, uid_lease_dir, uids
 from limited_provisioner.errors import KernelLimitError, SandboxUnavailableError
 from limited_provisioner.registry import Registry
 
@@ -59,7 +59,7 @@ def remove_test_leases() -> None:
     if dir_fd is None:
         return
     try:
-        with uids._locked(dir_fd):
+        with uid_lease_dir.locked(dir_fd, uids.lease_dir()):
             for name in os.listdir(dir_fd):
                 uid = name.removesuffix(uids.RELEASED)
                 if not (uid.isdigit() and TEST_RANGE[0] <= int(uid) <= TEST_RANGE[1]):
@@ -73,7 +73,7 @@ def remove_test_leases() -> None:
                 low, _, high = key.partition("-")
                 if TEST_RANGE[0] <= int(low) and int(high) <= TEST_RANGE[1]:
                     del pointers[key]
-            uids._write_json(dir_fd, "next", pointers)
+            uid_lease_dir.write_json(dir_fd, "next", pointers)
     finally:
         os.close(dir_fd)
 
@@ -85,9 +85,9 @@ def real_leases(monkeypatch):
     remove_test_leases()  # a previous run that was killed outright
     low, high = TEST_RANGE
     busy = {
-        **uids._process_holders(low, high),
-        **uids._ipc_holders(low, high),
-        **uids._file_holders(low, high),
+        **uid_holders.process_holders(low, high),
+        **uid_holders.ipc_holders(low, high),
+        **uid_holders.file_holders(low, high),
     }
     if busy:
         pytest.fail(f"test uids {low}-{high} are in use on this host: {busy}")
@@ -681,7 +681,7 @@ def test_uid_with_keys_in_its_keyring_is_skipped(real_leases, state_dir):
         serial = keyctl_as(uid, "add")
         assert serial > 0
         assert wait_keys(uid, lambda n: n >= 1) >= 1, "the key is not in /proc/key-users"
-        assert not uids._process_holders(*TEST_RANGE), "a process of the test uids is left"
+        assert not uid_holders.process_holders(*TEST_RANGE), "a process of the test uids is left"
 
         assert uids.allocate(a, d, (uid, other)) == other  # 63000 comes first when free
         with pytest.raises(KernelLimitError) as refused:

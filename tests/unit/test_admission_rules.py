@@ -32,8 +32,10 @@ def impossible_pid() -> int:
 
 
 def entry(kernel_id, owner="bob", kind="live", mem=G):
-    """A registry entry; ``kind``: live, dead, reused, starting, stale-starting."""
-    now = time.time()
+    """A registry entry; ``kind``: live, dead, reused, starting, stale-starting.
+
+    Ages are kept relative ("_age", seconds) and made absolute when the entry is
+    written: the table is built at collection, long before a test of it runs."""
     me = os.getpid()
     e = {
         "kernel_id": kernel_id,
@@ -42,16 +44,16 @@ def entry(kernel_id, owner="bob", kind="live", mem=G):
         "pid": me,
         "pid_create_time": process_identity(me),
         "limits": {} if mem is None else {"mem_limit": mem},
-        "created": now - 30,
+        "_age": 30,
     }
     if kind == "dead":
         e["pid"] = impossible_pid()
     elif kind == "reused":
         e["pid_create_time"] -= 1000
     elif kind == "starting":
-        e.update(state="starting", pid=None, pid_create_time=None, created=now - 10)
+        e.update(state="starting", pid=None, pid_create_time=None, _age=10)
     elif kind == "stale-starting":
-        e.update(state="starting", pid=None, pid_create_time=None, created=now - 200)
+        e.update(state="starting", pid=None, pid_create_time=None, _age=200)
     else:
         assert kind == "live", kind
     return e
@@ -64,6 +66,8 @@ def registry(tmp_path):
 
 def check(registry, entries, policy, *, kernel_id="new", owner="alice", mem_limit=G):
     for e in entries:
+        e = dict(e)
+        e["created"] = time.time() - e.pop("_age", 0)
         registry.write(e["kernel_id"], e)
     try:
         admit(registry, policy, kernel_id=kernel_id, owner=owner, mem_limit=mem_limit)

@@ -43,10 +43,7 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,32 +53,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import docker
-import docker.errors
 import httpx
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from common import kernel_cgroups, kernel_processes
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.harness
 from limited_provisioner import list_kernels
-from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
-from limited_provisioner.reaper import LABEL_PREFIX, remove_kernel
-from limited_provisioner.registry import Registry, is_alive
+from limited_provisioner.registry import Registry
+from tests.harness import (
+    AgentBackendService,
+    containers_with_label,
+    kernel_leftovers,
+    remove_all_kernels,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
 KERNEL_NAME = "agent-python"
 SESSION_LABEL = "session_id"
 SAMPLE_INTERVAL = 0.25
 SWEEP_INTERVAL = 30.0  # examples/agent_backend/kernels.py: culled sessions leave the map
 RECOVERED = re.compile(r"recovered (\d+) session\(s\); (\d+) kernel\(s\) without a session")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: int) -> float:
@@ -92,69 +82,35 @@ def pct(values: list[float], q: int) -> float:
 # -- the service -------------------------------------------------------------------------
 
 
-class Service:
-    """agent_backend as a uvicorn subprocess; each SIGKILL + start is one incarnation."""
+class ReplayService(AgentBackendService):
+    """The service as the replay drives it: async requests, and each SIGKILL + start is
+    one incarnation, during which requests wait for ``up``."""
 
     def __init__(self, backend: str, state: Path, log_dir: Path, idle_timeout: float):
-        self.state = state
-        self.server_id = "bench-ab-" + uuid.uuid4().hex[:8]
-        self.log_dir = log_dir
-        settings = {
+        super().__init__(state, "bench-ab-" + uuid.uuid4().hex[:8], log_dir, {
             "BACKEND": backend,
-            "STATE_DIR": str(state),
-            "SERVER_ID": self.server_id,
             "MEM_LIMIT": "256M",
             "IDLE_TIMEOUT": f"{idle_timeout:g}",
             "MAX_KERNELS": "none",
             "MAX_KERNELS_PER_USER": "none",
             "RATE_LIMIT": "0",
-        }
-        self.env = {**os.environ, **{f"AGENT_BACKEND_{k}": v for k, v in settings.items()}}
-        self.proc: subprocess.Popen | None = None
-        self.base = ""
+        })
         self.incarnation = 0  # SIGKILLs so far; raised *before* the kill
         self.up = asyncio.Event()
         self.http = httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=64))
 
-    def _spawn(self, port: int) -> None:
-        with open(self.log_dir / f"service-{self.incarnation}.log", "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLES),
-                 "agent_backend.app:app", "--host", "127.0.0.1", "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env,
-            )
-
-    async def start(self) -> float:
-        """Spawn the service; seconds until /health answers (re-adoption included)."""
-        port = free_port()
-        t0 = time.perf_counter()
-        await asyncio.to_thread(self._spawn, port)
-        self.base = f"http://127.0.0.1:{port}"
-        deadline = t0 + 120
-        while time.perf_counter() < deadline:
-            try:
-                (await self.http.get(f"{self.base}/health")).raise_for_status()
-                self.up.set()
-                return time.perf_counter() - t0
-            except httpx.HTTPError:  # not listening yet
-                if self.proc.poll() is not None:
-                    raise RuntimeError("service exited:\n" + self.logs()) from None
-                await asyncio.sleep(0.05)
-        raise RuntimeError("service did not come up:\n" + self.logs())
+    async def serve(self) -> float:
+        """Start (in a thread: the replay's sampler runs meanwhile); seconds until
+        /health answers, re-adoption included."""
+        seconds = await asyncio.to_thread(self.start)
+        self.up.set()
+        return seconds
 
     async def kill_and_restart(self) -> float:
         self.up.clear()
         self.incarnation += 1
         self.kill9()
-        return await self.start()
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def logs(self) -> str:
-        return "".join(p.read_text() for p in sorted(self.log_dir.glob("service-*.log")))
+        return await self.serve()
 
     async def post(self, user: str, session_id: str, code: str) -> httpx.Response:
         return await self.http.post(
@@ -214,7 +170,7 @@ def cells(i: int) -> dict[str, list[tuple[str, str | None]]]:
     return {"create": [(f"x = {i}", None), check], "work": [work, check], "verify": [check]}
 
 
-async def execute(svc: Service, run: Run, i: int, user: str, code: str,
+async def execute(svc: ReplayService, run: Run, i: int, user: str, code: str,
                   expect: str | None) -> Call:
     call = Call(i, code, uses_x=expect is not None)
     for attempt in (1, 2):
@@ -273,7 +229,7 @@ async def sample(state: Path, run: Run) -> None:
         await asyncio.sleep(SAMPLE_INTERVAL)
 
 
-async def phase(svc: Service, run: Run, name: str, n: int, users: int, concurrency: int,
+async def phase(svc: ReplayService, run: Run, name: str, n: int, users: int, concurrency: int,
                 kill_after: int | None) -> None:
     """Every session runs its cells of ``name``, ``concurrency`` sessions at a time;
     after ``kill_after`` sessions are done the service is SIGKILLed and restarted."""
@@ -302,29 +258,6 @@ async def phase(svc: Service, run: Run, name: str, n: int, users: int, concurren
     await asyncio.gather(*jobs)
 
 
-def leftovers(state: Path, ids: set[str]) -> dict[str, int]:
-    registry = Registry(state)
-    kernels_dir = state / "kernels"
-    result = {
-        "registry entries": len(registry.entries()),
-        "kernel dirs": len(list(kernels_dir.iterdir())) if kernels_dir.is_dir() else 0,
-        "cgroups": kernel_cgroups(ids),
-        "processes": kernel_processes(ids),
-    }
-    result["containers"] = len(our_containers(state))
-    return result
-
-
-def our_containers(state: Path) -> list[Any]:
-    """Containers of kernels started on ``state`` (the provisioner's state-dir label)."""
-    try:
-        client = docker.from_env()
-        return client.containers.list(
-            all=True, filters={"label": f"{LABEL_PREFIX}state-dir={state}"})
-    except docker.errors.DockerException:  # no daemon: nothing of ours can run there
-        return []
-
-
 def naive_design(run: Run, n: int) -> dict[str, int]:
     """What the seed's API would have done with the same requests (computed).
 
@@ -347,7 +280,7 @@ def naive_design(run: Run, n: int) -> dict[str, int]:
             "failed": lost}
 
 
-async def replay(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
+async def replay(svc: ReplayService, args: argparse.Namespace) -> dict[str, Any]:
     n, run = args.sessions, Run()
     sampler = asyncio.ensure_future(sample(svc.state, run))
     t0 = time.monotonic()
@@ -382,10 +315,10 @@ async def replay(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
     await asyncio.sleep(1)  # a last shutdown may still be removing its dir
-    left = await asyncio.to_thread(leftovers, svc.state, run.ids_seen)
+    left = await asyncio.to_thread(kernel_leftovers, svc.state, run.ids_seen)
     for entry in Registry(svc.state).entries():  # evidence, before the cleanup removes it
         print(f"left in the registry: {json.dumps(entry, sort_keys=True)}", file=sys.stderr)
-    for container in our_containers(svc.state):
+    for container in containers_with_label("state-dir", str(svc.state)):
         print(f"left container {container.name}: {container.status}", file=sys.stderr)
 
     # Survival of x: a session defined before kill k whose first x-reading call
@@ -442,7 +375,8 @@ async def replay(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
 # -- the overhead ------------------------------------------------------------------------
 
 
-async def overhead(svc: Service, args: argparse.Namespace, spec_root: Path) -> dict[str, Any]:
+async def overhead(svc: ReplayService, args: argparse.Namespace,
+                   spec_root: Path) -> dict[str, Any]:
     """POST /exec '1+1' vs. execute_interactive '1+1', both warm, interleaved."""
     # The service's own kernelspec, under another server_id (the service must not adopt
     # or count this kernel as one of its own) and without a reaper in this process.
@@ -507,39 +441,6 @@ async def overhead(svc: Service, args: argparse.Namespace, spec_root: Path) -> d
 # -- one backend, cleanup, output ----------------------------------------------------------
 
 
-def kill_cgroup_members(kernel_id: str) -> None:
-    """Last resort: SIGKILL whatever is in the kernel's cgroups (process backend)."""
-    for controller in ("pids", "memory", "cpu"):
-        with contextlib.suppress(OSError):  # no such cgroup: nothing of it runs
-            for pid in (CGROUP_ROOT / controller / GROUP_NAME / kernel_id
-                        / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):  # exited meanwhile
-                    os.kill(int(pid), signal.SIGKILL)
-
-
-def remove_everything(svc: Service | None, state: Path) -> None:
-    """The service by pid, every kernel of the state dir, containers by our label."""
-    if svc is not None:
-        svc.kill9()
-    registry = Registry(state)
-    for entry in registry.entries():
-        try:
-            remove_kernel(registry, entry)
-        except Exception as e:  # noqa: BLE001 -- one bad entry must not stop the others
-            # (remove_kernel raises KeyError on a 'starting' process entry without pid.)
-            print(f"remove_kernel({entry.get('kernel_id')}): {e!r}; removing by hand",
-                  file=sys.stderr)
-            kill_cgroup_members(entry["kernel_id"])
-            if entry.get("pid") and is_alive(entry):  # is_alive: not a reused pid
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(entry["pid"], signal.SIGKILL)
-            registry.remove(entry["kernel_id"])
-    for container in our_containers(state):
-        with contextlib.suppress(docker.errors.APIError):  # gone / removal in progress
-            container.remove(force=True)
-    shutil.rmtree(state, ignore_errors=True)
-
-
 async def bench_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     # Short on purpose: the kernels' ipc socket paths live under it.
     state = Path(tempfile.mkdtemp(prefix="lp-ab-", dir="/var/lib"))
@@ -547,8 +448,8 @@ async def bench_backend(backend: str, args: argparse.Namespace) -> dict[str, Any
     svc = None
     ok = False
     try:
-        svc = Service(backend, state, scratch, args.idle_timeout)
-        first_start = await svc.start()
+        svc = ReplayService(backend, state, scratch, args.idle_timeout)
+        first_start = await svc.serve()
         lat = await overhead(svc, args, scratch / "kernels")
         result = await replay(svc, args)
         result.update(backend=backend, first_start=first_start, lat=lat)
@@ -559,7 +460,8 @@ async def bench_backend(backend: str, args: argparse.Namespace) -> dict[str, Any
             if not ok or args.logs:
                 print(f"--- service log ({backend}) ---\n{svc.logs()[-12000:]}", file=sys.stderr)
             await svc.http.aclose()
-        await asyncio.to_thread(remove_everything, svc, state)
+            svc.close()
+        await asyncio.to_thread(remove_all_kernels, state)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

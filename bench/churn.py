@@ -4,7 +4,7 @@ walk away without shutting anything down.
 Each session uses a plain ``AsyncKernelManager`` (as an agent backend would), runs a
 cell, then drops every reference. Only the provisioner's own idle culling
 (``idle_timeout``) is there to clean up. Prints, per backend: peak live kernels,
-what is left after the timeout (registry entries, host dirs, cgroups, processes,
+what is left after the timeout (registry entries, kernel dirs, cgroups, processes,
 containers — target 0), disk used before/after, and this process's RSS before/after
 (target growth < 20 MB).
 
@@ -27,9 +27,9 @@ from pathlib import Path
 import psutil
 from jupyter_client.manager import AsyncKernelManager
 
-from common import kernel_cgroups, kernel_processes, write_kernelspec
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.harness
 from limited_provisioner.registry import Registry
+from tests.harness import PROVISIONERS, kernel_leftovers, write_kernelspec
 
 OWNER = "lp-churn"
 
@@ -37,7 +37,7 @@ OWNER = "lp-churn"
 def write_spec(root: Path, backend: str, idle_timeout: float) -> str:
     config = {"mem_limit": "256M", "cpu_limit": 0.5, "idle_timeout": idle_timeout,
               "owner": OWNER, "reap_interval": 0}
-    return write_kernelspec(root, f"churn-{backend}", backend, config)
+    return write_kernelspec(root, f"churn-{backend}", config, PROVISIONERS[backend])
 
 
 async def session(kernel_name: str, live: set[str], peak: list[int]) -> None:
@@ -53,24 +53,6 @@ async def session(kernel_name: str, live: set[str], peak: list[int]) -> None:
     finally:
         kc.stop_channels()
     # ...and walk away: no shutdown_kernel(), no reference kept (the seed's bug).
-
-
-def leftovers(registry: Registry) -> dict[str, int]:
-    result = {
-        "registry entries": len(registry.entries()),
-        "host dirs": len(list(registry.kernels_dir.iterdir())) if registry.kernels_dir.exists() else 0,
-    }
-    result["cgroups"] = kernel_cgroups(_ids_seen)
-    result["processes"] = kernel_processes(_ids_seen)
-    try:
-        import docker
-
-        client = docker.from_env()
-        result["containers"] = len(client.containers.list(
-            all=True, filters={"label": f"limited-provisioner.owner={OWNER}"}))
-    except Exception:  # no docker here: nothing of ours can be there either
-        result["containers"] = 0
-    return result
 
 
 _ids_seen: set[str] = set()
@@ -122,7 +104,7 @@ async def churn(backend: str, args: argparse.Namespace, root: Path) -> dict:
     tracker.cancel()
     await asyncio.sleep(1)
     gc.collect()
-    left = leftovers(registry)
+    left = kernel_leftovers(state, _ids_seen)
     result = {
         "backend": backend,
         "sessions": args.sessions,
@@ -155,7 +137,7 @@ async def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     cols = ["backend", "sessions", "failed", "elapsed_s", "peak_live", "registry entries",
-            "host dirs", "cgroups", "processes", "containers", "disk_delta_mb",
+            "kernel dirs", "cgroups", "processes", "containers", "disk_delta_mb",
             "rss_before_mb", "rss_after_mb"]
     if args.markdown:
         print("| " + " | ".join(cols) + " |")

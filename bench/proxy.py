@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import p90
 from jupyter_client.manager import AsyncKernelManager
 
-from common import ARGV, write_kernelspec
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.harness
+from tests.harness import PROVISIONERS, docker_available, write_kernelspec
 
-IMAGE = "limited-provisioner-kernel:latest"
 LIMITS = {"mem_limit": "1G", "cpu_limit": 1, "output_limit": None, "max_message_size": "128M",
           "owner": "lp-bench"}
 FLOOD_MB = 64
@@ -38,17 +38,6 @@ FLOOD = (
     f"import sys\nchunk = 'x' * 65535 + '\\n'\n"
     f"for _ in range({FLOOD_MB} * 16):\n    sys.stdout.write(chunk)\nsys.stdout.flush()"
 )
-
-
-def p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-
-
-def docker_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode == 0
 
 
 async def measure(kernel_name: str, round_trips: int) -> dict[str, float]:
@@ -97,13 +86,14 @@ async def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="lp-bench-"))
     os.environ["JUPYTER_PATH"] = str(root)
     try:
-        (root / "kernels" / "stock").mkdir(parents=True)
-        (root / "kernels" / "stock" / "kernel.json").write_text(json.dumps(
-            {"argv": ARGV["process"], "display_name": "stock", "language": "python"}))
-        kinds = {"LocalProvisioner (stock)": "stock",
-                 "LimitedProcessProvisioner": write_kernelspec(root, "lp", "process", LIMITS)}
+        kinds = {
+            "LocalProvisioner (stock)": write_kernelspec(root, "stock", provisioner=None),
+            "LimitedProcessProvisioner": write_kernelspec(root, "lp", LIMITS,
+                                                          PROVISIONERS["process"]),
+        }
         if not args.no_docker and docker_available():
-            kinds["LimitedDockerProvisioner"] = write_kernelspec(root, "ld", "docker", LIMITS)
+            kinds["LimitedDockerProvisioner"] = write_kernelspec(root, "ld", LIMITS,
+                                                                 PROVISIONERS["docker"])
         results = {label: await measure(name, args.round_trips) for label, name in kinds.items()}
     finally:
         shutil.rmtree(root, ignore_errors=True)

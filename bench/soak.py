@@ -4,7 +4,8 @@ attacks, with one ``kill -9`` + restart of the server midway.
 A long-lived "canary" kernel executes ``1 + 1`` every 0.2 s throughout; its latency with
 nothing else running is the baseline. Prints per backend: sessions run / failed (those
 cut by the restart are counted apart), kernels lost across the restart (target 0),
-leaked registry entries / host dirs / containers / processes at the end (target 0),
+leaked registry entries / kernel dirs / cgroups / processes / containers at the end
+(target 0),
 server RSS at start and end of each server instance, and canary p50/p99 latency while the
 attacks run vs its idle baseline (target p99 < 3x).
 
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
 import shutil
 import statistics
@@ -28,16 +27,17 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_kernelspec  # noqa: E402
-from recovery import Server  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-from tests.attacks.catalogue import CATALOGUE  # noqa: E402
-
-from limited_provisioner.reaper import remove_kernel  # noqa: E402
-from limited_provisioner.registry import Registry  # noqa: E402
-from limited_provisioner.watchdog import KERNEL_ID_ENV  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.harness
+from tests.attacks.catalogue import CATALOGUE
+from tests.harness import (
+    PROVISIONERS,
+    JupyterServer,
+    kernel_leftovers,
+    remove_all_kernels,
+    server_env,
+    write_kernelspec,
+    ws_execute,
+)
 
 LIMITS = {"mem_limit": "256M", "cpu_limit": 0.5, "pids_limit": 64, "nofile_limit": 256,
           "disk_limit": "100M", "files_limit": 2000, "exec_timeout": 3,
@@ -48,45 +48,27 @@ ATTACKS = [a for a in CATALOGUE if a.id in ("1.1", "1.5", "2.1", "2.6", "3.1", "
 NORMAL = "import math\nprint(sum(math.sqrt(i) for i in range(10**5)))"
 
 
-async def execute(server: Server, kernel_id: str, code: str, timeout: float = 30) -> float:
-    """Run code over the kernel's WebSocket; seconds until the reply (raises on failure)."""
-    from tornado.websocket import websocket_connect
-
-    url = server.base.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels?token=bench"
-    ws = await websocket_connect(url)
-    msg_id = uuid.uuid4().hex
+async def execute(server: JupyterServer, kernel_id: str, code: str, timeout: float = 30) -> float:
+    """Run code over the kernel's WebSocket; seconds until it is done. Raises if no reply
+    comes within ``timeout`` (a killed kernel's never does: the session then deletes it
+    once jupyter_server's restart is long over; a DELETE during the restart fails)."""
     t0 = time.perf_counter()
-    ws.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "s", "session": uuid.uuid4().hex,
-                   "msg_type": "execute_request", "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False,
-                    "user_expressions": {}, "allow_stdin": False}}))
-    try:
-        while True:
-            raw = await asyncio.wait_for(ws.read_message(), timeout)
-            if raw is None:
-                raise ConnectionError("websocket closed")
-            msg = json.loads(raw)
-            if (msg.get("msg_type") == "execute_reply"
-                    and msg["parent_header"].get("msg_id") == msg_id):
-                return time.perf_counter() - t0
-    finally:
-        ws.close()
+    await ws_execute(server.base, kernel_id, code, timeout, return_on_restart=False)
+    return time.perf_counter() - t0
 
 
 async def soak(backend: str, args: argparse.Namespace, specs: Path) -> dict:
     state = Path(tempfile.mkdtemp(prefix="lp-soak-", dir="/var/lib"))
-    env = {**os.environ, "JUPYTER_PATH": str(specs), "LIMITED_PROVISIONER_STATE_DIR": str(state),
-           "LIMITED_PROVISIONER_SERVER_ID": "soak-" + uuid.uuid4().hex[:6],
-           "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
+    env = server_env(state, "soak-" + uuid.uuid4().hex[:6], jupyter_path=specs)
     workdir = Path(tempfile.mkdtemp(prefix="lp-soak-nb-"))
-    server = Server(workdir, env)
+    server = JupyterServer(workdir, env)
     result: dict = {"backend": backend, "sessions": args.sessions}
+    ids: set[str] = set()  # every kernel started, for what they leave behind
     try:
         await server.start()
         name = f"soak-{backend}"
         canary = (await server.api("POST", "/api/kernels", {"name": name}))["id"]
+        ids.add(canary)
         baseline = [await execute(server, canary, "1 + 1") for _ in range(30)]
         rss = [psutil.Process(server.proc.pid).memory_info().rss]
         latencies: list[float] = []
@@ -112,6 +94,7 @@ async def soak(backend: str, args: argparse.Namespace, specs: Path) -> dict:
                 kid = None
                 try:
                     kid = (await server.api("POST", "/api/kernels", {"name": name}))["id"]
+                    ids.add(kid)
                     await execute(server, kid, code, timeout=40)
                     counts["ok"] += 1
                     counts["attacks"] += attack
@@ -149,31 +132,16 @@ async def soak(backend: str, args: argparse.Namespace, specs: Path) -> dict:
         await canary_task
         await server.api("DELETE", f"/api/kernels/{canary}")
         await asyncio.sleep(2)
-        registry = Registry(state)
-        leaked_procs = 0
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get(KERNEL_ID_ENV) and str(state) in " ".join(proc.cmdline()):
-                    leaked_procs += 1
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        containers = 0
-        try:
-            import docker
-
-            containers = len(docker.from_env().containers.list(
-                all=True, filters={"label": "limited-provisioner.owner=lp-soak"}))
-        except Exception:  # no docker here
-            pass
+        leaked = kernel_leftovers(state, ids)
         latencies.sort()
         result.update(
             ok=counts["ok"], attacks=counts["attacks"], kernel_died=counts["kernel_died"],
             failed=counts["failed"],
             cut_by_restart=counts["cut_by_restart"],
             lost_in_restart=len(before - after),
-            leaked_entries=len(registry.entries()),
-            leaked_dirs=len(list(registry.kernels_dir.iterdir())),
-            leaked_containers=containers, leaked_processes=leaked_procs,
+            leaked_entries=leaked["registry entries"], leaked_dirs=leaked["kernel dirs"],
+            leaked_cgroups=leaked["cgroups"], leaked_processes=leaked["processes"],
+            leaked_containers=leaked["containers"],
             server_rss_mb=" → ".join(f"{r / 2**20:.0f}" for r in rss),
             idle_p50_ms=round(statistics.median(baseline) * 1000, 1),
             idle_p99_ms=round(baseline[int(0.99 * (len(baseline) - 1))] * 1000, 1),
@@ -182,11 +150,8 @@ async def soak(backend: str, args: argparse.Namespace, specs: Path) -> dict:
         )
         result["p99_ratio"] = round(result["load_p99_ms"] / max(result["idle_p99_ms"], 0.1), 2)
     finally:
-        server.stop()
-        registry = Registry(state)
-        for entry in registry.entries():
-            remove_kernel(registry, entry)
-        shutil.rmtree(state, ignore_errors=True)
+        await server.stop(timeout=60)
+        remove_all_kernels(state)
         shutil.rmtree(workdir, ignore_errors=True)
     return result
 
@@ -202,14 +167,14 @@ async def main() -> None:
     rows = []
     try:
         for backend in args.backends.split(","):
-            write_kernelspec(specs, f"soak-{backend}", backend, LIMITS)
+            write_kernelspec(specs, f"soak-{backend}", LIMITS, PROVISIONERS[backend])
             rows.append(await soak(backend, args, specs))
     finally:
         shutil.rmtree(specs, ignore_errors=True)
     cols = ["backend", "sessions", "ok", "attacks", "kernel_died", "failed", "cut_by_restart",
-            "lost_in_restart", "leaked_entries", "leaked_dirs", "leaked_containers",
-            "leaked_processes", "server_rss_mb", "idle_p50_ms", "idle_p99_ms", "load_p50_ms",
-            "load_p99_ms", "p99_ratio"]
+            "lost_in_restart", "leaked_entries", "leaked_dirs", "leaked_cgroups",
+            "leaked_processes", "leaked_containers", "server_rss_mb", "idle_p50_ms",
+            "idle_p99_ms", "load_p50_ms", "load_p99_ms", "p99_ratio"]
     if args.markdown:
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))

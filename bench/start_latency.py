@@ -16,41 +16,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import p90
 from jupyter_client.manager import AsyncKernelManager
 
-ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-CONTAINER_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.harness
+from limited_provisioner.docker import DEFAULT_IMAGE
+from tests.harness import PROVISIONERS, docker_available, write_kernelspec
+
 LIMITS = {"mem_limit": "1G", "cpu_limit": 1}
-IMAGE = "limited-provisioner-kernel:latest"
 
 
 def write_specs(root: Path, with_docker: bool) -> None:
-    def spec(argv, provisioner=None):
-        s = {"argv": argv, "display_name": "bench", "language": "python"}
-        if provisioner:
-            s["metadata"] = {"kernel_provisioner": {"provisioner_name": provisioner,
-                                                    "config": LIMITS}}
-        return s
-
-    specs = {
-        "bench-stock": spec(ARGV),
-        "bench-limited": spec(ARGV, "limited-process-provisioner"),
-    }
+    write_kernelspec(root, "bench-stock", provisioner=None)
+    write_kernelspec(root, "bench-limited", LIMITS, PROVISIONERS["process"])
     if with_docker:
-        specs["bench-docker"] = spec(CONTAINER_ARGV, "limited-docker-provisioner")
-    for name, s in specs.items():
-        (root / "kernels" / name).mkdir(parents=True)
-        (root / "kernels" / name / "kernel.json").write_text(json.dumps(s))
+        write_kernelspec(root, "bench-docker", LIMITS, PROVISIONERS["docker"])
 
 
 async def kernel_start(kernel_name: str) -> float:
@@ -70,24 +58,12 @@ async def kernel_start(kernel_name: str) -> float:
 async def docker_floor() -> float:
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
-        "docker", "run", "--rm", "--network=none", IMAGE, "python3", "-c",
+        "docker", "run", "--rm", "--network=none", DEFAULT_IMAGE, "python3", "-c",
         "import ipykernel.kernelapp",
     )
     if await proc.wait() != 0:
         raise RuntimeError("docker floor run failed")
     return time.perf_counter() - t0
-
-
-def docker_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    result = subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True)
-    return result.returncode == 0
-
-
-def p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 async def main() -> None:

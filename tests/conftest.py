@@ -2,50 +2,34 @@
 
 Every kernel a test starts is shut down in the fixture's teardown, and anything of its
 tree still alive (found through its cgroup or the pids recorded at start) is killed,
-even when the test failed.
+even when the test failed. What is not pytest-specific (kernelspecs, servers, cleanup
+by kernel id) lives in harness.py, which the benches share.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import docker
-import docker.errors
-import psutil
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from limited_provisioner.docker import DEFAULT_IMAGE, LABEL_PREFIX
 from limited_provisioner.host import LimitedHost
-from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
+
+from .harness import (
+    DockerUnavailable,
+    containers_of,
+    kill_kernel_leftovers,
+    remove_containers_with_label,
+    write_kernelspec,
+)
+from .harness import (
+    docker_client as connect_docker,
+)
 
 # Docker kernels started by tests carry this owner; the session fixture removes any
 # container with it, whatever happened.
 TEST_OWNER = "lp-pytest"
-
-KERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-# Inside the kernel image the interpreter is the image's own.
-CONTAINER_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-
-
-def write_kernelspec(prefix: Path, name: str, config: dict, provisioner: str) -> None:
-    spec_dir = prefix / "kernels" / name
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "argv": CONTAINER_ARGV if "docker" in provisioner else KERNEL_ARGV,
-        "display_name": name,
-        "language": "python",
-        "metadata": {
-            "kernel_provisioner": {"provisioner_name": provisioner, "config": config}
-        },
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
 
 
 @pytest.fixture(autouse=True)
@@ -63,50 +47,6 @@ def jupyter_path(tmp_path, monkeypatch):
     path.mkdir()
     monkeypatch.setenv("JUPYTER_PATH", str(path))
     return path
-
-
-def kill_kernel_leftovers(kernel_id: str, pids: set[int]) -> None:
-    """Last-resort cleanup: our kernel's cgroup members and recorded pids."""
-    for controller in ("pids", "memory", "cpu"):
-        procs = CGROUP_ROOT / controller / GROUP_NAME / kernel_id / "cgroup.procs"
-        try:
-            pids |= {int(p) for p in procs.read_text().split()}
-        except OSError:
-            pass
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    # Then the kernel's (now empty) cgroups; rmdir fails while a killed member lingers.
-    for controller in ("pids", "memory", "cpu"):
-        group = CGROUP_ROOT / controller / GROUP_NAME / kernel_id
-        for _ in range(20):
-            try:
-                group.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.05)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM (a clean stop, as a deploy does), SIGKILL if it is still there after
-    ``timeout``; only for processes the test started."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def tree_of(km: AsyncKernelManager) -> set[int]:
-    prov = km.provisioner
-    pids = set(prov._tree_pids()) if prov is not None else set()
-    return pids
 
 
 @pytest.fixture
@@ -164,31 +104,6 @@ async def run(kc, code: str, timeout: float = 60) -> dict:
     return out
 
 
-def host_pids_of(kernel_id: str) -> set[int]:
-    """Host pids of a kernel's processes (what a kernel prints is its own PID namespace's):
-    every process carrying the kernel's id in its environment."""
-    found = set()
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("LIMITED_PROVISIONER_KERNEL_ID") == kernel_id:
-                found.add(proc.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def alive(pids) -> list[int]:
-    result = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            if p.status() != psutil.STATUS_ZOMBIE:
-                result.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return result
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     """Expose each phase's report on the item, so fixtures can dump logs on failure."""
@@ -198,16 +113,14 @@ def pytest_runtest_makereport(item, call):
 
 
 def _docker_client():
+    """A client of a daemon with the kernel image, or skip (fail under
+    LIMITED_PROVISIONER_REQUIRE_DOCKER=1)."""
     try:
-        client = docker.from_env()
-        client.ping()
-        client.images.get(DEFAULT_IMAGE)
-        return client
-    except docker.errors.DockerException as e:
-        reason = f"docker or image {DEFAULT_IMAGE} unavailable: {e}"
+        return connect_docker()
+    except DockerUnavailable as e:
         if os.environ.get("LIMITED_PROVISIONER_REQUIRE_DOCKER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+            pytest.fail(str(e))
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -215,21 +128,13 @@ def docker_client():
     client = _docker_client()
     yield client
     # Whatever happened, no container of the test owner survives the session.
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}):
-        c.remove(force=True)
-
-
-def containers_of(client, kernel_id):
-    return client.containers.list(
-        all=True, filters={"label": f"{LABEL_PREFIX}kernel-id={kernel_id}"}
-    )
-
-
+    remove_containers_with_label("owner", TEST_OWNER)
 
 
 @pytest.fixture
 def docker_cleanup():
-    """``containers(kernel_id)`` lister; afterwards removes the test owner's containers."""
+    """``containers(kernel_id)`` lister (fails without Docker); afterwards removes the
+    test owner's containers."""
     clients = []
 
     def containers(kernel_id):
@@ -239,10 +144,7 @@ def docker_cleanup():
 
     yield containers
     if clients:
-        for c in clients[0].containers.list(
-            all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}
-        ):
-            c.remove(force=True)
+        remove_containers_with_label("owner", TEST_OWNER)
 
 
 def backends():

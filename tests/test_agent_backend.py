@@ -7,10 +7,6 @@ dir removed after the test (or module), whatever happened.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,17 +14,13 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
-from limited_provisioner import list_kernels
-from limited_provisioner.reaper import remove_kernel
 from limited_provisioner.registry import Registry
 
-from .conftest import TEST_OWNER, alive, backends, kill_kernel_leftovers, stop_process
+from .conftest import TEST_OWNER, backends
+from .harness import AgentBackendService, alive, remove_all_kernels
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
 MARKER = "[limited-provisioner status={}]"
 GONE = "variables from earlier cells are gone"
 KEPT = "variables from earlier cells are kept"
@@ -47,115 +39,31 @@ SETTINGS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def new_service(log_dir: Path, **settings: str) -> AgentBackendService:
+    """A service (not started) on a fresh private state dir, with SETTINGS + ``settings``."""
+    # Short on purpose: the kernels' ipc socket paths live under it.
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    return AgentBackendService(state, "test-ab-" + uuid.uuid4().hex[:8], log_dir,
+                               {**SETTINGS, **settings})
 
 
-class Service:
-    """The agent_backend service as a subprocess; restartable on the same state dir."""
-
-    def __init__(self, state: Path, server_id: str, log_dir: Path, **settings: str):
-        self.state = state
-        self.server_id = server_id
-        self.log_dir = log_dir
-        self.env = {
-            **os.environ,
-            "AGENT_BACKEND_STATE_DIR": str(state),
-            "AGENT_BACKEND_SERVER_ID": server_id,
-            **{f"AGENT_BACKEND_{k}": v for k, v in {**SETTINGS, **settings}.items()},
-        }
-        self.proc: subprocess.Popen | None = None
-        self.client = httpx.Client(timeout=120)
-        self.starts = 0
-        self.base = ""
-
-    def start(self) -> None:
-        port = free_port()
-        self.starts += 1
-        with open(self.log_dir / f"service-{self.starts}.log", "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLES),
-                 "agent_backend.app:app", "--host", "127.0.0.1", "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env,
-            )
-        self.base = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                self.client.get(f"{self.base}/health").raise_for_status()
-                return
-            except httpx.HTTPError:  # not listening yet
-                if self.proc.poll() is not None:
-                    raise RuntimeError("service exited:\n" + self.logs()) from None
-                time.sleep(0.1)
-        raise RuntimeError("service did not come up:\n" + self.logs())
-
-    def logs(self) -> str:
-        return "".join(p.read_text() for p in sorted(self.log_dir.glob("service-*.log")))[-8000:]
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        """A clean stop (SIGTERM), as a deploy does."""
-        if self.proc is not None:
-            stop_process(self.proc)
-
-    def exec(self, user: str, session_id: str, code: str) -> httpx.Response:
-        return self.client.post(
-            f"{self.base}/exec", json={"session_id": session_id, "code": code},
-            headers={"X-User": user},
-        )
-
-    def run(self, user: str, session_id: str, code: str) -> dict:
-        """Execute; the JSON result of a 200 answer."""
-        resp = self.exec(user, session_id, code)
-        assert resp.status_code == 200, resp.text
-        return resp.json()
-
-    def delete(self, user: str, session_id: str) -> httpx.Response:
-        return self.client.delete(f"{self.base}/sessions/{session_id}", headers={"X-User": user})
-
-    def sessions(self, user: str) -> list[dict]:
-        resp = self.client.get(f"{self.base}/sessions", headers={"X-User": user})
-        resp.raise_for_status()
-        return resp.json()
-
-    def kernels(self, **filters) -> list[dict]:
-        return list_kernels(self.state, server_id=self.server_id, **filters)
-
-
-def remove_everything(services: list[Service], state_dirs: list[Path]) -> None:
+def remove_everything(services: list[AgentBackendService]) -> None:
     """Kill the services by pid, then every kernel their state dirs know of."""
     for service in services:
-        service.kill9()
-        service.client.close()
-    for state in state_dirs:
-        registry = Registry(state)
-        for entry in registry.entries():
-            try:
-                remove_kernel(registry, entry)
-            finally:
-                kill_kernel_leftovers(entry["kernel_id"], {entry["pid"]} if entry.get("pid") else set())
-        shutil.rmtree(state, ignore_errors=True)
+        service.close()
+    for service in services:
+        remove_all_kernels(service.state)
 
 
 @pytest.fixture
 def make_service(request, tmp_path, jupyter_path):
-    """``make_service(**settings)`` -> a started Service on a fresh state dir."""
-    services: list[Service] = []
-    states: list[Path] = []
+    """``make_service(**settings)`` -> a started service on a fresh state dir."""
+    services: list[AgentBackendService] = []
 
-    def _make(**settings: str) -> Service:
-        # Short on purpose: the kernels' ipc socket paths live under it.
-        state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
-        states.append(state)
+    def _make(**settings: str) -> AgentBackendService:
         log_dir = tmp_path / f"svc{len(services)}"
         log_dir.mkdir()
-        service = Service(state, "test-ab-" + uuid.uuid4().hex[:8], log_dir, **settings)
+        service = new_service(log_dir, **settings)
         services.append(service)
         service.start()
         return service
@@ -164,21 +72,20 @@ def make_service(request, tmp_path, jupyter_path):
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         for service in services:
-            print(service.logs())
-    remove_everything(services, states)
+            print(service.logs(8000))
+    remove_everything(services)
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """One service shared by the module's tests; each test uses its own users."""
-    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
-    svc = Service(state, "test-ab-" + uuid.uuid4().hex[:8], tmp_path_factory.mktemp("svc"))
+    svc = new_service(tmp_path_factory.mktemp("svc"))
     try:
         svc.start()
         yield svc
     finally:
-        print(svc.logs())
-        remove_everything([svc], [state])
+        print(svc.logs(8000))
+        remove_everything([svc])
 
 
 @pytest.fixture

@@ -15,22 +15,23 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from limited_provisioner.reaper import remove_kernel
-from limited_provisioner.registry import Registry
+from .harness import (
+    JUPYTER_CONFIG,
+    REPO,
+    TOKEN,
+    JupyterServer,
+    remove_all_kernels,
+    write_kernelspec,
+)
 
-from .conftest import kill_kernel_leftovers, write_kernelspec
-from .test_server import TOKEN, free_port
-
-REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("LIMITED_PROVISIONER_TEST_ARTIFACTS", REPO / "test-artifacts"))
 SCREENSHOTS = ARTIFACTS / "browser"
@@ -74,7 +75,6 @@ async def running_lab(tmp_path: Path):
     # No "fetch Jupyter news?" toast over the notebook, no request to the internet.
     news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     root = tmp_path / "notebooks"
-    root.mkdir()
     # SIGUSR2 makes the server print every thread's Python stack (from C, so it works even
     # when the main thread is stuck): what a failure report needs to say where it stood.
     diag_config = tmp_path / "diag-config"
@@ -87,54 +87,27 @@ async def running_lab(tmp_path: Path):
     env = {
         **os.environ,
         "JUPYTER_PATH": str(jupyter_path),
-        "JUPYTER_CONFIG_PATH": os.pathsep.join([str(REPO / "jupyter_config"), str(diag_config)]),
+        "JUPYTER_CONFIG_PATH": os.pathsep.join([str(JUPYTER_CONFIG), str(diag_config)]),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
         "JUPYTERLAB_SETTINGS_DIR": str(settings),
         "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
         "LIMITED_PROVISIONER_STATE_DIR": state,
         "LIMITED_PROVISIONER_SERVER_ID": "test-" + uuid.uuid4().hex[:8],
     }
-    port = free_port()
-    log_path = tmp_path / "lab.log"
-    with open(log_path, "w") as log:  # the child keeps its own copy of the fd
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
-             "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={TOKEN}",
-             f"--ServerApp.root_dir={root}",
-             # e.g. "--ServerApp.log_level=DEBUG" when chasing a failure
-             *os.environ.get("LIMITED_PROVISIONER_TEST_LAB_ARGS", "").split()],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-    base = f"http://127.0.0.1:{port}"
+    server = JupyterServer(tmp_path, env, app="jupyterlab", root_dir=root, args=(
+        # e.g. "--ServerApp.log_level=DEBUG" when chasing a failure
+        os.environ.get("LIMITED_PROVISIONER_TEST_LAB_ARGS", "").split()))
     try:
-        client = AsyncHTTPClient()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                await client.fetch(f"{base}/api/status?token={TOKEN}")
-                break
-            except (OSError, HTTPClientError):  # not listening (or not serving) yet
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"jupyter lab did not come up:\n{log_path.read_text()}")
-                await asyncio.sleep(0.2)
+        await server.start()
         try:
-            yield base
+            yield server.base
         except BaseException:
-            print(server_state(proc))
+            print(server_state(server.proc))
             raise
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        registry = Registry(state)
-        for entry in registry.entries():
-            remove_kernel(registry, entry)
-            kill_kernel_leftovers(entry.get("kernel_id", ""), set())
-        shutil.rmtree(state, ignore_errors=True)
-        print(log_path.read_text()[-12000:])
+        await server.stop(timeout=20)
+        remove_all_kernels(Path(state))
+        print(server.logs(12000))
 
 
 def server_state(proc: subprocess.Popen) -> str:

@@ -15,7 +15,8 @@ import pytest
 from limited_provisioner import LimitConfigError, SandboxUnavailableError
 from limited_provisioner.docker import LABEL_PREFIX
 
-from .conftest import TEST_OWNER, containers_of, run
+from .conftest import TEST_OWNER, run
+from .harness import containers_of
 
 DOCKER = "limited-docker-provisioner"
 SMALL = {"mem_limit": "256M", "cpu_limit": 1, "pids_limit": 64, "nofile_limit": 256,

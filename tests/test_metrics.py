@@ -12,9 +12,8 @@ from tornado.httpclient import HTTPClientError
 
 from limited_provisioner.registry import Registry
 
-from .conftest import write_kernelspec
-from .test_recovery import ORPHANER, Server, recovery_env  # noqa: F401  (fixture)
-from .test_server import TOKEN, ws_execute
+from .harness import TOKEN, JupyterServer, write_kernelspec, ws_execute
+from .test_recovery import ORPHANER, recovery_env  # noqa: F401  (fixture)
 
 OWNER = "lp-pytest"
 LIM = {
@@ -23,7 +22,7 @@ LIM = {
 }
 
 
-async def scrape(server: Server) -> dict[tuple[str, tuple], float]:
+async def scrape(server: JupyterServer) -> dict[tuple[str, tuple], float]:
     resp = await server.client.fetch(f"{server.base}/metrics?token={TOKEN}")
     samples = {}
     for family in text_string_to_metric_families(resp.body.decode()):
@@ -37,7 +36,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-async def wait_for(server: Server, name: str, expected: float, **labels: str) -> dict:
+async def wait_for(server: JupyterServer, name: str, expected: float, **labels: str) -> dict:
     """Scrape until ``name{labels}`` equals ``expected`` (events land asynchronously)."""
     for _ in range(100):
         samples = await scrape(server)
@@ -47,12 +46,12 @@ async def wait_for(server: Server, name: str, expected: float, **labels: str) ->
     pytest.fail(f"{name}{labels} never reached {expected}: {samples}\n{server.logs()}")
 
 
-async def execute(server: Server, kid: str, code: str, timeout: float = 60) -> list[dict]:
+async def execute(server: JupyterServer, kid: str, code: str, timeout: float = 60) -> list[dict]:
     """Run ``code``; messages until the execution is idle or the kernel restarts."""
     return (await ws_execute(server.base, kid, code, timeout))[1]
 
 
-async def wait_until_usable(server: Server, kid: str) -> None:
+async def wait_until_usable(server: JupyterServer, kid: str) -> None:
     for _ in range(60):
         try:
             msgs = await execute(server, kid, "print('up')", timeout=5)
@@ -72,7 +71,7 @@ async def test_metrics_count_each_event(jupyter_path, recovery_env):  # noqa: F8
     write_kernelspec(jupyter_path, "idle", {"idle_timeout": 2, "owner": OWNER},
                      "limited-process-provisioner")
     # The server's reaper runs from its start: its period is server config.
-    server = Server(jupyter_path, env, args=("--LimitedHost.reap_interval=1",))
+    server = JupyterServer(jupyter_path, env, args=("--LimitedHost.reap_interval=1",))
     try:
         await server.start()
         samples = await scrape(server)

@@ -20,12 +20,19 @@ from limited_provisioner import KernelLimitError
 from limited_provisioner.registry import Registry
 from limited_provisioner.traffic import Traffic
 
-from .conftest import alive, backends, kill_kernel_leftovers, run, write_kernelspec
+from .conftest import backends, run
+from .harness import (
+    JUPYTER_CONFIG,
+    TOKEN,
+    JupyterServer,
+    alive,
+    kill_kernel_leftovers,
+    write_kernelspec,
+)
 
 SMALL = {"mem_limit": "256M", "pids_limit": 64, "nofile_limit": 256, "disk_limit": "64M"}
 PROCESS = "limited-process-provisioner"
 DOCKER = "limited-docker-provisioner"
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -221,10 +228,10 @@ def test_reaper_removes_orphans_of_a_killed_server_and_nothing_else(
 
 
 async def test_sixth_kernel_through_jupyter_server_is_429(tmp_path, jupyter_path, state_dir):
-    from .test_server import TOKEN, running_server
+    from .test_server import running_server
 
     write_kernelspec(jupyter_path, "capped", {**SMALL, "max_kernels": 5}, PROCESS)
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG)}
     async with running_server(tmp_path, env) as (base, client, started):
         from tornado.httpclient import HTTPClientError, HTTPRequest
 
@@ -250,10 +257,8 @@ async def test_server_that_refused_a_start_still_stops_on_sigterm(
 ):
     """jupyter_client keeps a failed start in _pending_kernels; shutdown_all would then
     fail on it (404) and leave the server hanging with its kernels running."""
-    from .test_recovery import Server
-
     write_kernelspec(jupyter_path, "capped", {**SMALL, "max_kernels": 1}, PROCESS)
-    server = Server(tmp_path, {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")})
+    server = JupyterServer(tmp_path, {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG)})
     try:
         await server.start()
         await server.api("POST", "/api/kernels", {"name": "capped"})

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,107 +13,35 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from limited_provisioner import AdoptionError, adopt, list_kernels, reap_orphans
-from limited_provisioner.reaper import remove_kernel
 from limited_provisioner.registry import Registry, is_alive
 
-from .conftest import backends, run, stop_process, write_kernelspec
-from .test_server import TOKEN, execute_ws, free_port
+from .conftest import backends, run
+from .harness import (
+    JupyterServer,
+    kernel_cgroups,
+    kernel_leftovers,
+    remove_all_kernels,
+    server_env,
+    write_kernelspec,
+    ws_execute_text,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 SMALL = {"mem_limit": "256M", "pids_limit": 64, "owner": "lp-pytest"}
-
-
-class Server:
-    """A jupyter_server subprocess with our installed config; restartable on new ports."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str], args: tuple[str, ...] = ()):
-        self.tmp_path = tmp_path
-        self.env = env
-        self.args = list(args)
-        self.proc: subprocess.Popen | None = None
-        self.base = ""
-        self.client = AsyncHTTPClient()
-        self.starts = 0
-
-    async def start(self) -> None:
-        port = free_port()
-        self.starts += 1
-        root = self.tmp_path / "notebooks"
-        root.mkdir(exist_ok=True)
-        self.log = open(self.tmp_path / f"server-{self.starts}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1",
-             f"--IdentityProvider.token={TOKEN}", "--allow-root", "--no-browser",
-             f"--ServerApp.root_dir={root}", *self.args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-        )
-        self.base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                await self.client.fetch(f"{self.base}/api/status?token={TOKEN}")
-                return
-            except Exception:  # not listening yet
-                if self.proc.poll() is not None:
-                    raise RuntimeError(self.logs()) from None
-                await asyncio.sleep(0.1)
-        raise RuntimeError("server did not come up:\n" + self.logs())
-
-    def logs(self) -> str:
-        return "".join(
-            p.read_text() for p in sorted(self.tmp_path.glob("server-*.log"))
-        )[-6000:]
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.log.close()
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            await asyncio.to_thread(stop_process, self.proc)
-            self.log.close()
-
-    async def api(self, method: str, path: str, body: dict | None = None):
-        resp = await self.client.fetch(HTTPRequest(
-            f"{self.base}{path}?token={TOKEN}", method=method,
-            body=json.dumps(body) if body is not None else None,
-            allow_nonstandard_methods=True))
-        return json.loads(resp.body) if resp.body else None
 
 
 @pytest.fixture
 def recovery_env(jupyter_path):
     """Private state dir and server id; afterwards everything in that registry is removed."""
-    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
     server_id = "test-" + uuid.uuid4().hex[:8]
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config"),
-           "LIMITED_PROVISIONER_STATE_DIR": state, "LIMITED_PROVISIONER_SERVER_ID": server_id}
-    yield env, Path(state), server_id
-    registry = Registry(state)
-    for entry in registry.entries():
-        remove_kernel(registry, entry)
-    shutil.rmtree(state, ignore_errors=True)
+    yield server_env(state, server_id), state, server_id
+    remove_all_kernels(state)
     from jupyter_core.paths import jupyter_runtime_dir
 
     db = Path(jupyter_runtime_dir()) / f"limited-provisioner-sessions-{server_id}.db"
     db.unlink(missing_ok=True)
-
-
-def count_kernel_things(state: Path) -> dict[str, int]:
-    registry = Registry(state)
-    entries = registry.entries()
-    things = {"entries": len(entries), "dirs": len(list(registry.kernels_dir.iterdir()))}
-    try:
-        import docker
-
-        things["containers"] = len(docker.from_env().containers.list(
-            all=True, filters={"label": "limited-provisioner.owner=lp-pytest"}))
-    except Exception:  # no docker: none of ours can exist there
-        things["containers"] = 0
-    return things
 
 
 @pytest.mark.parametrize("backend", backends(), indirect=True)
@@ -124,7 +50,7 @@ async def test_kill9_and_restart_keeps_kernels_state_and_sessions(
 ):
     env, state, server_id = recovery_env
     write_kernelspec(jupyter_path, "lim", SMALL, backend)
-    server = Server(tmp_path, env)
+    server = JupyterServer(tmp_path, env)
     await server.start()
     try:
         ids = {}
@@ -132,12 +58,12 @@ async def test_kill9_and_restart_keeps_kernels_state_and_sessions(
             session = await server.api("POST", "/api/sessions", {
                 "path": name, "name": name, "type": "notebook", "kernel": {"name": "lim"}})
             ids[name] = session["kernel"]["id"]
-            await execute_ws(server.base, ids[name], "x = 42")
-        before = count_kernel_things(state)
+            await ws_execute_text(server.base, ids[name], "x = 42")
+        before = kernel_leftovers(state, ids.values())
         busy = ids["c.ipynb"]
         # One kernel is in the middle of an execution when the server dies.
         busy_task = asyncio.ensure_future(
-            execute_ws(server.base, busy, "import time; time.sleep(5); y = 7", timeout=30))
+            ws_execute_text(server.base, busy, "import time; time.sleep(5); y = 7", timeout=30))
         await asyncio.sleep(1)
         server.kill9()
         busy_task.cancel()
@@ -148,14 +74,15 @@ async def test_kill9_and_restart_keeps_kernels_state_and_sessions(
             if restart == 0:
                 server.kill9()
         for kid in ids.values():
-            out = await execute_ws(server.base, kid, "print(x)")
+            out = await ws_execute_text(server.base, kid, "print(x)")
             assert out.strip() == "42", out
         await asyncio.sleep(4)
-        assert (await execute_ws(server.base, busy, "print(y)")).strip() == "7"
+        assert (await ws_execute_text(server.base, busy, "print(y)")).strip() == "7"
         sessions = {s["path"]: s["kernel"]["id"] for s in await server.api("GET", "/api/sessions")}
         assert sessions == ids
-        assert count_kernel_things(state) == before  # nothing started twice
-        assert before["entries"] == 3
+        # Nothing started twice: as many entries, dirs, cgroups, processes, containers.
+        assert kernel_leftovers(state, ids.values()) == before
+        assert before["registry entries"] == 3
     finally:
         for kid in await server.api("GET", "/api/kernels") or []:
             await server.api("DELETE", f"/api/kernels/{kid['id']}")
@@ -169,7 +96,7 @@ async def test_kernel_that_died_while_server_was_down_is_cleaned_up(
 ):
     env, state, server_id = recovery_env
     write_kernelspec(jupyter_path, "lim", SMALL, backend)
-    server = Server(tmp_path, env)
+    server = JupyterServer(tmp_path, env)
     await server.start()
     try:
         survivor = (await server.api("POST", "/api/kernels", {"name": "lim"}))["id"]
@@ -190,7 +117,7 @@ async def test_kernel_that_died_while_server_was_down_is_cleaned_up(
         if "docker" in backend:
             assert docker_cleanup(victim) == []
         else:
-            assert not Path(f"/sys/fs/cgroup/pids/limited-provisioner/{victim}").exists()
+            assert kernel_cgroups([victim]) == 0
     finally:
         await server.stop()
 
@@ -203,8 +130,8 @@ async def test_two_servers_each_adopt_only_their_own(
     write_kernelspec(jupyter_path, "lim", SMALL, "limited-docker-provisioner")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = Server(tmp_path / "a", env)
-    b = Server(tmp_path / "b", {**env, "LIMITED_PROVISIONER_SERVER_ID": server_id + "-b"})
+    a = JupyterServer(tmp_path / "a", env)
+    b = JupyterServer(tmp_path / "b", {**env, "LIMITED_PROVISIONER_SERVER_ID": server_id + "-b"})
     await a.start()
     await b.start()
     try:

@@ -6,75 +6,52 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import shutil
-import socket
-import subprocess
-import sys
+import signal
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from limited_provisioner.registry import Registry
 
-from .conftest import alive, backends, host_pids_of, kill_kernel_leftovers, write_kernelspec
-
-TOKEN = "limited-test-token"
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import backends
+from .harness import (
+    JUPYTER_CONFIG,
+    TOKEN,
+    JupyterServer,
+    alive,
+    kernel_processes,
+    kernel_ws_url,
+    kill_kernel_leftovers,
+    write_kernelspec,
+    ws_execute,
+    ws_execute_text,
+    ws_message,
+)
 
 
 @contextlib.asynccontextmanager
 async def running_server(tmp_path, env=None):
     """A jupyter_server subprocess on a free port; stopped (by pid) and its kernels
     removed afterwards, even when the test failed. Yields (base_url, client, kernel_ids)."""
-    port = free_port()
-    root = tmp_path / "notebooks"
-    root.mkdir(exist_ok=True)
-    log_path = tmp_path / f"server-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1",
-         f"--IdentityProvider.token={TOKEN}", "--allow-root", "--no-browser",
-         f"--ServerApp.root_dir={root}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env or {**os.environ},
-    )
-    base = f"http://127.0.0.1:{port}"
-    client = AsyncHTTPClient()
-    for _ in range(300):
-        try:
-            await client.fetch(f"{base}/api/status?token={TOKEN}")
-            break
-        except Exception:  # not listening yet
-            if proc.poll() is not None:
-                break
-            await asyncio.sleep(0.1)
+    server = JupyterServer(tmp_path, env or {**os.environ})
+    await server.start()
     started_kernels: list[str] = []
     try:
-        yield base, client, started_kernels
+        yield server.base, server.client, started_kernels
     finally:
         for kid in started_kernels:
             with contextlib.suppress(Exception):  # already gone
-                await client.fetch(f"{base}/api/kernels/{kid}?token={TOKEN}", method="DELETE")
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+                await server.api("DELETE", f"/api/kernels/{kid}")
+        await server.stop(timeout=20)
         for kid in started_kernels:
-            kill_kernel_leftovers(kid, set())
-        log.close()
-        print(log_path.read_text()[-3000:])
+            kill_kernel_leftovers(kid)
+        print(server.logs(3000))
 
 
 @pytest.fixture
@@ -82,9 +59,7 @@ async def server(tmp_path, jupyter_path):
     write_kernelspec(
         jupyter_path, "lim", {"mem_limit": "256M", "pids_limit": 64}, "limited-process-provisioner"
     )
-    # The installed server extension (LimitedMappingKernelManager, the websocket that
-    # explains limit kills); editable installs do not place its config file.
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG)}
     async with running_server(tmp_path, env) as handles:
         yield handles
 
@@ -100,56 +75,10 @@ async def post_kernel(base: str, client, name: str, started: list[str]) -> str:
     return kernel_id
 
 
-async def ws_execute(
-    base: str, kernel_id: str, code: str, timeout: float = 60
-) -> tuple[str, list[dict]]:
-    """Send an execute_request over the kernel's websocket; return its msg_id and what
-    the server sent until that execution was idle or the kernel restarts."""
-    url = base.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels?token={TOKEN}"
-    ws = await websocket_connect(url)
-    msg_id = uuid.uuid4().hex
-    ws.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "t", "session": uuid.uuid4().hex,
-                   "msg_type": "execute_request", "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False,
-                    "user_expressions": {}, "allow_stdin": False},
-    }))
-    seen = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
-            msg = json.loads(raw)
-            seen.append(msg)
-            state = msg["content"].get("execution_state") if msg["msg_type"] == "status" else None
-            if state == "restarting" or (
-                state == "idle" and msg["parent_header"].get("msg_id") == msg_id
-            ):
-                return msg_id, seen
-    finally:
-        ws.close()
-    raise TimeoutError([m["msg_type"] for m in seen])
-
-
-async def execute_ws(base: str, kernel_id: str, code: str, timeout: float = 30) -> str:
-    """Run ``code``; its stdout and errors as text."""
-    msg_id, seen = await ws_execute(base, kernel_id, code, timeout)
-    out = ""
-    for msg in seen:
-        if msg.get("parent_header", {}).get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "stream":
-            out += msg["content"]["text"]
-        if msg["msg_type"] == "error":
-            out += f"{msg['content']['ename']}: {msg['content']['evalue']}"
-    return out
-
-
 async def wait_until_answers(base: str, kid: str) -> str:
     for _ in range(100):
         try:
-            return await execute_ws(base, kid, "print(6 * 7)", timeout=10)
+            return await ws_execute_text(base, kid, "print(6 * 7)", timeout=10)
         except (TimeoutError, asyncio.TimeoutError):
             continue
     raise AssertionError(f"kernel {kid} never answered after its restart")
@@ -158,10 +87,10 @@ async def wait_until_answers(base: str, kid: str) -> str:
 async def test_kernel_through_jupyter_server(server):
     base, client, started = server
     kid = await post_kernel(base, client, "lim", started)
-    out = await execute_ws(base, kid, "print(6 * 7)")
-    pids = host_pids_of(kid)
+    out = await ws_execute_text(base, kid, "print(6 * 7)")
+    pids = kernel_processes([kid])
     assert out.strip() == "42" and pids
-    out = await execute_ws(base, kid, "x = bytearray(1024 * 2**20)")
+    out = await ws_execute_text(base, kid, "x = bytearray(1024 * 2**20)")
     # Refused by the data rlimit: the kernel survives and the error names the limit.
     assert "MemoryError: memory limit 256M reached" in out
     await client.fetch(f"{base}/api/kernels/{kid}?token={TOKEN}", method="DELETE")
@@ -203,7 +132,7 @@ async def test_an_ignored_exec_timeout_restart_is_explained_in_the_cell(tmp_path
         jupyter_path, "stubborn", {"exec_timeout": 1, "exec_timeout_grace": 1},
         "limited-process-provisioner",
     )
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG)}
     async with running_server(tmp_path, env) as (base, client, started):
         kid = await post_kernel(base, client, "stubborn", started)
         msg_id, seen = await ws_execute(
@@ -229,13 +158,13 @@ async def test_a_kernel_whose_restarts_fail_leaves_nothing_behind(tmp_path, jupy
     spec["argv"] = ["/bin/sh", "-c", f'test -e {broken} && exit 3; exec "$@"', "sh",
                     *spec["argv"]]
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config"),
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
            "LIMITED_PROVISIONER_STATE_DIR": state}
     try:
         async with running_server(tmp_path, env) as (base, client, started):
             kid = await post_kernel(base, client, "fragile", started)
-            assert (await execute_ws(base, kid, "print(6 * 7)")).strip() == "42"
-            pids = host_pids_of(kid)
+            assert (await ws_execute_text(base, kid, "print(6 * 7)")).strip() == "42"
+            pids = kernel_processes([kid])
             broken.touch()
             for pid in pids:  # the kernel and its launcher, as the host sees them
                 os.kill(pid, signal.SIGKILL)
@@ -253,15 +182,6 @@ async def test_a_kernel_whose_restarts_fail_leaves_nothing_behind(tmp_path, jupy
         for entry in Registry(state).entries():
             kill_kernel_leftovers(entry["kernel_id"], set())
         shutil.rmtree(state, ignore_errors=True)
-
-
-def _request(msg_type: str, session: str, content: dict, channel: str = "shell") -> dict:
-    return {
-        "header": {"msg_id": uuid.uuid4().hex, "username": "t", "session": session,
-                   "msg_type": msg_type, "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": channel, "buffers": [],
-        "content": content,
-    }
 
 
 async def _read_until(ws, done, timeout: float) -> list[dict]:
@@ -292,21 +212,21 @@ async def test_the_first_cell_after_a_limit_kill_gets_its_output(
         jupyter_path, "oomnet", {"mem_limit": "256M", "network": network},
         "limited-process-provisioner",
     )
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(REPO / "jupyter_config")}
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG)}
     async with running_server(tmp_path, env) as (base, client, started):
         kid = await post_kernel(base, client, "oomnet", started)
         session = uuid.uuid4().hex
-        url = (base.replace("http", "ws")
-               + f"/api/kernels/{kid}/channels?session_id={session}&token={TOKEN}")
+        url = kernel_ws_url(base, kid, session)
 
         async def state() -> str:
             resp = await client.fetch(f"{base}/api/kernels/{kid}?token={TOKEN}")
             return json.loads(resp.body)["execution_state"]
 
         ws = await websocket_connect(url)
-        ws.write_message(json.dumps(_request(
-            "execute_request", session,
+        ws.write_message(json.dumps(ws_message(
+            "execute_request",
             {"code": "a = []\nwhile True:\n    a.append(bytearray(2**20))", "silent": False},
+            session,
         )))
         await _read_until(
             ws, lambda m: m["content"].get("execution_state") == "restarting", timeout=60
@@ -316,13 +236,14 @@ async def test_the_first_cell_after_a_limit_kill_gets_its_output(
 
         ws = await websocket_connect(url)
         try:
-            info = _request("kernel_info_request", session, {})
+            info = ws_message("kernel_info_request", {}, session)
             ws.write_message(json.dumps(info))
             await _read_until(
                 ws, lambda m: m["parent_header"].get("msg_id") == info["header"]["msg_id"]
                 and m["msg_type"] == "kernel_info_reply", timeout=60,
             )
-            run = _request("execute_request", session, {"code": "print('alive')", "silent": False})
+            run = ws_message("execute_request", {"code": "print('alive')", "silent": False},
+                             session)
             ws.write_message(json.dumps(run))
             seen = await _read_until(
                 ws, lambda m: m["parent_header"].get("msg_id") == run["header"]["msg_id"]

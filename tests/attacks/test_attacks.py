@@ -1,16 +1,21 @@
 """The containment acceptance suite: every attack of the catalogue, on both backends.
 
 For each attack it asserts, not prints:
-* it is stopped (an error inside the kernel, or the kernel killed/restarted) within
-  STOP_BOUND seconds;
-* the reason reaches the user in words (``Attack.expect``);
-* the host stays healthy meanwhile: a second kernel answers an execute request within
-  2 s while the attack runs, and this process's memory does not grow;
+* it is stopped within STOP_BOUND seconds by one of the mechanisms the catalogue allows
+  for it (``Attack.stopped_by``: refused inside the kernel, interrupted by exec_timeout,
+  the kernel killed/restarted by a limit, output capped, every attempt refused), and
+  the evidence of that mechanism says why (the cell's error, the provisioner's recorded
+  reason, the notice). An attack that runs to completion stopped by nothing fails;
+* the host is not hurt meanwhile (harness.HostWatch): host MemAvailable stays above a
+  floor, this process (the kernels' server side) keeps running its event loop, a
+  bystander process first in line for the host's OOM killer survives; a second kernel
+  answers an execute request within PROBE_BOUND seconds; this process does not hold
+  what the kernel floods;
 * nothing is left afterwards: no process of the kernel's tree, no container, no kernel
-  dir, nothing new in the host's /tmp or /dev/shm, free disk back where it was.
+  dir, nothing a kernel wrote in the host's /tmp or /dev/shm, free disk back where it was.
 
 With LP_ATTACK_REPORT=<file>, one JSON line per run is appended there for
-bench/attacks.py (time to stop, reason shown, peak host memory during the attack).
+bench/attacks.py (mechanism, time to stop, reason shown, host memory, loop stall).
 """
 
 from __future__ import annotations
@@ -20,119 +25,132 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
+from dataclasses import dataclass, field
 
 import psutil
 import pytest
 
-from ..conftest import alive, backends, run
-from .catalogue import CATALOGUE, Attack
+from limited_provisioner.registry import Registry
+
+from ..conftest import backends, run
+from ..harness import HostWatch, alive, kernel_pids
+from .catalogue import CAPPED, CATALOGUE, EACH_REFUSED, INTERRUPTED, KILLED, REFUSED, Attack
 
 LIMITS = {
     "mem_limit": "256M", "cpu_limit": 0.5, "pids_limit": 64, "nofile_limit": 256,
     "disk_limit": "100M", "files_limit": 2000, "exec_timeout": 3, "exec_timeout_grace": 3,
     "output_limit": "1M", "owner": "lp-pytest",
 }
+MEM_LIMIT = 256 * 2**20
+OUTPUT_LIMIT = 2**20
 STOP_BOUND = 20.0  # exec_timeout 3 s + grace 3 s + restart, with room for a loaded CI box
 PROBE_BOUND = 2.0
+# What this process (client and proxy of the kernel) may grow by while the kernel floods.
+SERVER_RSS_GROWTH = 50 * 2**20
+OUTPUT_NOTICE = "[limited-provisioner] output limit of"
 
 
-class PeakMemory:
-    """Samples host memory in use every 50 ms while the attack runs."""
-
-    def __init__(self):
-        self.baseline = psutil.virtual_memory().used
-        self.peak = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, psutil.virtual_memory().used)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak - self.baseline
-
-
-def host_scratch() -> set[str]:
+def kernel_scratch() -> set[str]:
+    """Entries in the host's /tmp and /dev/shm that a kernel could have made: not
+    root's (kernels never run as root; root's are this and other test runs' own)."""
     names = set()
     for d in ("/tmp", "/dev/shm"):
         try:
-            names |= {f"{d}/{n}" for n in os.listdir(d) if not n.startswith("pytest-of-")}
+            entries = os.listdir(d)
         except OSError:
-            pass
+            continue
+        for n in entries:
+            try:
+                if os.lstat(f"{d}/{n}").st_uid != 0:
+                    names.add(f"{d}/{n}")
+            except FileNotFoundError:  # gone meanwhile
+                pass
     return names
 
 
-def kernel_pids(km) -> set[int]:
-    prov = km.provisioner
-    if prov is None:
-        return set()
-    if prov.backend == "process":
-        return set(prov._tree_pids())
-    from limited_provisioner.process.cgroups import CGROUP_ROOT
+@dataclass
+class Outcome:
+    """What the attack came to, as seen from the client and the provisioner."""
 
-    if prov.container_id:
-        procs = CGROUP_ROOT / "pids" / "docker" / prov.container_id / "cgroup.procs"
-        try:
-            return {int(p) for p in procs.read_text().split()}
-        except OSError:
-            return set()
-    return set()
+    status: str | None = None  # the execute reply's; None: no reply (died, or still running)
+    error: str = ""  # the cell's error, "ename: evalue"
+    stdout: str = ""
+    died: bool = False  # the kernel was killed or restarted while the attack ran
+    seconds: float = 0.0
+    stop_reason: str = ""  # why the provisioner says the kernel stopped (its exit reason)
+    trips: list[str] = field(default_factory=list)  # every limit trip it recorded
 
 
-def shown_reason(attack: Attack, words: str) -> str:
-    """The line the user sees that carries the reason (for the report)."""
-    for line in words.splitlines():
-        if re.search(attack.expect, line):
-            return line.strip()[:100]
-    return (words.strip().splitlines() or ["(nothing)"])[-1][:100]
-
-
-def words_of(out: dict, prov) -> str:
-    parts = [out.get("error") or "", out.get("stdout", "")[-4000:], out.get("stderr", "")[-4000:]]
-    if prov is not None:
-        parts += [prov.exit_reason or ""] + [t["reason"] for t in prov.limit_trips]
-    return "\n".join(parts)
-
-
-async def watch_execution(km, kc, code: str) -> tuple[dict, float, bool]:
-    """Run the attack; returns (output, seconds until stopped, kernel died)."""
-    out: dict = {"stdout": "", "stderr": "", "error": None, "status": None}
+async def watch_execution(km, kc, code: str) -> Outcome:
+    """Run the attack until it ends, the kernel dies or is restarted, or STOP_BOUND + 10 s."""
+    outcome = Outcome()
     t0 = time.monotonic()
     prov = km.provisioner
 
     async def execute():
         try:
-            result = await run(kc, code, timeout=STOP_BOUND + 10)
-            out.update(result)
+            out = await run(kc, code, timeout=STOP_BOUND + 10)
         except (TimeoutError, asyncio.TimeoutError):
-            out["status"] = "timeout"
+            return
+        outcome.status, outcome.error = out["status"], out["error"] or ""
+        outcome.stdout = out["stdout"]
+
+    def identity():
+        p = km.provisioner
+        return getattr(p, "pid", None), getattr(p, "container_id", None)
 
     task = asyncio.ensure_future(execute())
-    died = False
-    first_pid = getattr(prov, "pid", None)
-    while not task.done():
-        if time.monotonic() - t0 > STOP_BOUND + 10:
-            break
-        # A kernel killed (OOM, watchdog) or restarted (exec_timeout grace) counts as stopped.
-        if not await km.is_alive() or getattr(km.provisioner, "pid", None) != first_pid:
-            died = True
+    first = identity()
+    while not task.done() and time.monotonic() - t0 <= STOP_BOUND + 10:
+        if not await km.is_alive() or identity() != first:
+            outcome.died = True
             break
         await asyncio.sleep(0.1)
-    elapsed = time.monotonic() - t0
+    outcome.seconds = time.monotonic() - t0
     if not task.done():
         task.cancel()
-    return out, elapsed, died
+    # Recorded by the provisioner of the attacked process (a restart may make a new one).
+    now = km.provisioner
+    outcome.stop_reason = prov.exit_reason or (now.exit_reason if now else None) or ""
+    outcome.trips = [t["reason"] for t in prov.limit_trips]
+    return outcome
+
+
+def how_stopped(outcome: Outcome) -> tuple[str | None, str]:
+    """The mechanism that stopped the attack and its evidence; (None, why not) if none."""
+    if outcome.died:
+        return KILLED, outcome.stop_reason or "(no reason recorded: a crash, not a limit)"
+    if outcome.status == "error":
+        if outcome.error.startswith("TimeoutError") and "exec_timeout" in outcome.error:
+            return INTERRUPTED, outcome.error
+        return REFUSED, outcome.error
+    if outcome.status == "ok":
+        lines = outcome.stdout.splitlines()
+        notices = [line for line in lines if OUTPUT_NOTICE in line]
+        if notices:
+            return CAPPED, notices[0]
+        attempts = [line for line in lines if line.startswith(("refused: ", "ALLOWED: "))]
+        if attempts:
+            return EACH_REFUSED, "\n".join(attempts)
+        return None, "the code ran to completion: no limit stopped it"
+    if outcome.status is None:
+        return None, f"no reply and the kernel still alive after {outcome.seconds:.1f}s"
+    return None, f"the cell ended with status {outcome.status!r}"
+
+
+def shown_reason(evidence: str, expected: str | None) -> str:
+    """The line of the evidence that carries the reason (for the report)."""
+    lines = evidence.strip().splitlines() or ["(nothing)"]
+    matching = [line for line in lines if expected and re.search(expected, line)]
+    return (matching or lines)[0].strip()[:100]
 
 
 @pytest.mark.parametrize("backend", backends(), indirect=True)
 @pytest.mark.parametrize("attack", CATALOGUE, ids=[a.id for a in CATALOGUE])
-async def test_attack_is_contained(attack: Attack, backend, start_kernel, docker_cleanup):
+async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
+    attack: Attack, backend, start_kernel, docker_cleanup
+):
     if attack.needs:
         # numpy/pandas are in the test extras and in the kernel image; a missing one is
         # an environment problem to report, not a pass.
@@ -142,26 +160,28 @@ async def test_attack_is_contained(attack: Attack, backend, start_kernel, docker
     km, kc = await start_kernel(LIMITS, provisioner=backend)
     prov = km.provisioner
     kernel_dir = prov.kernel_dir
-    code = attack.code.replace(
-        "__OTHER_KERNEL_CONNECTION_FILE__", probe_km.connection_file
-    )
-    scratch_before = host_scratch()
+    code = (attack.code
+            .replace("__OTHER_KERNEL_CONNECTION_FILE__", probe_km.connection_file)
+            .replace("__OTHER_KERNEL_ID__", probe_km.kernel_id)
+            .replace("__REGISTRY_DIR__", str(Registry().entries_dir)))
+    scratch_before = kernel_scratch()
     disk_before = shutil.disk_usage("/var/lib").free
     rss_before = psutil.Process().memory_info().rss
-    peak = PeakMemory()
 
-    attack_task = asyncio.ensure_future(watch_execution(km, kc, code))
-    await asyncio.sleep(1.0)
-    pids_seen = kernel_pids(km)
-    t_probe = time.monotonic()
-    probe = await run(probe_kc, "print('probe ok')", timeout=30)
-    probe_latency = time.monotonic() - t_probe
-    out, elapsed, died = await attack_task
+    async with HostWatch(MEM_LIMIT) as host:
+        attack_task = asyncio.ensure_future(watch_execution(km, kc, code))
+        await asyncio.sleep(1.0)
+        pids_seen = kernel_pids(km)
+        t_probe = time.monotonic()
+        probe = await run(probe_kc, "print('probe ok')", timeout=30)
+        probe_latency = time.monotonic() - t_probe
+        outcome = await attack_task
     pids_seen |= kernel_pids(km)
-    peak_bytes = peak.stop()
-    words = words_of(out, km.provisioner or prov)
-    stopped = died or out["status"] in ("error", "ok")
-    reason_ok = re.search(attack.expect, words) is not None
+    server_rss_growth = psutil.Process().memory_info().rss - rss_before
+    mechanism, evidence = how_stopped(outcome)
+    expected = attack.stopped_by.get(mechanism) if mechanism else None
+    contained = (expected is not None and outcome.seconds <= STOP_BOUND
+                 and re.search(expected, evidence) is not None)
 
     report = os.environ.get("LP_ATTACK_REPORT")
     if report:
@@ -169,20 +189,38 @@ async def test_attack_is_contained(attack: Attack, backend, start_kernel, docker
             f.write(json.dumps({
                 "attack": attack.id, "title": attack.title,
                 "backend": "docker" if "docker" in backend else "process",
-                "stopped": bool(stopped and elapsed <= STOP_BOUND), "seconds": round(elapsed, 2),
-                "how": "kernel killed/restarted" if died else "error in kernel",
-                "reason": shown_reason(attack, words),
-                "probe_s": round(probe_latency, 3), "peak_host_mem_mb": round(peak_bytes / 2**20),
+                "stopped": contained, "seconds": round(outcome.seconds, 2),
+                "how": mechanism or "not stopped",
+                "reason": shown_reason(evidence, expected),
+                "probe_s": round(probe_latency, 3),
+                "host_mem_drop_mb": round(host.max_drop / 2**20),
+                "loop_stall_s": round(host.max_stall, 3),
             }) + "\n")
 
-    assert stopped and elapsed <= STOP_BOUND, (
-        f"not stopped in {STOP_BOUND}s ({elapsed:.1f}s, died={died}): {out} "
-        f"trips={(km.provisioner or prov).limit_trips}")
-    assert reason_ok, f"reason not shown: expected /{attack.expect}/ in:\n{words[-2000:]}"
-    assert "CONNECTED" not in out["stdout"] and "WROTE" not in out["stdout"], out["stdout"]
+    assert mechanism is not None and outcome.seconds <= STOP_BOUND, (
+        f"not stopped by any limit within {STOP_BOUND}s ({outcome.seconds:.1f}s): {evidence}; "
+        f"{outcome}")
+    assert mechanism in attack.stopped_by, (
+        f"stopped as {mechanism!r}, but the catalogue expects it "
+        f"{' or '.join(map(repr, attack.stopped_by))}: {evidence}")
+    assert re.search(expected, evidence), (
+        f"{mechanism}, but its evidence does not say /{expected}/:\n{evidence[-2000:]}")
+    if mechanism == EACH_REFUSED:
+        refused = [line for line in evidence.splitlines() if line.startswith("refused: ")]
+        assert len(refused) == attack.attempts and "ALLOWED: " not in evidence, (
+            f"{attack.attempts} attempts must each be refused:\n{evidence}")
+        assert all(re.search(expected, line) for line in refused), (
+            f"refused, but not each by /{expected}/:\n{evidence}")
+    if mechanism == CAPPED:
+        assert len(outcome.stdout) <= OUTPUT_LIMIT + 64 * 1024, (
+            f"output capped, but {len(outcome.stdout)} bytes reached the client")
+
+    assert host.harm() == [], "the attack hurt the host"
     assert probe["stdout"].strip() == "probe ok" and probe_latency < PROBE_BOUND, (
         f"second kernel answered in {probe_latency:.2f}s: {probe}")
-    assert psutil.Process().memory_info().rss - rss_before < 50 * 2**20
+    assert server_rss_growth < SERVER_RSS_GROWTH, (
+        f"this process (client and proxy of the kernel) grew by "
+        f"{server_rss_growth / 2**20:.0f} MiB: it holds what the kernel produced")
 
     if km.has_kernel:
         await km.shutdown_kernel(now=True)
@@ -191,7 +229,12 @@ async def test_attack_is_contained(attack: Attack, backend, start_kernel, docker
     assert not kernel_dir.exists(), "kernel dir left behind"
     if "docker" in backend:
         assert docker_cleanup(km.kernel_id) == []
-    assert host_scratch() - scratch_before == set(), "files left in host /tmp or /dev/shm"
+    assert kernel_scratch() - scratch_before == set(), (
+        "files a kernel left in host /tmp or /dev/shm")
+    for _ in range(20):  # space of files deleted while still open comes back at their close
+        if shutil.disk_usage("/var/lib").free > disk_before - 20 * 2**20:
+            break
+        await asyncio.sleep(0.25)
     assert shutil.disk_usage("/var/lib").free > disk_before - 20 * 2**20, "disk not given back"
 
 

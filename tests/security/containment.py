@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from ..conftest import TEST_OWNER, run
+from ..harness import kernel_pids
 
 # Our own owner label: other test sessions on this host remove every container of
 # TEST_OWNER when they finish, and our session must not remove theirs (see conftest.py).
@@ -85,26 +86,6 @@ async def probe_latency(kc) -> float:
 
 
 # -- the kernel's processes, seen from the host -------------------------------------------
-
-
-def kernel_pids(km) -> set[int]:
-    """Host pids of every process of the kernel's tree (container or cgroup)."""
-    prov = km.provisioner
-    if prov is None:
-        return set()
-    if prov.backend == "process":
-        return set(prov._tree_pids())
-    if not prov.container_id:
-        return set()
-    import docker
-    import docker.errors
-
-    try:
-        top = docker.from_env().api.top(prov.container_id)
-    except docker.errors.APIError:
-        return set()
-    column = top["Titles"].index("PID")
-    return {int(row[column]) for row in top.get("Processes") or []}
 
 
 def cmdline(pid: int) -> list[str]:

@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from ..conftest import backends, run
+from ..harness import kernel_pids
 from .containment import (
     DENIED,
     KERNEL_SOCKETS,
@@ -34,7 +35,6 @@ from .containment import (
     environ_of,
     is_docker,
     kernel_main_pid,
-    kernel_pids,
     limits,
     probe_latency,
     run_json,

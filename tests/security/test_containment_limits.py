@@ -28,6 +28,7 @@ from limited_provisioner.errors import LimitConfigError
 from limited_provisioner.uids import lease_dir
 
 from ..conftest import backends
+from ..harness import kernel_pids
 from .containment import (
     DENIED,
     PROBE_BOUND,
@@ -37,7 +38,6 @@ from .containment import (
     environ_of,
     is_docker,
     kernel_main_pid,
-    kernel_pids,
     limits,
     namespace,
     parse_sysvipc_shm,

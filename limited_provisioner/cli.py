@@ -36,6 +36,33 @@ LIMIT_FLAGS = [
 ]
 
 
+# Subcommand -> (one-line help, description), in the order `--help` lists them.
+COMMANDS = {
+    "install": (
+        "install a kernelspec whose kernels run under limits",
+        "Install a kernelspec that uses a limited provisioner. Limits not given stay at the "
+        "provisioner's configured defaults.",
+    ),
+    "build-image": (
+        "build the default kernel image for the docker backend",
+        "Build the kernel image (slim Python + ipykernel + non-root user) from the "
+        "Dockerfile shipped in this package. Needs a Docker daemon that can pull "
+        "python:3.11-slim.",
+    ),
+    "reap": (
+        "remove kernels left behind by servers that are gone",
+        "Remove limited kernels whose server is gone and that died or whose idle clock (or "
+        "max_lifetime) ran out: their processes or containers, cgroups, host dirs and "
+        "registry entries. Only touches kernels in our registry.",
+    ),
+    "list": (
+        "list limited kernelspecs and running limited kernels",
+        "Show installed kernelspecs that use a limited provisioner and the limited kernels "
+        "running on this host.",
+    ),
+}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="limited-provisioner",
@@ -43,10 +70,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    install = sub.add_parser(
-        "install", help="install a kernelspec whose kernels run under limits",
-        description="Install a kernelspec that uses a limited provisioner. Limits not given "
-        "stay at the provisioner's configured defaults.",
+    install, build, reap, lst = (
+        sub.add_parser(name, help=text, description=description)
+        for name, (text, description) in COMMANDS.items()
     )
     install.add_argument("--name", default="limited-python", help="kernelspec name")
     install.add_argument(
@@ -71,30 +97,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--prefix", default=None, help="install under this prefix")
 
-    build = sub.add_parser(
-        "build-image", help="build the default kernel image for the docker backend",
-        description="Build the kernel image (slim Python + ipykernel + non-root user) from "
-        "the Dockerfile shipped in this package. Needs a Docker daemon that can pull "
-        "python:3.11-slim.",
-    )
     build.add_argument("--tag", default=None, help="image tag (default: the docker default image)")
 
-    reap = sub.add_parser(
-        "reap", help="remove kernels left behind by servers that are gone",
-        description="Remove limited kernels whose server is gone and that died or whose "
-        "idle clock (or max_lifetime) ran out: their processes or containers, cgroups, "
-        "host dirs and registry entries. Only touches kernels in our registry.",
-    )
     reap.add_argument("--dry-run", action="store_true", help="only list what would go")
     reap.add_argument("--all-servers", action="store_true", help="not only this server's kernels")
     reap.add_argument("--server-id", default=None, help="server whose kernels to consider")
     reap.add_argument("--state-dir", default=None, help="registry location (default: auto)")
 
-    lst = sub.add_parser(
-        "list", help="list limited kernelspecs and running limited kernels",
-        description="Show installed kernelspecs that use a limited provisioner and the "
-        "limited kernels running on this host.",
-    )
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.add_argument("--state-dir", default=None, help="registry location (default: auto)")
     return parser

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ._tasks import cancel_and_wait
+from ._tasks import BackgroundTask
 from .limits import Limits
 from .traffic import Traffic
 
@@ -115,7 +115,7 @@ class LifecycleTimer:
         self.interrupted: str | None = None
         self.interrupted_at: float | None = None
         self._saved = 0.0
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask()
 
     @property
     def needed(self) -> bool:
@@ -123,12 +123,11 @@ class LifecycleTimer:
         return bool(lim.idle_timeout or lim.exec_timeout or self.max_lifetime)
 
     def start(self) -> None:
-        if self.needed and self._task is None:
-            self._task = asyncio.ensure_future(self._run())
+        if self.needed:
+            self._task.start(self._run)
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self._task.stop()
 
     async def _run(self) -> None:
         while True:
@@ -160,7 +159,7 @@ class LifecycleTimer:
             await self._interrupt(verdict, traffic.executing or "")
         elif verdict.action in ("cull", "restart"):
             # Shutting down cancels this timer: act from a task of its own.
-            self._task = None
+            self._task.release()
             asyncio.ensure_future(self._stop(verdict))
             return True
         return False

@@ -185,9 +185,15 @@ def parse_network(name: str, value: Any) -> bool:
 
 
 class _LimitTrait(TraitType):
-    """Base for limit traits: the value is stored already parsed."""
+    """Base for limit traits: the value is stored already parsed; ``minimum`` is the
+    smallest value that can be enforced (sizes, counts)."""
 
     allow_none = True
+    default_minimum = 0
+
+    def __init__(self, default_value: Any = None, minimum: int | None = None, **kwargs: Any):
+        self.minimum = self.default_minimum if minimum is None else minimum
+        super().__init__(default_value=default_value, **kwargs)
 
     def parse(self, name: str, value: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -207,10 +213,6 @@ class ByteSize(_LimitTrait):
 
     info_text = SIZE_FORM
 
-    def __init__(self, default_value: Any = None, minimum: int = 0, **kwargs: Any):
-        self.minimum = minimum
-        super().__init__(default_value=default_value, **kwargs)
-
     def parse(self, name: str, value: Any) -> int | None:
         return parse_size(name, value, self.minimum)
 
@@ -228,10 +230,7 @@ class Count(_LimitTrait):
     """A positive integer. ``None`` = unlimited."""
 
     info_text = COUNT_FORM
-
-    def __init__(self, default_value: Any = None, minimum: int = 1, **kwargs: Any):
-        self.minimum = minimum
-        super().__init__(default_value=default_value, **kwargs)
+    default_minimum = 1
 
     def parse(self, name: str, value: Any) -> int | None:
         return parse_count(name, value, self.minimum)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from ._tasks import cancel_and_wait
+from ._tasks import BackgroundTask
 from .enforcement import WATCHDOG, EnforcementPlan
 from .limits import Limits, format_size
 
@@ -201,7 +201,7 @@ class Watchdog:
         self.tripped: str | None = None
         # Walks of the kernel's dirs so far (evidence for tests and debugging).
         self.disk_checks = 0
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask()
 
     @classmethod
     def for_kernel(
@@ -244,12 +244,11 @@ class Watchdog:
         )
 
     def start(self) -> None:
-        if self.watches_anything and self._task is None:
-            self._task = asyncio.ensure_future(self._run())
+        if self.watches_anything:
+            self._task.start(self._run)
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self._task.stop()
 
     def check_memory(self) -> tuple[str, str] | None:
         if self.mem_limit is None:
@@ -314,7 +313,7 @@ class Watchdog:
             if found is not None:
                 kind, reason = found
                 self.tripped = reason
-                self._task = None
+                self._task.release()
                 await self.on_trip(kind, reason)
                 return
             await asyncio.sleep(self.interval)

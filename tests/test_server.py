@@ -184,6 +184,51 @@ async def test_a_kernel_whose_restarts_fail_leaves_nothing_behind(tmp_path, jupy
         shutil.rmtree(state, ignore_errors=True)
 
 
+async def test_deleting_a_kernel_while_it_auto_restarts_stops_it(tmp_path, jupyter_path):
+    """A DELETE that lands while jupyter_server auto-restarts a kernel (a limit just killed
+    it) answers 204 and leaves nothing running, not a 500 and a kernel nobody manages."""
+    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
+    slow = Path(state) / "slow"  # once it exists, every (re)start takes 3 s
+    write_kernelspec(jupyter_path, "slow", {"pids_limit": 64}, "limited-process-provisioner")
+    spec_file = jupyter_path / "kernels" / "slow" / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    spec["argv"] = ["/bin/sh", "-c", f'test -e {slow} && sleep 3; exec "$@"', "sh",
+                    *spec["argv"]]
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
+           "LIMITED_PROVISIONER_STATE_DIR": state}
+    try:
+        async with running_server(tmp_path, env) as (base, client, started):
+            kid = await post_kernel(base, client, "slow", started)
+            assert (await ws_execute_text(base, kid, "print(6 * 7)")).strip() == "42"
+            slow.touch()
+            for pid in kernel_processes([kid]):
+                os.kill(pid, signal.SIGKILL)
+            url = f"{base}/api/kernels/{kid}?token={TOKEN}"
+            for _ in range(200):  # the restart has begun once the server says "starting"
+                model = json.loads((await client.fetch(url)).body)
+                if model["execution_state"] == "starting":
+                    break
+                await asyncio.sleep(0.05)
+            assert model["execution_state"] == "starting", model
+
+            resp = await client.fetch(url, method="DELETE", raise_error=False)
+
+            assert resp.code == 204, (resp.code, resp.body)
+            started.remove(kid)
+            registry = Registry(state)
+            for _ in range(100):
+                if registry.read(kid) is None and not kernel_processes([kid]):
+                    break
+                await asyncio.sleep(0.1)
+            assert kernel_processes([kid]) == set()
+            assert registry.read(kid) is None, registry.read(kid)
+    finally:
+        for entry in Registry(state).entries():
+            kill_kernel_leftovers(entry["kernel_id"], set())
+        shutil.rmtree(state, ignore_errors=True)
+
+
 async def _read_until(ws, done, timeout: float) -> list[dict]:
     """Messages from ``ws`` until ``done(msg)``; TimeoutError names what did come."""
     seen: list[dict] = []

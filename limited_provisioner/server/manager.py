@@ -128,6 +128,21 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             self._background_tasks.add(task)
             task.add_done_callback(self._background_tasks.discard)
 
+    async def shutdown_kernel(self, kernel_id: str, now: bool = False, restart: bool = False) -> Any:
+        """Shut a kernel down once no (re)start of it is in flight.
+
+        A DELETE that lands while the auto-restarter replaces a kernel a limit just killed
+        would otherwise race the restart inside jupyter_client (both settle the manager's
+        ``ready`` future: InvalidStateError, HTTP 500) and leave the new process running,
+        managed by nobody.
+        """
+        km = internals.managed_kernels(self).get(kernel_id)
+        if km is not None:
+            deadline = time.monotonic() + self.kernel_info_timeout
+            while not km.ready.done() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        return await super().shutdown_kernel(kernel_id, now=now, restart=restart)
+
     async def adopt_kernels(self) -> list[str]:
         """Adopt this server's running kernels concurrently; returns their ids.
 

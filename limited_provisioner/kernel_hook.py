@@ -102,7 +102,10 @@ def install(shell, environ):
             if str(evalue):
                 text += f": {evalue}"
             text += "; free memory (del large objects) or ask for a larger mem_limit"
-            error = etype(text)
+            try:
+                error = etype(text)
+            except Exception:  # numpy's _ArrayMemoryError(shape, dtype) and the like
+                etype, error = MemoryError, MemoryError(text)
             replaced.append(error)
             self.showtraceback((etype, error, tb), tb_offset=tb_offset)
         else:

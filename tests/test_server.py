@@ -146,87 +146,85 @@ async def test_an_ignored_exec_timeout_restart_is_explained_in_the_cell(tmp_path
         assert (await wait_until_answers(base, kid)).strip() == "42"
 
 
-async def test_a_kernel_whose_restarts_fail_leaves_nothing_behind(tmp_path, jupyter_path):
-    """jupyter_server gives up after restart_limit failed restarts and forgets the kernel;
-    its registry entry, dir and cgroups must go too (the reaper spares live servers)."""
-    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
-    broken = Path(state) / "broken"  # not under /tmp: the kernel has a private /tmp
-    write_kernelspec(jupyter_path, "fragile", {"pids_limit": 64}, "limited-process-provisioner")
-    spec_file = jupyter_path / "kernels" / "fragile" / "kernel.json"
+def write_wrapped_kernelspec(jupyter_path: Path, name: str, shell: str) -> None:
+    """A process kernelspec whose kernel command first runs ``shell`` (sh), then the
+    kernel: a start that fails or is slow on demand."""
+    write_kernelspec(jupyter_path, name, {"pids_limit": 64}, "limited-process-provisioner")
+    spec_file = jupyter_path / "kernels" / name / "kernel.json"
     spec = json.loads(spec_file.read_text())
-    # Starts normally; once the flag file exists, every (re)start exits at once.
-    spec["argv"] = ["/bin/sh", "-c", f'test -e {broken} && exit 3; exec "$@"', "sh",
-                    *spec["argv"]]
+    spec["argv"] = ["/bin/sh", "-c", f'{shell}; exec "$@"', "sh", *spec["argv"]]
     spec_file.write_text(json.dumps(spec))
+
+
+@contextlib.asynccontextmanager
+async def answering_kernel_then(tmp_path, jupyter_path, then: str):
+    """A server (own state dir) and one kernel that answers; once the yielded flag file
+    exists, each (re)start of that kernel first runs ``then`` (sh). Yields (base, client,
+    started, kernel_id, flag, registry); everything is removed afterwards."""
+    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
+    flag = Path(state) / "flag"  # not under /tmp: the kernel has a private /tmp
+    write_wrapped_kernelspec(jupyter_path, "wrapped", f"test -e {flag} && {then}")
     env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
            "LIMITED_PROVISIONER_STATE_DIR": state}
     try:
         async with running_server(tmp_path, env) as (base, client, started):
-            kid = await post_kernel(base, client, "fragile", started)
+            kid = await post_kernel(base, client, "wrapped", started)
             assert (await ws_execute_text(base, kid, "print(6 * 7)")).strip() == "42"
-            pids = kernel_processes([kid])
-            broken.touch()
-            for pid in pids:  # the kernel and its launcher, as the host sees them
-                os.kill(pid, signal.SIGKILL)
-            registry = Registry(state)
-            for _ in range(240):
-                if registry.read(kid) is None:
-                    break
-                await asyncio.sleep(0.25)
-            assert registry.read(kid) is None, registry.read(kid)
-            assert not (registry.kernels_dir / kid).exists()
-            assert not Path(f"/sys/fs/cgroup/pids/limited-provisioner/{kid}").exists()
-            listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
-            assert kid not in [k["id"] for k in listed]
+            yield base, client, started, kid, flag, Registry(state)
     finally:
         for entry in Registry(state).entries():
             kill_kernel_leftovers(entry["kernel_id"], set())
         shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_a_kernel_whose_restarts_fail_leaves_nothing_behind(tmp_path, jupyter_path):
+    """jupyter_server gives up after restart_limit failed restarts and forgets the kernel;
+    its registry entry, dir and cgroups must go too (the reaper spares live servers)."""
+    async with answering_kernel_then(tmp_path, jupyter_path, "exit 3") as (
+        base, client, started, kid, broken, registry
+    ):
+        pids = kernel_processes([kid])
+        broken.touch()
+        for pid in pids:  # the kernel and its launcher, as the host sees them
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(240):
+            if registry.read(kid) is None:
+                break
+            await asyncio.sleep(0.25)
+        assert registry.read(kid) is None, registry.read(kid)
+        assert not (registry.kernels_dir / kid).exists()
+        assert not Path(f"/sys/fs/cgroup/pids/limited-provisioner/{kid}").exists()
+        listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
+        assert kid not in [k["id"] for k in listed]
 
 
 async def test_deleting_a_kernel_while_it_auto_restarts_stops_it(tmp_path, jupyter_path):
     """A DELETE that lands while jupyter_server auto-restarts a kernel (a limit just killed
     it) answers 204 and leaves nothing running, not a 500 and a kernel nobody manages."""
-    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
-    slow = Path(state) / "slow"  # once it exists, every (re)start takes 3 s
-    write_kernelspec(jupyter_path, "slow", {"pids_limit": 64}, "limited-process-provisioner")
-    spec_file = jupyter_path / "kernels" / "slow" / "kernel.json"
-    spec = json.loads(spec_file.read_text())
-    spec["argv"] = ["/bin/sh", "-c", f'test -e {slow} && sleep 3; exec "$@"', "sh",
-                    *spec["argv"]]
-    spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
-           "LIMITED_PROVISIONER_STATE_DIR": state}
-    try:
-        async with running_server(tmp_path, env) as (base, client, started):
-            kid = await post_kernel(base, client, "slow", started)
-            assert (await ws_execute_text(base, kid, "print(6 * 7)")).strip() == "42"
-            slow.touch()
-            for pid in kernel_processes([kid]):
-                os.kill(pid, signal.SIGKILL)
-            url = f"{base}/api/kernels/{kid}?token={TOKEN}"
-            for _ in range(200):  # the restart has begun once the server says "starting"
-                model = json.loads((await client.fetch(url)).body)
-                if model["execution_state"] == "starting":
-                    break
-                await asyncio.sleep(0.05)
-            assert model["execution_state"] == "starting", model
+    async with answering_kernel_then(tmp_path, jupyter_path, "sleep 3") as (
+        base, client, started, kid, slow, registry
+    ):
+        slow.touch()
+        for pid in kernel_processes([kid]):
+            os.kill(pid, signal.SIGKILL)
+        url = f"{base}/api/kernels/{kid}?token={TOKEN}"
+        for _ in range(200):  # the restart has begun once the server says "starting"
+            model = json.loads((await client.fetch(url)).body)
+            if model["execution_state"] == "starting":
+                break
+            await asyncio.sleep(0.05)
+        assert model["execution_state"] == "starting", model
 
-            resp = await client.fetch(url, method="DELETE", raise_error=False)
+        resp = await client.fetch(url, method="DELETE", raise_error=False)
 
-            assert resp.code == 204, (resp.code, resp.body)
-            started.remove(kid)
-            registry = Registry(state)
-            for _ in range(100):
-                if registry.read(kid) is None and not kernel_processes([kid]):
-                    break
-                await asyncio.sleep(0.1)
-            assert kernel_processes([kid]) == set()
-            assert registry.read(kid) is None, registry.read(kid)
-    finally:
-        for entry in Registry(state).entries():
-            kill_kernel_leftovers(entry["kernel_id"], set())
-        shutil.rmtree(state, ignore_errors=True)
+        assert resp.code == 204, (resp.code, resp.body)
+        started.remove(kid)
+        for _ in range(100):
+            if registry.read(kid) is None and not kernel_processes([kid]):
+                break
+            await asyncio.sleep(0.1)
+        assert kernel_processes([kid]) == set()
+        assert registry.read(kid) is None, registry.read(kid)
 
 
 async def _read_until(ws, done, timeout: float) -> list[dict]:

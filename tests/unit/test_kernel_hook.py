@@ -161,6 +161,27 @@ def test_memory_error_names_the_memory_limit(hook):
     assert f"MemoryError: {text}" in out
 
 
+def test_a_memory_error_that_takes_other_arguments_is_explained_too(hook):
+    """numpy raises _ArrayMemoryError(shape, dtype): rebuilding it from a text fails, and
+    a failing handler would be unregistered by IPython for the rest of the kernel's life
+    (IPython 8.12 then even hides the original error behind a TypeError)."""
+    hooked = hook()
+    code = (
+        "class ArrayMemoryError(MemoryError):\n"
+        "    def __init__(self, shape, dtype):\n"
+        "        super().__init__(f'Unable to allocate for {shape} {dtype}')\n"
+        "raise ArrayMemoryError((10**5, 10**5), 'float64')"
+    )
+    result, out = run(hooked, code)
+    assert type(result.error_in_exec) is MemoryError
+    assert str(result.error_in_exec).startswith(
+        "memory limit 512M reached (limited-provisioner): Unable to allocate for (100000, "
+    )
+    assert "Custom TB Handler failed" not in out + sys.stderr.getvalue()
+    result, _ = run(hooked, "raise MemoryError('again')")  # still registered
+    assert str(result.error_in_exec).startswith("memory limit 512M reached")
+
+
 def test_print_past_the_output_limit_is_cut_once_and_the_budget_resets(hook):
     hooked = hook(output_limit=100)
     _, out = run(hooked, "print('x' * 300)\nprint('y' * 300)")

@@ -330,7 +330,7 @@ def cmd_reap(args: argparse.Namespace) -> int:
     from .host import LimitedHost
     from .reaper import reap
 
-    server_id = args.server_id or LimitedHost.instance().server_id
+    server_id = args.server_id or LimitedHost.instance().resolved_server_id
     done = reap(
         Registry(args.state_dir),
         server_id=server_id,

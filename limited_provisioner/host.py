@@ -16,7 +16,7 @@ import os
 import socket
 from typing import Any
 
-from traitlets import Float, Unicode, default
+from traitlets import Float, Unicode
 from traitlets.config import Config, SingletonConfigurable
 from traitlets.config.loader import DeferredConfig
 
@@ -45,25 +45,29 @@ class LimitedHost(SingletonConfigurable):
     """Host-wide settings and the in-process orphan reaper."""
 
     state_dir = Unicode(
+        "",
         help=f"""Directory holding the kernel registry, locks and per-kernel dirs, shared
-        by every server of the host (caps count across them). Default:
-        /var/lib/limited-provisioner as root, else a dir in the Jupyter runtime dir;
-        ${STATE_DIR_ENV} overrides the default.""",
+        by every server of the host (caps count across them). Default (empty):
+        ${STATE_DIR_ENV}, else /var/lib/limited-provisioner as root, else a dir in the
+        Jupyter runtime dir.""",
     ).tag(config=True)
-
-    @default("state_dir")
-    def _default_state_dir(self) -> str:
-        return str(default_state_dir())
 
     server_id = Unicode(
+        "",
         help=f"""Identity of this Jupyter server in the registry and on containers; stable
         across restarts of the same server, so a restarted server re-adopts its kernels.
-        Default: ${SERVER_ID_ENV}, else derived from hostname and runtime dir.""",
+        Default (empty): ${SERVER_ID_ENV}, else derived from hostname and runtime dir.""",
     ).tag(config=True)
 
-    @default("server_id")
-    def _default_server_id(self) -> str:
-        return os.environ.get(SERVER_ID_ENV) or default_server_id()
+    # The defaults are resolved at each use, not once per process: a script or bench that
+    # points $LIMITED_PROVISIONER_STATE_DIR elsewhere between kernels gets what it asked.
+    @property
+    def resolved_state_dir(self) -> str:
+        return self.state_dir or str(default_state_dir())
+
+    @property
+    def resolved_server_id(self) -> str:
+        return self.server_id or os.environ.get(SERVER_ID_ENV) or default_server_id()
 
     reap_interval = Float(
         60.0,
@@ -89,7 +93,7 @@ class LimitedHost(SingletonConfigurable):
 
     @property
     def registry(self) -> Registry:
-        return Registry(self.state_dir)
+        return Registry(self.resolved_state_dir)
 
     def start_reaper(
         self, state_dir: str | None = None, interval: float | None = None, lasting: bool = False
@@ -103,7 +107,7 @@ class LimitedHost(SingletonConfigurable):
             self._lasting.add(loop)
         task = self._reapers.get(loop)
         if task is None or task.done():
-            registry = Registry(state_dir or self.state_dir)
+            registry = Registry(state_dir or self.resolved_state_dir)
             self._reapers[loop] = asyncio.ensure_future(
                 reap_periodically(registry, interval, self.log)
             )

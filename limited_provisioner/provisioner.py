@@ -46,11 +46,11 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     @default("state_dir")
     def _default_state_dir(self) -> str:
-        return self.host.state_dir
+        return self.host.resolved_state_dir
 
     @default("server_id")
     def _default_server_id(self) -> str:
-        return self.host.server_id
+        return self.host.resolved_server_id
 
     uid: int | None = None
     gid: int | None = None

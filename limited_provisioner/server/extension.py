@@ -64,7 +64,7 @@ def _persist_sessions(serverapp: Any) -> None:
 
     from ..host import LimitedHost
 
-    server_id = LimitedHost.instance(config=serverapp.config).server_id
+    server_id = LimitedHost.instance(config=serverapp.config).resolved_server_id
     runtime = jupyter_runtime_dir()
     os.makedirs(runtime, exist_ok=True)
     path = os.path.join(runtime, f"limited-provisioner-sessions-{server_id}.db")

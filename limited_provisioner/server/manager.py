@@ -128,7 +128,9 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             self._background_tasks.add(task)
             task.add_done_callback(self._background_tasks.discard)
 
-    async def shutdown_kernel(self, kernel_id: str, now: bool = False, restart: bool = False) -> Any:
+    async def shutdown_kernel(
+        self, kernel_id: str, now: bool = False, restart: bool = False
+    ) -> Any:
         """Shut a kernel down once no (re)start of it is in flight.
 
         A DELETE that lands while the auto-restarter replaces a kernel a limit just killed
@@ -160,7 +162,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         host.start_reaper(lasting=True)
         entries = [
             e for e in await asyncio.to_thread(registry.entries)
-            if self.adopt_all or e.get("server_id") == host.server_id
+            if self.adopt_all or e.get("server_id") == host.resolved_server_id
         ]
 
         async def one(entry: dict[str, Any]) -> str | None:
@@ -192,8 +194,8 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             return self.kernel_manager_factory(parent=self, log=self.log, **kwargs)
 
         km = await adopt(
-            kernel_id, state_dir=self.host.state_dir, factory=factory, entry=entry,
-            server_id=self.host.server_id,
+            kernel_id, state_dir=self.host.resolved_state_dir, factory=factory, entry=entry,
+            server_id=self.host.resolved_server_id,
         )
         km.execution_state = "idle"
         km.reason = ""

@@ -88,7 +88,8 @@ def test_host_and_kernels_agree_on_the_state_dir(sections, state_dir, caplog):
     c = config(**sections)
     host = LimitedHost.instance(config=c)
     prov = LimitedProcessProvisioner(config=c, kernel_id="k", kernel_spec=None)
-    assert (host.state_dir, prov.state_dir, str(prov.registry.state_dir)) == (state_dir,) * 3
+    assert (host.resolved_state_dir, prov.state_dir, str(prov.registry.state_dir)) == (
+        state_dir,) * 3
     if "LimitedHost" not in sections:
         assert "belong in c.LimitedHost.state_dir" in caplog.text
 
@@ -103,7 +104,7 @@ def test_kernelspec_may_point_one_kernel_elsewhere():
 
 def test_server_id_defaults_to_the_environment(monkeypatch):
     monkeypatch.setenv("LIMITED_PROVISIONER_SERVER_ID", "from-env")
-    assert LimitedHost.instance().server_id == "from-env"
+    assert LimitedHost.instance().resolved_server_id == "from-env"
     assert LimitedProcessProvisioner(kernel_id="k", kernel_spec=None).server_id == "from-env"
 
 
@@ -113,3 +114,16 @@ def test_legacy_host_setting_from_the_command_line():
 
     c = KVArgParseConfigLoader(["--LimitedProvisionerMixin.reap_interval=1"]).load_config()
     assert LimitedHost.instance(config=c).reap_interval == 1.0
+
+
+def test_kernels_follow_the_environment_of_the_moment(monkeypatch):
+    """One host per process, but an unset state_dir/server_id is resolved at each kernel:
+    a script that points $LIMITED_PROVISIONER_STATE_DIR elsewhere between two kernels
+    (as bench/churn.py does per backend) must not send the second to the first's dir."""
+    host = LimitedHost.instance()
+    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", "/var/lib/first")
+    first = LimitedProcessProvisioner(kernel_id="a", kernel_spec=None)
+    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", "/var/lib/second")
+    second = LimitedProcessProvisioner(kernel_id="b", kernel_spec=None)
+    assert (first.state_dir, second.state_dir) == ("/var/lib/first", "/var/lib/second")
+    assert LimitedHost.instance() is host and host.resolved_state_dir == "/var/lib/second"

@@ -62,6 +62,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     watchdog: Watchdog | None = None
     exit_reason: str | None = None
     exit_kind: str | None = None
+    pid_create_time: float | None = None
     created: float = 0.0
     _launch_started = 0.0
     _restarting = False
@@ -210,9 +211,11 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     async def _record_running(self, **backend_fields: Any) -> None:
         """The started kernel's registry entry: what adoption and the reaper need."""
         pid = getattr(self, "pid", None)
+        # With the pid, its start time: a reused pid never passes for this kernel.
+        self.pid_create_time = await asyncio.to_thread(process_identity, pid) if pid else None
         await asyncio.to_thread(
             self.registry.update, self.kernel_id, state="running", pid=pid,
-            pid_create_time=process_identity(pid) if pid else None, uid=self.uid,
+            pid_create_time=self.pid_create_time, uid=self.uid,
             gid=self.gid, kernel_dir=str(self.kernel_dir), work_dir=self.work_dir,
             connection_file=getattr(self.parent, "connection_file", None),
             enforcement=self.plan.report(), mechanisms=self.plan.mechanisms(),
@@ -287,9 +290,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         if self.lifecycle is not None:
             await self.lifecycle.stop()
             self.lifecycle = None
-        watchdog = getattr(self, "watchdog", None)
-        if watchdog is not None:
-            await watchdog.stop()
+        if self.watchdog is not None:
+            await self.watchdog.stop()
             self.watchdog = None
 
     # -- backend hooks --------------------------------------------------------------------

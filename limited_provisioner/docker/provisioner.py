@@ -27,7 +27,7 @@ from ..limits import format_size
 from ..provisioner import LimitedProvisioner
 from ..registry import Registry
 from ..watchdog import KERNEL_ID_ENV
-from .client import LABEL_PREFIX, DockerSession, container_name
+from .client import GONE, LABEL_PREFIX, DockerSession, container_name
 from .container import ContainerSpec, create_kwargs, kernel_labels, parse_mount, tmp_size
 
 DEFAULT_IMAGE = "limited-provisioner-kernel:latest"
@@ -318,7 +318,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         try:
             await self.docker.acall("kill", self.container_id, signal=int(signum))
         except docker.errors.APIError as e:
-            if e.status_code in (404, 409):
+            if e.status_code in GONE:
                 return  # gone, or not running any more
             raise
 

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from ..registry import process_identity
+from ..registry import same_process
 
 
 class AdoptedProcess:
@@ -24,12 +24,8 @@ class AdoptedProcess:
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            created = process_identity(self.pid)
-            if created is None or (
-                self.create_time is not None and abs(created - self.create_time) >= 1
-            ):
-                self.returncode = -1
+        if self.returncode is None and not same_process(self.pid, self.create_time):
+            self.returncode = -1
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:

@@ -38,7 +38,7 @@ from ..errors import LimitConfigError
 from ..kernel_env import BLAS_THREADS
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
-from ..registry import Registry, is_alive, process_identity
+from ..registry import Registry, is_alive
 from ..watchdog import KERNEL_ID_ENV, dir_usage, tree_pids
 from . import launch as _launch
 from .adopted import AdoptedProcess
@@ -82,7 +82,6 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     cgroups: KernelCgroups | None = None
     kernel_log: KernelLog | None = None
     _cpu_task: asyncio.Task | None = None
-    pid_create_time: float | None = None
     _shutting_down = False
 
     # -- start ----------------------------------------------------------------------
@@ -168,7 +167,6 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             connection_info = await super().launch_kernel(wrapped, **kwargs)
         finally:
             self.kernel_log.start()
-        self.pid_create_time = process_identity(self.pid)
         self.exit_reason = self.exit_kind = None
         self._shutting_down = False
         await self._record_running(

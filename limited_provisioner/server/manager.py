@@ -160,9 +160,10 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         except Exception:  # adoption matters more than one failed sweep
             self.log.exception("Reaping orphans at start failed")
         host.start_reaper(lasting=True)
+        server_id = host.resolved_server_id
         entries = [
             e for e in await asyncio.to_thread(registry.entries)
-            if self.adopt_all or e.get("server_id") == host.resolved_server_id
+            if self.adopt_all or e.get("server_id") == server_id
         ]
 
         async def one(entry: dict[str, Any]) -> str | None:

@@ -39,6 +39,10 @@ user_session() {
     mkdir "$DELEGATED/app.slice/test.scope"
     echo $$ >"$DELEGATED/app.slice/test.scope/cgroup.procs"
     set +e
+    local d
+    for d in "$CG/user.slice" "${DELEGATED%/*}" "$DELEGATED" "$DELEGATED/app.slice" "$DELEGATED/app.slice/test.scope"; do
+        log "  ${d#"$CG"/} owner $(stat -c %U "$d"), subtree_control '$(cat "$d/cgroup.subtree_control")'"
+    done
     run_pytest user
 }
 

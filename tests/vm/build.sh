@@ -7,12 +7,13 @@
 #      the missing ones, no service started);
 #   2. base rootfs: debootstrap bookworm minbase + python3-venv, iproute2, util-linux and the
 #      guest's own kernel (linux-image-amd64, installed INTO the rootfs: its modules match, and
-#      the host's /boot and bootloader are never touched), a small initramfs (virtio + ext4),
-#      the user vmuser (uid 1000) and the PID 1 stub /sbin/lp-vm-init;
+#      the host's /boot and bootloader are never touched), a small initramfs (virtio + ext4)
+#      and the user vmuser (uid 1000);
 #   3. venv /opt/lp-vm/venv: `pip install -e '/io/src[test]'` of SOURCE_TREE (the same extras
 #      as the README's test command). Editable: at run time the project is whatever run.sh
 #      puts on the io disk mounted at /io, so changed sources never need a rebuild;
-#   4. rootfs.img: the rootfs packed with `mkfs.ext4 -d` (no loop device, no mount).
+#   4. rootfs.img: the PID 1 stub /sbin/lp-vm-init (mounts the io disk, execs its
+#      guest-init.sh), then the rootfs packed with `mkfs.ext4 -d` (no loop device, no mount).
 #
 # Each step is keyed by a hash of what goes into it (step 3: SOURCE_TREE/pyproject.toml) and
 # skipped when its key is unchanged: a second run takes about a second. Output in $LP_VM_DIR:

@@ -9,7 +9,8 @@
 #      guest's own kernel (linux-image-amd64, installed INTO the rootfs: its modules match, and
 #      the host's /boot and bootloader are never touched), a small initramfs (virtio + ext4)
 #      and the user vmuser (uid 1000);
-#   3. venv /opt/lp-vm/venv: `pip install -e '/io/src[test]'` of SOURCE_TREE (the same extras
+#   3. venv /opt/lp-vm/venv: wheels fetched by the HOST's pip (its index/proxy/CA apply), then
+#      `pip install -e '/io/src[test]'` of SOURCE_TREE offline in the chroot (the same extras
 #      as the README's test command). Editable: at run time the project is whatever run.sh
 #      puts on the io disk mounted at /io, so changed sources never need a rebuild;
 #   4. rootfs.img: the PID 1 stub /sbin/lp-vm-init (mounts the io disk, execs its

@@ -23,21 +23,52 @@ import psutil
 STATE_DIR_ENV = "LIMITED_PROVISIONER_STATE_DIR"
 
 
+# Longest state dir whose kernels' ipc sockets still fit in sun_path (107 bytes):
+# "<state_dir>/kernels/<36-char kernel id>/sock/k-<port>" adds 54 characters.
+MAX_STATE_DIR_LEN = 53
+
+
 def default_state_dir() -> Path:
     """Where registry, locks and per-kernel dirs live.
 
-    Root servers share one host-wide place (so caps hold across servers); a non-root
-    server keeps its own under the Jupyter runtime dir.  Kept short on purpose: ipc
-    socket paths inside it must stay under the 107-byte ``sun_path`` limit.
+    Root servers share one host-wide place (so caps hold across servers).  A non-root
+    server keeps its own: the login session's runtime dir (``$XDG_RUNTIME_DIR``, e.g.
+    ``/run/user/1000``) where there is one, else the Jupyter runtime dir -- unless that
+    is too long for the ipc sockets inside it (``~/.local/share/jupyter/runtime/...`` is
+    for any home dir), then ``~/.limited-provisioner``.
     """
     env = os.environ.get(STATE_DIR_ENV)
     if env:
         return Path(env)
     if os.geteuid() == 0:
         return Path("/var/lib/limited-provisioner")
+    candidates = _user_state_dirs()
+    for candidate in candidates:
+        if len(str(candidate)) <= MAX_STATE_DIR_LEN:
+            return candidate
+    # Nothing short enough: the start fails with an error naming the path and the fix.
+    return candidates[-1]
+
+
+def _user_state_dirs() -> list[Path]:
     from jupyter_core.paths import jupyter_runtime_dir
 
-    return Path(jupyter_runtime_dir()) / "limited-provisioner"
+    found = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and _private_dir(runtime):
+        found.append(Path(runtime) / "limited-provisioner")
+    found.append(Path(jupyter_runtime_dir()) / "limited-provisioner")
+    found.append(Path.home() / ".limited-provisioner")
+    return found
+
+
+def _private_dir(path: str) -> bool:
+    """A dir of ours that nobody else can write (what pam_systemd makes /run/user/<uid>)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022 and os.path.isabs(path)
 
 
 class Registry:

@@ -31,6 +31,20 @@ class SandboxUnavailableError(RuntimeError):
     """A requested isolation mechanism cannot be provided on this host."""
 
 
+class SandboxStartError(SandboxUnavailableError):
+    """The kernel could not be started inside its sandbox, so it was not started at all.
+
+    ``reason`` is what failed in the sandbox's own words (the launcher's message, e.g.
+    "exec '/opt/env/bin/python' failed: ...", or the container runtime's); everything
+    reserved for the kernel was released before this was raised. A
+    ``SandboxUnavailableError``: jupyter_server answers 503, as for a missing mechanism.
+    """
+
+    def __init__(self, message: str, *, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
 class AdoptionError(RuntimeError):
     """A running kernel could not be re-adopted.
 

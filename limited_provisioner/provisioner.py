@@ -196,7 +196,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     async def _open_kernel_door(self) -> None:
         """Check the kernel's sockets and connect the proxy (connection.open_door); a
-        kernel whose sockets fail the check is stopped. Called by the backends'
+        kernel whose sockets fail the check raises (the backend's ``launch_kernel`` then
+        stops it and releases it: ``_abandon_start``). Called by the backends'
         ``launch_kernel`` right after the process or container started."""
         assert self.connection is not None
         problems = await self.connection.open_door(self.poll, self.ipc_bind_wait)
@@ -204,9 +205,18 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             return  # connected; or it died: the restarter (or the start) reports that
         msg = door_refusal(self.kernel_id, problems, self.ipc_bind_wait)
         self.record_trip("sandbox", msg)
-        await self.kill()
+        raise SandboxUnavailableError(msg)  # the backend's launch_kernel stops the kernel
+
+    async def _abandon_start(self) -> None:
+        """Stop what a failed ``launch_kernel`` started, then release what pre_launch
+        reserved: all of it, or on a restart what the next process would not reuse (the
+        restarter tries again; jupyter_server releases the rest once it gives up).
+        Called by the backends' ``launch_kernel`` before the error propagates."""
+        try:
+            await self.kill()
+        except Exception:  # releasing the rest matters more
+            self.log.exception("Kernel %s: stopping a failed start", self.kernel_id)
         await self.cleanup(restart=self._restarting)
-        raise SandboxUnavailableError(msg)
 
     async def _record_running(self, **backend_fields: Any) -> None:
         """The started kernel's registry entry: what adoption and the reaper need."""

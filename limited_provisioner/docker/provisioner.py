@@ -21,7 +21,7 @@ from typing import Any
 from traitlets import Dict, List, Unicode, default, validate
 
 from ..enforcement import container_plan
-from ..errors import AdoptionError, LimitConfigError, SandboxUnavailableError
+from ..errors import AdoptionError, LimitConfigError, SandboxStartError, SandboxUnavailableError
 from ..kernel_env import CONTAINER_ENV_KEEP
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
@@ -192,7 +192,20 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         )
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
-        """Create and start the container; called by KernelManager after pre_launch."""
+        """Create and start the container; called by KernelManager after pre_launch.
+
+        A container that cannot start raises :class:`SandboxStartError` with the
+        runtime's message; on any failure what pre_launch reserved is released first.
+        """
+        try:
+            return await self._launch(cmd, kwargs)
+        except BaseException:
+            await self._abandon_start()
+            raise
+
+    async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> Any:
+        import docker.errors
+
         assert self.kdir is not None
         work = str(self.kdir.work)
         env = self._kernel_env(kwargs.get("env"))
@@ -200,8 +213,15 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         create = create_kwargs(self._container_spec(cmd, env))
         try:
             self.container_id = await self.docker.run(self.docker.start_container, create)
+        except docker.errors.APIError as e:
+            # Created but not started (a command missing in the image, a mount refused):
+            # nothing half-started stays behind.
+            await self.docker.run(self.docker.remove_container, create["name"])
+            reason = str(e.explanation or e)
+            self.record_trip("sandbox", f"container failed to start: {reason}")
+            msg = f"Kernel {self.kernel_id} could not be started in its container: {reason}"
+            raise SandboxStartError(msg, reason=reason) from e
         except Exception:
-            # Nothing half-started: a container that was created but failed to start.
             await self.docker.run(self.docker.remove_container, create["name"])
             raise
         self.exit_code = None

@@ -34,7 +34,7 @@ from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float, Int
 
 from ..enforcement import CGROUP, process_plan
-from ..errors import LimitConfigError
+from ..errors import LimitConfigError, SandboxStartError
 from ..kernel_env import BLAS_THREADS
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
@@ -43,10 +43,13 @@ from ..watchdog import KERNEL_ID_ENV, dir_usage, tree_pids
 from . import launch as _launch
 from .adopted import AdoptedProcess
 from .cgroups import KernelCgroups
+from .interpreter import interpreter_paths
 from .kernel_log import KernelLog
+from .launch_status import LaunchStatus
 from .sandbox import (
     PRIVATE_SCRATCH,
     can_unshare_net,
+    exposures,
     host_scratch_dirs,
     launch_spec,
     scratch_parent,
@@ -120,7 +123,18 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         """Start the kernel through ``launch.py`` (which applies the sandbox, then execs),
-        then check and connect its sockets (``_open_kernel_door``)."""
+        then check and connect its sockets (``_open_kernel_door``).
+
+        A start that fails (the sandbox cannot be set up, the kernel's sockets fail their
+        check) raises; what pre_launch reserved is released first (``_abandon_start``).
+        """
+        try:
+            return await self._launch(cmd, kwargs)
+        except BaseException:
+            await self._abandon_start()
+            raise
+
+    async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> Any:
         assert self.kdir is not None
         work = str(self.kdir.work)
         if self.private_work_dir:
@@ -134,25 +148,63 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             for name in BLAS_THREADS:
                 env.setdefault(name, str(max(1, int(self.limits.cpu_limit))))
         kwargs["env"] = env
-        argv0 = self.kernel_spec.argv[0] if self.kernel_spec and self.kernel_spec.argv else ""
-        spec = launch_spec(
-            self.limits, self.plan, cwd=kwargs.get("cwd") or work,
-            cgroup_procs=self.cgroups.procs_files if self.cgroups else [],
-            netns=self._netns, nice=self.kernel_nice, uid=self.uid, gid=self.gid,
-            isolated=self._isolate, writable=[work, str(self.kdir.conn), str(self.kdir.sock)],
-            stage_dir=str(self.kdir.path), argv0=argv0,
+        # cmd[0], not the kernelspec's argv[0]: jupyter_client has replaced a bare
+        # "python" by the server's own interpreter.
+        expose = await asyncio.to_thread(self._interpreter_exposures, cmd[0], env) \
+            if self._isolate and cmd else {}
+        status = LaunchStatus()
+        try:
+            spec = launch_spec(
+                self.limits, self.plan, cwd=kwargs.get("cwd") or work,
+                cgroup_procs=self.cgroups.procs_files if self.cgroups else [],
+                netns=self._netns, nice=self.kernel_nice, uid=self.uid, gid=self.gid,
+                isolated=self._isolate, writable=[work, str(self.kdir.conn), str(self.kdir.sock)],
+                expose=expose, status_fd=status.write_fd,
+            )
+            # Run the launcher by path, isolated and without site: it needs only the
+            # stdlib, and importing our package (and jupyter_client) would cost ~0.2 s.
+            wrapped = [sys.executable, "-I", "-S", _launch.__file__, json.dumps(spec), "--", *cmd]
+            kwargs["pass_fds"] = (status.write_fd,)
+            connection_info = await self._start_launcher(wrapped, kwargs)
+            status.launched()
+            failure = await status.failure()
+        finally:
+            status.close()
+        if failure is not None:
+            self.record_trip("sandbox", f"sandbox setup failed: {failure}")
+            msg = (
+                f"Kernel {self.kernel_id} could not be started in its sandbox: {failure}"
+            )
+            raise SandboxStartError(msg, reason=failure)
+        await self._record_running(
+            cgroups=sorted(self.cgroups.paths) if self.cgroups else [],
+            launch_cwd=str(kwargs.get("cwd") or ""), disk_baseline=list(self._baseline),
         )
-        # Run the launcher by path, isolated and without site: it needs only the
-        # stdlib, and importing our package (and jupyter_client) would cost ~0.2 s.
-        wrapped = [sys.executable, "-I", "-S", _launch.__file__, json.dumps(spec), "--", *cmd]
+        if self.plan.uses("cpu_limit", CGROUP) and self.cpu_startup_grace > 0:
+            self._cpu_task = asyncio.ensure_future(self._apply_cpu_quota_later())
+        await self._open_kernel_door()
+        # Only now: a kernel that bound its sockets has joined its cgroups, so a trip
+        # (dirs left over the limit by the previous process) kills the whole tree.
+        self._start_process_watchdog(self._baseline)
+        self.log.info(
+            "Kernel %s started as pid %s with %s [%s]", self.kernel_id, self.pid,
+            self.limits.describe(), self.describe_enforcement(),
+        )
+        return connection_info
+
+    _baseline: tuple[int, int] = (0, 0)
+
+    async def _start_launcher(self, wrapped: list[str], kwargs: dict[str, Any]) -> Any:
+        """Popen the launcher (LocalProvisioner.launch_kernel), its output to kernel.log."""
+        assert self.kdir is not None
         if self.private_work_dir:
-            baseline = await self._carried_over_usage()
+            self._baseline = await self._carried_over_usage()
         elif self.limits.disk_limit or self.limits.files_limit:
             # Only growth past what the notebook's dir already holds is counted.
             usage = await asyncio.to_thread(dir_usage, self.work_dir, 200_000)
-            baseline = (usage.bytes, usage.files)
+            self._baseline = (usage.bytes, usage.files)
         else:
-            baseline = (0, 0)
+            self._baseline = (0, 0)
         # Independent: no JPY_PARENT_PID, so the kernel outlives a crashed server and can
         # be re-adopted (recovery.py) instead of dying with it.
         kwargs["independent"] = True
@@ -169,21 +221,27 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             self.kernel_log.start()
         self.exit_reason = self.exit_kind = None
         self._shutting_down = False
-        await self._record_running(
-            cgroups=sorted(self.cgroups.paths) if self.cgroups else [],
-            launch_cwd=str(kwargs.get("cwd") or ""), disk_baseline=list(baseline),
-        )
-        if self.plan.uses("cpu_limit", CGROUP) and self.cpu_startup_grace > 0:
-            self._cpu_task = asyncio.ensure_future(self._apply_cpu_quota_later())
-        await self._open_kernel_door()
-        # Only now: a kernel that bound its sockets has joined its cgroups, so a trip
-        # (dirs left over the limit by the previous process) kills the whole tree.
-        self._start_process_watchdog(baseline)
-        self.log.info(
-            "Kernel %s started as pid %s with %s [%s]", self.kernel_id, self.pid,
-            self.limits.describe(), self.describe_enforcement(),
-        )
         return connection_info
+
+    def _interpreter_exposures(self, argv0: str, env: dict[str, str]) -> dict[str, str]:
+        """The interpreter's paths the isolated kernel could not see by itself
+        (sandbox.exposures); what is left out is logged."""
+        expose, notes = exposures(interpreter_paths(argv0, env))
+        for note in notes:
+            self.log.warning("Kernel %s: %s", self.kernel_id, note)
+        return expose
+
+    async def _abandon_start(self) -> None:
+        """The base's, and the launcher reaped: a failed start leaves no process behind
+        (``has_process`` false, so jupyter_client's manager holds no kernel)."""
+        self._shutting_down = True
+        await super()._abandon_start()
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(self.wait(), 10)
+            except asyncio.TimeoutError:
+                self.log.warning("Kernel %s: launcher pid %s still running after a failed "
+                                 "start", self.kernel_id, self.pid)
 
     def _start_process_watchdog(self, baseline: tuple[int, int]) -> None:
         paths = self.cgroups.paths if self.cgroups is not None else {}

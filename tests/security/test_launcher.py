@@ -25,13 +25,14 @@ from pathlib import Path
 import pytest
 
 from limited_provisioner.process import launch as _launch
-from limited_provisioner.process.sandbox import exposures_for
+from limited_provisioner.process.interpreter import Needed
+from limited_provisioner.process.sandbox import exposures
 
 UID = 64999
 SCRATCH = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"]
 TOKEN_ENV = "LP_LAUNCHER_TEST_TOKEN"
-# sys.executable is the venv's python, which may live under /tmp (hidden by the private
-# /tmp): the sandbox runs the interpreter it points to, without site (stdlib only).
+# sys.executable is the venv's python: the sandbox runs the interpreter it points to,
+# without site (stdlib only), exposed like the process backend exposes it.
 PYTHON = os.path.realpath(sys.executable)
 PYTHON_PREFIX = os.path.dirname(os.path.dirname(PYTHON))
 
@@ -41,8 +42,6 @@ def _isolation_unavailable() -> str | None:
         return "needs root"
     if not Path("/proc/self/ns/pid").exists():
         return "no namespaces"
-    if any(PYTHON == d or PYTHON.startswith(d + "/") for d in SCRATCH):
-        return f"interpreter {PYTHON} lies under a scratch dir the sandbox covers"
     probe = subprocess.run(["unshare", "--mount", "--pid", "--ipc", "--fork", "true"],
                            capture_output=True)
     return None if probe.returncode == 0 else f"unshare refused: {probe.stderr!r}"
@@ -173,9 +172,9 @@ def box(request):
                 "writable": [str(self.work), str(self.sock), str(self.conn)],
                 "tmpfs": {d: "size=8m,mode=1777" for d in SCRATCH if os.path.isdir(d)},
                 "rlimits": {"core": 0},
-                "stage_dir": str(self.root),
             }
-            expose = exposures_for([sys.base_prefix, PYTHON_PREFIX])
+            expose, _ = exposures([Needed(os.path.realpath(p), required=True)
+                                   for p in (sys.base_prefix, PYTHON_PREFIX)])
             if expose:
                 spec["expose"] = expose
             spec.update(changes)

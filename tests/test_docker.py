@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
 
-from limited_provisioner import LimitConfigError, SandboxUnavailableError
+from limited_provisioner import LimitConfigError, SandboxStartError, SandboxUnavailableError
 from limited_provisioner.docker import LABEL_PREFIX
 
 from .conftest import TEST_OWNER, run
-from .harness import containers_of
+from .harness import containers_of, kernel_leftovers
 
 DOCKER = "limited-docker-provisioner"
 SMALL = {"mem_limit": "256M", "cpu_limit": 1, "pids_limit": 64, "nofile_limit": 256,
@@ -152,6 +155,30 @@ async def test_invalid_mount_is_refused_before_create(start_kernel, docker_clien
         await start_kernel(
             {**SMALL, "extra_mounts": ["/no/such/dir:/data"]}, provisioner=DOCKER
         )
+    assert docker_client.containers.list(
+        all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}
+    ) == []
+
+
+async def test_a_container_that_cannot_start_is_a_start_error(
+    start_kernel, docker_client, monkeypatch
+):
+    """The daemon cannot run the container (CPUs this host does not have):
+    SandboxStartError with the daemon's words, and nothing left."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", str(state))
+    try:
+        with pytest.raises(SandboxStartError) as info:
+            await start_kernel(
+                {**SMALL, "extra_create_kwargs": {"cpuset_cpus": "1023"}}, provisioner=DOCKER
+            )
+        assert "could not be started in its container" in str(info.value), info.value
+        assert info.value.reason and info.value.reason in str(info.value)
+        assert kernel_leftovers(state) == dict.fromkeys(
+            ("registry entries", "kernel dirs", "cgroups", "processes", "containers"), 0
+        )
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
     assert docker_client.containers.list(
         all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}
     ) == []

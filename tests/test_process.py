@@ -9,12 +9,19 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from jupyter_client.manager import AsyncKernelManager
 
-from limited_provisioner import KernelLimitError, LimitedProcessProvisioner
+from limited_provisioner import (
+    KernelLimitError,
+    LimitedProcessProvisioner,
+    SandboxStartError,
+    SandboxUnavailableError,
+    uids,
+)
 from limited_provisioner.registry import Registry
 
 from .conftest import run
-from .harness import HostWatch, alive
+from .harness import HostWatch, alive, kernel_leftovers, write_kernelspec
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="hard limits need root (cgroups, namespaces)")
@@ -326,3 +333,51 @@ async def test_kernel_past_mem_limit_is_oom_killed_with_the_reason(start_kernel)
         await asyncio.sleep(0.25)
     assert not await km.is_alive()
     assert prov.exit_reason.startswith("memory limit 256M exceeded"), prov.exit_reason
+
+
+# -- a start that fails in the sandbox -----------------------------------------------------
+
+BROKEN_ARGV = ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+@pytest.fixture
+def own_state(monkeypatch):
+    """A private state dir (not under /tmp: kernels get their own), removed afterwards."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", str(state))
+    yield state
+    shutil.rmtree(state, ignore_errors=True)
+
+
+@needs_root
+@pytest.mark.parametrize("case", ["missing interpreter", "work dir it cannot enter"])
+async def test_a_start_that_fails_in_the_sandbox_raises_and_leaves_nothing(
+    jupyter_path, own_state, case
+):
+    """jupyter_client's start_kernel raises the launcher's own words, and everything
+    reserved for the kernel (entry, dir, cgroups, uid lease) is gone with it."""
+    locked = Path(tempfile.mkdtemp(prefix="lp-locked-", dir="/var/lib"))  # 0700, root's
+    try:
+        if case == "missing interpreter":
+            write_kernelspec(jupyter_path, "broken", {}, argv=BROKEN_ARGV)
+            start: dict = {}
+            said = "exec '/nonexistent/python' failed"
+        else:
+            write_kernelspec(jupyter_path, "broken", {"private_work_dir": False})
+            start = {"cwd": str(locked)}
+            said = f"cannot enter work dir {locked}"
+        km = AsyncKernelManager(kernel_name="broken")
+        with pytest.raises(SandboxStartError) as raised:
+            await km.start_kernel(**start)
+    finally:
+        shutil.rmtree(locked, ignore_errors=True)
+    assert said in str(raised.value) and said in raised.value.reason
+    assert isinstance(raised.value, SandboxUnavailableError)
+    assert not km.has_kernel
+    assert [lease for lease in uids.leases() if lease["kernel_id"] == km.kernel_id] == []
+    assert kernel_leftovers(own_state, [km.kernel_id]) == dict.fromkeys(LEFTOVERS, 0)
+    assert km.provisioner.limit_trips[-1]["kind"] == "sandbox"
+
+
+LEFTOVERS = ("registry entries", "kernel dirs", "cgroups", "processes", "containers")
+

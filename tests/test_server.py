@@ -25,6 +25,7 @@ from .harness import (
     TOKEN,
     JupyterServer,
     alive,
+    kernel_leftovers,
     kernel_processes,
     kernel_ws_url,
     kill_kernel_leftovers,
@@ -304,3 +305,35 @@ async def test_the_first_cell_after_a_limit_kill_gets_its_output(
                 break
             await asyncio.sleep(0.1)
         assert await state() == "idle"
+
+
+async def test_a_kernel_that_cannot_start_in_its_sandbox_is_a_503(tmp_path, jupyter_path):
+    """POST /api/kernels answers 503 with the launcher's words, at once: no 201 for a
+    kernel that then dies five times in the restarter, and nothing left behind."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    write_kernelspec(jupyter_path, "broken", {},
+                     argv=["/nonexistent/python", "-m", "ipykernel_launcher", "-f",
+                           "{connection_file}"])
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
+           "LIMITED_PROVISIONER_STATE_DIR": str(state)}
+    try:
+        async with running_server(tmp_path, env) as (base, client, _):
+            resp = await client.fetch(
+                HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
+                            body=json.dumps({"name": "broken"})),
+                raise_error=False,
+            )
+            assert resp.code == 503, resp.body
+            assert resp.reason == "Kernel sandbox failed to start"
+            body = json.loads(resp.body)
+            assert "exec '/nonexistent/python' failed" in body["message"], body
+            listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
+            assert listed == []
+            assert kernel_leftovers(state) == dict.fromkeys(
+                ("registry entries", "kernel dirs", "cgroups", "processes", "containers"), 0
+            )
+            await asyncio.sleep(1)  # a restarter, had one been started, would try now
+            logs = "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
+            assert "restarting kernel" not in logs
+    finally:
+        shutil.rmtree(state, ignore_errors=True)

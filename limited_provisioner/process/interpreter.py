@@ -5,7 +5,7 @@ tmpfs, and the kernel's uid cannot pass a directory other users cannot enter (a 
 ``/root``). An interpreter living there must be put back, read-only (sandbox.exposures):
 this module lists what it needs, from the files Python itself reads at start-up.
 
-* each hop of the command's symlink chain (a venv's ``bin/python`` links to its base
+* for each program of the kernel command (see ``_commands``), each hop of its symlink chain (a venv's ``bin/python`` links to its base
   interpreter) and the prefix around it (``<prefix>/bin/python``);
 * a venv: the dir holding ``pyvenv.cfg`` (PEP 405), and its ``home`` (the base);
 * a conda env: the dir holding ``conda-meta`` (a prefix like any other);
@@ -27,6 +27,7 @@ import glob
 import os
 import re
 import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -168,16 +169,32 @@ def _pth_entries(site_dir: str, mtime_ns: int) -> tuple[Needed, ...]:
     return tuple(entries)
 
 
-def interpreter_paths(argv0: str, env: Mapping[str, str]) -> list[Needed]:
-    """What the kernel command ``argv0`` (with the kernel's ``env``) reads: real paths
-    that exist, each once (see the module docstring)."""
-    command = _resolve_command(argv0, env)
+def _commands(cmd: list[str], env: Mapping[str, str]) -> dict[str, bool]:
+    """The programs a kernel command may run, each with whether the kernel needs it:
+    its ``argv[0]`` and any other argument that is an absolute path to an executable
+    file (a wrapper like ``sh -c '...' python`` or ``env ... python``) are needed; the
+    server's own interpreter, which kernelspecs usually name (jupyter_client puts it in
+    place of a bare "python") and wrappers may find on PATH, is exposed if it can be."""
+    found: dict[str, bool] = {}
+    first = _resolve_command(cmd[0], env) if cmd else None
+    if first:
+        found[first] = True
+    for arg in cmd[1:]:
+        if os.path.isabs(arg) and os.path.isfile(arg) and os.access(arg, os.X_OK):
+            found[arg] = True
+    found.setdefault(sys.executable, False)
+    return found
+
+
+def interpreter_paths(cmd: list[str], env: Mapping[str, str]) -> list[Needed]:
+    """What the kernel command ``cmd`` (with the kernel's ``env``) reads: real paths that
+    exist, each once (see the module docstring)."""
     needed: list[Needed] = []
-    if command is not None:
+    for command, required in _commands(cmd, env).items():
         for hop in _symlink_hops(command):
-            needed.append(Needed(os.path.dirname(hop), required=True))
+            needed.append(Needed(os.path.dirname(hop), required=required))
         for prefix in _prefixes(command):
-            needed.append(Needed(prefix, required=True))
+            needed.append(Needed(prefix, required=required))
             for site_dir in _site_dirs(prefix):
                 try:
                     mtime = os.stat(site_dir).st_mtime_ns

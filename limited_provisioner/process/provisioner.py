@@ -148,10 +148,12 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             for name in BLAS_THREADS:
                 env.setdefault(name, str(max(1, int(self.limits.cpu_limit))))
         kwargs["env"] = env
-        # cmd[0], not the kernelspec's argv[0]: jupyter_client has replaced a bare
-        # "python" by the server's own interpreter.
-        expose = await asyncio.to_thread(self._interpreter_exposures, cmd[0], env) \
-            if self._isolate and cmd else {}
+        # cmd, not the kernelspec's argv: jupyter_client has replaced a bare "python"
+        # by the server's own interpreter.
+        expose = (
+            await asyncio.to_thread(self._interpreter_exposures, cmd, env)
+            if self._isolate else {}
+        )
         status = LaunchStatus()
         try:
             spec = launch_spec(
@@ -223,10 +225,10 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         self._shutting_down = False
         return connection_info
 
-    def _interpreter_exposures(self, argv0: str, env: dict[str, str]) -> dict[str, str]:
+    def _interpreter_exposures(self, cmd: list[str], env: dict[str, str]) -> dict[str, str]:
         """The interpreter's paths the isolated kernel could not see by itself
         (sandbox.exposures); what is left out is logged."""
-        expose, notes = exposures(interpreter_paths(argv0, env))
+        expose, notes = exposures(interpreter_paths(cmd, env))
         for note in notes:
             self.log.warning("Kernel %s: %s", self.kernel_id, note)
         return expose

@@ -174,7 +174,9 @@ def _open_exact(libc: ctypes.CDLL, path: str, what: str) -> int:
     Exposed paths are real paths checked by the server; a component another user owns
     could have been swapped for a symlink since (to a dir only root may reach): refused.
     """
-    how = _OpenHow(os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+    # No O_NOFOLLOW: with O_PATH it would open a final symlink itself, as a handle on the
+    # link; RESOLVE_NO_SYMLINKS refuses it (ELOOP) like any other.
+    how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
     fd = libc.syscall(SYS_OPENAT2, AT_FDCWD, path.encode(), ctypes.byref(how),
                       ctypes.c_size_t(ctypes.sizeof(how)))
     return _check(fd, f"open {what} {path} without following symlinks")

@@ -32,12 +32,14 @@ class SandboxUnavailableError(RuntimeError):
 
 
 class SandboxStartError(SandboxUnavailableError):
-    """The kernel could not be started inside its sandbox, so it was not started at all.
+    """The kernel could not be started in its sandbox: setting the sandbox up failed, or
+    the kernel exited before it opened its sockets (an interpreter that cannot import
+    ipykernel there, say). Raised by the start itself, never by a restarter.
 
-    ``reason`` is what failed in the sandbox's own words (the launcher's message, e.g.
-    "exec '/opt/env/bin/python' failed: ...", or the container runtime's); everything
-    reserved for the kernel was released before this was raised. A
-    ``SandboxUnavailableError``: jupyter_server answers 503, as for a missing mechanism.
+    ``reason`` says what failed in the words of whoever saw it (the launcher's message,
+    e.g. "exec '/opt/env/bin/python' failed: ...", the container runtime's, the
+    kernel's last output); everything reserved for the kernel was released before this
+    was raised. A ``SandboxUnavailableError``: jupyter_server answers 503.
     """
 
     def __init__(self, message: str, *, reason: str = ""):

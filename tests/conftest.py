@@ -9,6 +9,9 @@ by kernel id) lives in harness.py, which the benches share.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import docker
 import pytest
@@ -39,6 +42,22 @@ def fresh_host():
     LimitedHost.clear_instance()
     yield
     LimitedHost.clear_instance()
+
+
+# kernel_leftovers() of a state dir whose kernels are all gone.
+NOTHING_LEFT = dict.fromkeys(
+    ("registry entries", "kernel dirs", "cgroups", "processes", "containers"), 0
+)
+
+
+@pytest.fixture
+def own_state(monkeypatch):
+    """A private state dir for the test's kernels (not under /tmp: kernels get their own
+    /tmp), removed afterwards."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", str(state))
+    yield state
+    shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import psutil
 import pytest
@@ -18,7 +15,7 @@ import pytest
 from limited_provisioner import LimitConfigError, SandboxStartError, SandboxUnavailableError
 from limited_provisioner.docker import LABEL_PREFIX
 
-from .conftest import TEST_OWNER, run
+from .conftest import NOTHING_LEFT, TEST_OWNER, run
 from .harness import containers_of, kernel_leftovers
 
 DOCKER = "limited-docker-provisioner"
@@ -160,28 +157,28 @@ async def test_invalid_mount_is_refused_before_create(start_kernel, docker_clien
     ) == []
 
 
-async def test_a_container_that_cannot_start_is_a_start_error(
-    start_kernel, docker_client, monkeypatch
-):
+async def test_a_container_that_cannot_start_is_a_start_error(start_kernel, own_state):
     """The daemon cannot run the container (CPUs this host does not have):
     SandboxStartError with the daemon's words, and nothing left."""
-    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
-    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", str(state))
-    try:
-        with pytest.raises(SandboxStartError) as info:
-            await start_kernel(
-                {**SMALL, "extra_create_kwargs": {"cpuset_cpus": "1023"}}, provisioner=DOCKER
-            )
-        assert "could not be started in its container" in str(info.value), info.value
-        assert info.value.reason and info.value.reason in str(info.value)
-        assert kernel_leftovers(state) == dict.fromkeys(
-            ("registry entries", "kernel dirs", "cgroups", "processes", "containers"), 0
+    with pytest.raises(SandboxStartError) as info:
+        await start_kernel(
+            {**SMALL, "extra_create_kwargs": {"cpuset_cpus": "1023"}}, provisioner=DOCKER
         )
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
-    assert docker_client.containers.list(
-        all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}
-    ) == []
+    assert "could not be started in its container" in str(info.value), info.value
+    assert info.value.reason and info.value.reason in str(info.value)
+    assert kernel_leftovers(own_state) == NOTHING_LEFT
+
+
+async def test_a_kernel_command_missing_in_the_image_fails_the_start(start_kernel, own_state):
+    """The container starts but its command does not exist there: the start raises with
+    the exit status and the container's output; no container is left, no restarts."""
+    with pytest.raises(SandboxStartError) as info:
+        await start_kernel(SMALL, provisioner=DOCKER, argv=[
+            "/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}",
+        ])
+    assert "container exited with status 127" in info.value.reason, info.value
+    assert "not runnable in image" in info.value.reason
+    assert kernel_leftovers(own_state) == NOTHING_LEFT
 
 
 async def test_work_dir_past_disk_limit_stops_the_container(docker_kernel, docker_client):

@@ -8,6 +8,7 @@ from such places and check what the kernel sees and cannot change.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import site
@@ -17,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from limited_provisioner import SandboxStartError
 
 from .conftest import run
 
@@ -136,3 +139,17 @@ async def test_venv_behind_a_0700_dir(start_kernel, scratch, under):
     assert listing == "['venv']"  # nothing else of the 0700 dir
     assert locked_write in ("EACCES", "EROFS") and venv_write == "EROFS"
     assert sorted(p.name for p in locked.iterdir()) == ["secret", "venv"]
+
+
+async def test_a_venv_without_ipykernel_fails_its_start_saying_so(start_kernel, scratch):
+    """The interpreter runs in the sandbox but finds no ipykernel: the start raises with
+    the kernel's own last words instead of returning a kernel that dies at once."""
+    venv = scratch("/tmp") / "bare"
+    base = getattr(sys, "_base_executable", sys.executable)
+    await asyncio.to_thread(
+        subprocess.run, [base, "-m", "venv", "--without-pip", str(venv)], check=True
+    )
+    with pytest.raises(SandboxStartError) as raised:
+        await start_with(start_kernel, venv / "bin" / "python")
+    assert "exited during its start" in raised.value.reason
+    assert "No module named ipykernel_launcher" in raised.value.reason

@@ -20,7 +20,7 @@ from limited_provisioner import (
 )
 from limited_provisioner.registry import Registry
 
-from .conftest import run
+from .conftest import NOTHING_LEFT, run
 from .harness import HostWatch, alive, kernel_leftovers, write_kernelspec
 
 ROOT = os.geteuid() == 0
@@ -340,32 +340,32 @@ async def test_kernel_past_mem_limit_is_oom_killed_with_the_reason(start_kernel)
 BROKEN_ARGV = ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
 
-@pytest.fixture
-def own_state(monkeypatch):
-    """A private state dir (not under /tmp: kernels get their own), removed afterwards."""
-    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
-    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", str(state))
-    yield state
-    shutil.rmtree(state, ignore_errors=True)
-
-
 @needs_root
-@pytest.mark.parametrize("case", ["missing interpreter", "work dir it cannot enter"])
+@pytest.mark.parametrize(
+    "case", ["missing interpreter", "work dir it cannot enter", "kernel exits at start"]
+)
 async def test_a_start_that_fails_in_the_sandbox_raises_and_leaves_nothing(
     jupyter_path, own_state, case
 ):
-    """jupyter_client's start_kernel raises the launcher's own words, and everything
-    reserved for the kernel (entry, dir, cgroups, uid lease) is gone with it."""
+    """jupyter_client's start_kernel raises the launcher's (or the dead kernel's) own
+    words, and everything reserved for the kernel (entry, dir, cgroups, uid lease) is
+    gone with it."""
     locked = Path(tempfile.mkdtemp(prefix="lp-locked-", dir="/var/lib"))  # 0700, root's
     try:
         if case == "missing interpreter":
             write_kernelspec(jupyter_path, "broken", {}, argv=BROKEN_ARGV)
             start: dict = {}
             said = "exec '/nonexistent/python' failed"
-        else:
+        elif case == "work dir it cannot enter":
             write_kernelspec(jupyter_path, "broken", {"private_work_dir": False})
             start = {"cwd": str(locked)}
             said = f"cannot enter work dir {locked}"
+        else:  # past the sandbox: e.g. an interpreter that finds no ipykernel there
+            write_kernelspec(jupyter_path, "broken", {}, argv=[
+                "/bin/sh", "-c", "echo No module named lp_probe >&2; exit 3", "{connection_file}",
+            ])
+            start = {}
+            said = "exited with status 3); its last output:\nNo module named lp_probe"
         km = AsyncKernelManager(kernel_name="broken")
         with pytest.raises(SandboxStartError) as raised:
             await km.start_kernel(**start)
@@ -375,9 +375,8 @@ async def test_a_start_that_fails_in_the_sandbox_raises_and_leaves_nothing(
     assert isinstance(raised.value, SandboxUnavailableError)
     assert not km.has_kernel
     assert [lease for lease in uids.leases() if lease["kernel_id"] == km.kernel_id] == []
-    assert kernel_leftovers(own_state, [km.kernel_id]) == dict.fromkeys(LEFTOVERS, 0)
+    assert kernel_leftovers(own_state, [km.kernel_id]) == NOTHING_LEFT
     assert km.provisioner.limit_trips[-1]["kind"] == "sandbox"
 
 
-LEFTOVERS = ("registry entries", "kernel dirs", "cgroups", "processes", "containers")
 

@@ -324,7 +324,7 @@ async def test_a_kernel_that_cannot_start_in_its_sandbox_is_a_503(tmp_path, jupy
                 raise_error=False,
             )
             assert resp.code == 503, resp.body
-            assert resp.reason == "Kernel sandbox failed to start"
+            assert resp.reason == "Kernel failed to start"
             body = json.loads(resp.body)
             assert "exec '/nonexistent/python' failed" in body["message"], body
             listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)

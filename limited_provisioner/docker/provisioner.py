@@ -289,6 +289,15 @@ class LimitedDockerProvisioner(LimitedProvisioner):
                 await self._log_container_tail()
         return self.exit_code
 
+    async def _start_output(self) -> str:
+        import docker.errors
+
+        try:
+            tail = await self.docker.acall("logs", self.container_id, tail=20)
+        except docker.errors.APIError:
+            return ""  # already removed
+        return tail[-4096:].decode(errors="replace")
+
     async def _log_container_tail(self) -> None:
         """Put the dead container's last output in the server log before it is removed."""
         import docker.errors

@@ -233,6 +233,12 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             self.log.warning("Kernel %s: %s", self.kernel_id, note)
         return expose
 
+    async def _start_output(self) -> str:
+        if self.kernel_log is None:
+            return ""
+        await self.kernel_log.drained()
+        return self.kernel_log.tail()
+
     async def _abandon_start(self) -> None:
         """The base's, and the launcher reaped: a failed start leaves no process behind
         (``has_process`` false, so jupyter_client's manager holds no kernel)."""

@@ -74,7 +74,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(400, str(e), reason="Invalid kernel limits") from e
         except SandboxStartError as e:
             # Released already, never registered: no restarter will try it again.
-            raise web.HTTPError(503, str(e), reason="Kernel sandbox failed to start") from e
+            raise web.HTTPError(503, str(e), reason="Kernel failed to start") from e
         except SandboxUnavailableError as e:
             raise web.HTTPError(503, str(e), reason="Kernel sandbox unavailable") from e
         if not existing:

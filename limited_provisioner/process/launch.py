@@ -241,7 +241,7 @@ def _expose(libc: ctypes.CDLL, trees: dict[str, int], exposures: dict[str, str],
             os.close(fd)
     for path, tree in trees.items():
         top = exposures[path]
-        top_fd = _open_exact(libc, top, "mount point of")
+        top_fd = _open_exact(libc, top, "the dir above exposed path")
         parts = os.path.relpath(path, top).split("/")
         if ".." in parts or parts == ["."]:
             _fail(f"exposed path {path} does not lie beneath {top}")

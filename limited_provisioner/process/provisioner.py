@@ -240,16 +240,17 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         return self.kernel_log.tail()
 
     async def _abandon_start(self) -> None:
-        """The base's, and the launcher reaped: a failed start leaves no process behind
-        (``has_process`` false, so jupyter_client's manager holds no kernel)."""
+        """The base's, with the launcher reaped before the release: a failed start leaves
+        no process (``has_process`` false: jupyter_client's manager holds no kernel) and
+        no zombie in the cgroups about to be removed."""
         self._shutting_down = True
-        await super()._abandon_start()
-        if self.process is not None:
-            try:
+        try:
+            await self.kill()
+            if self.process is not None:
                 await asyncio.wait_for(self.wait(), 10)
-            except asyncio.TimeoutError:
-                self.log.warning("Kernel %s: launcher pid %s still running after a failed "
-                                 "start", self.kernel_id, self.pid)
+        except Exception:  # releasing the rest matters more
+            self.log.exception("Kernel %s: stopping a failed start", self.kernel_id)
+        await self.cleanup(restart=self._restarting)
 
     def _start_process_watchdog(self, baseline: tuple[int, int]) -> None:
         paths = self.cgroups.paths if self.cgroups is not None else {}

@@ -65,8 +65,9 @@ def exposures(needed: list[Needed]) -> tuple[dict[str, str], list[str]]:
     A path needs it when a private scratch tmpfs hides it (top: that scratch dir) or
     when an ancestor other users cannot enter blocks the kernel's uid (top: the highest
     such dir, which the launcher covers with an empty tmpfs). ``notes`` say what was
-    left out, and why. A required path the kernel could not use even so (its own mode
-    shuts other users out) raises :class:`SandboxStartError` naming the path and the fix.
+    left out, and why: a path the kernel could not use even so (its own mode shuts
+    other users out), or should not (every user may write to it). Such a path that the
+    interpreter needs raises :class:`SandboxStartError` naming it and the fix.
 
     A path named by a ``.pth`` file of another user is only exposed past a blocker
     that user owns: a line in someone's site-packages must not open root's 0700 dirs.
@@ -90,13 +91,26 @@ def exposures(needed: list[Needed]) -> tuple[dict[str, str], list[str]]:
                 f"lies behind {blocker}, which that user cannot enter either"
             )
             continue
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            notes.append(f"{path} is not exposed: {e}")
+            continue
+        mode = stat.filemode(st.st_mode)
         if not st.st_mode & (0o001 if stat.S_ISDIR(st.st_mode) else 0o004):
             msg = (
-                f"{path} is not readable by other users (mode {stat.filemode(st.st_mode)}), "
-                f"so the kernel's uid cannot use it even when exposed: make it readable "
-                f"(chmod -R o+rX {path}) or install the kernel's interpreter elsewhere"
+                f"{path} is not readable by other users (mode {mode}), so the kernel's uid "
+                f"cannot use it even when exposed: make it readable (chmod -R o+rX "
+                f"{path}) or install the kernel's interpreter elsewhere"
             )
+        elif st.st_mode & 0o002:
+            msg = (
+                f"{path} is writable by every user (mode {mode}): the kernel would run "
+                f"code anyone can plant there, so it is not exposed; chmod o-w {path}"
+            )
+        else:
+            msg = ""
+        if msg:
             if item.required:
                 raise SandboxStartError(msg)
             notes.append(msg)

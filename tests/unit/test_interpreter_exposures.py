@@ -132,6 +132,16 @@ def test_a_required_path_other_users_cannot_read_is_a_clear_error(tree):
     assert expose == {} and "not readable" in notes[0]
 
 
+def test_a_dir_every_user_may_write_to_is_not_exposed(tree):
+    shared = tree("/var/tmp") / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    expose, notes = exposures([Needed(str(shared))])
+    assert expose == {} and "writable by every user" in notes[0]
+    with pytest.raises(SandboxStartError, match="chmod o-w"):
+        exposures([Needed(str(shared), required=True)])
+
+
 @needs_root
 def test_a_pth_of_another_user_opens_no_dir_it_could_not_enter(tree):
     locked = tree("/var/lib", 0o700)  # root's

@@ -21,7 +21,13 @@ from limited_provisioner import (
 from limited_provisioner.registry import Registry
 
 from .conftest import NOTHING_LEFT, run
-from .harness import HostWatch, alive, kernel_leftovers, write_kernelspec
+from .harness import (
+    HostWatch,
+    alive,
+    kernel_leftovers,
+    kill_kernel_leftovers,
+    write_kernelspec,
+)
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="hard limits need root (cgroups, namespaces)")
@@ -380,3 +386,34 @@ async def test_a_start_that_fails_in_the_sandbox_raises_and_leaves_nothing(
 
 
 
+
+
+@needs_root
+async def test_a_restart_that_fails_in_the_sandbox_is_a_dead_kernel_with_the_reason(
+    jupyter_path, own_state
+):
+    """The work dir became one the kernel's uid cannot enter: the restart gives a kernel
+    that died at once, with the launcher's words as its exit reason (jupyter_client's
+    restarter counts such restarts against restart_limit; one that raised it would retry
+    forever); shutting down releases it all."""
+    work = Path(tempfile.mkdtemp(prefix="lp-work-", dir="/var/lib"))
+    write_kernelspec(jupyter_path, "movable", {"private_work_dir": False})
+    km = AsyncKernelManager(kernel_name="movable")
+    try:
+        work.chmod(0o777)
+        await km.start_kernel(cwd=str(work))
+        work.chmod(0o700)
+        await km.restart_kernel(now=True)
+        for _ in range(100):
+            if not await km.is_alive():
+                break
+            await asyncio.sleep(0.05)
+        assert not await km.is_alive()
+        reason = km.provisioner.exit_reason or ""
+        assert reason.startswith("sandbox setup failed") and f"cannot enter work dir {work}" in reason
+        await km.shutdown_kernel(now=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        kill_kernel_leftovers(km.kernel_id)
+    assert kernel_leftovers(own_state, [km.kernel_id]) == NOTHING_LEFT
+    assert [lease for lease in uids.leases() if lease["kernel_id"] == km.kernel_id] == []

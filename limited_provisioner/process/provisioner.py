@@ -125,8 +125,11 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         """Start the kernel through ``launch.py`` (which applies the sandbox, then execs),
         then check and connect its sockets (``_open_kernel_door``).
 
-        A start that fails (the sandbox cannot be set up, the kernel's sockets fail their
-        check) raises; what pre_launch reserved is released first (``_abandon_start``).
+        A first start that fails (the sandbox cannot be set up, the kernel exits before
+        opening its sockets, its sockets fail their check) raises SandboxStartError or
+        SandboxUnavailableError; what pre_launch reserved is released first
+        (``_abandon_start``). A restart whose sandbox cannot be set up returns a kernel that
+        died at once, for the restarter to count.
         """
         try:
             return await self._launch(cmd, kwargs)
@@ -150,10 +153,16 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         kwargs["env"] = env
         # cmd, not the kernelspec's argv: jupyter_client has replaced a bare "python"
         # by the server's own interpreter.
-        expose = (
-            await asyncio.to_thread(self._interpreter_exposures, cmd, env)
-            if self._isolate else {}
-        )
+        expose: dict[str, str] = {}
+        if self._isolate:
+            try:
+                expose = await asyncio.to_thread(self._interpreter_exposures, cmd, env)
+            except SandboxStartError as e:
+                if not self._restarting:
+                    raise
+                # See below: a restart fails as a dead kernel, which the launcher's exec
+                # (or the kernel) will make of it without the exposures.
+                self.record_trip("sandbox", e.reason)
         status = LaunchStatus()
         try:
             spec = launch_spec(
@@ -172,7 +181,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             failure = await status.failure()
         finally:
             status.close()
-        if failure is not None:
+        if failure is not None and not self._restarting:
             self.record_trip("sandbox", f"sandbox setup failed: {failure}")
             msg = (
                 f"Kernel {self.kernel_id} could not be started in its sandbox: {failure}"
@@ -182,6 +191,11 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             cgroups=sorted(self.cgroups.paths) if self.cgroups else [],
             launch_cwd=str(kwargs.get("cwd") or ""), disk_baseline=list(self._baseline),
         )
+        if failure is not None:
+            # A restart whose setup failed is a kernel that died at once (_note_exit says
+            # why): jupyter_client's restarter counts that against restart_limit, while
+            # a restart that raises is not counted and would be retried forever.
+            return connection_info
         if self.plan.uses("cpu_limit", CGROUP) and self.cpu_startup_grace > 0:
             self._cpu_task = asyncio.ensure_future(self._apply_cpu_quota_later())
         await self._open_kernel_door()

@@ -169,6 +169,20 @@ async def test_a_container_that_cannot_start_is_a_start_error(start_kernel, own_
     assert kernel_leftovers(own_state) == NOTHING_LEFT
 
 
+async def test_a_restart_the_daemon_refuses_is_a_dead_kernel_with_the_reason(
+    docker_kernel, own_state
+):
+    """Counted by the restarter (restart_limit), not retried forever: the restart returns
+    a kernel that died at once, with the daemon's words as its exit reason."""
+    km, _ = await docker_kernel()
+    km.provisioner.extra_create_kwargs = {"cpuset_cpus": "1023"}
+    await km.restart_kernel(now=True)
+    assert not await km.is_alive()
+    assert "Requested CPUs are not available" in (km.provisioner.exit_reason or "")
+    await km.shutdown_kernel(now=True)
+    assert kernel_leftovers(own_state) == NOTHING_LEFT
+
+
 async def test_a_kernel_command_missing_in_the_image_fails_the_start(start_kernel, own_state):
     """The container starts but its command does not exist there: the start raises with
     the exit status and the container's output; no container is left, no restarts."""

@@ -195,7 +195,8 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         """Create and start the container; called by KernelManager after pre_launch.
 
         A container that cannot start raises :class:`SandboxStartError` with the
-        runtime's message; on any failure what pre_launch reserved is released first.
+        runtime's message; on any failure what pre_launch reserved is released first. On
+        a restart it is a kernel that died at once instead, for the restarter to count.
         """
         try:
             return await self._launch(cmd, kwargs)
@@ -219,6 +220,12 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             await self.docker.run(self.docker.remove_container, create["name"])
             reason = str(e.explanation or e)
             self.record_trip("sandbox", f"container failed to start: {reason}")
+            if self._restarting:
+                # A kernel that died at once, for the restarter to count against
+                # restart_limit (a restart that raises is retried forever): the removed
+                # container reads as exited (poll).
+                self.container_id, self.exit_code = create["name"], None
+                return self.connection_info
             msg = f"Kernel {self.kernel_id} could not be started in its container: {reason}"
             raise SandboxStartError(msg, reason=reason) from e
         except Exception:

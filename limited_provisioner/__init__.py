@@ -1,6 +1,12 @@
 """Resource-limited Jupyter kernels: kernel provisioners that bound every kernel."""
 
-from .errors import AdoptionError, KernelLimitError, LimitConfigError, SandboxUnavailableError
+from .errors import (
+    AdoptionError,
+    KernelLimitError,
+    LimitConfigError,
+    SandboxStartError,
+    SandboxUnavailableError,
+)
 from .host import LimitedHost
 from .limits import Limits
 from .process import LimitedProcessProvisioner
@@ -23,6 +29,7 @@ __all__ = [
     "LimitedProcessProvisioner",
     "LimitedProvisioner",
     "Limits",
+    "SandboxStartError",
     "SandboxUnavailableError",
     "__version__",
     "adopt",

@@ -31,6 +31,22 @@ class SandboxUnavailableError(RuntimeError):
     """A requested isolation mechanism cannot be provided on this host."""
 
 
+class SandboxStartError(SandboxUnavailableError):
+    """The kernel could not be started in its sandbox: setting the sandbox up failed, or
+    the kernel exited before it opened its sockets (an interpreter that cannot import
+    ipykernel there, say). Raised by the start itself, never by a restarter.
+
+    ``reason`` says what failed in the words of whoever saw it (the launcher's message,
+    e.g. "exec '/opt/env/bin/python' failed: ...", the container runtime's, the
+    kernel's last output); everything reserved for the kernel was released before this
+    was raised. A ``SandboxUnavailableError``: jupyter_server answers 503.
+    """
+
+    def __init__(self, message: str, *, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
 class AdoptionError(RuntimeError):
     """A running kernel could not be re-adopted.
 

@@ -26,7 +26,7 @@ from . import metrics, uids
 from .admission import AdmissionPolicy, admit_and_record
 from .connection import KernelConnection, door_refusal
 from .enforcement import EnforcementPlan, Measure, identity_measure, shared_measures
-from .errors import KernelLimitError, SandboxUnavailableError
+from .errors import KernelLimitError, SandboxStartError, SandboxUnavailableError
 from .host import LimitedHost
 from .kernel_dir import KernelDir, prepare_kernel_dir
 from .kernel_env import keep_allowed, limit_env
@@ -37,6 +37,9 @@ from .settings import LEGACY_SECTION, LimitedSettings
 from .watchdog import Watchdog, carried_over
 
 log = logging.getLogger(__name__)
+
+# The most of a kernel's output quoted in the error of a start it died in.
+START_OUTPUT_LIMIT = 1500
 
 
 class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
@@ -195,18 +198,56 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         keep_allowed(env, self.env_keep, explicit, self.log, self.kernel_id)
 
     async def _open_kernel_door(self) -> None:
-        """Check the kernel's sockets and connect the proxy (connection.open_door); a
-        kernel whose sockets fail the check is stopped. Called by the backends'
-        ``launch_kernel`` right after the process or container started."""
+        """Check the kernel's sockets and connect the proxy (connection.open_door).
+
+        A kernel whose sockets fail the check raises SandboxUnavailableError; one that
+        exits before opening them raises :class:`SandboxStartError` on a first start
+        (on a restart the restarter counts it and tries again). The backend's
+        ``launch_kernel`` then stops and releases it (``_abandon_start``). Called by the
+        backends' ``launch_kernel`` right after the process or container started.
+        """
         assert self.connection is not None
         problems = await self.connection.open_door(self.poll, self.ipc_bind_wait)
-        if not problems or await self.poll() is not None:
-            return  # connected; or it died: the restarter (or the start) reports that
+        if not problems:
+            return
+        code = await self.poll()
+        if code is not None:
+            if not self._restarting:
+                await self._died_starting(code)
+            return
         msg = door_refusal(self.kernel_id, problems, self.ipc_bind_wait)
         self.record_trip("sandbox", msg)
-        await self.kill()
-        await self.cleanup(restart=self._restarting)
         raise SandboxUnavailableError(msg)
+
+    async def _died_starting(self, code: int) -> None:
+        """The kernel exited before it opened its sockets: say why, with its own words (an
+        interpreter that cannot import ipykernel in the sandbox, say)."""
+        output = (await self._start_output()).strip()
+        reason = (
+            f"the kernel exited during its start, before opening its sockets "
+            f"({self.exit_reason or f'exit status {code}'})"
+        )
+        if output:
+            # Bounded: it is the kernel's own text, and it goes into an HTTP answer.
+            reason += f"; its last output:\n{output[-START_OUTPUT_LIMIT:]}"
+        self.record_trip("sandbox", reason)
+        raise SandboxStartError(f"Kernel {self.kernel_id} could not be started: {reason}",
+                                reason=reason)
+
+    async def _start_output(self) -> str:
+        """What the kernel printed before it died at start (backends that keep it)."""
+        return ""
+
+    async def _abandon_start(self) -> None:
+        """Stop what a failed ``launch_kernel`` started, then release what pre_launch
+        reserved: all of it, or on a restart what the next process would not reuse (the
+        restarter tries again; jupyter_server releases the rest once it gives up).
+        Called by the backends' ``launch_kernel`` before the error propagates."""
+        try:
+            await self.kill()
+        except Exception:  # releasing the rest matters more
+            self.log.exception("Kernel %s: stopping a failed start", self.kernel_id)
+        await self.cleanup(restart=self._restarting)
 
     async def _record_running(self, **backend_fields: Any) -> None:
         """The started kernel's registry entry: what adoption and the reaper need."""

@@ -9,6 +9,9 @@ by kernel id) lives in harness.py, which the benches share.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import docker
 import pytest
@@ -41,6 +44,22 @@ def fresh_host():
     LimitedHost.clear_instance()
 
 
+# kernel_leftovers() of a state dir whose kernels are all gone.
+NOTHING_LEFT = dict.fromkeys(
+    ("registry entries", "kernel dirs", "cgroups", "processes", "containers"), 0
+)
+
+
+@pytest.fixture
+def own_state(monkeypatch):
+    """A private state dir for the test's kernels (not under /tmp: kernels get their own
+    /tmp), removed afterwards."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", str(state))
+    yield state
+    shutil.rmtree(state, ignore_errors=True)
+
+
 @pytest.fixture
 def jupyter_path(tmp_path, monkeypatch):
     path = tmp_path / "jupyter"
@@ -51,14 +70,15 @@ def jupyter_path(tmp_path, monkeypatch):
 
 @pytest.fixture
 async def start_kernel(jupyter_path):
-    """``await start_kernel(config)`` -> (km, kc) for a fresh limited kernel."""
+    """``await start_kernel(config)`` -> (km, kc) for a fresh limited kernel (``argv``,
+    ``env``: the kernelspec's, instead of this interpreter's ipykernel)."""
     started: list[tuple[AsyncKernelManager, object, set[int]]] = []
     counter = iter(range(1000))
 
     async def _start(config: dict | None = None, provisioner="limited-process-provisioner",
-                     **km_kwargs):
+                     *, argv: list[str] | None = None, env: dict | None = None, **km_kwargs):
         name = f"lim{next(counter)}"
-        write_kernelspec(jupyter_path, name, config or {}, provisioner)
+        write_kernelspec(jupyter_path, name, config or {}, provisioner, argv=argv, env=env)
         km = AsyncKernelManager(kernel_name=name, **km_kwargs)
         record = [km, None, set()]
         started.append(record)

@@ -65,18 +65,24 @@ PROVISIONERS = {"process": "limited-process-provisioner", "docker": "limited-doc
 
 def write_kernelspec(
     root: Path, name: str, config: Mapping[str, Any] | None = None,
-    provisioner: str | None = PROVISIONERS["process"],
+    provisioner: str | None = PROVISIONERS["process"], *,
+    argv: list[str] | None = None, env: Mapping[str, str] | None = None,
 ) -> str:
     """``<root>/kernels/<name>/kernel.json``; returns ``name``.
 
     With ``provisioner`` (e.g. ``PROVISIONERS["docker"]``) a limited kernel with
     ``config``; with None a stock kernelspec (jupyter_client's LocalProvisioner).
+    ``argv`` replaces the backend's usual command, ``env`` is the kernelspec's env.
     """
     spec: dict[str, Any] = {
-        "argv": CONTAINER_KERNEL_ARGV if provisioner and "docker" in provisioner else KERNEL_ARGV,
+        "argv": argv or (
+            CONTAINER_KERNEL_ARGV if provisioner and "docker" in provisioner else KERNEL_ARGV
+        ),
         "display_name": name,
         "language": "python",
     }
+    if env:
+        spec["env"] = dict(env)
     if provisioner:
         spec["metadata"] = {"kernel_provisioner": {
             "provisioner_name": provisioner, "config": dict(config or {}),

@@ -19,7 +19,7 @@ import pytest
 from limited_provisioner.registry import Registry
 
 from .conftest import TEST_OWNER, backends
-from .harness import AgentBackendService, alive, remove_all_kernels
+from .harness import AgentBackendService, alive, kernel_leftovers, remove_all_kernels
 
 MARKER = "[limited-provisioner status={}]"
 GONE = "variables from earlier cells are gone"
@@ -282,3 +282,20 @@ def test_restart_readopts_sessions_without_duplicates(backend, make_service, doc
         assert alive([orphan_entry["pid"]]) == []
     else:
         assert docker_cleanup(orphan_id) == []
+
+
+def test_a_kernel_that_cannot_start_in_its_sandbox_is_a_503(make_service):
+    """The session's kernel cannot be set up in its sandbox (here: its interpreter is
+    missing): 503 JSON with the launcher's words, and no kernel or session left."""
+    service = make_service(KERNEL_PYTHON="/nonexistent/python")
+    resp = service.exec("u-broken", "s1", "print(1)")
+    assert resp.status_code == 503, resp.text
+    out = resp.json()
+    assert out["status"] == "error"
+    assert "exec '/nonexistent/python' failed" in out["reason"], out
+    assert "no kernel could be started" in out["text"]
+    assert service.sessions("u-broken") == []
+    assert service.kernels() == []
+    assert kernel_leftovers(service.state) == dict.fromkeys(
+        ("registry entries", "kernel dirs", "cgroups", "processes", "containers"), 0
+    )

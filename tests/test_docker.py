@@ -12,11 +12,11 @@ import os
 import psutil
 import pytest
 
-from limited_provisioner import LimitConfigError, SandboxUnavailableError
+from limited_provisioner import LimitConfigError, SandboxStartError, SandboxUnavailableError
 from limited_provisioner.docker import LABEL_PREFIX
 
-from .conftest import TEST_OWNER, run
-from .harness import containers_of
+from .conftest import NOTHING_LEFT, TEST_OWNER, run
+from .harness import containers_of, kernel_leftovers
 
 DOCKER = "limited-docker-provisioner"
 SMALL = {"mem_limit": "256M", "cpu_limit": 1, "pids_limit": 64, "nofile_limit": 256,
@@ -155,6 +155,44 @@ async def test_invalid_mount_is_refused_before_create(start_kernel, docker_clien
     assert docker_client.containers.list(
         all=True, filters={"label": f"{LABEL_PREFIX}owner={TEST_OWNER}"}
     ) == []
+
+
+async def test_a_container_that_cannot_start_is_a_start_error(start_kernel, own_state):
+    """The daemon cannot run the container (CPUs this host does not have):
+    SandboxStartError with the daemon's words, and nothing left."""
+    with pytest.raises(SandboxStartError) as info:
+        await start_kernel(
+            {**SMALL, "extra_create_kwargs": {"cpuset_cpus": "1023"}}, provisioner=DOCKER
+        )
+    assert "could not be started in its container" in str(info.value), info.value
+    assert info.value.reason and info.value.reason in str(info.value)
+    assert kernel_leftovers(own_state) == NOTHING_LEFT
+
+
+async def test_a_restart_the_daemon_refuses_is_a_dead_kernel_with_the_reason(
+    docker_kernel, own_state
+):
+    """Counted by the restarter (restart_limit), not retried forever: the restart returns
+    a kernel that died at once, with the daemon's words as its exit reason."""
+    km, _ = await docker_kernel()
+    km.provisioner.extra_create_kwargs = {"cpuset_cpus": "1023"}
+    await km.restart_kernel(now=True)
+    assert not await km.is_alive()
+    assert "Requested CPUs are not available" in (km.provisioner.exit_reason or "")
+    await km.shutdown_kernel(now=True)
+    assert kernel_leftovers(own_state) == NOTHING_LEFT
+
+
+async def test_a_kernel_command_missing_in_the_image_fails_the_start(start_kernel, own_state):
+    """The container starts but its command does not exist there: the start raises with
+    the exit status and the container's output; no container is left, no restarts."""
+    with pytest.raises(SandboxStartError) as info:
+        await start_kernel(SMALL, provisioner=DOCKER, argv=[
+            "/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}",
+        ])
+    assert "container exited with status 127" in info.value.reason, info.value
+    assert "not runnable in image" in info.value.reason
+    assert kernel_leftovers(own_state) == NOTHING_LEFT
 
 
 async def test_work_dir_past_disk_limit_stops_the_container(docker_kernel, docker_client):

@@ -9,12 +9,25 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from jupyter_client.manager import AsyncKernelManager
 
-from limited_provisioner import KernelLimitError, LimitedProcessProvisioner
+from limited_provisioner import (
+    KernelLimitError,
+    LimitedProcessProvisioner,
+    SandboxStartError,
+    SandboxUnavailableError,
+    uids,
+)
 from limited_provisioner.registry import Registry
 
-from .conftest import run
-from .harness import HostWatch, alive
+from .conftest import NOTHING_LEFT, run
+from .harness import (
+    HostWatch,
+    alive,
+    kernel_leftovers,
+    kill_kernel_leftovers,
+    write_kernelspec,
+)
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="hard limits need root (cgroups, namespaces)")
@@ -326,3 +339,81 @@ async def test_kernel_past_mem_limit_is_oom_killed_with_the_reason(start_kernel)
         await asyncio.sleep(0.25)
     assert not await km.is_alive()
     assert prov.exit_reason.startswith("memory limit 256M exceeded"), prov.exit_reason
+
+
+# -- a start that fails in the sandbox -----------------------------------------------------
+
+BROKEN_ARGV = ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+@needs_root
+@pytest.mark.parametrize(
+    "case", ["missing interpreter", "work dir it cannot enter", "kernel exits at start"]
+)
+async def test_a_start_that_fails_in_the_sandbox_raises_and_leaves_nothing(
+    jupyter_path, own_state, case
+):
+    """jupyter_client's start_kernel raises the launcher's (or the dead kernel's) own
+    words, and everything reserved for the kernel (entry, dir, cgroups, uid lease) is
+    gone with it."""
+    locked = Path(tempfile.mkdtemp(prefix="lp-locked-", dir="/var/lib"))  # 0700, root's
+    try:
+        if case == "missing interpreter":
+            write_kernelspec(jupyter_path, "broken", {}, argv=BROKEN_ARGV)
+            start: dict = {}
+            said = "exec '/nonexistent/python' failed"
+        elif case == "work dir it cannot enter":
+            write_kernelspec(jupyter_path, "broken", {"private_work_dir": False})
+            start = {"cwd": str(locked)}
+            said = f"cannot enter work dir {locked}"
+        else:  # past the sandbox: e.g. an interpreter that finds no ipykernel there
+            write_kernelspec(jupyter_path, "broken", {}, argv=[
+                "/bin/sh", "-c", "echo No module named lp_probe >&2; exit 3", "{connection_file}",
+            ])
+            start = {}
+            said = "exited with status 3); its last output:\nNo module named lp_probe"
+        km = AsyncKernelManager(kernel_name="broken")
+        with pytest.raises(SandboxStartError) as raised:
+            await km.start_kernel(**start)
+    finally:
+        shutil.rmtree(locked, ignore_errors=True)
+    assert said in str(raised.value) and said in raised.value.reason
+    assert isinstance(raised.value, SandboxUnavailableError)
+    assert not km.has_kernel
+    assert [lease for lease in uids.leases() if lease["kernel_id"] == km.kernel_id] == []
+    assert kernel_leftovers(own_state, [km.kernel_id]) == NOTHING_LEFT
+    assert km.provisioner.limit_trips[-1]["kind"] == "sandbox"
+
+
+
+
+
+@needs_root
+async def test_a_restart_that_fails_in_the_sandbox_is_a_dead_kernel_with_the_reason(
+    jupyter_path, own_state
+):
+    """The work dir became one the kernel's uid cannot enter: the restart gives a kernel
+    that died at once, with the launcher's words as its exit reason (jupyter_client's
+    restarter counts such restarts against restart_limit; one that raised it would retry
+    forever); shutting down releases it all."""
+    work = Path(tempfile.mkdtemp(prefix="lp-work-", dir="/var/lib"))
+    write_kernelspec(jupyter_path, "movable", {"private_work_dir": False})
+    km = AsyncKernelManager(kernel_name="movable")
+    try:
+        work.chmod(0o777)
+        await km.start_kernel(cwd=str(work))
+        work.chmod(0o700)
+        await km.restart_kernel(now=True)
+        for _ in range(100):
+            if not await km.is_alive():
+                break
+            await asyncio.sleep(0.05)
+        assert not await km.is_alive()
+        reason = km.provisioner.exit_reason or ""
+        assert reason.startswith("sandbox setup failed") and f"cannot enter work dir {work}" in reason
+        await km.shutdown_kernel(now=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        kill_kernel_leftovers(km.kernel_id)
+    assert kernel_leftovers(own_state, [km.kernel_id]) == NOTHING_LEFT
+    assert [lease for lease in uids.leases() if lease["kernel_id"] == km.kernel_id] == []

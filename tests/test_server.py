@@ -19,12 +19,13 @@ from tornado.websocket import websocket_connect
 
 from limited_provisioner.registry import Registry
 
-from .conftest import backends
+from .conftest import NOTHING_LEFT, backends
 from .harness import (
     JUPYTER_CONFIG,
     TOKEN,
     JupyterServer,
     alive,
+    kernel_leftovers,
     kernel_processes,
     kernel_ws_url,
     kill_kernel_leftovers,
@@ -36,10 +37,10 @@ from .harness import (
 
 
 @contextlib.asynccontextmanager
-async def running_server(tmp_path, env=None):
+async def running_server(tmp_path, env=None, root_dir=None):
     """A jupyter_server subprocess on a free port; stopped (by pid) and its kernels
     removed afterwards, even when the test failed. Yields (base_url, client, kernel_ids)."""
-    server = JupyterServer(tmp_path, env or {**os.environ})
+    server = JupyterServer(tmp_path, env or {**os.environ}, root_dir=root_dir)
     await server.start()
     started_kernels: list[str] = []
     try:
@@ -304,3 +305,74 @@ async def test_the_first_cell_after_a_limit_kill_gets_its_output(
                 break
             await asyncio.sleep(0.1)
         assert await state() == "idle"
+
+
+async def test_a_kernel_that_cannot_start_in_its_sandbox_is_a_503(tmp_path, jupyter_path):
+    """POST /api/kernels answers 503 with the launcher's words, at once: no 201 for a
+    kernel that then dies five times in the restarter, and nothing left behind."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    write_kernelspec(jupyter_path, "broken", {},
+                     argv=["/nonexistent/python", "-m", "ipykernel_launcher", "-f",
+                           "{connection_file}"])
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
+           "LIMITED_PROVISIONER_STATE_DIR": str(state)}
+    try:
+        async with running_server(tmp_path, env) as (base, client, _):
+            resp = await client.fetch(
+                HTTPRequest(f"{base}/api/kernels?token={TOKEN}", method="POST",
+                            body=json.dumps({"name": "broken"})),
+                raise_error=False,
+            )
+            assert resp.code == 503, resp.body
+            assert resp.reason == "Kernel failed to start"
+            body = json.loads(resp.body)
+            assert "exec '/nonexistent/python' failed" in body["message"], body
+            listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
+            assert listed == []
+            assert kernel_leftovers(state) == NOTHING_LEFT
+            await asyncio.sleep(1)  # a restarter, had one been started, would try now
+            logs = "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
+            assert "restarting kernel" not in logs
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_restarts_that_fail_in_the_sandbox_end_after_restart_limit(tmp_path, jupyter_path):
+    """A kernel dies and its work dir has become one its uid cannot enter: each restart
+    fails in the launcher. The restarter counts them (no endless retries), gives up after
+    restart_limit, and the kernel's reservations are released."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    notebooks = state / "notebooks"
+    notebooks.mkdir(mode=0o777)
+    notebooks.chmod(0o777)
+    write_kernelspec(jupyter_path, "shared-dir", {"private_work_dir": False})
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
+           "LIMITED_PROVISIONER_STATE_DIR": str(state)}
+    registry = Registry(state)
+    try:
+        async with running_server(tmp_path, env, root_dir=notebooks) as (base, client, started):
+            resp = await client.fetch(HTTPRequest(
+                f"{base}/api/kernels?token={TOKEN}", method="POST",
+                body=json.dumps({"name": "shared-dir", "path": ""})))  # cwd: the root dir
+            kid = json.loads(resp.body)["id"]
+            started.append(kid)
+            assert (await ws_execute_text(base, kid, "import os; print(os.getcwd())")).strip() \
+                == str(notebooks)
+            notebooks.chmod(0o700)
+            for pid in kernel_processes([kid]):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(240):
+                if registry.read(kid) is None:
+                    break
+                await asyncio.sleep(0.25)
+            assert registry.read(kid) is None, registry.read(kid)
+            logs = "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
+            assert "restarting kernel (5/5)" in logs and "(6/5)" not in logs
+            assert f"cannot enter work dir {notebooks}" in logs
+            listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
+            assert kid not in [k["id"] for k in listed]
+            assert kernel_leftovers(state, [kid]) == NOTHING_LEFT
+    finally:
+        for entry in registry.entries():
+            kill_kernel_leftovers(entry["kernel_id"], set())
+        shutil.rmtree(state, ignore_errors=True)

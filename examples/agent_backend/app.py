@@ -155,7 +155,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/exec",
         response_model=ExecResponse,
-        responses={429: {"model": ExecResponse, "description": "status limit_refused"}},
+        responses={
+            429: {"model": ExecResponse, "description": "status limit_refused"},
+            503: {"model": ExecResponse, "description": "no kernel could be started (reason)"},
+        },
     )
     async def execute(
         request: ExecRequest, user: Annotated[str, Depends(current_user)]

@@ -50,6 +50,9 @@ class Settings:
     state_dir: str = field(default_factory=_default_state_dir)
     server_id: str = ""
     kernel_name: str = "agent-python"
+    # The process backend's kernel interpreter: a venv with the packages the agent may
+    # use, anywhere (under /tmp, behind a 0700 dir: the sandbox exposes it read-only).
+    kernel_python: str = sys.executable
     image: str | None = None
     mem_limit: str = "512M"
     cpu_limit: str = "1"
@@ -85,6 +88,7 @@ class Settings:
             or defaults.state_dir,
             server_id=_env("SERVER_ID", "") or "",
             kernel_name=_env("KERNEL_NAME", defaults.kernel_name),
+            kernel_python=_env("KERNEL_PYTHON", defaults.kernel_python),
             image=_env("IMAGE", None),
             mem_limit=_env("MEM_LIMIT", defaults.mem_limit),
             cpu_limit=_env("CPU_LIMIT", defaults.cpu_limit),
@@ -148,4 +152,4 @@ class Settings:
         if self.backend == "docker":
             # The command inside the image: its own interpreter.
             return ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        return [self.kernel_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]

@@ -21,7 +21,7 @@ from typing import Any
 from traitlets import Dict, List, Unicode, default, validate
 
 from ..enforcement import container_plan
-from ..errors import AdoptionError, LimitConfigError, SandboxUnavailableError
+from ..errors import AdoptionError, LimitConfigError, SandboxStartError, SandboxUnavailableError
 from ..kernel_env import CONTAINER_ENV_KEEP
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
@@ -192,7 +192,21 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         )
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
-        """Create and start the container; called by KernelManager after pre_launch."""
+        """Create and start the container; called by KernelManager after pre_launch.
+
+        A container that cannot start raises :class:`SandboxStartError` with the
+        runtime's message; on any failure what pre_launch reserved is released first. On
+        a restart it is a kernel that died at once instead, for the restarter to count.
+        """
+        try:
+            return await self._launch(cmd, kwargs)
+        except BaseException:
+            await self._abandon_start()
+            raise
+
+    async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> Any:
+        import docker.errors
+
         assert self.kdir is not None
         work = str(self.kdir.work)
         env = self._kernel_env(kwargs.get("env"))
@@ -200,8 +214,21 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         create = create_kwargs(self._container_spec(cmd, env))
         try:
             self.container_id = await self.docker.run(self.docker.start_container, create)
+        except docker.errors.APIError as e:
+            # Created but not started (a command missing in the image, a mount refused):
+            # nothing half-started stays behind.
+            await self.docker.run(self.docker.remove_container, create["name"])
+            reason = str(e.explanation or e)
+            self.record_trip("sandbox", f"container failed to start: {reason}")
+            if self._restarting:
+                # A kernel that died at once, for the restarter to count against
+                # restart_limit (a restart that raises is retried forever): the removed
+                # container reads as exited (poll).
+                self.container_id, self.exit_code = create["name"], None
+                return self.connection_info
+            msg = f"Kernel {self.kernel_id} could not be started in its container: {reason}"
+            raise SandboxStartError(msg, reason=reason) from e
         except Exception:
-            # Nothing half-started: a container that was created but failed to start.
             await self.docker.run(self.docker.remove_container, create["name"])
             raise
         self.exit_code = None
@@ -268,6 +295,15 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             if self.exit_reason and self.exit_reason.startswith("container exited"):
                 await self._log_container_tail()
         return self.exit_code
+
+    async def _start_output(self) -> str:
+        import docker.errors
+
+        try:
+            tail = await self.docker.acall("logs", self.container_id, tail=20)
+        except docker.errors.APIError:
+            return ""  # already removed
+        return tail[-4096:].decode(errors="replace")
 
     async def _log_container_tail(self) -> None:
         """Put the dead container's last output in the server log before it is removed."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 
 READ_CHUNK = 64 * 1024
 TAIL_BYTES = 2048
@@ -65,6 +66,13 @@ class KernelLog:
                         f"is dropped\n".encode(),
                     )
         self.dropped += len(data) - max(0, min(room, len(data)))
+
+    async def drained(self, timeout: float = 1.0) -> None:
+        """Wait, at most ``timeout``, until every writer is gone and all it wrote is in the
+        file (a descendant of the kernel may still hold the pipe: then what came so far)."""
+        deadline = time.monotonic() + timeout
+        while self._read_fd >= 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def tail(self) -> str:
         """The last few lines the kernel wrote (for the server log when it dies)."""

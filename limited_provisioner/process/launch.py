@@ -8,6 +8,10 @@ runs threads), and an error here is a clean exit with a message instead of a
 half-forked server.  It is run by path, without site, and imports nothing but the
 standard library: importing the package (and jupyter_client) would cost ~0.2 s a start.
 
+The server learns whether the sandbox was set up through ``status_fd`` (a pipe's write
+end): its message if the launch fails here, EOF once the kernel command is exec'd (the
+fd is close-on-exec), so a failed start is an error of the start, not a dead kernel.
+
 Order matters: join cgroups and unshare namespaces while still root, set rlimits,
 drop supplementary groups, gid, then uid, forbid regaining privileges, then exec.
 
@@ -26,6 +30,7 @@ import json
 import os
 import resource
 import signal
+import stat
 import sys
 
 CLONE_NEWNS = 0x00020000
@@ -36,18 +41,21 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_BIND = 0x1000
-MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 EXIT_SANDBOX_FAILED = 121
+# The most of a failure message the server reads from ``status_fd``.
+STATUS_LIMIT = 4096
 
 # The new mount API (Linux >= 5.12).  Syscalls numbered from 424 on are the same on
 # every architecture but alpha.
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
+SYS_OPENAT2 = 437
+RESOLVE_NO_SYMLINKS = 0x04
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
@@ -80,10 +88,41 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+# The write end of the server's status pipe, while this process holds it.
+_status_fd: int | None = None
+
+
 def _fail(message: str) -> None:
     sys.stderr.write(f"limited-provisioner: cannot start kernel: {message}\n")
     sys.stderr.flush()
+    if _status_fd is not None:
+        try:
+            os.write(_status_fd, message.encode(errors="replace")[:STATUS_LIMIT])
+        except OSError:
+            pass  # the server gave up waiting: kernel.log has the message
     os._exit(EXIT_SANDBOX_FAILED)
+
+
+def _hold_status_fd(spec: dict) -> None:
+    """Keep the status pipe for :func:`_fail`; close-on-exec, so the kernel never gets it
+    and the server reads EOF the moment the kernel command runs."""
+    global _status_fd
+    fd = spec.get("status_fd")
+    if fd is not None:
+        os.set_inheritable(fd, False)
+        _status_fd = fd
+
+
+def _release_status_fd() -> None:
+    """The isolate supervisor's copy: only the child, which execs the kernel, keeps one."""
+    global _status_fd
+    if _status_fd is not None:
+        os.close(_status_fd)
+        _status_fd = None
 
 
 def _check(result: int, what: str) -> int:
@@ -129,26 +168,95 @@ def _attach_tree(libc: ctypes.CDLL, what: str, tree: int, dirfd: int, path: str)
     os.close(tree)
 
 
-def _expose(libc: ctypes.CDLL, copies: dict[str, str | int], blockers: set[str],
-            flags: int) -> None:
-    """Make each ``path`` of ``copies`` reachable for the kernel's uid when an ancestor
-    (a blocker, e.g. a 0700 /root holding a pyenv interpreter) is not traversable by
-    others: cover each blocker with an empty tmpfs (the kernel sees none of its other
-    contents), then put ``path`` back from its copy, made before.
+def _open_exact(libc: ctypes.CDLL, path: str, what: str) -> int:
+    """An ``O_PATH`` handle on ``path`` that followed no symlink on the way.
 
-    The copy is a stage dir ``path`` is bound to (plain launch: needs no Linux >= 5.12)
-    or, with isolate, a detached mount: a stage dir could not be removed from the
-    read-only host file system there.
+    Exposed paths are real paths checked by the server; a component another user owns
+    could have been swapped for a symlink since (to a dir only root may reach): refused.
     """
-    for blocker in sorted(blockers):
-        _mount(libc, "tmpfs", blocker, "tmpfs", flags, "mode=0755,size=1m")
-    for path, copy in copies.items():
-        os.makedirs(path, exist_ok=True)
-        if isinstance(copy, int):
-            _attach_tree(libc, path, copy, AT_FDCWD, path)
-        else:
-            _mount(libc, copy, path, None, MS_MOVE)
-            os.rmdir(copy)
+    # No O_NOFOLLOW: with O_PATH it would open a final symlink itself, as a handle on the
+    # link; RESOLVE_NO_SYMLINKS refuses it (ELOOP) like any other.
+    how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+    fd = libc.syscall(SYS_OPENAT2, AT_FDCWD, path.encode(), ctypes.byref(how),
+                      ctypes.c_size_t(ctypes.sizeof(how)))
+    return _check(fd, f"open {what} {path} without following symlinks")
+
+
+def _clone_exposed(libc: ctypes.CDLL, exposures: dict[str, str]) -> dict[str, int]:
+    """A detached, read-only copy of each exposed path (an interpreter, a venv, a
+    PYTHONPATH entry), taken before the scratch tmpfs and the covers hide it."""
+    trees = {}
+    for path in sorted(exposures):
+        fd = _open_exact(libc, path, "exposed path")
+        tree = _clone_tree(libc, path, fd, "", AT_EMPTY_PATH | AT_RECURSIVE)
+        os.close(fd)
+        # Read-only even where the host's mount is not (the plain launch): the kernel
+        # reads an interpreter it never writes.
+        _mount_setattr(libc, path, tree, "", AT_EMPTY_PATH | AT_RECURSIVE,
+                       attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+        trees[path] = tree
+    return trees
+
+
+def _mount_point(top: int, parts: list[str], is_dir: bool) -> int:
+    """Create ``parts`` beneath ``top`` (a tmpfs of ours nobody else has seen): traversable
+    dirs, a dir or an empty file at the end; a handle on the last one."""
+    fd = top
+    for i, name in enumerate(parts):
+        last = i == len(parts) - 1
+        try:
+            if last and not is_dir:
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644,
+                                 dir_fd=fd))
+            else:
+                os.mkdir(name, 0o755, dir_fd=fd)
+        except FileExistsError:
+            pass  # a parent of two exposed paths
+        flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+        if not last or is_dir:
+            flags |= os.O_DIRECTORY
+        child = os.open(name, flags, dir_fd=fd)
+        if fd != top:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+def _expose(libc: ctypes.CDLL, trees: dict[str, int], exposures: dict[str, str],
+            fresh: set[str], flags: int) -> None:
+    """Put each exposed path back where it was, read-only, for the kernel's uid.
+
+    ``exposures`` maps each path to its top: a scratch dir (``fresh``: our tmpfs is
+    already there) or a dir the kernel's uid cannot enter (a 0700 /root holding a pyenv
+    interpreter), which gets an empty tmpfs (the kernel sees none of its other
+    contents; it could not have read them anyway).  Inside the top, a skeleton of
+    traversable dirs leads to each path's mount point.
+    """
+    old_umask = os.umask(0o022)
+    tops = sorted(set(exposures.values()))
+    for top in tops:
+        if top not in fresh:
+            fd = _open_exact(libc, top, "dir to cover")
+            _mount(libc, "tmpfs", f"/proc/self/fd/{fd}", "tmpfs", flags, "mode=0755,size=1m")
+            os.close(fd)
+    for path, tree in trees.items():
+        top = exposures[path]
+        top_fd = _open_exact(libc, top, "the dir above exposed path")
+        parts = os.path.relpath(path, top).split("/")
+        if ".." in parts or parts == ["."]:
+            _fail(f"exposed path {path} does not lie beneath {top}")
+        try:
+            leaf = _mount_point(top_fd, parts, stat.S_ISDIR(os.fstat(tree).st_mode))
+        except OSError as e:
+            _fail(f"cannot make a mount point for {path} under {top}: {e}")
+        _check(libc.syscall(SYS_MOVE_MOUNT, tree, b"", leaf, b"",
+                            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+               f"move_mount {path}")
+        for fd in (tree, leaf, top_fd):
+            os.close(fd)
+    # The covers stay writable for root only (0755): a writable dir of the kernel under
+    # one is recreated there next (_bind_writable).
+    os.umask(old_umask)
 
 
 def _is_under(path: str, top: str) -> bool:
@@ -220,16 +328,14 @@ def _mount_isolated(libc: ctypes.CDLL, spec: dict) -> None:
     _mount_setattr(libc, "/ read-only", AT_FDCWD, "/", AT_RECURSIVE,
                    attr_set=MOUNT_ATTR_RDONLY)
     exposures = spec.get("expose") or {}
-    # Copied (read-only now) before the tmpfs mounts, which may cover them: a blocker
-    # can be a scratch dir, for an interpreter under /tmp.
-    exposed = {path: _clone_tree(libc, path, AT_FDCWD, path, AT_RECURSIVE)
-               for path in sorted(exposures)}
+    # Copied before the tmpfs mounts, which may cover them (a venv under /tmp).
+    trees = _clone_exposed(libc, exposures)
     _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     tmpfs = spec.get("tmpfs") or {}
     for target, options in tmpfs.items():
         _mount(libc, "tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
-    if exposed:
-        _expose(libc, exposed, set(exposures.values()) - set(tmpfs), MS_NOSUID | MS_NODEV)
+    if trees:
+        _expose(libc, trees, exposures, set(tmpfs), MS_NOSUID | MS_NODEV)
 
     ours = ["/proc", *(os.path.realpath(p) for p in [*tmpfs, *exposures.values()])]
     _bind_writable(libc, writable, ours)
@@ -288,19 +394,15 @@ def apply(spec: dict) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if spec.get("unshare_net"):
         _unshare(libc, CLONE_NEWNET, "network")
-    tmpfs = spec.get("tmpfs")
-    exposures = spec.get("expose")
+    tmpfs = spec.get("tmpfs") or {}
+    exposures = spec.get("expose") or {}
     if tmpfs or exposures:
         _unshare(libc, CLONE_NEWNS, "mount")
-        for target, options in (tmpfs or {}).items():
+        trees = _clone_exposed(libc, exposures)
+        for target, options in tmpfs.items():
             _mount(libc, "tmpfs", target, "tmpfs", 0, options)
-        if exposures:
-            staged: dict[str, str | int] = {}  # bound aside before the blockers are covered
-            for i, path in enumerate(sorted(exposures)):
-                staged[path] = stage = os.path.join(spec["stage_dir"], f".expose{i}")
-                os.makedirs(stage, exist_ok=True)
-                _mount(libc, path, stage, None, MS_BIND | MS_REC)
-            _expose(libc, staged, set(exposures.values()), 0)
+        if trees:
+            _expose(libc, trees, exposures, set(tmpfs), 0)
 
     _limit_and_drop(libc, spec)
 
@@ -324,6 +426,7 @@ def apply_isolated(spec: dict) -> None:
     child = os.fork()
     if child:
         os.close(parent_alive)
+        _release_status_fd()
         _supervise(libc, spec, child)
     os.close(parent_holds)
     # Python's SIGINT handler would turn an interrupt during setup into a traceback; as
@@ -385,6 +488,7 @@ def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[1] != "--":
         _fail("usage: launch.py SPEC_JSON -- CMD...")
     spec = json.loads(argv[0])
+    _hold_status_fd(spec)
     cmd = argv[2:]
     if spec.get("isolate"):
         apply_isolated(spec)

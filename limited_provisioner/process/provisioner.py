@@ -34,7 +34,7 @@ from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float, Int
 
 from ..enforcement import CGROUP, process_plan
-from ..errors import LimitConfigError
+from ..errors import LimitConfigError, SandboxStartError
 from ..kernel_env import BLAS_THREADS
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
@@ -43,10 +43,13 @@ from ..watchdog import KERNEL_ID_ENV, dir_usage, tree_pids
 from . import launch as _launch
 from .adopted import AdoptedProcess
 from .cgroups import KernelCgroups
+from .interpreter import interpreter_paths
 from .kernel_log import KernelLog
+from .launch_status import LaunchStatus
 from .sandbox import (
     PRIVATE_SCRATCH,
     can_unshare_net,
+    exposures,
     host_scratch_dirs,
     launch_spec,
     scratch_parent,
@@ -120,7 +123,21 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         """Start the kernel through ``launch.py`` (which applies the sandbox, then execs),
-        then check and connect its sockets (``_open_kernel_door``)."""
+        then check and connect its sockets (``_open_kernel_door``).
+
+        A first start that fails (the sandbox cannot be set up, the kernel exits before
+        opening its sockets, its sockets fail their check) raises SandboxStartError or
+        SandboxUnavailableError; what pre_launch reserved is released first
+        (``_abandon_start``). A restart whose sandbox cannot be set up returns a kernel that
+        died at once, for the restarter to count.
+        """
+        try:
+            return await self._launch(cmd, kwargs)
+        except BaseException:
+            await self._abandon_start()
+            raise
+
+    async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> Any:
         assert self.kdir is not None
         work = str(self.kdir.work)
         if self.private_work_dir:
@@ -134,25 +151,76 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             for name in BLAS_THREADS:
                 env.setdefault(name, str(max(1, int(self.limits.cpu_limit))))
         kwargs["env"] = env
-        argv0 = self.kernel_spec.argv[0] if self.kernel_spec and self.kernel_spec.argv else ""
-        spec = launch_spec(
-            self.limits, self.plan, cwd=kwargs.get("cwd") or work,
-            cgroup_procs=self.cgroups.procs_files if self.cgroups else [],
-            netns=self._netns, nice=self.kernel_nice, uid=self.uid, gid=self.gid,
-            isolated=self._isolate, writable=[work, str(self.kdir.conn), str(self.kdir.sock)],
-            stage_dir=str(self.kdir.path), argv0=argv0,
+        # cmd, not the kernelspec's argv: jupyter_client has replaced a bare "python"
+        # by the server's own interpreter.
+        expose: dict[str, str] = {}
+        if self._isolate:
+            try:
+                expose = await asyncio.to_thread(self._interpreter_exposures, cmd, env)
+            except SandboxStartError as e:
+                if not self._restarting:
+                    raise
+                # See below: a restart fails as a dead kernel, which the launcher's exec
+                # (or the kernel) will make of it without the exposures.
+                self.record_trip("sandbox", e.reason)
+        status = LaunchStatus()
+        try:
+            spec = launch_spec(
+                self.limits, self.plan, cwd=kwargs.get("cwd") or work,
+                cgroup_procs=self.cgroups.procs_files if self.cgroups else [],
+                netns=self._netns, nice=self.kernel_nice, uid=self.uid, gid=self.gid,
+                isolated=self._isolate, writable=[work, str(self.kdir.conn), str(self.kdir.sock)],
+                expose=expose, status_fd=status.write_fd,
+            )
+            # Run the launcher by path, isolated and without site: it needs only the
+            # stdlib, and importing our package (and jupyter_client) would cost ~0.2 s.
+            wrapped = [sys.executable, "-I", "-S", _launch.__file__, json.dumps(spec), "--", *cmd]
+            kwargs["pass_fds"] = (status.write_fd,)
+            connection_info = await self._start_launcher(wrapped, kwargs)
+            status.launched()
+            failure = await status.failure()
+        finally:
+            status.close()
+        if failure is not None and not self._restarting:
+            self.record_trip("sandbox", f"sandbox setup failed: {failure}")
+            msg = (
+                f"Kernel {self.kernel_id} could not be started in its sandbox: {failure}"
+            )
+            raise SandboxStartError(msg, reason=failure)
+        await self._record_running(
+            cgroups=sorted(self.cgroups.paths) if self.cgroups else [],
+            launch_cwd=str(kwargs.get("cwd") or ""), disk_baseline=list(self._baseline),
         )
-        # Run the launcher by path, isolated and without site: it needs only the
-        # stdlib, and importing our package (and jupyter_client) would cost ~0.2 s.
-        wrapped = [sys.executable, "-I", "-S", _launch.__file__, json.dumps(spec), "--", *cmd]
+        if failure is not None:
+            # A restart whose setup failed is a kernel that died at once (_note_exit says
+            # why): jupyter_client's restarter counts that against restart_limit, while
+            # a restart that raises is not counted and would be retried forever.
+            return connection_info
+        if self.plan.uses("cpu_limit", CGROUP) and self.cpu_startup_grace > 0:
+            self._cpu_task = asyncio.ensure_future(self._apply_cpu_quota_later())
+        await self._open_kernel_door()
+        # Only now: a kernel that bound its sockets has joined its cgroups, so a trip
+        # (dirs left over the limit by the previous process) kills the whole tree.
+        self._start_process_watchdog(self._baseline)
+        self.log.info(
+            "Kernel %s started as pid %s with %s [%s]", self.kernel_id, self.pid,
+            self.limits.describe(), self.describe_enforcement(),
+        )
+        return connection_info
+
+    _baseline: tuple[int, int] = (0, 0)
+
+    async def _start_launcher(self, wrapped: list[str], kwargs: dict[str, Any]) -> Any:
+        """Popen the launcher (LocalProvisioner.launch_kernel), its output to kernel.log."""
+        assert self.kdir is not None
         if self.private_work_dir:
-            baseline = await self._carried_over_usage()
+            self._baseline = await self._carried_over_usage()
         elif self.limits.disk_limit or self.limits.files_limit:
             # Only growth past what the notebook's dir already holds is counted.
             usage = await asyncio.to_thread(dir_usage, self.work_dir, 200_000)
-            baseline = (usage.bytes, usage.files)
+            self._baseline = (usage.bytes, usage.files)
         else:
-            baseline = (0, 0)
+            self._baseline = (0, 0)
         # Independent: no JPY_PARENT_PID, so the kernel outlives a crashed server and can
         # be re-adopted (recovery.py) instead of dying with it.
         kwargs["independent"] = True
@@ -169,21 +237,34 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             self.kernel_log.start()
         self.exit_reason = self.exit_kind = None
         self._shutting_down = False
-        await self._record_running(
-            cgroups=sorted(self.cgroups.paths) if self.cgroups else [],
-            launch_cwd=str(kwargs.get("cwd") or ""), disk_baseline=list(baseline),
-        )
-        if self.plan.uses("cpu_limit", CGROUP) and self.cpu_startup_grace > 0:
-            self._cpu_task = asyncio.ensure_future(self._apply_cpu_quota_later())
-        await self._open_kernel_door()
-        # Only now: a kernel that bound its sockets has joined its cgroups, so a trip
-        # (dirs left over the limit by the previous process) kills the whole tree.
-        self._start_process_watchdog(baseline)
-        self.log.info(
-            "Kernel %s started as pid %s with %s [%s]", self.kernel_id, self.pid,
-            self.limits.describe(), self.describe_enforcement(),
-        )
         return connection_info
+
+    def _interpreter_exposures(self, cmd: list[str], env: dict[str, str]) -> dict[str, str]:
+        """The interpreter's paths the isolated kernel could not see by itself
+        (sandbox.exposures); what is left out is logged."""
+        expose, notes = exposures(interpreter_paths(cmd, env))
+        for note in notes:
+            self.log.warning("Kernel %s: %s", self.kernel_id, note)
+        return expose
+
+    async def _start_output(self) -> str:
+        if self.kernel_log is None:
+            return ""
+        await self.kernel_log.drained()
+        return self.kernel_log.tail()
+
+    async def _abandon_start(self) -> None:
+        """The base's, with the launcher reaped before the release: a failed start leaves
+        no process (``has_process`` false: jupyter_client's manager holds no kernel) and
+        no zombie in the cgroups about to be removed."""
+        self._shutting_down = True
+        try:
+            await self.kill()
+            if self.process is not None:
+                await asyncio.wait_for(self.wait(), 10)
+        except Exception:  # releasing the rest matters more
+            self.log.exception("Kernel %s: stopping a failed start", self.kernel_id)
+        await self.cleanup(restart=self._restarting)
 
     def _start_process_watchdog(self, baseline: tuple[int, int]) -> None:
         paths = self.cgroups.paths if self.cgroups is not None else {}

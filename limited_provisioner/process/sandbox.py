@@ -9,13 +9,14 @@ filesystem looks like), so they are tested without starting anything.
 from __future__ import annotations
 
 import os
-import shutil
-import sys
+import stat
 from pathlib import Path
 from typing import Any
 
 from ..enforcement import NICE, RLIMIT, EnforcementPlan
+from ..errors import SandboxStartError
 from ..limits import DATA_RLIMIT_HEADROOM, Limits
+from .interpreter import Needed
 
 # World-writable host directories: each kernel gets a private, size-capped tmpfs in their
 # place, so nothing it writes there is shared with the host or outlives it.
@@ -33,7 +34,7 @@ def host_scratch_dirs() -> list[str]:
 def untraversable_ancestor(path: str) -> str | None:
     """The highest ancestor of ``path`` that other users cannot enter, if any."""
     parts = Path(path).parts
-    for i in range(2, len(parts) + 1):
+    for i in range(2, len(parts)):
         ancestor = Path(*parts[:i])
         try:
             mode = ancestor.stat().st_mode
@@ -42,19 +43,6 @@ def untraversable_ancestor(path: str) -> str | None:
         if not mode & 0o001:
             return str(ancestor)
     return None
-
-
-def exposures_for(paths: list[str]) -> dict[str, str]:
-    """``{path: blocker}`` for interpreter paths a kernel uid could not reach."""
-    result: dict[str, str] = {}
-    for path in sorted({os.path.realpath(p) for p in paths if p}):
-        blocker = untraversable_ancestor(path)
-        if blocker is None or blocker == path:
-            continue
-        if any(path.startswith(done + os.sep) for done in result):
-            continue  # already exposed through a parent
-        result[path] = blocker
-    return result
 
 
 def scratch_parent(path: str) -> str | None:
@@ -66,27 +54,76 @@ def scratch_parent(path: str) -> str | None:
     return None
 
 
-def interpreter_paths(argv0: str) -> list[str]:
-    """Install locations the kernel process must be able to read."""
-    found = shutil.which(argv0) if argv0 else None
-    paths = [sys.prefix, sys.base_prefix, os.path.dirname(found or "")]
-    real = os.path.realpath(found or argv0) if argv0 else ""
-    if real:
-        paths.append(os.path.dirname(os.path.dirname(real)))  # <prefix>/bin/python
-    return paths
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def exposures(paths: list[str]) -> dict[str, str]:
-    """Interpreter paths to bind into the kernel's view: those behind a dir its uid
-    cannot enter, and those in a scratch dir the private tmpfs would hide."""
-    expose = exposures_for(paths)
-    for path in sorted({os.path.realpath(p) for p in paths if p}):
+def exposures(needed: list[Needed]) -> tuple[dict[str, str], list[str]]:
+    """Which of the interpreter's paths (interpreter.interpreter_paths) the launcher binds
+    read-only into the kernel's view, and the tops they go under: ``({path: top}, notes)``.
+
+    A path needs it when a private scratch tmpfs hides it (top: that scratch dir) or
+    when an ancestor other users cannot enter blocks the kernel's uid (top: the highest
+    such dir, which the launcher covers with an empty tmpfs). ``notes`` say what was
+    left out, and why: a path the kernel could not use even so (its own mode shuts
+    other users out), or should not (every user may write to it). Such a path that the
+    interpreter needs raises :class:`SandboxStartError` naming it and the fix.
+
+    A path named by a ``.pth`` file of another user is only exposed past a blocker
+    that user owns: a line in someone's site-packages must not open root's 0700 dirs.
+    """
+    expose: dict[str, str] = {}
+    notes: list[str] = []
+    for item in sorted(needed, key=lambda n: n.path):
+        path = item.path
+        if any(_under(path, done) for done in expose):
+            continue  # inside an exposed tree
         scratch = scratch_parent(path)
-        if scratch and path != scratch and not any(
-            path == done or path.startswith(done + os.sep) for done in expose
-        ):
-            expose[path] = scratch
-    return expose
+        blocker = untraversable_ancestor(path)
+        if scratch is None and blocker is None:
+            continue  # the kernel sees it where it is
+        if path == scratch:
+            notes.append(f"{path} is not exposed: the kernel gets its own, empty {path}")
+            continue
+        if blocker is not None and item.named_by and _owner(blocker) != item.named_by:
+            notes.append(
+                f"{path} (named by a .pth file of uid {item.named_by}) is not exposed: it "
+                f"lies behind {blocker}, which that user cannot enter either"
+            )
+            continue
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            notes.append(f"{path} is not exposed: {e}")
+            continue
+        mode = stat.filemode(st.st_mode)
+        if not st.st_mode & (0o001 if stat.S_ISDIR(st.st_mode) else 0o004):
+            msg = (
+                f"{path} is not readable by other users (mode {mode}), so the kernel's uid "
+                f"cannot use it even when exposed: make it readable (chmod -R o+rX "
+                f"{path}) or install the kernel's interpreter elsewhere"
+            )
+        elif st.st_mode & 0o002:
+            msg = (
+                f"{path} is writable by every user (mode {mode}): the kernel would run "
+                f"code anyone can plant there, so it is not exposed; chmod o-w {path}"
+            )
+        else:
+            msg = ""
+        if msg:
+            if item.required:
+                raise SandboxStartError(msg)
+            notes.append(msg)
+            continue
+        expose[path] = scratch or blocker  # type: ignore[assignment]
+    return expose, notes
+
+
+def _owner(path: str) -> int:
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return -1
 
 
 def tmpfs_mounts(limits: Limits) -> dict[str, str]:
@@ -112,10 +149,14 @@ def launch_spec(
     gid: int | None,
     isolated: bool,
     writable: list[str],
-    stage_dir: str,
-    argv0: str,
+    expose: dict[str, str] | None = None,
+    status_fd: int | None = None,
 ) -> dict[str, Any]:
-    """The spec ``launch.py`` applies to the kernel process before it execs it."""
+    """The spec ``launch.py`` applies to the kernel process before it execs it.
+
+    ``expose``: the interpreter paths to bind into an isolated kernel's view
+    (:func:`exposures`); ``status_fd``: where the launcher reports a failed setup.
+    """
     rlimits: dict[str, Any] = {"core": 0}
     if limits.mem_limit is not None:
         rlimits["data"] = limits.mem_limit + DATA_RLIMIT_HEADROOM
@@ -140,8 +181,8 @@ def launch_spec(
         spec["isolate"] = True
         spec["tmpfs"] = tmpfs_mounts(limits)
         spec["writable"] = sorted({*writable, cwd})
-        spec["stage_dir"] = stage_dir
-        expose = exposures(interpreter_paths(argv0))
         if expose:
-            spec["expose"] = expose
+            spec["expose"] = dict(expose)
+    if status_fd is not None:
+        spec["status_fd"] = status_fd
     return spec

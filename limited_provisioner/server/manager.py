@@ -17,7 +17,13 @@ from tornado import web
 from traitlets import Bool
 
 from .. import _jupyter_internals as internals
-from ..errors import AdoptionError, KernelLimitError, LimitConfigError, SandboxUnavailableError
+from ..errors import (
+    AdoptionError,
+    KernelLimitError,
+    LimitConfigError,
+    SandboxStartError,
+    SandboxUnavailableError,
+)
 from ..host import LimitedHost
 from ..provisioner import LimitedProvisioner
 from ..reaper import reap
@@ -66,6 +72,9 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(429, str(e), reason="Kernel limit reached") from e
         except LimitConfigError as e:
             raise web.HTTPError(400, str(e), reason="Invalid kernel limits") from e
+        except SandboxStartError as e:
+            # Released already, never registered: no restarter will try it again.
+            raise web.HTTPError(503, str(e), reason="Kernel failed to start") from e
         except SandboxUnavailableError as e:
             raise web.HTTPError(503, str(e), reason="Kernel sandbox unavailable") from e
         if not existing:

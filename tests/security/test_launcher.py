@@ -25,13 +25,14 @@ from pathlib import Path
 import pytest
 
 from limited_provisioner.process import launch as _launch
-from limited_provisioner.process.sandbox import exposures_for
+from limited_provisioner.process.interpreter import Needed
+from limited_provisioner.process.sandbox import exposures
 
 UID = 64999
 SCRATCH = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"]
 TOKEN_ENV = "LP_LAUNCHER_TEST_TOKEN"
-# sys.executable is the venv's python, which may live under /tmp (hidden by the private
-# /tmp): the sandbox runs the interpreter it points to, without site (stdlib only).
+# sys.executable is the venv's python: the sandbox runs the interpreter it points to,
+# without site (stdlib only), exposed like the process backend exposes it.
 PYTHON = os.path.realpath(sys.executable)
 PYTHON_PREFIX = os.path.dirname(os.path.dirname(PYTHON))
 
@@ -41,8 +42,6 @@ def _isolation_unavailable() -> str | None:
         return "needs root"
     if not Path("/proc/self/ns/pid").exists():
         return "no namespaces"
-    if any(PYTHON == d or PYTHON.startswith(d + "/") for d in SCRATCH):
-        return f"interpreter {PYTHON} lies under a scratch dir the sandbox covers"
     probe = subprocess.run(["unshare", "--mount", "--pid", "--ipc", "--fork", "true"],
                            capture_output=True)
     return None if probe.returncode == 0 else f"unshare refused: {probe.stderr!r}"
@@ -173,15 +172,15 @@ def box(request):
                 "writable": [str(self.work), str(self.sock), str(self.conn)],
                 "tmpfs": {d: "size=8m,mode=1777" for d in SCRATCH if os.path.isdir(d)},
                 "rlimits": {"core": 0},
-                "stage_dir": str(self.root),
             }
-            expose = exposures_for([sys.base_prefix, PYTHON_PREFIX])
+            expose, _ = exposures([Needed(os.path.realpath(p), required=True)
+                                   for p in (sys.base_prefix, PYTHON_PREFIX)])
             if expose:
                 spec["expose"] = expose
             spec.update(changes)
             return spec
 
-        def run(self, code: str, spec: dict | None = None) -> Sandbox:
+        def run(self, code: str, spec: dict | None = None, pass_fds=()) -> Sandbox:
             spec = self.spec() if spec is None else spec
             env = {"PATH": "/usr/bin:/bin", TOKEN_ENV: self.token}
             proc = subprocess.Popen(
@@ -189,6 +188,7 @@ def box(request):
                  PYTHON, "-I", "-S", "-c", code],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=env, start_new_session=True,  # as jupyter_client starts kernels
+                pass_fds=pass_fds,
             )
             sandbox = Sandbox(proc, self.token)
             self.sandboxes.append(sandbox)
@@ -710,3 +710,54 @@ def test_expose_across_a_scratch_tmpfs(box):
     assert seen == {"value": 42, "write": "EROFS", "other": False, "scratch": "ok"}
     assert (tool / "lib.py").read_text() == "VALUE = 42\n"
     assert not Path("/var/tmp/scratch").exists()
+
+
+def test_an_exposed_path_swapped_for_a_symlink_is_refused(box):
+    # The server checked a real dir; by launch time a user who owns its parent has put
+    # a symlink to a dir only root may read there: the launcher follows no symlink.
+    outer = Path(tempfile.mkdtemp(prefix="lp-launcher-test-", dir="/var/tmp"))
+    box.extra_paths.append(outer)
+    os.chmod(outer, 0o755)
+    (outer / "venv").symlink_to("/root")
+    spec = box.spec()
+    spec["expose"] = {**spec.get("expose", {}), str(outer / "venv"): "/var/tmp"}
+    sandbox = box.run("print('ran')", spec)
+    assert sandbox.wait() == _launch.EXIT_SANDBOX_FAILED
+    err = sandbox.stderr()
+    assert f"{outer / 'venv'} without following symlinks" in err, err
+
+
+@pytest.mark.parametrize("fails", [True, False], ids=["setup fails", "kernel runs"])
+def test_status_fd_carries_the_failure_or_closes_at_exec(box, fails):
+    """The server's status pipe: the launcher's message on a failed setup; EOF as soon
+    as the kernel command runs (close-on-exec), though the kernel and its supervisor
+    live on, and the kernel cannot write to it."""
+    read_end, write_end = os.pipe()
+    try:
+        changes = {"tmpfs": {"/nonexistent-lp-launcher-target": "size=1m"}} if fails else {}
+        spec = box.spec(status_fd=write_end, **changes)
+        sandbox = box.run(
+            "import os, sys\n"
+            f"try:\n    os.write({write_end}, b'forged')\nexcept OSError as e:\n"
+            "    print('closed', e.errno, flush=True)\n"
+            "sys.stdin.readline()\n",
+            spec, pass_fds=(write_end,),
+        )
+        os.close(write_end)
+        write_end = -1
+        said = b""
+        while chunk := os.read(read_end, 4096):  # EOF when no holder is left
+            said += chunk
+        if fails:
+            assert sandbox.wait() == _launch.EXIT_SANDBOX_FAILED
+            assert "/nonexistent-lp-launcher-target" in said.decode()
+        else:
+            assert said == b""
+            assert sandbox.line() == "closed 9"  # EBADF: the kernel never had it
+            assert sandbox.proc.poll() is None
+            sandbox.send()
+            assert sandbox.wait() == 0
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)

@@ -7,7 +7,6 @@ host is simulated here; nothing is started.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -399,7 +398,7 @@ def spec_for(limits: Limits, plan: EnforcementPlan, host: Host, **overrides) -> 
         "cwd": CWD, "cgroup_procs": ["/sys/fs/cgroup/k/cgroup.procs"], "netns": host.netns,
         "nice": host.nice, "uid": 70001 if host.own_uid else None, "gid": None,
         "isolated": host.isolated, "writable": ["/k/x/sock", "/k/x/conn"],
-        "stage_dir": "/k/x/stage", "argv0": "",
+        "expose": {"/tmp/venv": "/tmp"}, "status_fd": 9,
     }
     values.update(overrides)
     return launch_spec(limits, plan, **values)
@@ -517,18 +516,19 @@ def test_isolated_spec(limits, expect_tmpfs):
     assert spec["isolate"] is True
     assert spec["tmpfs"] == expect_tmpfs
     assert spec["writable"] == ["/k/x/conn", "/k/x/sock", CWD]
-    assert spec["stage_dir"] == "/k/x/stage"
+    assert spec["expose"] == {"/tmp/venv": "/tmp"}
+    assert spec["status_fd"] == 9
 
 
-@pytest.mark.parametrize("argv0", ["", sys.executable], ids=["without argv0", "with argv0"])
 @pytest.mark.parametrize("limits", [NO_LIMITS, ALL_LIMITS], ids=["no limits", "every limit"])
-def test_a_spec_that_is_not_isolated_has_no_namespace_keys(limits, argv0):
-    spec = planned_spec(BARE, limits, argv0=argv0)
-    assert set(spec) & {"isolate", "tmpfs", "writable", "stage_dir", "expose"} == set()
+def test_a_spec_that_is_not_isolated_has_no_namespace_keys(limits):
+    spec = planned_spec(BARE, limits)
+    assert set(spec) & {"isolate", "tmpfs", "writable", "expose"} == set()
+    assert spec["status_fd"] == 9  # a failed setup is reported without isolation too
 
 
 def test_the_writable_list_always_includes_cwd():
-    spec = planned_spec(ROOT, NO_LIMITS, writable=[], cwd="/elsewhere", argv0=sys.executable)
+    spec = planned_spec(ROOT, NO_LIMITS, writable=[], cwd="/elsewhere")
     assert spec["writable"] == ["/elsewhere"]
     assert spec["cwd"] == "/elsewhere"
 

@@ -16,7 +16,18 @@ import os
 import re
 from typing import Any
 
-from traitlets import Bool, Dict, Float, Int, List, Tuple, Unicode, default, validate
+from traitlets import (
+    Bool,
+    CaselessStrEnum,
+    Dict,
+    Float,
+    Int,
+    List,
+    Tuple,
+    Unicode,
+    default,
+    validate,
+)
 from traitlets.config import Config, LoggingConfigurable
 
 from .errors import LimitConfigError
@@ -98,6 +109,18 @@ class LimitedSettings(LoggingConfigurable):
         minimum=16,
         help="""Maximum number of files and directories in the kernel's work dir
         (stops inode exhaustion). Default 50000.""",
+    ).tag(config=True)
+
+    own_filesystem = CaselessStrEnum(
+        ["auto", "required", "off"],
+        "auto",
+        help="""Whether a kernel's work, connection and socket dirs are a filesystem of
+        their own (a sparse ext4 image of disk_limit bytes and files_limit inodes, loop-mounted),
+        so writes past disk_limit / files_limit fail with ENOSPC at once instead of being
+        noticed by the watchdog seconds (and gigabytes) later. "auto" (default): where the
+        host allows it (root, /dev/loop-control, mkfs.ext4), else the watchdog, reported
+        as best-effort. "required": refuse to start a kernel without it. "off": the
+        watchdog only. Nothing is made when disk_limit is null.""",
     ).tag(config=True)
 
     network = Switch(

@@ -111,6 +111,8 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             self.limits, cgroups=self.cgroups.paths, own_uid=self.uid is not None,
             isolated=self._isolate, netns=self._netns, nice=self.kernel_nice,
             cpu_grace=self.cpu_startup_grace, scratch_dirs=host_scratch_dirs(),
+            workfs=self.workfs, disk_interval=self.watchdog_interval * 4,
+            private_work_dir=self.private_work_dir,
         )
         self.plan.measures["identity"] = identity
 

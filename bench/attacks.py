@@ -154,7 +154,8 @@ def main() -> int:
                  "LP_ATTACK_OWN_FILESYSTEM": args.own_filesystem}, cwd=REPO,
             capture_output=True, text=True,
         )
-        rows = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+        lines = report.read_text().splitlines() if report.exists() else []
+        rows = [json.loads(line) for line in lines]
     rows.sort(key=lambda r: (r["attack"], r["backend"]))
     for r in rows:
         r["beyond"] = beyond_limit(r)

@@ -140,7 +140,8 @@ async def test_files_past_files_limit_fail_with_enospc(backend, start_kernel, do
     # ipykernel's own files in HOME take some of the 100; ext4 rounds up to 16 per group.
     assert 50 <= res["made"] <= 100 + 16, res
     assert await km.is_alive() and km.provisioner.exit_reason is None
-    out = await run(kc, "import shutil; shutil.rmtree('many'); open('one', 'w').close(); print('ok')")
+    out = await run(kc, "import shutil\nshutil.rmtree('many')\nopen('one', 'w').close()\n"
+                        "print('ok')")
     # (IPython may say its history could not be saved while the inodes ran out.)
     assert out["stdout"].strip().endswith("ok"), out
 
@@ -193,14 +194,14 @@ async def test_the_kernel_cannot_reach_its_image(start_kernel):
 
 
 async def test_own_filesystem_off_falls_back_to_the_watchdog(start_kernel):
-    km, kc = await start_kernel({**LIMITS, "own_filesystem": "off"})
+    km, _kc = await start_kernel({**LIMITS, "own_filesystem": "off"})
     prov = km.provisioner
     text = (await prov.get_provisioner_info())["enforcement"]["disk_limit"]
     assert "best-effort total (watchdog on work dir every 0.4 s" in text, text
     assert "no own filesystem: own_filesystem is off" in text, text
     assert workfs.mounts_under(Path(prov.kernel_dir)) == []
     # disk_limit unset: no filesystem, nothing claimed.
-    km2, _ = await start_kernel({**LIMITS, "disk_limit": None})
+    km2, _kc2 = await start_kernel({**LIMITS, "disk_limit": None})
     info = await km2.provisioner.get_provisioner_info()
     assert "disk_limit" not in info["enforcement"], info["enforcement"]
     assert workfs.mounts_under(Path(km2.provisioner.kernel_dir)) == []

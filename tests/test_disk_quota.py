@@ -12,16 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from limited_provisioner import workfs
+from limited_provisioner import adopt, workfs
 from limited_provisioner.reaper import reap
 from limited_provisioner.watchdog import dir_usage
 
 from .conftest import TEST_OWNER, backends, run
+from .harness import write_kernelspec
+from .test_recovery import recovery_env  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(
     workfs.unavailable() is not None, reason=f"no own filesystem here: {workfs.unavailable()}"
@@ -178,6 +182,58 @@ async def test_reaper_removes_an_orphans_filesystem(backend, start_kernel, docke
     reaped = await asyncio.to_thread(reap, prov.registry, all_servers=True)
 
     assert [o.kernel_id for o in reaped] == [km.kernel_id]
+    assert await gone(kernel_dir) == {"mounts": [], "loops": [], "image": False}
+    assert not kernel_dir.exists()
+
+
+# An agent service that starts a kernel, writes into its work dir and crashes.
+CRASHING_AGENT = r"""
+import asyncio, os
+from jupyter_client.manager import AsyncKernelManager
+async def main():
+    km = AsyncKernelManager(kernel_name="quota")
+    await km.start_kernel()
+    kc = km.client(); kc.start_channels(); await kc.wait_for_ready(timeout=60)
+    await kc.execute_interactive("_ = open('kept', 'w').write('survived')", timeout=60)
+    print(km.kernel_id, flush=True)
+    os._exit(0)  # no shutdown, nothing cleaned up
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_an_adopted_kernel_keeps_its_filesystem(
+    backend, jupyter_path, recovery_env, monkeypatch, docker_cleanup  # noqa: F811
+):
+    env, state, _ = recovery_env
+    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
+        monkeypatch.setenv(key, env[key])
+    write_kernelspec(jupyter_path, "quota", LIMITS, backend)
+    out_file = jupyter_path / "agent.out"
+    with open(out_file, "w") as f:  # a file: the surviving kernel inherits the agent's stdout
+        subprocess.run([sys.executable, "-c", CRASHING_AGENT], stdout=f,
+                       stderr=subprocess.STDOUT, env={**os.environ}, timeout=120, check=True)
+    kid = out_file.read_text().strip().splitlines()[-1]
+    km = await adopt(kid, state_dir=state)
+    prov = km.provisioner
+    kernel_dir = Path(prov.kernel_dir)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        assert prov.workfs is not None and prov.workfs.hard, prov.workfs
+        enforcement = (await prov.get_provisioner_info())["enforcement"]
+        assert enforcement["disk_limit"].startswith("hard (own ext4 filesystem of 50M"), (
+            enforcement)
+        await kc.wait_for_ready(timeout=30)
+        out = await run(kc, "print(open('kept').read())\n"
+                            "open('more', 'wb').write(b'x' * 60 * 2**20)")
+        assert out["stdout"].strip() == "survived", out
+        assert "No space left on device" in (out["error"] or ""), out
+        await asyncio.sleep(0.5)  # several watchdog rounds (every 0.1 s)
+        assert prov.watchdog is None or prov.watchdog.disk_checks == 0
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
     assert await gone(kernel_dir) == {"mounts": [], "loops": [], "image": False}
     assert not kernel_dir.exists()
 

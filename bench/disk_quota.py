@@ -7,8 +7,8 @@
    <= 100 ms).
 2. Start latency (``start_kernel()`` to the first ``kernel_info`` reply) and shutdown of a
    process kernel (mem 1G, cpu 1, disk 10G) with its own filesystem and without
-   (``own_filesystem: off``, the baseline), interleaved; with ``--docker`` the same for
-   docker kernels.
+   (``own_filesystem: off``, the baseline), interleaved in a new random order each
+   round; with ``--docker`` the same for docker kernels.
 
     python bench/disk_quota.py [--runs 30] [--starts 10] [--docker]     (prints markdown)
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -101,8 +102,12 @@ async def kernel_costs(starts: int, docker: bool) -> dict[str, tuple[list[float]
         for name in kinds.values():  # warm-up
             await start_and_stop(name)
         times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in kinds}
+        order = list(kinds.items())
         for _ in range(starts):
-            for label, name in kinds.items():
+            # A new order every round: no kind always follows the same one (a docker
+            # kernel's removal, say, still settling).
+            random.shuffle(order)
+            for label, name in order:
                 start, stop = await start_and_stop(name)
                 times[label][0].append(start)
                 times[label][1].append(stop)

@@ -18,7 +18,6 @@ from typing import Any
 
 from traitlets import (
     Bool,
-    CaselessStrEnum,
     Dict,
     Float,
     Int,
@@ -48,6 +47,7 @@ from .limits import (
 HOST_SETTINGS = ("state_dir", "server_id", "reap_interval")
 LABEL_KEY = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LEGACY_SECTION = "LimitedProvisionerMixin"
+OWN_FILESYSTEM = ("auto", "required", "off")
 
 
 class LimitedSettings(LoggingConfigurable):
@@ -111,8 +111,7 @@ class LimitedSettings(LoggingConfigurable):
         (stops inode exhaustion). Default 50000.""",
     ).tag(config=True)
 
-    own_filesystem = CaselessStrEnum(
-        ["auto", "required", "off"],
+    own_filesystem = Unicode(
         "auto",
         help="""Whether a kernel's work, connection and socket dirs are a filesystem of
         their own (a sparse ext4 image of disk_limit bytes and files_limit inodes, loop-mounted),
@@ -122,6 +121,17 @@ class LimitedSettings(LoggingConfigurable):
         as best-effort. "required": refuse to start a kernel without it. "off": the
         watchdog only. Nothing is made when disk_limit is null.""",
     ).tag(config=True)
+
+    @validate("own_filesystem")
+    def _validate_own_filesystem(self, proposal: dict) -> str:
+        value = str(proposal["value"]).strip().lower()
+        if value not in OWN_FILESYSTEM:
+            msg = (
+                f"own_filesystem={proposal['value']!r} must be one of "
+                f"{', '.join(map(repr, OWN_FILESYSTEM))}"
+            )
+            raise LimitConfigError(msg)
+        return value
 
     network = Switch(
         False,

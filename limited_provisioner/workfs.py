@@ -116,6 +116,7 @@ class Geometry:
             groups = math.ceil((data_blocks + inodes / INODES_PER_BLOCK) / GROUP_BLOCKS)
             table_blocks = math.ceil(inodes / groups / INODES_PER_BLOCK) * groups
         blocks = data_blocks + table_blocks
+        # ext4 takes blocks // 50; a little more here, so rounding never eats into it.
         held_back = min(math.ceil(blocks / 49), RESERVED_CLUSTERS)
         return cls((blocks + held_back) * BLOCK, inodes)
 
@@ -135,7 +136,7 @@ class WorkFs:
 
     why_not: str | None = None
     size: int = 0  # disk_limit
-    files: int | None = None  # files and dirs the kernel can make in work/ and conn/
+    files: int | None = None  # files and dirs the kernel can make in its dirs
     image: str = ""
     loop: str = ""
 

@@ -15,8 +15,10 @@ from limited_provisioner.enforcement import (
     disk_measures,
     process_plan,
 )
+from limited_provisioner.errors import LimitConfigError
 from limited_provisioner.kernel_dir import KernelDir
 from limited_provisioner.limits import Limits
+from limited_provisioner.settings import LimitedSettings
 from limited_provisioner.watchdog import Watchdog
 from limited_provisioner.workfs import BLOCK, OWN_INODES, Geometry, WorkFs
 
@@ -114,6 +116,13 @@ def test_without_disk_limit_nothing_is_claimed_for_it():
     measures = disk_measures(Limits(files_limit=100), None, per_file="RLIMIT_FSIZE")
     assert set(measures) == {"files_limit"}
     assert measures["files_limit"].mechanism == WATCHDOG
+
+
+def test_own_filesystem_takes_three_values_and_names_them_when_refused():
+    assert LimitedSettings(own_filesystem="Required").own_filesystem == "required"
+    with pytest.raises(LimitConfigError, match="own_filesystem='maybe' must be one of "
+                                               "'auto', 'required', 'off'"):
+        LimitedSettings(own_filesystem="maybe")
 
 
 def test_a_record_round_trips_through_the_registry_entry():

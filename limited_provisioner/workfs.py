@@ -130,8 +130,8 @@ class Geometry:
 class WorkFs:
     """What enforces a kernel's disk_limit/files_limit, for its plan and registry entry.
 
-    ``why_not`` is None when the kernel's work and connection dirs are on a filesystem
-    of their own; else why not (the watchdog keeps the limits then).
+    ``why_not`` is None when the kernel's work, connection and socket dirs are on a
+    filesystem of their own; else why not (the watchdog keeps the limits then).
     """
 
     why_not: str | None = None

@@ -24,7 +24,7 @@ from limited_provisioner.reaper import reap
 from limited_provisioner.watchdog import dir_usage
 
 from .conftest import TEST_OWNER, backends, run
-from .harness import write_kernelspec
+from .harness import docker_available, remove_containers_with_label, write_kernelspec
 from .test_recovery import recovery_env  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(
@@ -32,8 +32,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 M = 2**20
+# Our own owner: other test sessions on this host remove every container of TEST_OWNER
+# when they end, which would look like a kernel dying here.
+OWNER = f"{TEST_OWNER}-disk"
 LIMITS = {"mem_limit": "512M", "disk_limit": "50M", "files_limit": 1000,
-          "watchdog_interval": 0.1, "owner": TEST_OWNER}
+          "watchdog_interval": 0.1, "owner": OWNER}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_container_left():
+    yield
+    if docker_available():
+        remove_containers_with_label("owner", OWNER)
 
 # Reports what it managed to write and how each write ended.
 FILL = r'''
@@ -210,9 +220,15 @@ async def test_an_adopted_kernel_keeps_its_filesystem(
         monkeypatch.setenv(key, env[key])
     write_kernelspec(jupyter_path, "quota", LIMITS, backend)
     out_file = jupyter_path / "agent.out"
-    with open(out_file, "w") as f:  # a file: the surviving kernel inherits the agent's stdout
-        subprocess.run([sys.executable, "-c", CRASHING_AGENT], stdout=f,
-                       stderr=subprocess.STDOUT, env={**os.environ}, timeout=120, check=True)
+
+    def crashing_agent() -> None:
+        # To a file: the surviving kernel inherits the agent's stdout.
+        with open(out_file, "w") as f:
+            subprocess.run([sys.executable, "-c", CRASHING_AGENT], stdout=f,
+                           stderr=subprocess.STDOUT, env={**os.environ}, timeout=120,
+                           check=True)
+
+    await asyncio.to_thread(crashing_agent)
     kid = out_file.read_text().strip().splitlines()[-1]
     km = await adopt(kid, state_dir=state)
     prov = km.provisioner
@@ -242,11 +258,12 @@ async def test_the_kernel_cannot_reach_its_image(start_kernel):
     km, kc = await start_kernel(LIMITS)
     image = Path(km.provisioner.kernel_dir) / workfs.DISK / workfs.IMAGE
     assert image.exists()
-    out = await run(kc, f"import os\ntry:\n    open({str(image)!r}, 'rb')\n"
-                        f"except OSError as e:\n    print(e.errno)\n"
-                        f"print(sorted(os.listdir({str(image.parent.parent)!r})) "
-                        f"if os.access({str(image.parent.parent)!r}, os.R_OK) else 'no list')")
-    assert out["stdout"].split()[0] == "13", out  # EACCES: disk/ is root's 0700
+    code = ("import os\nfor how, path in [('open', IMAGE), ('list', DISK)]:\n"
+            "    try:\n        open(path, 'rb') if how == 'open' else os.listdir(path)\n"
+            "        print('ALLOWED', how)\n"
+            "    except OSError as e:\n        print(e.errno)\n")
+    out = await run(kc, f"IMAGE, DISK = {str(image)!r}, {str(image.parent)!r}\n{code}")
+    assert out["stdout"].split() == ["13", "13"], out  # EACCES: disk/ is root's 0700
 
 
 async def test_own_filesystem_off_falls_back_to_the_watchdog(start_kernel):

@@ -3,13 +3,15 @@
 1. Resource attacks: runs the attack suite (tests/attacks) on both backends and prints,
    per attack: stopped (by a mechanism the catalogue allows for it, within the bound:
    yes/no), time to stop, how (the mechanism), the reason the user saw, the second
-   kernel's answer time during the attack, how far the host's MemAvailable fell, and the
-   longest stall of the server's event loop during the attack.
+   kernel's answer time during the attack, how far the host's MemAvailable fell, the
+   longest stall of the server's event loop during the attack, and for the disk attacks
+   (3.x) what the kernel's dirs held beyond disk_limit / files_limit afterwards,
+   measured from the host (target 0), and what enforced them (own filesystem or watchdog).
 2. Escapes (``--security``): runs the security suite (tests/security) and prints, per
    class of the threat model (SECURITY.md) and backend, each attack and whether it was
    contained (the test passed), with its run time.
 
-    python bench/attacks.py [--markdown] [-k EXPR] [--security]
+    python bench/attacks.py [--markdown] [-k EXPR | --disk] [--own-filesystem off] [--security]
 
 Rows that are not contained are printed as they are: the suite then also fails.
 """
@@ -27,6 +29,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The attacks on the kernel's dirs: "beyond limit" is measured for these.
+DISK_ATTACKS = ("3.1", "3.2", "3.3", "3.4", "3.5")
 
 
 # tests/security test -> (class of SECURITY.md, what the kernel tries).
@@ -110,14 +114,35 @@ def security_table(markdown: bool) -> int:
     return result.returncode
 
 
+def beyond_limit(row: dict) -> str:
+    """What a disk attack left beyond disk_limit / files_limit, and what enforced them:
+    "0 B (own filesystem)", "1.5 GiB, +312 files (watchdog)"; "" for other attacks."""
+    if row["attack"] not in DISK_ATTACKS or "beyond_bytes" not in row:
+        return ""
+    size, files = row["beyond_bytes"], row["beyond_files"]
+    text = "0 B" if not size else (
+        f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB")
+    if files:
+        text += f", +{files} files"
+    return f"{text} ({row['disk']})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("-k", default="test_attack_is_stopped_by_its_limit",
                         help="pytest -k expression")
+    parser.add_argument("--disk", action="store_true",
+                        help="only the disk attacks (3.x)")
+    parser.add_argument("--own-filesystem", default="auto", choices=["auto", "off"],
+                        help="off: kernels without their own filesystem (the watchdog's "
+                             "disk limits, as on a host without loop devices)")
     parser.add_argument("--security", action="store_true",
                         help="the escape classes of tests/security instead")
     args = parser.parse_args()
+    if args.disk:
+        # "[3.1-process]": the attack id, then the backend.
+        args.k = f"{args.k} and ({' or '.join(f'[{a}-' for a in DISK_ATTACKS)})"
     if args.security:
         return security_table(args.markdown)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,23 +150,28 @@ def main() -> int:
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
              str(REPO / "tests" / "attacks"), "-k", args.k],
-            env={**os.environ, "LP_ATTACK_REPORT": str(report)}, cwd=REPO,
+            env={**os.environ, "LP_ATTACK_REPORT": str(report),
+                 "LP_ATTACK_OWN_FILESYSTEM": args.own_filesystem}, cwd=REPO,
             capture_output=True, text=True,
         )
-        rows = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+        lines = report.read_text().splitlines() if report.exists() else []
+        rows = [json.loads(line) for line in lines]
     rows.sort(key=lambda r: (r["attack"], r["backend"]))
+    for r in rows:
+        r["beyond"] = beyond_limit(r)
     cols = ["attack", "title", "backend", "stopped", "seconds", "how", "reason", "probe_s",
-            "host_mem_drop_mb", "loop_stall_s"]
+            "host_mem_drop_mb", "loop_stall_s", "beyond"]
     if args.markdown:
         print("| # | attack | backend | stopped | time to stop s | how | reason shown to the user "
-              "| 2nd kernel answered in s | host MemAvailable drop MB | server loop stall s |")
-        print("|---|---|---|---|---:|---|---|---:|---:|---:|")
+              "| 2nd kernel answered in s | host MemAvailable drop MB | server loop stall s "
+              "| beyond limit |")
+        print("|---|---|---|---|---:|---|---|---:|---:|---:|---:|")
         for r in rows:
             reason = r["reason"].replace("|", "\\|")
             print(f"| {r['attack']} | {r['title']} | {r['backend']} | "
                   f"{'yes' if r['stopped'] else '**NO**'} | {r['seconds']} | {r['how']} | "
                   f"`{reason}` | {r['probe_s']} | {r['host_mem_drop_mb']} | "
-                  f"{r['loop_stall_s']} |")
+                  f"{r['loop_stall_s']} | {r['beyond']} |")
     else:
         for r in rows:
             print("  ".join(f"{c}={r[c]}" for c in cols))

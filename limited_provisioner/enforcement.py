@@ -11,11 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .limits import Limits, format_size
 
+if TYPE_CHECKING:
+    from .workfs import WorkFs
+
 # Mechanisms (the first word of a Measure): what the launch spec and the watchdog ask for.
 CGROUP, RLIMIT, WATCHDOG, NICE, CONTAINER = "cgroup", "rlimit", "watchdog", "nice", "container"
+# The kernel's own filesystem (workfs.py): disk_limit / files_limit without a watchdog.
+FILESYSTEM = "filesystem"
 PROXY, PROVISIONER, NAMESPACE, NONE = "proxy", "provisioner", "namespace", "none"
 # Known only by its text (an adopted kernel's plan, read back from its registry entry).
 REPORTED = "reported"
@@ -113,6 +119,61 @@ def shared_measures(
     return result
 
 
+def disk_measures(
+    limits: Limits,
+    workfs: WorkFs | None,
+    *,
+    per_file: str,
+    extra: str = "",
+    disk_interval: float = 2.0,
+    cwd_elsewhere: bool = False,
+) -> dict[str, Measure]:
+    """disk_limit and files_limit, the same way on both backends.
+
+    ``workfs`` is the kernel's own filesystem (hard: ENOSPC, nothing over the limit) or
+    why it has none (None: not decided, e.g. a plan made without a kernel dir): then the
+    watchdog measures every ``disk_interval`` seconds and a fast writer overshoots.
+    ``per_file`` names the per-file cap, ``extra`` what else caps scratch space;
+    ``cwd_elsewhere``: the kernel works in a dir of the host (private_work_dir off),
+    which only the watchdog can measure.
+    """
+    result: dict[str, Measure] = {}
+    every = f"every {disk_interval:g} s"
+    if workfs is not None and workfs.hard:
+        own = workfs.describe()
+        if cwd_elsewhere:
+            where = (f"hard in its home, connection and socket dirs ({own}); best-effort in its "
+                     f"working dir (watchdog {every}: private_work_dir is off)")
+            if limits.disk_limit is not None:
+                result["disk_limit"] = Measure(
+                    WATCHDOG, f"{where}; hard per file ({per_file}){extra}"
+                )
+            if limits.files_limit is not None:
+                result["files_limit"] = Measure(WATCHDOG, where)
+            return result
+        if limits.disk_limit is not None:
+            result["disk_limit"] = Measure(
+                FILESYSTEM,
+                f"hard ({own}: work, connection and socket dirs; per file: {per_file}{extra})",
+            )
+        if limits.files_limit is not None:
+            result["files_limit"] = Measure(
+                FILESYSTEM, f"hard ({own}: {workfs.files} files and dirs)"
+            )
+        return result
+    why = f"; no own filesystem: {workfs.why_not}" if workfs is not None else ""
+    if limits.disk_limit is not None:
+        result["disk_limit"] = Measure(
+            WATCHDOG, f"hard per file ({per_file}); best-effort total (watchdog on work dir "
+            f"{every}{why}{extra})"
+        )
+    if limits.files_limit is not None:
+        result["files_limit"] = Measure(
+            WATCHDOG, f"best-effort (watchdog on work dir {every}{why})"
+        )
+    return result
+
+
 def process_plan(
     limits: Limits,
     *,
@@ -123,9 +184,13 @@ def process_plan(
     nice: int,
     cpu_grace: float,
     scratch_dirs: Iterable[str],
+    workfs: WorkFs | None = None,
+    disk_interval: float = 2.0,
+    private_work_dir: bool = True,
 ) -> EnforcementPlan:
     """The plan of a local kernel process, from the cgroup controllers that could be set
-    up, whether it runs as its own uid, in private namespaces, and in a network namespace."""
+    up, whether it runs as its own uid, in private namespaces, and in a network namespace,
+    and whether its dirs are a filesystem of its own (``workfs``)."""
     groups = set(cgroups)
     plan = EnforcementPlan()
     if limits.mem_limit is not None:
@@ -150,15 +215,14 @@ def process_plan(
                      "best-effort (RLIMIT_NPROC counts every process of the server user)")
     if limits.nofile_limit is not None:
         plan.set("nofile_limit", RLIMIT, "hard (RLIMIT_NOFILE, per process)")
-    if limits.disk_limit is not None:
-        scratch = (
-            "; host filesystem read-only; private size-capped tmpfs on " + ", ".join(scratch_dirs)
-            if isolated else ""
-        )
-        plan.set("disk_limit", WATCHDOG,
-                 f"hard per file (RLIMIT_FSIZE); best-effort total (watchdog on work dir{scratch})")
-    if limits.files_limit is not None:
-        plan.set("files_limit", WATCHDOG, "best-effort (watchdog on work dir)")
+    scratch = (
+        "; host filesystem read-only; private size-capped tmpfs on " + ", ".join(scratch_dirs)
+        if isolated else ""
+    )
+    plan.measures.update(disk_measures(
+        limits, workfs, per_file="RLIMIT_FSIZE", extra=scratch, disk_interval=disk_interval,
+        cwd_elsewhere=not private_work_dir,
+    ))
     if isolated:
         plan.set("isolation", NAMESPACE,
                  "private PID, IPC and mount namespaces (other kernels' processes invisible, "
@@ -177,8 +241,12 @@ def process_plan(
     return plan
 
 
-def container_plan(limits: Limits, *, log_max_size: str) -> EnforcementPlan:
-    """The plan of a kernel container: the runtime enforces the resource limits."""
+def container_plan(
+    limits: Limits, *, log_max_size: str, workfs: WorkFs | None = None,
+    disk_interval: float = 2.0,
+) -> EnforcementPlan:
+    """The plan of a kernel container: the runtime enforces the resource limits; disk and
+    files the kernel's own filesystem (bind-mounted) where the host allows it."""
     plan = EnforcementPlan()
     hard = {
         "mem_limit": "hard (container memory, memswap = memory: no swap)",
@@ -189,12 +257,10 @@ def container_plan(limits: Limits, *, log_max_size: str) -> EnforcementPlan:
     for name, text in hard.items():
         if getattr(limits, name) is not None:
             plan.set(name, CONTAINER, text)
-    if limits.disk_limit is not None:
-        plan.set("disk_limit", WATCHDOG,
-                 "hard per file (ulimit fsize) and tmpfs /tmp size; best-effort total "
-                 "(watchdog on the bind-mounted work dir)")
-    if limits.files_limit is not None:
-        plan.set("files_limit", WATCHDOG, "best-effort (watchdog on the work dir)")
+    plan.measures.update(disk_measures(
+        limits, workfs, per_file="ulimit fsize", extra="; /tmp: size-capped tmpfs",
+        disk_interval=disk_interval,
+    ))
     if limits.network:
         plan.set("network", NONE, "allowed (bridge network, network=True)")
     else:

@@ -17,6 +17,10 @@ rename nor replace an entry in it. It holds:
 ``sock/``           kernel 0700     where it binds its ipc sockets; once bound the server
                     then root 0700  takes the directory back ("freezes" it), so no entry
                                     can be renamed or replaced any more
+``disk/``           root 0700       with disk_limit, where the host allows it: the image
+                                    of the kernel's own filesystem, whose work/, conn/
+                                    and sock/ are bind-mounted onto the three above
+                                    (workfs.py)
 =================  ==============  =====================================================
 
 Every operation goes through a file descriptor of the kernel dir opened without
@@ -36,6 +40,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import workfs
 from .errors import SandboxUnavailableError
 from .registry import Registry
 
@@ -152,6 +157,16 @@ class KernelDir:
             self._hand_over(fd, "conn")
             self.open_sockets()
 
+    def own_filesystem(self, disk_limit: int, files_limit: int | None) -> workfs.WorkFs:
+        """Put work/, conn/ and sock/ on a filesystem of their own of ``disk_limit`` bytes and
+        ``files_limit`` inodes (workfs.py); a restart finds it there and keeps it.
+        Raises :class:`~.workfs.WorkFsError`. Needs the kernel's uid (root)."""
+        assert self.uid is not None, "a filesystem of its own needs a kernel uid"
+        if workfs.is_mounted(self.path):
+            return workfs.current(self.path, disk_limit)
+        with _opened(self._open()) as fd:
+            return workfs.create(self.path, fd, disk_limit, files_limit, self.uid, self.gid)
+
     def _hand_over(self, fd: int, name: str) -> None:
         """Give the kernel its own directory ``name`` (on the fd: no link is followed)."""
         with _opened(_open_subdir(fd, name)) as sub:
@@ -263,12 +278,15 @@ class KernelDir:
             )
 
     def remove(self) -> None:
-        """Remove the whole dir (the kernel's files included), following no link."""
+        """Remove the whole dir (the kernel's files included), following no link; its
+        own filesystem is unmounted and its image deleted first (workfs.release)."""
         try:
             parent = open_trusted_dir(self.kernels_dir)
         except SandboxUnavailableError:
             return
         with _opened(parent):
+            # Its own filesystem first: rm --one-file-system does not enter a mount.
+            workfs.release(self.path)
             # A container that was just removed may still be letting go of its bind
             # mounts of our dirs: try again for a moment rather than leave the dir behind.
             for _ in range(40):

@@ -22,7 +22,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import default
 
 from . import _jupyter_internals as internals
-from . import metrics, uids
+from . import metrics, uids, workfs
 from .admission import AdmissionPolicy, admit_and_record
 from .connection import KernelConnection, door_refusal
 from .enforcement import EnforcementPlan, Measure, identity_measure, shared_measures
@@ -63,6 +63,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     connection: KernelConnection | None = None
     lifecycle: LifecycleTimer | None = None
     watchdog: Watchdog | None = None
+    # The kernel's own filesystem, or why it has none; None without a disk_limit.
+    workfs: workfs.WorkFs | None = None
     exit_reason: str | None = None
     exit_kind: str | None = None
     pid_create_time: float | None = None
@@ -166,7 +168,41 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             self.uid, self.gid = uid, gid if gid is not None else uid
         self.kdir = prepare_kernel_dir(self.registry, self.kernel_id, self.uid, self.gid)
         self.kernel_dir = self.kdir.path
+        self.workfs = self._own_filesystem()
         return identity_measure(self.uid, os.geteuid(), in_container=self.backend == "docker")
+
+    def _own_filesystem(self) -> workfs.WorkFs | None:
+        """Put the kernel's dirs on a filesystem of their own (workfs.py) if asked and
+        possible; else say why not. Blocking (mkfs, mount): called in a thread."""
+        assert self.kdir is not None
+        limits = self.limits
+        if limits.disk_limit is None:
+            return None  # nothing to cap: the dirs stay on the host's filesystem
+        if self.own_filesystem == "off":
+            why = "own_filesystem is off"
+        elif self.uid is None:
+            why = "the kernel has no uid of its own (the server is not root)"
+        else:
+            why = workfs.unavailable()
+        if why is None and self._restarting and not workfs.is_mounted(self.kdir.path):
+            # Made now, it would hide what the kernel's first process wrote there.
+            why = "the kernel's first start had none"
+        if why is None:
+            try:
+                return self.kdir.own_filesystem(limits.disk_limit, limits.files_limit)
+            except workfs.WorkFsError as e:
+                why = str(e)
+                # The host should have allowed it: worth the operator's attention.
+                self.log.warning("Kernel %s: disk_limit falls back to the watchdog: %s",
+                                 self.kernel_id, why)
+        if self.own_filesystem == "required":
+            msg = (
+                f"kernel {self.kernel_id}: own_filesystem='required', but its dirs cannot "
+                f"be a filesystem of their own: {why}. Run the server as root on a host "
+                f"with loop devices and mkfs.ext4, or set own_filesystem to 'auto'"
+            )
+            raise SandboxUnavailableError(msg)
+        return workfs.WorkFs(why_not=why)
 
     def _connect_clients(self, last_activity: float | None = None) -> None:
         """Put the proxy between the KernelManager's clients and the kernel; once per
@@ -260,12 +296,14 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             gid=self.gid, kernel_dir=str(self.kernel_dir), work_dir=self.work_dir,
             connection_file=getattr(self.parent, "connection_file", None),
             enforcement=self.plan.report(), mechanisms=self.plan.mechanisms(),
+            workfs=self.workfs.record() if self.workfs is not None else None,
             started=time.time(), **backend_fields,
         )
 
     async def _carried_over_usage(self) -> tuple[int, int]:
-        """What the work dir holds over its limits at a (re)start (watchdog.carried_over)."""
-        if self.kdir is None:
+        """What the work dir holds over its limits at a (re)start (watchdog.carried_over);
+        nothing on a filesystem of its own, which cannot hold more."""
+        if self.kdir is None or (self.workfs is not None and self.workfs.hard):
             return 0, 0
         return await asyncio.to_thread(carried_over, str(self.kdir.work), self.limits)
 
@@ -276,6 +314,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             self.kernel_id, self.limits, self.plan, self.kdir, self.work_dir,
             interval=self.watchdog_interval, on_trip=self._on_trip, get_pids=get_pids,
             check_events=check_events, baseline=baseline,
+            own_fs=self.workfs is not None and self.workfs.hard,
         )
         self.watchdog.start()
 

@@ -27,6 +27,7 @@ from .errors import AdoptionError
 from .kernel_dir import KernelDir
 from .reaper import Orphan, provisioner_class, reap, remove_kernel
 from .registry import Registry, is_alive, list_kernels, process_identity, server_alive
+from .workfs import WorkFs
 
 __all__ = ["TRAIT_KEYS", "adopt", "list_kernels", "reap_orphans"]
 
@@ -153,6 +154,9 @@ async def _resume(prov: Any, entry: dict[str, Any]) -> None:
         entry.get("enforcement") or {}, entry.get("mechanisms") or {}
     )
     prov.kdir = KernelDir(prov.registry.kernels_dir, prov.kernel_id, prov.uid, prov.gid)
+    # Its own filesystem stays mounted across the server's death; the watchdog must
+    # know it is there (it then leaves the dirs on it alone).
+    prov.workfs = WorkFs.from_record(entry.get("workfs"))
     prov._connect_clients(last_activity=entry.get("last_activity"))
     if prov.parent is not None:
         prov.connection_info = prov.parent.get_connection_info()

@@ -16,7 +16,17 @@ import os
 import re
 from typing import Any
 
-from traitlets import Bool, Dict, Float, Int, List, Tuple, Unicode, default, validate
+from traitlets import (
+    Bool,
+    Dict,
+    Float,
+    Int,
+    List,
+    Tuple,
+    Unicode,
+    default,
+    validate,
+)
 from traitlets.config import Config, LoggingConfigurable
 
 from .errors import LimitConfigError
@@ -37,6 +47,7 @@ from .limits import (
 HOST_SETTINGS = ("state_dir", "server_id", "reap_interval")
 LABEL_KEY = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LEGACY_SECTION = "LimitedProvisionerMixin"
+OWN_FILESYSTEM = ("auto", "required", "off")
 
 
 class LimitedSettings(LoggingConfigurable):
@@ -99,6 +110,28 @@ class LimitedSettings(LoggingConfigurable):
         help="""Maximum number of files and directories in the kernel's work dir
         (stops inode exhaustion). Default 50000.""",
     ).tag(config=True)
+
+    own_filesystem = Unicode(
+        "auto",
+        help="""Whether a kernel's work, connection and socket dirs are a filesystem of
+        their own (a sparse ext4 image of disk_limit bytes and files_limit inodes, loop-mounted),
+        so writes past disk_limit / files_limit fail with ENOSPC at once instead of being
+        noticed by the watchdog seconds (and gigabytes) later. "auto" (default): where the
+        host allows it (root, /dev/loop-control, mkfs.ext4), else the watchdog, reported
+        as best-effort. "required": refuse to start a kernel without it. "off": the
+        watchdog only. Nothing is made when disk_limit is null.""",
+    ).tag(config=True)
+
+    @validate("own_filesystem")
+    def _validate_own_filesystem(self, proposal: dict) -> str:
+        value = str(proposal["value"]).strip().lower()
+        if value not in OWN_FILESYSTEM:
+            msg = (
+                f"own_filesystem={proposal['value']!r} must be one of "
+                f"{', '.join(map(repr, OWN_FILESYSTEM))}"
+            )
+            raise LimitConfigError(msg)
+        return value
 
     network = Switch(
         False,

@@ -2,9 +2,9 @@
 
 It sums the resident memory of the kernel's whole process tree (used only where no
 memory cgroup is available) and measures the kernel's work dir (bytes on disk and
-number of entries; there is no per-directory quota in the kernel without a
-filesystem of our own).  When a limit trips it calls ``on_trip(reason)`` once; the
-provisioner then kills the tree and reports the reason.
+number of entries) where it is not a filesystem of its own (workfs.py: that refuses
+writes past the limits itself, and the walk is skipped). When a limit trips it calls
+``on_trip(reason)`` once; the provisioner then kills the tree and reports the reason.
 """
 
 from __future__ import annotations
@@ -217,9 +217,17 @@ class Watchdog:
         get_pids: Callable[[], list[int] | set[int]] = list,
         check_events: Callable[[], None] | None = None,
         baseline: tuple[int, int] = (0, 0),
+        own_fs: bool = False,
     ) -> Watchdog:
         """The watchdog of one kernel: memory where the plan leaves it to the watchdog
-        (no cgroup), the size and file count of every dir the kernel can write."""
+        (no cgroup), the size and file count of every dir the kernel can write — except
+        those on its own filesystem (``own_fs``: workfs.py), which enforces both limits
+        itself; then only a working dir elsewhere (private_work_dir off) is measured."""
+        extra_dirs = (str(kdir.conn), str(kdir.sock)) if kdir is not None else ()
+        if own_fs and kdir is not None:
+            extra_dirs = ()  # conn/ and sock/ are on it too
+            if work_dir == str(kdir.work):
+                work_dir = None
         return cls(
             kernel_id=kernel_id,
             get_pids=get_pids,
@@ -227,7 +235,7 @@ class Watchdog:
             check_events=check_events,
             mem_limit=limits.mem_limit if plan.uses("mem_limit", WATCHDOG) else None,
             work_dir=work_dir,
-            extra_dirs=(str(kdir.conn), str(kdir.sock)) if kdir is not None else (),
+            extra_dirs=extra_dirs,
             disk_limit=limits.disk_limit,
             files_limit=limits.files_limit,
             disk_baseline=baseline[0],

@@ -152,7 +152,10 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         if self.container_user:
             uid, gid = (int(part) for part in self.container_user.split(":"))
         identity = await asyncio.to_thread(self._prepare_kernel_dir, uid, gid)
-        self.plan = container_plan(self.limits, log_max_size=self.log_max_size)
+        self.plan = container_plan(
+            self.limits, log_max_size=self.log_max_size, workfs=self.workfs,
+            disk_interval=self.watchdog_interval * 4,
+        )
         self.plan.measures["identity"] = identity
 
     async def _prepare_launch(self, kwargs: dict[str, Any]) -> None:

@@ -12,8 +12,10 @@ On a host where we are root (the case this package is built for) the kernel runs
   dir and, until it has bound them, its socket dir,
 * with its stdout/stderr in a size-capped log (kernel_log.py), not the server's streams,
 * with rlimits: RLIMIT_DATA (mem), RLIMIT_NOFILE, RLIMIT_FSIZE (disk), RLIMIT_CORE=0,
-* watched by a :class:`~limited_provisioner.watchdog.Watchdog` for the work dir size
-  and file count (and for memory where no cgroup exists).
+* with its work, connection and socket dirs on a filesystem of its own of disk_limit
+  bytes and files_limit inodes (workfs.py; else the watchdog measures them),
+* watched by a :class:`~limited_provisioner.watchdog.Watchdog` for memory where no
+  cgroup exists (and for the dirs' size and file count without a filesystem of its own).
 
 Without root, whatever cannot be set up is reported as best-effort or not enforced in
 the log and ``get_provisioner_info()['enforcement']`` — never silently skipped.
@@ -114,6 +116,8 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             self.limits, cgroups=self.cgroups.paths, own_uid=self.uid is not None,
             isolated=self._isolate, netns=self._netns, nice=self.kernel_nice,
             cpu_grace=self.cpu_startup_grace, scratch_dirs=host_scratch_dirs(),
+            workfs=self.workfs, disk_interval=self.watchdog_interval * 4,
+            private_work_dir=self.private_work_dir,
         )
         self.plan.measures["identity"] = identity
 

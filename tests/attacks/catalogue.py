@@ -13,6 +13,11 @@ act), and fails. The mechanisms, and their evidence:
 * KILLED: the kernel was killed or restarted by a limit (cgroup OOM kill, the
   watchdog's disk / files limits, exec_timeout's restart after the grace period): the
   reasons the provisioner recorded (a death without one is a crash, not containment).
+
+Where the kernel's dirs are a filesystem of its own (workfs.py: what the host gives a
+root server with loop devices), disk and files limits are no longer the watchdog's: an
+attack with ``own_fs`` expectations must then be stopped by one of those instead (the
+write refused, ENOSPC; no kill, nothing over the limit).
 * CAPPED: output past output_limit was dropped, with the limit's notice; the cell may
   then end normally: the notice in the output.
 * EACH_REFUSED: the code makes ``attempts`` attempts and reports each on a line,
@@ -40,6 +45,11 @@ class Attack:
     stopped_by: dict[str, str]
     attempts: int = 0  # EACH_REFUSED: how many attempts the code reports
     needs: str = ""  # "numpy" / "pandas": skipped where the kernel cannot import it
+    # stopped_by when the kernel has its own filesystem (disk_limit enforced by it).
+    own_fs: dict[str, str] | None = None
+
+    def expected(self, own_fs: bool) -> dict[str, str]:
+        return self.own_fs if own_fs and self.own_fs is not None else self.stopped_by
 
 
 TIMEOUT = r"exec_timeout"
@@ -83,11 +93,13 @@ CATALOGUE = [
     Attack("3.1", "100 x 100 MB files",
            "for i in range(1000):\n    with open(f'file_{i}.bin', 'wb') as f:\n"
            "        f.write(b'X' * (100 * 1024**2))",
-           {REFUSED: r"File too large", KILLED: r"disk limit"}),
+           {REFUSED: r"File too large", KILLED: r"disk limit"},
+           own_fs={REFUSED: r"No space left on device"}),
     Attack("3.2", "1,000,000 small files (inodes)",
            "from pathlib import Path\nfor i in range(10**6):\n"
            "    Path(f'file_{i}.txt').write_text('data')",
-           {KILLED: r"files limit", REFUSED: r"No space left", INTERRUPTED: TIMEOUT}),
+           {KILLED: r"files limit", REFUSED: r"No space left", INTERRUPTED: TIMEOUT},
+           own_fs={REFUSED: r"No space left on device"}),
     Attack("3.3", "10,000-level directory nesting",
            "from pathlib import Path\ncurrent = Path('nested')\nfor i in range(10000):\n"
            "    current = current / f'level_{i}'\ncurrent.mkdir(parents=True)",

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import psutil
 import pytest
 
+from limited_provisioner.enforcement import FILESYSTEM
 from limited_provisioner.registry import Registry
+from limited_provisioner.watchdog import dir_usage
 
 from ..conftest import backends, run
 from ..harness import HostWatch, alive, kernel_pids
@@ -41,8 +43,13 @@ LIMITS = {
     "mem_limit": "256M", "cpu_limit": 0.5, "pids_limit": 64, "nofile_limit": 256,
     "disk_limit": "100M", "files_limit": 2000, "exec_timeout": 3, "exec_timeout_grace": 3,
     "output_limit": "1M", "owner": "lp-pytest",
+    # "off": the watchdog's disk limits, as on a host without loop devices (bench/attacks.py
+    # --own-filesystem off shows what they let through).
+    "own_filesystem": os.environ.get("LP_ATTACK_OWN_FILESYSTEM", "auto"),
 }
 MEM_LIMIT = 256 * 2**20
+DISK_LIMIT = 100 * 2**20
+FILES_LIMIT = 2000
 OUTPUT_LIMIT = 2**20
 STOP_BOUND = 20.0  # exec_timeout 3 s + grace 3 s + restart, with room for a loaded CI box
 PROBE_BOUND = 2.0
@@ -139,6 +146,16 @@ def how_stopped(outcome: Outcome) -> tuple[str | None, str]:
     return None, f"the cell ended with status {outcome.status!r}"
 
 
+def beyond_limits(kernel_dir) -> tuple[int, int]:
+    """(bytes, files) the kernel's dirs hold beyond disk_limit / files_limit, measured
+    from the host (0 when within). Blocking."""
+    used = files = 0
+    for name in ("work", "conn"):
+        usage = dir_usage(str(kernel_dir / name), 500_000)
+        used, files = used + usage.bytes, files + usage.files
+    return max(0, used - DISK_LIMIT), max(0, files - FILES_LIMIT)
+
+
 def shown_reason(evidence: str, expected: str | None) -> str:
     """The line of the evidence that carries the reason (for the report)."""
     lines = evidence.strip().splitlines() or ["(nothing)"]
@@ -179,7 +196,11 @@ async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
     pids_seen |= kernel_pids(km)
     server_rss_growth = psutil.Process().memory_info().rss - rss_before
     mechanism, evidence = how_stopped(outcome)
-    expected = attack.stopped_by.get(mechanism) if mechanism else None
+    # On its own filesystem (workfs.py) a disk attack must be refused, not killed.
+    own_fs = prov.plan.uses("disk_limit", FILESYSTEM)
+    stopped_by = attack.expected(own_fs)
+    expected = stopped_by.get(mechanism) if mechanism else None
+    beyond = await asyncio.to_thread(beyond_limits, kernel_dir)
     contained = (expected is not None and outcome.seconds <= STOP_BOUND
                  and re.search(expected, evidence) is not None)
 
@@ -195,14 +216,17 @@ async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
                 "probe_s": round(probe_latency, 3),
                 "host_mem_drop_mb": round(host.max_drop / 2**20),
                 "loop_stall_s": round(host.max_stall, 3),
+                "beyond_bytes": beyond[0], "beyond_files": beyond[1],
+                "disk": "own filesystem" if own_fs else "watchdog",
             }) + "\n")
 
     assert mechanism is not None and outcome.seconds <= STOP_BOUND, (
         f"not stopped by any limit within {STOP_BOUND}s ({outcome.seconds:.1f}s): {evidence}; "
         f"{outcome}")
-    assert mechanism in attack.stopped_by, (
+    assert mechanism in stopped_by, (
         f"stopped as {mechanism!r}, but the catalogue expects it "
-        f"{' or '.join(map(repr, attack.stopped_by))}: {evidence}")
+        f"{' or '.join(map(repr, stopped_by))}"
+        f"{' (own filesystem)' if stopped_by is attack.own_fs else ''}: {evidence}")
     assert re.search(expected, evidence), (
         f"{mechanism}, but its evidence does not say /{expected}/:\n{evidence[-2000:]}")
     if mechanism == EACH_REFUSED:
@@ -215,6 +239,10 @@ async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
         assert len(outcome.stdout) <= OUTPUT_LIMIT + 64 * 1024, (
             f"output capped, but {len(outcome.stdout)} bytes reached the client")
 
+    if own_fs:
+        assert beyond == (0, 0), (
+            f"{beyond[0]} bytes / {beyond[1]} files beyond the limits on the kernel's own "
+            f"filesystem")
     assert host.harm() == [], "the attack hurt the host"
     assert probe["stdout"].strip() == "probe ok" and probe_latency < PROBE_BOUND, (
         f"second kernel answered in {probe_latency:.2f}s: {probe}")

@@ -857,13 +857,25 @@ def conn_junk(conn: Path, name: str) -> tuple[int, set[int]]:
     return used, owners
 
 
+# How disk_limit holds: the kernel's own filesystem (workfs.py; ENOSPC, nothing over the
+# limit) or, as on a host without loop devices, the watchdog (a kill, some overshoot).
+DISK_ENFORCERS = [pytest.param("auto", id="own-fs"), pytest.param("off", id="watchdog")]
+NO_SPACE = "No space left on device"
+
+
+@pytest.mark.parametrize("own_filesystem", DISK_ENFORCERS)
 @pytest.mark.parametrize("backend", backends(), indirect=True)
-async def test_files_in_the_connection_dir_count_against_disk_limit(backend, lp_kernels):
+async def test_files_in_the_connection_dir_count_against_disk_limit(
+    backend, own_filesystem, lp_kernels
+):
     """Class 7: with disk_limit 100M, 10 x 20 MB written into the directory of the
-    kernel's connection file get the kernel killed within seconds, with a reason naming
-    the disk limit; after its shutdown nothing of it is left on the host. Control:
-    10 x 5 MB there (50 MB on the host, in the watched dir) leave it running."""
-    km, kc = await lp_kernels(limits(watchdog_interval=0.2), backend)
+    kernel's connection file are refused there (ENOSPC: its own filesystem, the kernel
+    lives on, nothing lands over the limit) or get the kernel killed within seconds
+    with a reason naming the disk limit (the watchdog); after its shutdown nothing of
+    it is left on the host. Control: 10 x 5 MB there (50 MB) leave it running."""
+    km, kc = await lp_kernels(
+        limits(watchdog_interval=0.2, own_filesystem=own_filesystem), backend
+    )
     prov = km.provisioner
     kernel_id, kernel_dir, conn = km.kernel_id, Path(prov.kernel_dir), Path(prov.kdir.conn)
     state_dir = Path(prov.registry.state_dir)
@@ -882,16 +894,25 @@ async def test_files_in_the_connection_dir_count_against_disk_limit(backend, lp_
     out = await run_ok(kc, "print(6*7)")
     assert out["stdout"].strip() == "42", out
 
-    kc.execute(code_with(CONN_DIR_FILL + "import time\ntime.sleep(60)\n",
-                         SIZE=20 * 10**6, COUNT=10, NAME=name))
-    t0 = time.monotonic()
-    await wait_for(lambda: _dead(km), 15, what="the kernel to be killed")
-    took = time.monotonic() - t0
-    assert prov.exit_reason and "disk limit 100M exceeded" in prov.exit_reason, (
-        prov.exit_reason)
-    assert took < 8, f"killed {took:.1f}s after the cell started"
-    assert conn_junk(conn, name)[0] > 100 * 2**20  # the kernel did get past the limit there
-    assert not kernel_pids(km), kernel_pids(km)
+    fill = code_with(CONN_DIR_FILL, SIZE=20 * 10**6, COUNT=10, NAME=name)
+    if own_filesystem == "auto":
+        enforcement = (await prov.get_provisioner_info())["enforcement"]
+        assert enforcement["disk_limit"].startswith("hard (own ext4 filesystem"), enforcement
+        out = await run_ok(kc, fill)
+        assert NO_SPACE in (out["error"] or ""), out
+        assert conn_junk(conn, name)[0] <= 100 * 2**20  # not a byte over the limit
+        await asyncio.sleep(1.0)
+        assert await km.is_alive() and prov.exit_reason is None, prov.exit_reason
+    else:
+        kc.execute(fill + "import time\ntime.sleep(60)\n")
+        t0 = time.monotonic()
+        await wait_for(lambda: _dead(km), 15, what="the kernel to be killed")
+        took = time.monotonic() - t0
+        assert prov.exit_reason and "disk limit 100M exceeded" in prov.exit_reason, (
+            prov.exit_reason)
+        assert took < 8, f"killed {took:.1f}s after the cell started"
+        assert conn_junk(conn, name)[0] > 100 * 2**20  # the kernel did get past the limit
+        assert not kernel_pids(km), kernel_pids(km)
 
     await km.shutdown_kernel(now=True)
     assert not kernel_dir.exists(), f"{kernel_dir} is left: {os.listdir(kernel_dir)}"
@@ -916,18 +937,39 @@ def host_usage(*dirs: Path) -> int:
     return total
 
 
+@pytest.mark.parametrize("own_filesystem", DISK_ENFORCERS)
 @pytest.mark.parametrize("backend", backends(), indirect=True)
-async def test_restarted_kernel_with_a_full_connection_dir_stays_limited(backend, lp_kernels):
-    """Class 7: conn/ (like work/) survives a restart. A kernel killed for 200 MB there
-    with disk_limit 100M and then restarted (what a server's restarter does on its own)
-    is still held to the limit: within seconds it is either killed again for the disk
-    limit, or it runs with its dirs within the limit (conn/ cleaned) and 10 x 20 MB more
-    there get it killed. Control: the first kill."""
-    km, kc = await lp_kernels(limits(watchdog_interval=0.2), backend)
+async def test_restarted_kernel_with_a_full_connection_dir_stays_limited(
+    backend, own_filesystem, lp_kernels
+):
+    """Class 7: conn/ (like work/) is kept for a restart, and emptied at it. On its own
+    filesystem the kernel fills conn/ to ENOSPC, is restarted, fills it again to ENOSPC,
+    never over the limit. With the watchdog: a kernel killed for 200 MB there with disk_limit 100M
+    and then restarted (what a server's restarter does on its own) is still held to the
+    limit: within seconds it is either killed again for the disk limit, or it runs with
+    its dirs within the limit (conn/ cleaned) and 10 x 20 MB more there get it killed.
+    Control: the first kill."""
+    km, kc = await lp_kernels(
+        limits(watchdog_interval=0.2, own_filesystem=own_filesystem), backend
+    )
     prov = km.provisioner
     kernel_dir = Path(prov.kernel_dir)
     dirs = (kernel_dir / "work", kernel_dir / "conn")
     name = f"lp-sec-{uuid.uuid4().hex[:8]}"
+    if own_filesystem == "auto":
+        fill = code_with(CONN_DIR_FILL, SIZE=20 * 10**6, COUNT=10, NAME=name)
+        out = await run_ok(kc, fill)
+        assert NO_SPACE in (out["error"] or ""), out
+        before = host_usage(*dirs)
+        assert 60 * 2**20 < before <= 100 * 2**20, before  # full, to the limit
+        await km.restart_kernel(now=True)
+        await kc.wait_for_ready(timeout=30)
+        assert host_usage(*dirs) <= 100 * 2**20
+        out = await run_ok(kc, fill.replace(name, name + "-again"))
+        assert NO_SPACE in (out["error"] or ""), out
+        assert host_usage(*dirs) <= 100 * 2**20
+        assert await km.is_alive() and prov.exit_reason is None, prov.exit_reason
+        return
     fill = code_with(CONN_DIR_FILL + "import time\ntime.sleep(60)\n",
                      SIZE=20 * 10**6, COUNT=10, NAME=name)
     kc.execute(fill)

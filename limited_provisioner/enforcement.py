@@ -27,6 +27,35 @@ class Measure:
     text: str
 
 
+@dataclass(frozen=True)
+class CgroupOffer:
+    """What the host's cgroups give one kernel (``KernelCgroups.offer()``)."""
+
+    controllers: frozenset[str] = frozenset()
+    version: int = 1
+    # A v2 subtree delegated to the server's user: the kernel runs as that user and owns
+    # the files its limits are written in, so it could raise them.
+    delegated: bool = False
+    # memory.swap.max / memsw set, or a host without swap.
+    no_swap: bool = True
+    # Why some or all controllers are missing (said in the best-effort texts).
+    reason: str = ""
+
+    def names(self, v1: str, v2: str) -> str:
+        """The interface file that carries a limit, on this hierarchy."""
+        return f"cgroup v2 {v2}" if self.version == 2 else f"cgroup {v1}"
+
+    def hard(self, files: str, later: str = "") -> str:
+        caveat = (
+            "; hard against runaway code, but the kernel runs as your user in your "
+            "delegated cgroup and could raise it" if self.delegated else ""
+        )
+        return f"hard ({files}{caveat}){later}"
+
+    def why_not(self) -> str:
+        return f": {self.reason}" if self.reason else ""
+
+
 class EnforcementPlan:
     """``{limit or property: Measure}`` for one kernel process or container."""
 
@@ -116,7 +145,7 @@ def shared_measures(
 def process_plan(
     limits: Limits,
     *,
-    cgroups: Iterable[str],
+    cgroups: CgroupOffer | Iterable[str],
     own_uid: bool,
     isolated: bool,
     netns: bool,
@@ -124,25 +153,32 @@ def process_plan(
     cpu_grace: float,
     scratch_dirs: Iterable[str],
 ) -> EnforcementPlan:
-    """The plan of a local kernel process, from the cgroup controllers that could be set
-    up, whether it runs as its own uid, in private namespaces, and in a network namespace."""
-    groups = set(cgroups)
+    """The plan of a local kernel process, from the cgroups that could be set up (a
+    :class:`CgroupOffer`, or v1 controller names), whether it runs as its own uid, in
+    private namespaces, and in a network namespace."""
+    offer = cgroups if isinstance(cgroups, CgroupOffer) else CgroupOffer(frozenset(cgroups))
+    groups = offer.controllers
     plan = EnforcementPlan()
     if limits.mem_limit is not None:
         if "memory" in groups:
-            plan.set("mem_limit", CGROUP, "hard (cgroup memory.limit_in_bytes, no swap)")
+            swap = "no swap" if offer.no_swap else "swap not limited: no swap accounting"
+            files = offer.names("memory.limit_in_bytes", "memory.max")
+            plan.set("mem_limit", CGROUP, offer.hard(f"{files}, {swap}"))
         else:
             plan.set("mem_limit", WATCHDOG,
-                     "best-effort (watchdog on the tree's RSS, RLIMIT_DATA per process)")
+                     "best-effort (watchdog on the tree's RSS, RLIMIT_DATA per process; "
+                     f"no memory cgroup{offer.why_not()})")
     if limits.cpu_limit is not None:
         if "cpu" in groups:
             later = f" from {cpu_grace:g}s after launch" if cpu_grace > 0 else ""
-            plan.set("cpu_limit", CGROUP, f"hard (cgroup cpu.cfs_quota_us){later}")
+            plan.set("cpu_limit", CGROUP,
+                     offer.hard(offer.names("cpu.cfs_quota_us", "cpu.max"), later))
         else:
-            plan.set("cpu_limit", NICE, f"best-effort (nice {nice}; no writable cpu cgroup)")
+            plan.set("cpu_limit", NICE,
+                     f"best-effort (nice {nice}; no writable cpu cgroup{offer.why_not()})")
     if limits.pids_limit is not None:
         if "pids" in groups:
-            plan.set("pids_limit", CGROUP, "hard (cgroup pids.max)")
+            plan.set("pids_limit", CGROUP, offer.hard(offer.names("pids.max", "pids.max")))
         elif own_uid:
             plan.set("pids_limit", RLIMIT, "hard (RLIMIT_NPROC on the kernel's own uid)")
         else:

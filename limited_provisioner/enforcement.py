@@ -9,8 +9,8 @@ limit nothing enforces is reported as ``NOT enforced`` — never claimed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from .limits import Limits, format_size
 
@@ -38,8 +38,9 @@ class CgroupOffer:
     delegated: bool = False
     # memory.swap.max / memsw set, or a host without swap.
     no_swap: bool = True
-    # Why some or all controllers are missing (said in the best-effort texts).
-    reason: str = ""
+    # {controller: why the kernel's group does not have it} (said in the best-effort
+    # texts).
+    missing: Mapping[str, str] = field(default_factory=dict)
 
     def names(self, v1: str, v2: str) -> str:
         """The interface file that carries a limit, on this hierarchy."""
@@ -52,8 +53,9 @@ class CgroupOffer:
         )
         return f"hard ({files}{caveat}){later}"
 
-    def why_not(self) -> str:
-        return f": {self.reason}" if self.reason else ""
+    def why_not(self, controller: str) -> str:
+        reason = self.missing.get(controller)
+        return f": {reason}" if reason else ""
 
 
 class EnforcementPlan:
@@ -167,7 +169,7 @@ def process_plan(
         else:
             plan.set("mem_limit", WATCHDOG,
                      "best-effort (watchdog on the tree's RSS, RLIMIT_DATA per process; "
-                     f"no memory cgroup{offer.why_not()})")
+                     f"no memory cgroup{offer.why_not('memory')})")
     if limits.cpu_limit is not None:
         if "cpu" in groups:
             later = f" from {cpu_grace:g}s after launch" if cpu_grace > 0 else ""
@@ -175,7 +177,7 @@ def process_plan(
                      offer.hard(offer.names("cpu.cfs_quota_us", "cpu.max"), later))
         else:
             plan.set("cpu_limit", NICE,
-                     f"best-effort (nice {nice}; no writable cpu cgroup{offer.why_not()})")
+                     f"best-effort (nice {nice}; no writable cpu cgroup{offer.why_not('cpu')})")
     if limits.pids_limit is not None:
         if "pids" in groups:
             plan.set("pids_limit", CGROUP, offer.hard(offer.names("pids.max", "pids.max")))
@@ -183,7 +185,8 @@ def process_plan(
             plan.set("pids_limit", RLIMIT, "hard (RLIMIT_NPROC on the kernel's own uid)")
         else:
             plan.set("pids_limit", RLIMIT,
-                     "best-effort (RLIMIT_NPROC counts every process of the server user)")
+                     "best-effort (RLIMIT_NPROC counts every process of the server user; "
+                     f"no pids cgroup{offer.why_not('pids')})")
     if limits.nofile_limit is not None:
         plan.set("nofile_limit", RLIMIT, "hard (RLIMIT_NOFILE, per process)")
     if limits.disk_limit is not None:

@@ -28,6 +28,21 @@ In v2 the limits sit on ``<kernel_id>`` and the kernel's processes in its leaf
 kernel's tree — double-forked daemons and ``setsid`` escapes included — ever runs
 outside, and the group is the authoritative list of the tree's processes.
 
+What a delegated kernel can loosen: cgroup v2 keeps a delegated subtree's limits from
+its delegatee by file ownership alone (the resource files of ``user@<uid>.service``
+itself stay root's; admin-guide/cgroup-v2.rst, "Model of Delegation"), and everything
+below it is the user's — the kernel, running as that user, can write its group's
+``memory.max``, ``cpu.max`` and ``pids.max`` and move itself to another group of the
+subtree (the common ancestor's ``cgroup.procs`` is the user's too). chmod does not help
+(the owner undoes it). ``nsdelegate`` with a cgroup namespace rooted at the kernel's
+group would refuse writes to that group's interface files and migrations out of it from
+inside, but the ancestors stay writable by path unless ``/sys/fs/cgroup`` and ``/proc``
+are hidden too (user, mount and pid namespaces: a rootless container), and a same-uid
+process can ptrace the server anyway. What it cannot loosen: limits systemd set above
+the subtree, anything of other users. So the plan says "hard against runaway code, but
+the kernel runs as your user and could raise it". As root none of this applies: the
+groups are root's and the kernel runs as its own uid.
+
 Paths come from the host (mounts, ``/proc/self/cgroup``) and the kernel id, never from
 data the kernel can write: a v2 group recorded in a registry entry is only used when it
 has the shape we create (:func:`_trusted_v2_group`).
@@ -41,21 +56,25 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ..enforcement import CgroupOffer
 from ..limits import Limits
+from . import cgroup_versions as cv
+from .cgroup_versions import (
+    CONTROLLERS,
+    GROUP_NAME,
+    Group,
+    Hierarchy,
+    V1Group,
+    V1Hierarchy,
+    V2Group,
+    V2Hierarchy,
+)
 
 ENV_ROOT = "LIMITED_PROVISIONER_CGROUP_ROOT"
+# As imported before cgroup_root() existed (the v1 layout under it: GROUP_NAME).
 CGROUP_ROOT = Path(os.environ.get(ENV_ROOT, "/sys/fs/cgroup"))
-GROUP_NAME = "limited-provisioner"
-# The v2 leaf that holds the kernel's processes; the limits sit on its parent.
-LEAF_NAME = "kernel"
-CONTROLLERS = ("memory", "cpu", "pids")
-CFS_PERIOD_US = 100_000
-# A kernel that can create sub-cgroups (delegated case) must not make our walks of its
-# group unbounded.
-MAX_WALK = 1000
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +85,6 @@ def cgroup_root() -> Path:
     return Path(os.environ.get(ENV_ROOT, "/sys/fs/cgroup"))
 
 
-class CgroupSetupError(OSError):
-    """A cgroup file could not be written while setting up a kernel's group."""
-
-
 @dataclass(frozen=True)
 class Unavailable:
     """No cgroup hierarchy we may create kernel groups in, and why (reported)."""
@@ -77,377 +92,31 @@ class Unavailable:
     reason: str
 
 
-# -- small file helpers (module level, so tests can stand in for cgroupfs) --------------
-
-
-def _mkdir(path: Path) -> None:
-    path.mkdir(exist_ok=True)
-
-
-def _write(path: Path, text: str) -> None:
-    # Not Path.write_text: that opens with O_CREAT|O_TRUNC, and an interface file that
-    # is missing must fail, not be created (in a fake tree or a misnamed path).
-    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path) -> str:
-    with open(path) as f:
-        return f.read(64 * 1024)
-
-
-def _keyed(path: Path, key: str) -> int | None:
-    """The value of a ``key value`` line (memory.events, cpu.stat, ...), or None."""
-    try:
-        for line in _read(path).splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _walk(top: Path) -> list[Path]:
-    """``top`` and every cgroup below it, parents first (at most MAX_WALK)."""
-    found = []
-    for dirpath, dirnames, _ in os.walk(top):  # never follows symlinks
-        found.append(Path(dirpath))
-        if len(found) >= MAX_WALK:
-            dirnames.clear()
-            break
-    return found
-
-
-def _procs(group: Path) -> list[int]:
-    try:
-        return [int(line) for line in _read(group / "cgroup.procs").split()]
-    except (OSError, ValueError):
-        return []
-
-
-def _remove_dir(path: Path) -> None:
-    os.rmdir(path)  # on cgroupfs, removes the group with its interface files
-
-
-def _rmdir(path: Path) -> bool:
-    """Remove an empty cgroup, retrying while killed members are still being reaped."""
-    for _ in range(50):
-        try:
-            _remove_dir(path)
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError:
-            time.sleep(0.02)  # EBUSY until the last killed process is gone
-    log.warning("could not remove cgroup %s", path)
-    return False
-
-
-def _swap_in_use() -> bool:
-    """Whether the host has any swap a group could spill into."""
-    try:
-        with open("/proc/swaps") as f:
-            return len(f.read().splitlines()) > 1
-    except OSError:
-        return True  # unknown: do not claim "no swap"
-
-
-# -- hierarchies ----------------------------------------------------------------------
-
-
-class Hierarchy(Protocol):
-    """Where and how kernel groups are made on this host (v1 or v2)."""
-
-    version: int
-    delegated: bool
-    controllers: tuple[str, ...]
-    reason: str
-
-    def group(self, kernel_id: str) -> Group: ...
-
-
-class Group(Protocol):
-    """One kernel's group(s) in a hierarchy: the operations :class:`KernelCgroups` needs."""
-
-    def dirs(self) -> dict[str, Path]: ...
-    def make(self, limits: Limits, defer_cpu: bool) -> tuple[set[str], bool]: ...
-    def set_cpu(self, limits: Limits) -> None: ...
-    def exists(self) -> bool: ...
-    def procs_files(self) -> list[str]: ...
-    def pids(self) -> list[int]: ...
-    def oom_kills(self) -> int: ...
-    def pids_refused(self) -> int: ...
-    def kill(self) -> None: ...
-    def remove(self) -> None: ...
-    def memory_bytes(self) -> int | None: ...
-    def cpu_seconds(self) -> float | None: ...
-    def record(self) -> dict[str, Any]: ...
-
-
-@dataclass
-class V1Hierarchy:
-    """cgroup v1: one ``limited-provisioner`` parent per controller mount."""
-
-    parents: dict[str, Path]
-    reason: str = ""
-    version: int = 1
-    delegated: bool = False
-
-    @property
-    def controllers(self) -> tuple[str, ...]:
-        return tuple(self.parents)
-
-    def group(self, kernel_id: str) -> V1Group:
-        return V1Group(kernel_id, {c: p / kernel_id for c, p in self.parents.items()})
-
-
-@dataclass
-class V1Group:
-    kernel_id: str
-    paths: dict[str, Path]
-
-    def dirs(self) -> dict[str, Path]:
-        return dict(self.paths)
-
-    def make(self, limits: Limits, defer_cpu: bool) -> tuple[set[str], bool]:
-        made, no_swap = set(), True
-        for controller, path in list(self.paths.items()):
-            try:
-                _mkdir(path)
-                if controller == "cpu" and defer_cpu:
-                    _write(path / "cpu.cfs_quota_us", "-1")
-                elif controller == "memory":
-                    no_swap = self._set_memory(path, limits)
-                else:
-                    self._set(controller, path, limits)
-            except OSError as e:
-                log.warning("cgroup %s for kernel %s unusable: %s", controller, self.kernel_id, e)
-                self.paths.pop(controller)
-                continue
-            made.add(controller)
-        return made, no_swap
-
-    @staticmethod
-    def _set_memory(path: Path, limits: Limits) -> bool:
-        if limits.mem_limit is None:
-            return True
-        _write(path / "memory.limit_in_bytes", str(limits.mem_limit))
-        # Without this, swap would let the kernel exceed mem_limit in RAM+swap.
-        memsw = path / "memory.memsw.limit_in_bytes"
-        if memsw.exists():
-            _write(memsw, str(limits.mem_limit))
-        swappiness = path / "memory.swappiness"
-        if swappiness.exists():
-            try:
-                _write(swappiness, "0")
-            except OSError:
-                pass  # read-only on the root group on some kernels; harmless
-        return memsw.exists() or not _swap_in_use()
-
-    def _set(self, controller: str, path: Path, limits: Limits) -> None:
-        if controller == "cpu" and limits.cpu_limit is not None:
-            _write(path / "cpu.cfs_period_us", str(CFS_PERIOD_US))
-            _write(path / "cpu.cfs_quota_us", str(int(limits.cpu_limit * CFS_PERIOD_US)))
-        elif controller == "pids" and limits.pids_limit is not None:
-            _write(path / "pids.max", str(limits.pids_limit))
-
-    def set_cpu(self, limits: Limits) -> None:
-        path = self.paths.get("cpu")
-        if path is not None and path.is_dir():
-            self._set("cpu", path, limits)
-
-    def exists(self) -> bool:
-        return any(p.is_dir() for p in self.paths.values())
-
-    def procs_files(self) -> list[str]:
-        return [str(p / "cgroup.procs") for p in self.paths.values()]
-
-    def pids(self) -> list[int]:
-        # The processes are in every controller's group; the first readable one will do.
-        for controller in ("pids", "memory", "cpu"):
-            path = self.paths.get(controller)
-            if path is not None and (path / "cgroup.procs").exists():
-                return _procs(path)
-        return []
-
-    def oom_kills(self) -> int:
-        path = self.paths.get("memory")
-        return (_keyed(path / "memory.oom_control", "oom_kill") or 0) if path else 0
-
-    def pids_refused(self) -> int:
-        path = self.paths.get("pids")
-        return (_keyed(path / "pids.events", "max") or 0) if path else 0
-
-    def kill(self) -> None:
-        pass  # v1 has no cgroup.kill: KernelCgroups.kill_all signals each member
-
-    def remove(self) -> None:
-        for controller, path in list(self.paths.items()):
-            _rmdir(path)
-
-    def memory_bytes(self) -> int | None:
-        path = self.paths.get("memory")
-        try:
-            return int(_read(path / "memory.usage_in_bytes")) if path else None
-        except (OSError, ValueError):
-            return None
-
-    def cpu_seconds(self) -> float | None:
-        return None  # usage is in the cpuacct hierarchy, where we make no groups
-
-    def record(self) -> dict[str, Any]:
-        return {"version": 1}
-
-
-@dataclass
-class V2Hierarchy:
-    """cgroup v2: kernel groups under ``parent`` (``<root or delegated>/limited-provisioner``)."""
-
-    parent: Path
-    controllers: tuple[str, ...]
-    delegated: bool = False
-    reason: str = ""
-    version: int = 2
-
-    def group(self, kernel_id: str) -> V2Group:
-        return V2Group(kernel_id, self.parent / kernel_id, self.controllers)
-
-
-@dataclass
-class V2Group:
-    kernel_id: str
-    path: Path
-    controllers: tuple[str, ...]
-
-    @property
-    def leaf(self) -> Path:
-        return self.path / LEAF_NAME
-
-    def dirs(self) -> dict[str, Path]:
-        return {c: self.path for c in self.controllers}
-
-    def make(self, limits: Limits, defer_cpu: bool) -> tuple[set[str], bool]:
-        _mkdir(self.path)
-        made, no_swap = set(), True
-        for controller in self.controllers:
-            try:
-                if controller == "memory":
-                    no_swap = self._set_memory(limits)
-                elif controller == "cpu":
-                    _write(self.path / "cpu.max", "max" if defer_cpu else self._cpu_max(limits))
-                elif controller == "pids" and limits.pids_limit is not None:
-                    _write(self.path / "pids.max", str(limits.pids_limit))
-            except OSError as e:
-                log.warning("cgroup v2 %s for kernel %s unusable: %s",
-                            controller, self.kernel_id, e)
-                continue
-            made.add(controller)
-        self.controllers = tuple(c for c in self.controllers if c in made)
-        # The leaf has no controllers of its own: the limits of its parent cover it.
-        _mkdir(self.leaf)
-        return made, no_swap
-
-    def _set_memory(self, limits: Limits) -> bool:
-        if limits.mem_limit is None:
-            return True
-        _write(self.path / "memory.max", str(limits.mem_limit))
-        # memory.oom.group stays 0, as v1 behaves: an OOM kills the biggest process of
-        # the tree (often a child the kernel started) and the kernel reports it and
-        # lives on; group=1 would take the kernel down for any child's excess.
-        swap = self.path / "memory.swap.max"
-        if swap.exists():
-            _write(swap, "0")  # or RAM + swap would exceed mem_limit
-            return True
-        return not _swap_in_use()  # no swap accounting: "no swap" only if there is none
-
-    @staticmethod
-    def _cpu_max(limits: Limits) -> str:
-        if limits.cpu_limit is None:
-            return f"max {CFS_PERIOD_US}"
-        return f"{int(limits.cpu_limit * CFS_PERIOD_US)} {CFS_PERIOD_US}"
-
-    def set_cpu(self, limits: Limits) -> None:
-        if "cpu" in self.controllers and self.path.is_dir():
-            _write(self.path / "cpu.max", self._cpu_max(limits))
-
-    def exists(self) -> bool:
-        return self.path.is_dir()
-
-    def procs_files(self) -> list[str]:
-        return [str(self.leaf / "cgroup.procs")]
-
-    def pids(self) -> list[int]:
-        # v2 cgroup.procs lists only the group's own processes: walk the subtree (a
-        # delegated kernel can make sub-groups of its leaf).
-        pids: list[int] = []
-        for group in _walk(self.path):
-            pids += _procs(group)
-        return pids
-
-    def oom_kills(self) -> int:
-        # memory.events counts the subtree's events (memory.events.local only its own).
-        return _keyed(self.path / "memory.events", "oom_kill") or 0
-
-    def pids_refused(self) -> int:
-        return _keyed(self.path / "pids.events", "max") or 0
-
-    def kill(self) -> None:
-        """The whole subtree at once (Linux >= 5.14): a fork bomb gets no time to fork."""
-        kill_file = self.path / "cgroup.kill"
-        if kill_file.exists():
-            try:
-                _write(kill_file, "1")
-            except OSError as e:
-                log.warning("cgroup.kill of kernel %s failed: %s", self.kernel_id, e)
-
-    def remove(self) -> None:
-        # Children first: rmdir of a group with sub-groups fails.
-        for group in reversed(_walk(self.path)):
-            _rmdir(group)
-
-    def memory_bytes(self) -> int | None:
-        try:
-            return int(_read(self.path / "memory.current"))
-        except (OSError, ValueError):
-            return None
-
-    def cpu_seconds(self) -> float | None:
-        # cpu.stat's usage_usec is there even without the cpu controller.
-        usec = _keyed(self.path / "cpu.stat", "usage_usec")
-        return usec / 1e6 if usec is not None else None
-
-    def record(self) -> dict[str, Any]:
-        return {"version": 2, "group": str(self.path), "controllers": list(self.controllers)}
-
-
 # -- detection ------------------------------------------------------------------------
 
 
-def _enable(parent: Path, wanted: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
-    """Enable ``wanted`` controllers for the children of ``parent``; (enabled, problems)."""
+def _enable(parent: Path, wanted: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Enable ``wanted`` controllers for the children of ``parent``; (enabled, {the
+    others: why not})."""
     try:
-        available = set(_read(parent / "cgroup.controllers").split())
-        enabled = set(_read(parent / "cgroup.subtree_control").split())
+        available = set(cv.read_file(parent / "cgroup.controllers").split())
+        enabled = set(cv.read_file(parent / "cgroup.subtree_control").split())
     except OSError as e:
-        return (), [f"cannot read {parent}: {e.strerror}"]
-    problems = []
+        return (), {c: f"cannot read {parent}: {e.strerror}" for c in wanted}
+    missing = {}
     for controller in wanted:
         if controller in enabled:
             continue
         if controller not in available:
-            problems.append(f"{controller} not delegated to {parent}")
+            missing[controller] = f"{controller} not in {parent}/cgroup.controllers"
             continue
         try:
-            _write(parent / "cgroup.subtree_control", f"+{controller}")
+            cv.write_file(parent / "cgroup.subtree_control", f"+{controller}")
             enabled.add(controller)
         except OSError as e:
             # EBUSY: the group holds processes itself ("no internal processes").
-            problems.append(f"cannot enable {controller} in {parent}: {e.strerror}")
-    return tuple(c for c in wanted if c in enabled), problems
+            missing[controller] = f"cannot enable {controller} in {parent}: {e.strerror}"
+    return tuple(c for c in wanted if c in enabled), missing
 
 
 def _v2_parent(top: Path, wanted: tuple[str, ...], create: bool) -> V2Hierarchy | Unavailable:
@@ -455,15 +124,15 @@ def _v2_parent(top: Path, wanted: tuple[str, ...], create: bool) -> V2Hierarchy 
     parent = top / GROUP_NAME
     if not create:
         return V2Hierarchy(parent, wanted)
-    enabled, problems = _enable(top, wanted)
+    enabled, missing = _enable(top, wanted)
     try:
-        _mkdir(parent)
+        cv.mkdir_group(parent)
     except OSError as e:
         return Unavailable(f"cannot create {parent}: {e.strerror}")
     if enabled:
         enabled, more = _enable(parent, enabled)
-        problems += more
-    return V2Hierarchy(parent, enabled, reason="; ".join(problems))
+        missing |= more
+    return V2Hierarchy(parent, enabled, missing=missing)
 
 
 def _owned(path: Path, uid: int) -> bool:
@@ -512,7 +181,7 @@ def detect(
             return _v2_parent(root, CONTROLLERS, create)
         if self_cgroup is None:
             try:
-                self_cgroup = _read(Path("/proc/self/cgroup"))
+                self_cgroup = cv.read_file(Path("/proc/self/cgroup"))
             except OSError as e:
                 return Unavailable(f"cannot read /proc/self/cgroup: {e.strerror}")
         top = delegated_top(root, self_cgroup, uid)
@@ -524,26 +193,27 @@ def detect(
         return found
     # v1 (and hybrid hosts: their v2 mount at <root>/unified carries no controllers).
     parents: dict[str, Path] = {}
-    problems = []
+    missing: dict[str, str] = {}
     for controller in CONTROLLERS:
         base = root / controller
-        if not (base / "cgroup.procs").exists():
-            problems.append(f"no {controller} hierarchy at {base}")
-            continue
         parent = base / GROUP_NAME
+        if not (base / "cgroup.procs").exists():
+            missing[controller] = f"no {controller} hierarchy at {base}"
+            continue
         if create:
             try:
-                _mkdir(parent)
+                cv.mkdir_group(parent)
             except OSError as e:
-                problems.append(f"cannot create {parent}: {e.strerror}")
+                missing[controller] = f"cannot create {parent}: {e.strerror}"
                 continue
             if not os.access(parent, os.W_OK):
-                problems.append(f"{parent} is not writable")
+                missing[controller] = f"{parent} is not writable"
                 continue
         parents[controller] = parent
     if not parents:
-        return Unavailable("; ".join(problems) or f"no cgroup hierarchy at {root}")
-    return V1Hierarchy(parents, reason="; ".join(problems))
+        # The same reason for each, say it once.
+        return Unavailable("; ".join(dict.fromkeys(missing.values())))
+    return V1Hierarchy(parents, missing=missing)
 
 
 def _trusted_v2_group(kernel_id: str, recorded: str, root: Path, uid: int) -> Path | None:
@@ -609,7 +279,7 @@ class KernelCgroups:
     delegated: bool = False
     controllers: set[str] = field(default_factory=set)
     no_swap: bool = True
-    reason: str = ""
+    missing: dict[str, str] = field(default_factory=dict)
     _oom_kills_seen: int = 0
     _pids_max_seen: int = 0
 
@@ -623,7 +293,7 @@ class KernelCgroups:
         hierarchy = detect() if hierarchy is None else hierarchy
         if isinstance(hierarchy, Unavailable):
             log.info("kernel %s: no cgroups (%s)", kernel_id, hierarchy.reason)
-            return cls(kernel_id, reason=hierarchy.reason)
+            return cls.none(kernel_id, hierarchy.reason)
         group = hierarchy.group(kernel_id)
         try:
             made, no_swap = group.make(limits, defer_cpu)
@@ -631,11 +301,13 @@ class KernelCgroups:
             reason = f"cannot create the kernel's cgroup: {e}"
             log.warning("kernel %s: %s", kernel_id, reason)
             group.remove()
-            return cls(kernel_id, reason=reason)
-        missing = [c for c in CONTROLLERS if c not in made]
-        reason = hierarchy.reason or (f"{', '.join(missing)} not available" if missing else "")
+            return cls.none(kernel_id, reason)
+        missing = {
+            c: hierarchy.missing.get(c, f"cannot set {c} limits in {group.dirs().get(c)}")
+            for c in CONTROLLERS if c not in made
+        }
         groups = cls(kernel_id, group, hierarchy.version, hierarchy.delegated, made,
-                     no_swap, reason)
+                     no_swap, missing)
         groups._oom_kills_seen = groups.oom_kills()
         groups._pids_max_seen = groups.pids_max_events()
         return groups
@@ -661,7 +333,7 @@ class KernelCgroups:
             if path is None:
                 log.warning("kernel %s: recorded cgroup %r ignored", kernel_id,
                             record.get("group"))
-                return cls(kernel_id, reason="recorded cgroup not trusted")
+                return cls.none(kernel_id, "recorded cgroup not trusted")
             controllers = tuple(c for c in record.get("controllers", []) if c in CONTROLLERS)
             group: Group = V2Group(kernel_id, path, controllers)
             version = 2
@@ -672,11 +344,15 @@ class KernelCgroups:
             controllers = tuple(group.dirs())
             version = 1
         if not group.exists():
-            return cls(kernel_id, reason="its cgroup is gone")
+            return cls.none(kernel_id, "its cgroup is gone")
         groups = cls(kernel_id, group, version, uid != 0 and version == 2, set(controllers))
         groups._oom_kills_seen = groups.oom_kills()
         groups._pids_max_seen = groups.pids_max_events()
         return groups
+
+    @classmethod
+    def none(cls, kernel_id: str, reason: str) -> KernelCgroups:
+        return cls(kernel_id, missing=dict.fromkeys(CONTROLLERS, reason))
 
     def __bool__(self) -> bool:
         """Whether the kernel's tree is in a group of ours (tracked, killable as one)."""
@@ -694,7 +370,7 @@ class KernelCgroups:
     def offer(self) -> CgroupOffer:
         """What the enforcement plan may claim."""
         return CgroupOffer(frozenset(self.controllers), self.version or 1, self.delegated,
-                           self.no_swap, self.reason)
+                           self.no_swap, dict(self.missing))
 
     def apply_cpu(self, limits: Limits) -> None:
         if self.group is not None and "cpu" in self.controllers:

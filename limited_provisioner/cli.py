@@ -216,11 +216,14 @@ def _kernel_pids(entry: dict[str, Any]) -> list[int]:
     from .process.cgroups import KernelCgroups, cgroup_root, entry_record
 
     if entry.get("backend") == "docker" and entry.get("container_id"):
-        procs = cgroup_root() / "pids" / "docker" / entry["container_id"] / "cgroup.procs"
-        try:
-            return [int(p) for p in procs.read_text().split()]
-        except (OSError, ValueError):
-            pass  # a v2 host, or the container is gone: its recorded pid below
+        cid, root = entry["container_id"], cgroup_root()
+        # v1; v2 with docker's cgroupfs driver; v2 with its systemd driver.
+        for group in (root / "pids" / "docker" / cid, root / "docker" / cid,
+                      root / "system.slice" / f"docker-{cid}.scope"):
+            try:
+                return [int(p) for p in (group / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                continue  # not this layout, or the container is gone
     else:
         groups = KernelCgroups.attach(entry["kernel_id"], entry_record(entry, default=None))
         if groups:

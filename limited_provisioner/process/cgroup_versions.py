@@ -4,7 +4,7 @@ group for the kernel, its processes in a leaf below the limits).
 :mod:`.cgroups` decides which hierarchy a host offers and gives the rest of the package
 one interface over both (``KernelCgroups``); this module is the two implementations of
 its :class:`Group` operations. Every cgroup file access goes through the small helpers
-at the top (``mkdir_group``, ``write_file``, ``remove_group``), which the unit tests
+at the top (``mkdir_group``, ``write_file``, ``remove_dir``, ...), which the unit tests
 replace to give a plain directory cgroupfs's behaviour.
 """
 
@@ -301,7 +301,8 @@ class V2Group:
                 continue
             made.add(controller)
         self.controllers = tuple(c for c in self.controllers if c in made)
-        # The leaf has no controllers of its own: the limits of its parent cover it.
+        # The leaf has no controllers of its own: the limits of its parent cover it, and
+        # its OOM kills and refused forks count in the parent's memory.events / pids.events.
         mkdir_group(self.leaf)
         return made, no_swap
 

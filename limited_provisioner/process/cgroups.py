@@ -303,7 +303,7 @@ class KernelCgroups:
             group.remove()
             return cls.none(kernel_id, reason)
         missing = {
-            c: hierarchy.missing.get(c, f"cannot set {c} limits in {group.dirs().get(c)}")
+            c: hierarchy.missing.get(c, f"cannot set {c} limits (see the server log)")
             for c in CONTROLLERS if c not in made
         }
         groups = cls(kernel_id, group, hierarchy.version, hierarchy.delegated, made,

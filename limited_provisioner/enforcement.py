@@ -49,7 +49,8 @@ class CgroupOffer:
     def hard(self, files: str, later: str = "") -> str:
         caveat = (
             "; hard against runaway code, but the kernel runs as your user in your "
-            "delegated cgroup and could raise it" if self.delegated else ""
+            "delegated cgroup and could raise it or leave the group (a raised limit is "
+            "put back at the next watchdog round)" if self.delegated else ""
         )
         return f"hard ({files}{caveat}){later}"
 

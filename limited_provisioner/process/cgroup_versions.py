@@ -11,6 +11,7 @@ replace to give a plain directory cgroupfs's behaviour.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ class Group(Protocol):
     def dirs(self) -> dict[str, Path]: ...
     def make(self, limits: Limits, defer_cpu: bool) -> tuple[set[str], bool]: ...
     def set_cpu(self, limits: Limits) -> None: ...
+    def put_back(self, limits: Limits, cpu: bool) -> list[str]: ...
     def exists(self) -> bool: ...
     def procs_files(self) -> list[str]: ...
     def pids(self) -> list[int]: ...
@@ -213,6 +215,9 @@ class V1Group:
         path = self.paths.get("cpu")
         if path is not None and path.is_dir():
             self._set("cpu", path, limits)
+
+    def put_back(self, limits: Limits, cpu: bool) -> list[str]:
+        return []  # v1 groups are root's: a kernel cannot write them
 
     def exists(self) -> bool:
         return any(p.is_dir() for p in self.paths.values())
@@ -328,6 +333,39 @@ class V2Group:
     def set_cpu(self, limits: Limits) -> None:
         if "cpu" in self.controllers and self.path.is_dir():
             write_file(self.path / "cpu.max", self._cpu_max(limits))
+
+    def put_back(self, limits: Limits, cpu: bool) -> list[str]:
+        """Rewrite each of our limits that is looser now than ``limits`` (a delegated
+        kernel owns these files and can raise them); the files it had loosened. A
+        stricter value (the kernel lowered its own limit) is left alone."""
+        wanted: dict[str, float] = {}
+        if "memory" in self.controllers and limits.mem_limit is not None:
+            # Read back in whole pages: never above what was written.
+            wanted["memory.max"] = limits.mem_limit
+            if (self.path / "memory.swap.max").exists():
+                wanted["memory.swap.max"] = 0
+        if "pids" in self.controllers and limits.pids_limit is not None:
+            wanted["pids.max"] = limits.pids_limit
+        if cpu and "cpu" in self.controllers and limits.cpu_limit is not None:
+            wanted["cpu.max"] = limits.cpu_limit
+        loosened = []
+        for name, limit in wanted.items():
+            try:
+                words = read_file(self.path / name).split()
+                if name == "cpu.max":
+                    current = math.inf if words[0] == "max" else int(words[0]) / int(words[1])
+                else:
+                    current = math.inf if words[0] == "max" else int(words[0])
+            except (OSError, ValueError, IndexError):
+                continue  # unreadable now (the group is going): nothing to compare
+            if current > limit + 1e-6:
+                loosened.append(name)
+                text = self._cpu_max(limits) if name == "cpu.max" else str(int(limit))
+                try:
+                    write_file(self.path / name, text)
+                except OSError as e:
+                    log.warning("kernel %s: cannot put back %s: %s", self.kernel_id, name, e)
+        return loosened
 
     def exists(self) -> bool:
         return self.path.is_dir()

@@ -282,6 +282,7 @@ class KernelCgroups:
     missing: dict[str, str] = field(default_factory=dict)
     _oom_kills_seen: int = 0
     _pids_max_seen: int = 0
+    _cpu_applied: bool = False  # the quota is on (after cpu_startup_grace)
 
     @classmethod
     def create(cls, kernel_id: str, limits: Limits, defer_cpu: bool = False,
@@ -308,6 +309,7 @@ class KernelCgroups:
         }
         groups = cls(kernel_id, group, hierarchy.version, hierarchy.delegated, made,
                      no_swap, missing)
+        groups._cpu_applied = not defer_cpu
         groups._oom_kills_seen = groups.oom_kills()
         groups._pids_max_seen = groups.pids_max_events()
         return groups
@@ -346,6 +348,7 @@ class KernelCgroups:
         if not group.exists():
             return cls.none(kernel_id, "its cgroup is gone")
         groups = cls(kernel_id, group, version, uid != 0 and version == 2, set(controllers))
+        groups._cpu_applied = True  # a running kernel's grace is long over
         groups._oom_kills_seen = groups.oom_kills()
         groups._pids_max_seen = groups.pids_max_events()
         return groups
@@ -375,6 +378,15 @@ class KernelCgroups:
     def apply_cpu(self, limits: Limits) -> None:
         if self.group is not None and "cpu" in self.controllers:
             self.group.set_cpu(limits)
+            self._cpu_applied = True
+
+    def put_back_limits(self, limits: Limits) -> list[str]:
+        """In a delegated group (the kernel owns its limit files): rewrite any limit the
+        kernel raised; the files it had raised. Called every watchdog round, so a raised
+        limit holds for at most one interval. Nothing to do in root's groups."""
+        if self.group is None or not self.delegated:
+            return []
+        return self.group.put_back(limits, cpu=self._cpu_applied)
 
     @property
     def procs_files(self) -> list[str]:

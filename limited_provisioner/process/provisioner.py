@@ -202,7 +202,9 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             self.pgid = os.getpgid(self.pid)
         except OSError:
             self.pgid = None  # gone meanwhile: poll() will say so
-        self.cgroups = KernelCgroups.attach(self.kernel_id, entry_record(entry))
+        self.cgroups = await asyncio.to_thread(
+            KernelCgroups.attach, self.kernel_id, entry_record(entry)
+        )
         self._netns = can_unshare_net()
         self._start_process_watchdog(tuple(entry.get("disk_baseline") or (0, 0)))
         self.log.info("Kernel %s adopted (pid %s)", self.kernel_id, self.pid)
@@ -233,9 +235,15 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         return tree_pids(self.pid)
 
     def _check_cgroup_events(self) -> None:
-        """Report OOM kills / refused forks inside the tree while the kernel lives."""
+        """Report OOM kills / refused forks inside the tree while the kernel lives; put
+        back limits a kernel in a delegated cgroup raised."""
         if self.cgroups is None:
             return
+        for name in self.cgroups.put_back_limits(self.limits):
+            self.log.warning(
+                "Kernel %s raised its cgroup's %s (it runs as the server's user, who owns "
+                "the delegated cgroup); put back", self.kernel_id, name,
+            )
         if self.cgroups.new_oom_kills() > 0:
             self.record_trip(
                 "mem_limit",
@@ -371,5 +379,6 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
         await super().load_provisioner_info(provisioner_info)
         self.pid_create_time = provisioner_info.get("pid_create_time")
-        self.cgroups = KernelCgroups.attach(self.kernel_id, entry_record(provisioner_info))
-
+        self.cgroups = await asyncio.to_thread(
+            KernelCgroups.attach, self.kernel_id, entry_record(provisioner_info)
+        )

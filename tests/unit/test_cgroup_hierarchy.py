@@ -125,6 +125,9 @@ class FakeCgroupFS:
 
     def write(self, path: Path, text: str) -> None:
         if path.name != "cgroup.subtree_control":
+            # cgroupfs takes each write whole; a plain file keeps an old, longer tail.
+            if path.is_file() and not path.is_symlink():
+                os.truncate(path, 0)
             return _real_write(path, text)
         group = path.parent
         have = (group / "cgroup.controllers").read_text().split()
@@ -487,3 +490,40 @@ def test_old_plan_callers_still_pass_controller_names():
     measure = process_plan(LIMITS, cgroups=("memory",), own_uid=False, isolated=False,
                            netns=False, nice=10, cpu_grace=0, scratch_dirs=()).measures
     assert measure["mem_limit"].text == "hard (cgroup memory.limit_in_bytes, no swap)"
+
+
+# -- a delegated kernel raising its own limits ----------------------------------------
+
+
+def test_delegated_limits_a_kernel_raised_are_put_back(fs):
+    delegated_host(fs)
+    groups = KernelCgroups.create(KID, LIMITS, defer_cpu=True, hierarchy=detect(
+        root=fs.root, uid=USER, self_cgroup=f"0::/{SCOPE}\n"))
+    group = Path(groups.record()["group"])
+    assert groups.put_back_limits(LIMITS) == []
+    # What a kernel running as the user can write:
+    (group / "memory.max").write_text("max\n")
+    (group / "memory.swap.max").write_text("max\n")
+    (group / "pids.max").write_text("1000\n")
+    assert sorted(groups.put_back_limits(LIMITS)) == ["memory.max", "memory.swap.max", "pids.max"]
+    assert (group / "memory.max").read_text() == str(256 * M)
+    assert (group / "memory.swap.max").read_text() == "0"
+    assert (group / "pids.max").read_text() == "48"
+    # Before cpu_startup_grace the open quota is ours; after it, "max" is loosened.
+    (group / "cpu.max").write_text("max 100000\n")
+    assert groups.put_back_limits(LIMITS) == []
+    groups.apply_cpu(LIMITS)
+    (group / "cpu.max").write_text("90000 100000\n")
+    assert groups.put_back_limits(LIMITS) == ["cpu.max"]
+    assert (group / "cpu.max").read_text() == "50000 100000"
+    # Stricter is the kernel's business: left alone.
+    (group / "memory.max").write_text(f"{128 * M}\n")
+    (group / "cpu.max").write_text("10000 100000\n")
+    assert groups.put_back_limits(LIMITS) == []
+    assert (group / "memory.max").read_text() == f"{128 * M}\n"
+
+
+def test_root_groups_are_not_rewritten(fs):
+    groups, group = v2_groups(fs)
+    (group / "memory.max").write_text("max\n")  # only root could: nothing to police
+    assert groups.put_back_limits(LIMITS) == []

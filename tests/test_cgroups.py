@@ -208,3 +208,33 @@ async def test_shutdown_kills_a_double_forked_setsid_daemon(hierarchy, state_dir
     await asyncio.sleep(0.2)
     assert alive(tree) == []
     assert kernel_group_dirs(kernel_id) == []
+
+
+async def test_the_kernel_cannot_keep_a_raised_memory_limit(hierarchy, state_dir, start_kernel):
+    """As root the group's files are root's and the kernel runs as its own uid: writing
+    its limit is refused. Delegated, the kernel (same user) owns them: its write goes
+    through and is put back at the next watchdog round."""
+    km, kc = await start_kernel(LIMITS)
+    v2 = isinstance(hierarchy, V2Hierarchy)
+    limit_file = km.provisioner.cgroups.paths["memory"] / (
+        "memory.max" if v2 else "memory.limit_in_bytes"
+    )
+    out = await run(
+        kc,
+        "try:\n"
+        f"    with open({str(limit_file)!r}, 'w') as f: f.write('max' if {v2} else '-1')\n"
+        "    print('wrote')\n"
+        "except OSError as e:\n"
+        "    print('refused', e.errno)\n",
+    )
+    limit = str(256 * 2**20)
+    if not hierarchy.delegated:
+        assert out["stdout"].startswith("refused"), out
+        assert limit_file.read_text().strip() == limit
+        return
+    assert out["stdout"].strip() == "wrote", out
+
+    async def put_back():
+        return limit_file.read_text().strip() == limit
+
+    assert await wait_until(put_back, 5)

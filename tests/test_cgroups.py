@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from limited_provisioner.process.cgroup_versions import CONTROLLERS, LEAF_NAME
+from limited_provisioner.process.cgroup_versions import CONTROLLERS, GROUP_NAME, LEAF_NAME
 from limited_provisioner.process.cgroups import (
     ENV_ROOT,
     Unavailable,
@@ -238,3 +238,49 @@ async def test_the_kernel_cannot_keep_a_raised_memory_limit(hierarchy, state_dir
         return limit_file.read_text().strip() == limit
 
     assert await wait_until(put_back, 5)
+
+
+HYBRID_V2 = Path("/sys/fs/cgroup/unified")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (HYBRID_V2 / "cgroup.controllers").is_file()
+    or Path("/sys/fs/cgroup/cgroup.controllers").exists(),
+    reason="needs root on a hybrid host (v1 controllers, a v2 mount at /sys/fs/cgroup/unified)",
+)
+async def test_a_v2_group_without_controllers_still_tracks_and_kills_the_tree(
+    monkeypatch, state_dir, start_kernel
+):
+    """The v2 code on a v1 CI host: a hybrid host's v2 mount has no memory/cpu/pids, but
+    a v2 group still holds the whole tree (the launcher moves into its leaf) and
+    cgroup.kill ends it; the plan reports the limits best-effort, with the reason."""
+    monkeypatch.setenv(ENV_ROOT, str(HYBRID_V2))
+    km, kc = await start_kernel(LIMITS)
+    prov = km.provisioner
+    assert prov.cgroups and prov.cgroups.version == 2 and prov.cgroups.controllers == set()
+    info = await prov.get_provisioner_info()
+    assert info["enforcement"]["mem_limit"].startswith("best-effort"), info["enforcement"]
+    assert "memory not in /sys/fs/cgroup/unified" in info["enforcement"]["mem_limit"]
+    out = await run(
+        kc,
+        "import os, time\n"
+        "r, w = os.pipe()\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        os.write(w, b'up'); os.close(w)\n"
+        "        time.sleep(600)\n"
+        "    os._exit(0)\n"
+        "os.close(w)\n"
+        "print(os.read(r, 2).decode())\n",
+    )
+    assert out["stdout"].strip() == "up", out
+    group = Path(prov.cgroups.record()["group"])
+    assert Path(f"/proc/{prov.pid}/cgroup").read_text().splitlines()[-1] == (
+        f"0::/{GROUP_NAME}/{km.kernel_id}/{LEAF_NAME}"
+    )
+    tree = set(prov.cgroups.pids())
+    assert len(alive(tree)) >= 2
+    await km.shutdown_kernel()
+    await asyncio.sleep(0.2)
+    assert alive(tree) == [] and not group.exists()

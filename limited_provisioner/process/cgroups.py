@@ -237,11 +237,13 @@ def _trusted_v2_group(kernel_id: str, recorded: str, root: Path, uid: int) -> Pa
     return path if owner == uid else None
 
 
-def kernel_group_dirs(kernel_id: str, *, root: Path | None = None) -> list[Path]:
+def kernel_group_dirs(
+    kernel_id: str, *, root: Path | None = None, uid: int | None = None
+) -> list[Path]:
     """Every group directory of ``kernel_id`` that exists on this host (for tests and
     leftover counting), whatever the hierarchy."""
     root = cgroup_root() if root is None else root
-    found = detect(root=root, create=False)
+    found = detect(root=root, uid=uid, create=False)
     candidates = [root / c / GROUP_NAME / kernel_id for c in CONTROLLERS]
     if isinstance(found, V2Hierarchy):
         candidates.append(found.parent / kernel_id)

@@ -90,6 +90,16 @@ class FakeCgroupFS:
             self.chown(path, owner)
         return path
 
+    def seal(self, *paths: Path) -> None:
+        """Make groups root's: as root, they are (owner 0); a non-root test run cannot
+        chown, so it takes write access away instead (what _owned checks too)."""
+        if os.geteuid() == 0:
+            return
+        for path in paths:
+            for name in ("cgroup.procs", "cgroup.subtree_control"):
+                os.chmod(path / name, 0o444)
+            os.chmod(path, 0o555)
+
     def chown(self, path: Path, uid: int) -> None:
         if os.geteuid() == 0:
             os.chown(path, uid, -1)
@@ -155,7 +165,9 @@ def fs(tmp_path, monkeypatch):
     monkeypatch.setattr(cv, "rmdir_retrying", _fast_rmdir(cv.rmdir_retrying))
     root = tmp_path / "cgroup"
     root.mkdir()
-    return FakeCgroupFS(root, monkeypatch)
+    yield FakeCgroupFS(root, monkeypatch)
+    for dirpath, _, _ in os.walk(root):  # unseal, so tmp_path can be removed
+        os.chmod(dirpath, 0o755)
 
 
 def _fast_rmdir(rmdir):
@@ -294,6 +306,9 @@ def delegated_host(fs, controllers="cpu memory pids", processes_in_top=False):
     for rel in ("app.slice", "app.slice/jupyter.scope"):
         fs.mkdir(top / rel)
     (top / "app.slice/jupyter.scope/cgroup.procs").write_text(f"{os.getpid()}\n")
+    fs.v2_group("user.slice/user-1000.slice/session-2.scope", processes="9\n")
+    fs.seal(fs.root, fs.root / "user.slice", fs.root / "user.slice/user-1000.slice",
+            fs.root / "user.slice/user-1000.slice/session-2.scope")
     return top
 
 
@@ -341,7 +356,6 @@ def test_delegated_top_holding_processes_cannot_pass_controllers_down(fs):
 def test_a_server_outside_the_delegated_subtree_gets_no_cgroups(fs):
     """An ssh session scope (user-1000.slice/session-2.scope) is root's, not the user's."""
     delegated_host(fs)
-    fs.v2_group("user.slice/user-1000.slice/session-2.scope", processes="9\n")
     found = detect(root=fs.root, uid=USER,
                    self_cgroup="0::/user.slice/user-1000.slice/session-2.scope\n")
     assert isinstance(found, Unavailable)
@@ -481,9 +495,9 @@ def test_attach_delegated_accepts_only_our_own_groups(fs):
 
 def test_kernel_group_dirs_finds_v1_and_v2_groups(fs):
     groups, group = v2_groups(fs)
-    assert kernel_group_dirs(KID, root=fs.root) == [group]
+    assert kernel_group_dirs(KID, root=fs.root, uid=0) == [group]
     groups.remove()
-    assert kernel_group_dirs(KID, root=fs.root) == []
+    assert kernel_group_dirs(KID, root=fs.root, uid=0) == []
 
 
 def test_old_plan_callers_still_pass_controller_names():

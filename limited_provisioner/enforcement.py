@@ -47,6 +47,8 @@ class CgroupOffer:
         return f"cgroup v2 {v2}" if self.version == 2 else f"cgroup {v1}"
 
     def hard(self, files: str, later: str = "") -> str:
+        """The text of a limit a cgroup enforces; in a delegated group, with what the
+        kernel (the group's owner) could still do about it."""
         caveat = (
             "; hard against runaway code, but the kernel runs as your user in your "
             "delegated cgroup and could raise it or leave the group (a raised limit is "
@@ -55,6 +57,7 @@ class CgroupOffer:
         return f"hard ({files}{caveat}){later}"
 
     def why_not(self, controller: str) -> str:
+        """": <why there is no group for controller>" for a best-effort text, or ""."""
         reason = self.missing.get(controller)
         return f": {reason}" if reason else ""
 

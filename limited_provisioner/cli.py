@@ -213,27 +213,47 @@ def _running(state_dir: str | None) -> list[dict[str, Any]]:
 
 def _kernel_pids(entry: dict[str, Any]) -> list[int]:
     """Processes of a kernel, from its cgroup (process backend) or its container's."""
-    from .process.cgroups import CGROUP_ROOT, GROUP_NAME
+    from .process.cgroups import KernelCgroups, cgroup_root, entry_record
 
     if entry.get("backend") == "docker" and entry.get("container_id"):
-        candidates = [CGROUP_ROOT / "pids" / "docker" / entry["container_id"]]
+        cid, root = entry["container_id"], cgroup_root()
+        # v1; v2 with docker's cgroupfs driver; v2 with its systemd driver.
+        for group in (root / "pids" / "docker" / cid, root / "docker" / cid,
+                      root / "system.slice" / f"docker-{cid}.scope"):
+            try:
+                return [int(p) for p in (group / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                continue  # not this layout, or the container is gone
     else:
-        candidates = [CGROUP_ROOT / c / GROUP_NAME / entry["kernel_id"] for c in ("pids", "memory")]
-    for path in candidates:
-        try:
-            return [int(p) for p in (path / "cgroup.procs").read_text().split()]
-        except OSError:
-            continue
+        groups = KernelCgroups.attach(entry["kernel_id"], entry_record(entry, default=None))
+        if groups:
+            return groups.pids()
     return [entry["pid"]] if entry.get("pid") else []
 
 
+def _group_usage(entry: dict[str, Any]) -> tuple[int | None, float | None]:
+    """Memory charged to a process kernel's group now and its CPU seconds so far, where
+    its hierarchy counts them (v2: memory.current, cpu.stat; v1: memory only)."""
+    from .process.cgroups import KernelCgroups, entry_record
+
+    if entry.get("backend") == "docker" or not entry.get("alive"):
+        return None, None
+    groups = KernelCgroups.attach(entry["kernel_id"], entry_record(entry, default=None))
+    return groups.memory_bytes(), groups.cpu_seconds()
+
+
 def _sample_usage(rows: list[dict[str, Any]], interval: float = 0.25) -> None:
-    """Resident memory now and CPU use over ``interval`` (in cores) for each kernel."""
+    """Memory now and CPU use over ``interval`` (in cores) for each kernel: from its
+    cgroup where the hierarchy counts it (what the limit sees), else the sum over its
+    processes (resident memory, CPU times)."""
     import psutil
 
-    def cpu_seconds(pids: list[int]) -> float:
+    def cpu_seconds(row: dict[str, Any]) -> float:
+        counted = _group_usage(row)[1]
+        if counted is not None:
+            return counted
         total = 0.0
-        for pid in pids:
+        for pid in row["pids"]:
             try:
                 t = psutil.Process(pid).cpu_times()
                 total += t.user + t.system
@@ -241,18 +261,20 @@ def _sample_usage(rows: list[dict[str, Any]], interval: float = 0.25) -> None:
                 continue
         return total
 
-    before = [cpu_seconds(r["pids"]) for r in rows]
+    before = [cpu_seconds(r) for r in rows]
     if any(r["pids"] for r in rows):
         time.sleep(interval)
     for row, start in zip(rows, before):
-        rss = 0
-        for pid in row["pids"]:
-            try:
-                rss += psutil.Process(pid).memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        row["mem_used"] = rss
-        row["cpu_cores"] = round(max(0.0, cpu_seconds(row["pids"]) - start) / interval, 2)
+        memory = _group_usage(row)[0]
+        if memory is None:
+            memory = 0
+            for pid in row["pids"]:
+                try:
+                    memory += psutil.Process(pid).memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+        row["mem_used"] = memory
+        row["cpu_cores"] = round(max(0.0, cpu_seconds(row) - start) / interval, 2)
 
 
 def _duration(seconds: float) -> str:

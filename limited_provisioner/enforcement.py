@@ -9,8 +9,8 @@ limit nothing enforces is reported as ``NOT enforced`` — never claimed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .limits import Limits, format_size
@@ -31,6 +31,41 @@ REPORTED = "reported"
 class Measure:
     mechanism: str
     text: str
+
+
+@dataclass(frozen=True)
+class CgroupOffer:
+    """What the host's cgroups give one kernel (``KernelCgroups.offer()``)."""
+
+    controllers: frozenset[str] = frozenset()
+    version: int = 1
+    # A v2 subtree delegated to the server's user: the kernel runs as that user and owns
+    # the files its limits are written in, so it could raise them.
+    delegated: bool = False
+    # memory.swap.max / memsw set, or a host without swap.
+    no_swap: bool = True
+    # {controller: why the kernel's group does not have it} (said in the best-effort
+    # texts).
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+    def names(self, v1: str, v2: str) -> str:
+        """The interface file that carries a limit, on this hierarchy."""
+        return f"cgroup v2 {v2}" if self.version == 2 else f"cgroup {v1}"
+
+    def hard(self, files: str, later: str = "") -> str:
+        """The text of a limit a cgroup enforces; in a delegated group, with what the
+        kernel (the group's owner) could still do about it."""
+        caveat = (
+            "; hard against runaway code, but the kernel runs as your user in your "
+            "delegated cgroup and could raise it or leave the group (a raised limit is "
+            "put back at the next watchdog round)" if self.delegated else ""
+        )
+        return f"hard ({files}{caveat}){later}"
+
+    def why_not(self, controller: str) -> str:
+        """": <why there is no group for controller>" for a best-effort text, or ""."""
+        reason = self.missing.get(controller)
+        return f": {reason}" if reason else ""
 
 
 class EnforcementPlan:
@@ -177,7 +212,7 @@ def disk_measures(
 def process_plan(
     limits: Limits,
     *,
-    cgroups: Iterable[str],
+    cgroups: CgroupOffer | Iterable[str],
     own_uid: bool,
     isolated: bool,
     netns: bool,
@@ -188,31 +223,39 @@ def process_plan(
     disk_interval: float = 2.0,
     private_work_dir: bool = True,
 ) -> EnforcementPlan:
-    """The plan of a local kernel process, from the cgroup controllers that could be set
-    up, whether it runs as its own uid, in private namespaces, and in a network namespace,
-    and whether its dirs are a filesystem of its own (``workfs``)."""
-    groups = set(cgroups)
+    """The plan of a local kernel process, from the cgroups that could be set up (a
+    :class:`CgroupOffer`, or v1 controller names), whether it runs as its own uid, in
+    private namespaces, and in a network namespace, and whether its dirs are a filesystem
+    of its own (``workfs``)."""
+    offer = cgroups if isinstance(cgroups, CgroupOffer) else CgroupOffer(frozenset(cgroups))
+    groups = offer.controllers
     plan = EnforcementPlan()
     if limits.mem_limit is not None:
         if "memory" in groups:
-            plan.set("mem_limit", CGROUP, "hard (cgroup memory.limit_in_bytes, no swap)")
+            swap = "no swap" if offer.no_swap else "swap not limited: no swap accounting"
+            files = offer.names("memory.limit_in_bytes", "memory.max")
+            plan.set("mem_limit", CGROUP, offer.hard(f"{files}, {swap}"))
         else:
             plan.set("mem_limit", WATCHDOG,
-                     "best-effort (watchdog on the tree's RSS, RLIMIT_DATA per process)")
+                     "best-effort (watchdog on the tree's RSS, RLIMIT_DATA per process; "
+                     f"no memory cgroup{offer.why_not('memory')})")
     if limits.cpu_limit is not None:
         if "cpu" in groups:
             later = f" from {cpu_grace:g}s after launch" if cpu_grace > 0 else ""
-            plan.set("cpu_limit", CGROUP, f"hard (cgroup cpu.cfs_quota_us){later}")
+            plan.set("cpu_limit", CGROUP,
+                     offer.hard(offer.names("cpu.cfs_quota_us", "cpu.max"), later))
         else:
-            plan.set("cpu_limit", NICE, f"best-effort (nice {nice}; no writable cpu cgroup)")
+            plan.set("cpu_limit", NICE,
+                     f"best-effort (nice {nice}; no writable cpu cgroup{offer.why_not('cpu')})")
     if limits.pids_limit is not None:
         if "pids" in groups:
-            plan.set("pids_limit", CGROUP, "hard (cgroup pids.max)")
+            plan.set("pids_limit", CGROUP, offer.hard(offer.names("pids.max", "pids.max")))
         elif own_uid:
             plan.set("pids_limit", RLIMIT, "hard (RLIMIT_NPROC on the kernel's own uid)")
         else:
             plan.set("pids_limit", RLIMIT,
-                     "best-effort (RLIMIT_NPROC counts every process of the server user)")
+                     "best-effort (RLIMIT_NPROC counts every process of the server user; "
+                     f"no pids cgroup{offer.why_not('pids')})")
     if limits.nofile_limit is not None:
         plan.set("nofile_limit", RLIMIT, "hard (RLIMIT_NOFILE, per process)")
     scratch = (

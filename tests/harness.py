@@ -43,7 +43,7 @@ from tornado.websocket import websocket_connect
 
 from limited_provisioner import list_kernels
 from limited_provisioner.docker import DEFAULT_IMAGE, LABEL_PREFIX
-from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
+from limited_provisioner.process.cgroups import kernel_group_dirs
 from limited_provisioner.reaper import remove_kernel
 from limited_provisioner.registry import Registry, is_alive
 from limited_provisioner.watchdog import KERNEL_ID_ENV
@@ -183,15 +183,10 @@ def remove_containers_with_label(name: str, value: str) -> None:
 
 # -- what kernels leave behind -------------------------------------------------------------
 
-CGROUP_CONTROLLERS = ("pids", "memory", "cpu")
-
-
 def kernel_cgroups(kernel_ids: Collection[str]) -> int:
-    """Per-kernel cgroups (pids, memory, cpu) that still exist for these kernel ids."""
-    return sum(
-        1 for c in CGROUP_CONTROLLERS for k in kernel_ids
-        if (CGROUP_ROOT / c / GROUP_NAME / k).exists()
-    )
+    """Per-kernel cgroups (v1: pids, memory, cpu; v2: one) that still exist for these
+    kernel ids."""
+    return sum(len(kernel_group_dirs(k)) for k in kernel_ids)
 
 
 def kernel_processes(kernel_ids: Collection[str] = (), state_dir: Path | None = None) -> set[int]:
@@ -251,24 +246,27 @@ def kill_kernel_leftovers(kernel_id: str, pids: Iterable[int] = ()) -> None:
     """Last-resort cleanup of one kernel: SIGKILL its cgroups' members and ``pids``
     (only pids the caller knows are that kernel's), then remove its empty cgroups."""
     pids = set(pids)
-    for controller in CGROUP_CONTROLLERS:
-        procs = CGROUP_ROOT / controller / GROUP_NAME / kernel_id / "cgroup.procs"
-        with contextlib.suppress(OSError):  # no such cgroup: nothing of it runs
-            pids |= {int(p) for p in procs.read_text().split()}
+    groups = kernel_group_dirs(kernel_id)
+    # v2 keeps the processes in a leaf below the group: every cgroup.procs of the subtree.
+    subtrees = [[Path(d) for d, _, _ in os.walk(group)] for group in groups]
+    for subtree in subtrees:
+        for group in subtree:
+            with contextlib.suppress(OSError):  # removed meanwhile: nothing of it runs
+                pids |= {int(p) for p in (group / "cgroup.procs").read_text().split()}
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):  # exited meanwhile
             os.kill(pid, signal.SIGKILL)
-    # rmdir fails while a killed member lingers.
-    for controller in CGROUP_CONTROLLERS:
-        group = CGROUP_ROOT / controller / GROUP_NAME / kernel_id
-        for _ in range(20):
-            try:
-                group.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.05)
+    # rmdir fails while a killed member lingers; children before their parent.
+    for subtree in subtrees:
+        for group in reversed(subtree):
+            for _ in range(20):
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
 
 
 def remove_all_kernels(state_dir: Path) -> None:

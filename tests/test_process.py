@@ -122,7 +122,8 @@ async def test_children_together_cannot_exceed_mem_limit(start_kernel):
     codes = out["stdout"]
     assert "-9" in codes, out
     prov = km.provisioner
-    usage_max = int((prov.cgroups.paths["memory"] / "memory.max_usage_in_bytes").read_text())
+    peak = "memory.peak" if prov.cgroups.version == 2 else "memory.max_usage_in_bytes"
+    usage_max = int((prov.cgroups.paths["memory"] / peak).read_text())
     assert usage_max <= 256 * 2**20
     for _ in range(20):
         if any(t["kind"] == "mem_limit" for t in prov.limit_trips):
@@ -303,8 +304,11 @@ async def test_network_true_gives_a_working_kernel_still_behind_the_proxy(start_
 async def test_cpu_limit_throttles_a_multicore_burn(start_kernel):
     km, kc = await start_kernel({**SMALL, "cpu_limit": 0.5, "cpu_startup_grace": 0.5})
     await asyncio.sleep(1.0)
-    quota = (km.provisioner.cgroups.paths["cpu"] / "cpu.cfs_quota_us").read_text().strip()
-    assert quota == "50000"
+    groups = km.provisioner.cgroups
+    if groups.version == 2:
+        assert (groups.paths["cpu"] / "cpu.max").read_text().split() == ["50000", "100000"]
+    else:
+        assert (groups.paths["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
     out = await run(
         kc,
         "import multiprocessing as mp, os, time\n"

@@ -17,6 +17,7 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
+from limited_provisioner.process.cgroups import kernel_group_dirs
 from limited_provisioner.registry import Registry
 
 from .conftest import NOTHING_LEFT, backends
@@ -194,7 +195,7 @@ async def test_a_kernel_whose_restarts_fail_leaves_nothing_behind(tmp_path, jupy
             await asyncio.sleep(0.25)
         assert registry.read(kid) is None, registry.read(kid)
         assert not (registry.kernels_dir / kid).exists()
-        assert not Path(f"/sys/fs/cgroup/pids/limited-provisioner/{kid}").exists()
+        assert kernel_group_dirs(kid) == []
         listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
         assert kid not in [k["id"] for k in listed]
 

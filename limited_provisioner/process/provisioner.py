@@ -2,7 +2,8 @@
 
 On a host where we are root (the case this package is built for) the kernel runs:
 
-* in its own memory / cpu / pids cgroups (hard limits; see ``cgroups.py``),
+* in its own memory / cpu / pids cgroup(s) (hard limits; cgroup v2 as root or in the
+  user's delegated subtree, or v1; see ``cgroups.py``),
 * in an empty network namespace (unless ``network``), reached over ``ipc`` sockets in
   its kernel dir through the server's proxy (proxy.py),
 * in private PID, IPC and mount namespaces: it sees only its own processes, its SysV
@@ -44,7 +45,7 @@ from ..registry import Registry, is_alive
 from ..watchdog import KERNEL_ID_ENV, dir_usage, tree_pids
 from . import launch as _launch
 from .adopted import AdoptedProcess
-from .cgroups import KernelCgroups
+from .cgroups import KernelCgroups, entry_record
 from .interpreter import interpreter_paths
 from .kernel_log import KernelLog
 from .launch_status import LaunchStatus
@@ -113,7 +114,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         )
         self._netns = can_unshare_net()
         self.plan = process_plan(
-            self.limits, cgroups=self.cgroups.paths, own_uid=self.uid is not None,
+            self.limits, cgroups=self.cgroups.offer(), own_uid=self.uid is not None,
             isolated=self._isolate, netns=self._netns, nice=self.kernel_nice,
             cpu_grace=self.cpu_startup_grace, scratch_dirs=host_scratch_dirs(),
             workfs=self.workfs, disk_interval=self.watchdog_interval * 4,
@@ -192,7 +193,8 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             )
             raise SandboxStartError(msg, reason=failure)
         await self._record_running(
-            cgroups=sorted(self.cgroups.paths) if self.cgroups else [],
+            cgroups=sorted(self.cgroups.controllers) if self.cgroups else [],
+            cgroup=self.cgroups.record() if self.cgroups else {},
             launch_cwd=str(kwargs.get("cwd") or ""), disk_baseline=list(self._baseline),
         )
         if failure is not None:
@@ -271,10 +273,9 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         await self.cleanup(restart=self._restarting)
 
     def _start_process_watchdog(self, baseline: tuple[int, int]) -> None:
-        paths = self.cgroups.paths if self.cgroups is not None else {}
         self._start_watchdog(
             baseline, get_pids=self._tree_pids,
-            check_events=self._check_cgroup_events if paths else None,
+            check_events=self._check_cgroup_events if self.cgroups else None,
         )
 
     async def _restore(self, entry: dict[str, Any]) -> None:
@@ -286,7 +287,9 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             self.pgid = os.getpgid(self.pid)
         except OSError:
             self.pgid = None  # gone meanwhile: poll() will say so
-        self.cgroups = KernelCgroups.attach(self.kernel_id, entry.get("cgroups") or [])
+        self.cgroups = await asyncio.to_thread(
+            KernelCgroups.attach, self.kernel_id, entry_record(entry)
+        )
         self._netns = can_unshare_net()
         self._start_process_watchdog(tuple(entry.get("disk_baseline") or (0, 0)))
         self.log.info("Kernel %s adopted (pid %s)", self.kernel_id, self.pid)
@@ -294,9 +297,8 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     @classmethod
     def remove_traces(cls, registry: Registry, entry: dict[str, Any]) -> None:
         """The reaper's part for a process kernel: kill its tree, remove its cgroups."""
-        controllers = entry.get("cgroups") or ["memory", "cpu", "pids"]
-        groups = KernelCgroups.attach(entry["kernel_id"], controllers)
-        if groups.paths:
+        groups = KernelCgroups.attach(entry["kernel_id"], entry_record(entry, default=None))
+        if groups:
             groups.kill_all()
             groups.remove()
         elif entry.get("pid") and is_alive(entry):
@@ -311,16 +313,22 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             await asyncio.to_thread(self.cgroups.apply_cpu, self.limits)
 
     def _tree_pids(self) -> list[int] | set[int]:
-        if self.cgroups is not None and self.cgroups.paths:
+        if self.cgroups:
             return self.cgroups.pids()
         if self.pid is None:
             return set()
         return tree_pids(self.pid)
 
     def _check_cgroup_events(self) -> None:
-        """Report OOM kills / refused forks inside the tree while the kernel lives."""
+        """Report OOM kills / refused forks inside the tree while the kernel lives; put
+        back limits a kernel in a delegated cgroup raised."""
         if self.cgroups is None:
             return
+        for name in self.cgroups.put_back_limits(self.limits):
+            self.log.warning(
+                "Kernel %s raised its cgroup's %s (it runs as the server's user, who owns "
+                "the delegated cgroup); put back", self.kernel_id, name,
+            )
         if self.cgroups.new_oom_kills() > 0:
             self.record_trip(
                 "mem_limit",
@@ -390,7 +398,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         await asyncio.to_thread(self._kill_tree)
 
     def _kill_tree(self) -> None:
-        if self.cgroups is not None and self.cgroups.paths:
+        if self.cgroups:
             self.cgroups.kill_all()
             # A launcher that has not joined its cgroups yet is not in them.
             if self.pid and self.process is not None and self.process.poll() is None:
@@ -447,7 +455,8 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         info.update(
             {
                 "pid_create_time": self.pid_create_time,
-                "cgroups": sorted(self.cgroups.paths) if self.cgroups else [],
+                "cgroups": sorted(self.cgroups.controllers) if self.cgroups else [],
+                "cgroup": self.cgroups.record() if self.cgroups else {},
             }
         )
         return info
@@ -455,4 +464,6 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
         await super().load_provisioner_info(provisioner_info)
         self.pid_create_time = provisioner_info.get("pid_create_time")
-        self.cgroups = KernelCgroups.attach(self.kernel_id, provisioner_info.get("cgroups") or [])
+        self.cgroups = await asyncio.to_thread(
+            KernelCgroups.attach, self.kernel_id, entry_record(provisioner_info)
+        )

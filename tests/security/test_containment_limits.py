@@ -23,8 +23,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from limited_provisioner.process.cgroups import CGROUP_ROOT, GROUP_NAME
 from limited_provisioner.errors import LimitConfigError
+from limited_provisioner.process.cgroups import kernel_group_dirs
 from limited_provisioner.uids import lease_dir
 
 from ..conftest import backends
@@ -458,10 +458,7 @@ def kernel_leftovers(kernel_id: str, state_dir: Path) -> list[str]:
             with contextlib.suppress(OSError):
                 if environ_of(int(entry)).get("LIMITED_PROVISIONER_KERNEL_ID") == kernel_id:
                     found.append(f"process {entry}")
-    for controller in ("pids", "memory", "cpu"):
-        group = CGROUP_ROOT / controller / GROUP_NAME / kernel_id
-        if group.exists():
-            found.append(str(group))
+    found += [str(group) for group in kernel_group_dirs(kernel_id)]
     leases = lease_dir()
     if leases.is_dir():
         for lease in leases.iterdir():

@@ -27,6 +27,16 @@ GONE = (404, 409)
 _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="limited-docker")
 
 
+def _new_executor_after_fork() -> None:
+    # A forked child inherits the pool's books but not its threads: work sent to it
+    # would wait for a thread that never comes.
+    global _executor
+    _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="limited-docker")
+
+
+os.register_at_fork(after_in_child=_new_executor_after_fork)
+
+
 def label(name: str) -> str:
     return LABEL_PREFIX + name
 

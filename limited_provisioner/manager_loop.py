@@ -49,6 +49,17 @@ class ManagerLoop:
         loop = self._loop
         return loop is not None and not loop.is_closed() and loop.is_running()
 
+    def call_soon(self, fn: Callable[[], Any]) -> bool:
+        """Call ``fn()`` on the manager's loop, without waiting; False if there is none."""
+        loop = self._loop
+        if loop is None or not self.reachable:
+            return False
+        try:
+            loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # closed since we looked
+            return False
+        return True
+
     async def run(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
         """Run ``make()`` on the manager's loop and wait for it (from the package's loop).
 

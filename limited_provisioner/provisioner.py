@@ -326,7 +326,10 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         dead kernel and an idempotent cleanup."""
         km = self.parent
         if km is not None:
+            # A blocking manager's restarter skips a kernel being shut down; an async
+            # one (here after its manager failed) is stopped on its own loop.
             internals.hold_auto_restarts(km)
+            self.manager_loop.call_soon(km.stop_restarter)
             # What the manager's cleanup would remove first (the client dir goes with it).
             km.cleanup_connection_file()
         await self.kill()

@@ -29,7 +29,6 @@ from limited_provisioner.registry import Registry
 from .conftest import TEST_OWNER, backends
 from .harness import (
     alive,
-    containers_of,
     kernel_cgroups,
     kernel_leftovers,
     kernel_pids,
@@ -138,6 +137,39 @@ def test_idle_kernel_of_a_sleeping_script_is_culled_and_removed(
         assert kernel_leftovers(state_dir, [km.kernel_id]) == NOTHING
 
 
+def test_an_ignored_exec_timeout_restarts_the_kernel_of_a_blocking_manager(
+    state_dir, jupyter_path
+):
+    """The restart a timer decides runs on the package's loop through the coroutine
+    behind the blocking manager's restart_kernel (which would block that loop)."""
+    write_kernelspec(jupyter_path, "lim", {**SMALL, "exec_timeout": 2, "exec_timeout_grace": 2})
+    km = KernelManager(kernel_name="lim")
+    with managed(km) as pids:
+        km.start_kernel()
+        pids |= kernel_pids(km)
+        old_pid = km.provisioner.pid
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            kc.execute("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                       "time.sleep(60)")
+            for _ in range(100):
+                time.sleep(0.2)
+                if km.provisioner.pid not in (None, old_pid) and km.is_alive():
+                    break
+            assert km.provisioner.pid != old_pid, "the kernel was not restarted"
+            assert any("ignored the interrupt" in trip["reason"]
+                       for trip in km.provisioner.limit_trips)
+            pids |= kernel_pids(km)
+            assert alive({old_pid}) == []
+        finally:
+            kc.stop_channels()
+        assert answer(km).strip() == "42"
+        km.shutdown_kernel()
+        assert gone_within(state_dir, km.kernel_id, pids, 10) < 10
+
+
 # -- calls from other loops and threads ---------------------------------------------------
 
 
@@ -225,7 +257,7 @@ def _child_starts_and_stops(state_dir: str, done) -> None:
             "processes": sorted(kernel_processes([kid]) | set(alive(pids))),
         }
         done.put((out.strip(), left))
-    except BaseException as e:  # report it to the parent, whatever it is
+    except BaseException as e:  # noqa: BLE001 -- the parent reports whatever it was
         done.put(repr(e))
         if km.has_kernel:
             km.shutdown_kernel(now=True)

@@ -99,6 +99,34 @@ async def test_kernel_through_jupyter_server(server):
     assert alive(pids) == []
 
 
+async def test_an_idle_kernel_is_culled_by_the_server_itself(tmp_path, jupyter_path):
+    """The idle timer runs on the package's loop; the cull is handed to the server's
+    manager on the server's loop, so the kernel also leaves the server's list."""
+    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
+    write_kernelspec(jupyter_path, "idle", {"mem_limit": "256M", "pids_limit": 64,
+                                            "idle_timeout": 3}, "limited-process-provisioner")
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
+           "LIMITED_PROVISIONER_STATE_DIR": state}
+    try:
+        async with running_server(tmp_path, env) as (base, client, started):
+            kid = await post_kernel(base, client, "idle", started)
+            assert (await ws_execute_text(base, kid, "print(6 * 7)")).strip() == "42"
+            pids = kernel_processes([kid])
+            listed = [kid]
+            for _ in range(60):
+                resp = await client.fetch(f"{base}/api/kernels?token={TOKEN}")
+                listed = [k["id"] for k in json.loads(resp.body)]
+                if kid not in listed:
+                    break
+                await asyncio.sleep(0.25)
+            assert kid not in listed
+            assert alive(pids) == []
+            assert Registry(state).read(kid) is None
+            assert not (Path(state) / "kernels" / kid).exists()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
 @pytest.mark.parametrize("backend", backends(), indirect=True)
 async def test_a_limit_kill_is_explained_in_the_running_cell(
     backend, server, jupyter_path, docker_cleanup

@@ -3,7 +3,7 @@
 Every Docker call of the package goes through a :class:`DockerSession`: one lazily
 created client per daemon URL (``docker_host`` / ``client_kwargs`` honoured everywhere,
 the reaper included), blocking SDK calls run in this module's own thread pool (a slow
-daemon never blocks the server's event loop nor starves the loop's default executor),
+daemon never blocks an event loop nor starves the loop's default executor),
 and daemon errors sorted by status code — "gone" is an answer, "unreachable" is an error,
 never an empty list.
 """

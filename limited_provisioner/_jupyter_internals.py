@@ -10,6 +10,7 @@ instead of a kernel in production.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 # (where, name): instance attributes of the class named, checked on a fresh instance.
@@ -86,7 +87,9 @@ async def restart_here(km: Any) -> None:
     """Restart a kernel of a *blocking* manager from the package's loop: its public
     ``restart_kernel`` is ``run_sync``, which would block that loop while the restart
     needs it; the coroutine behind it does the same steps."""
-    fire_restart_callbacks(km)
+    # In a worker thread: a callback that calls back into the blocking manager (run_sync)
+    # would otherwise wait on the very loop it blocks.
+    await asyncio.to_thread(fire_restart_callbacks, km)
     await km._async_restart_kernel(now=True)
 
 

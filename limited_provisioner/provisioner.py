@@ -410,19 +410,22 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     # -- re-adoption (recovery.adopt does the rest) -----------------------------------
 
-    @on_package_loop
     async def detach(self) -> None:
         """Stop managing the kernel from this process and leave it running for a later
-        :func:`~limited_provisioner.adopt` (a deploy, a service restart)."""
+        :func:`~limited_provisioner.adopt` (a deploy, a service restart). Called on the
+        manager's loop, where its restarter lives."""
+        await bridged(self._let_go())
+        if self.parent is not None:
+            self.parent.stop_restarter()
+            internals.keep_connection_file(self.parent)
+
+    async def _let_go(self) -> None:
         await self._stop_watching()
         if self.connection is not None:
             # Whoever adopts the kernel next binds the client side anew.
             await self.connection.close()
             self.connection = None
         metrics.LIVE_KERNELS.remove(self.kernel_id)
-        if self.parent is not None:
-            self.parent.stop_restarter()
-            internals.keep_connection_file(self.parent)
 
     # -- limit trips and exit reasons ---------------------------------------------------
 

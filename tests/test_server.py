@@ -127,6 +127,9 @@ async def test_an_idle_kernel_is_culled_by_the_server_itself(tmp_path, jupyter_p
         shutil.rmtree(state, ignore_errors=True)
 
 
+STOCK_BLOCKING_MANAGER = "jupyter_server.services.kernels.kernelmanager.MappingKernelManager"
+
+
 async def test_the_stock_blocking_mapping_kernel_manager_stops_limited_kernels(
     tmp_path, jupyter_path
 ):
@@ -138,8 +141,7 @@ async def test_the_stock_blocking_mapping_kernel_manager_stops_limited_kernels(
                      "limited-process-provisioner")
     server = JupyterServer(
         tmp_path, {**os.environ, "LIMITED_PROVISIONER_STATE_DIR": state},
-        args=("--ServerApp.kernel_manager_class="
-              "jupyter_server.services.kernels.kernelmanager.MappingKernelManager",),
+        args=(f"--ServerApp.kernel_manager_class={STOCK_BLOCKING_MANAGER}",),
     )
     await server.start()
     kid = None

@@ -10,6 +10,7 @@ instead of a kernel in production.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 # (where, name): instance attributes of the class named, checked on a fresh instance.
@@ -19,6 +20,7 @@ PRIVATE_NAMES = [
     ("jupyter_client.manager:AsyncKernelManager", "_connect_control_socket"),
     ("jupyter_client.manager:AsyncKernelManager", "_connection_file_written"),
     ("jupyter_client.manager:AsyncKernelManager", "_restarter"),
+    ("jupyter_client.manager:KernelManager", "_async_restart_kernel"),
     ("jupyter_client.restarter:KernelRestarter", "_fire_callbacks"),
     ("jupyter_client.provisioning.provisioner_base:KernelProvisionerBase", "_finalize_env"),
     ("jupyter_client.multikernelmanager:AsyncMultiKernelManager", "_kernels"),
@@ -79,6 +81,22 @@ async def cull_or_restart(km: Any, kernel_id: str, action: str) -> None:
     await ensure_async(
         mkm.restart_kernel(kernel_id, now=True) if managed else km.restart_kernel(now=True)
     )
+
+
+async def restart_here(km: Any) -> None:
+    """Restart a kernel of a *blocking* manager from the package's loop: its public
+    ``restart_kernel`` is ``run_sync``, which would block that loop while the restart
+    needs it; the coroutine behind it does the same steps."""
+    # In a worker thread: a callback that calls back into the blocking manager (run_sync)
+    # would otherwise wait on the very loop it blocks.
+    await asyncio.to_thread(fire_restart_callbacks, km)
+    await km._async_restart_kernel(now=True)
+
+
+def hold_auto_restarts(km: Any) -> None:
+    """A kernel culled without its manager's help must stay dead: the manager's
+    restarter skips a kernel that is ``shutting_down`` (reset by the next start)."""
+    km.shutting_down = True
 
 
 # -- the server's MultiKernelManager ------------------------------------------------------

@@ -2,24 +2,27 @@
 
 :class:`LimitedHost` holds the settings the server manager, the server extension, the
 CLI and every kernel share — where the registry lives, which server this is, how often
-orphans are reaped — and the one periodic reaper task of each event loop. Kernels read
+orphans are reaped — and the process's one periodic reaper, which runs on the
+package's loop (``_background.py``) whoever started it. Kernels read
 their defaults from it; a kernelspec may still point one kernel elsewhere (an agent
 backend keeps its own state dir and server id).
 """
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 from traitlets import Float, Unicode
 from traitlets.config import Config, SingletonConfigurable
 from traitlets.config.loader import DeferredConfig
 
+from . import _background
 from .reaper import reap_periodically
 from .registry import STATE_DIR_ENV, Registry, default_state_dir
 from .settings import HOST_SETTINGS
@@ -86,10 +89,14 @@ class LimitedHost(SingletonConfigurable):
                 value = value.get_value(self.class_traits()[name])
             kwargs.setdefault(name, value)
         super().__init__(**kwargs)
-        # Loop -> its reaper task; "lasting" loops are servers', whose reaper runs for
-        # their whole life, kernels or not (orphans of crashed peers still need removing).
-        self._reapers: dict[Any, asyncio.Task] = {}
-        self._lasting: set[Any] = set()
+        # Started from any thread (a kernel's start on the package loop, the server's
+        # adoption on its own): one lock, one reaper. A "lasting" reaper is a server's,
+        # which runs for its whole life, kernels or not (orphans of crashed peers still
+        # need removing); a script's stops with its last kernel.
+        self._reaper_lock = threading.Lock()
+        self._reaper: concurrent.futures.Future | None = None
+        self._reaper_pid = 0
+        self._lasting = False
 
     @property
     def registry(self) -> Registry:
@@ -98,31 +105,27 @@ class LimitedHost(SingletonConfigurable):
     def start_reaper(
         self, state_dir: str | None = None, interval: float | None = None, lasting: bool = False
     ) -> None:
-        """One periodic reaper per event loop (i.e. per server or agent process)."""
+        """The process's periodic reaper, on the package's loop (from any thread)."""
         interval = self.reap_interval if interval is None else interval
         if not interval:
             return
-        loop = asyncio.get_running_loop()
-        if lasting:
-            self._lasting.add(loop)
-        task = self._reapers.get(loop)
-        if task is None or task.done():
+        with self._reaper_lock:
+            self._lasting = self._lasting or lasting
+            # A forked child inherits the parent's future, not the task behind it.
+            running = self._reaper is not None and self._reaper_pid == os.getpid()
+            if running and not self._reaper.done():
+                return
             registry = Registry(state_dir or self.resolved_state_dir)
-            self._reapers[loop] = asyncio.ensure_future(
-                reap_periodically(registry, interval, self.log)
-            )
+            self._reaper = _background.run(reap_periodically(registry, interval, self.log))
+            self._reaper_pid = os.getpid()
 
     def stop_reaper(self) -> None:
         """Stop the reaper a script's kernels started (never a server's lasting one)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if loop in self._lasting:
-            return
-        task = self._reapers.pop(loop, None)
-        if task is not None:
-            task.cancel()
+        with self._reaper_lock:
+            if self._lasting or self._reaper is None:
+                return
+            reaper, self._reaper = self._reaper, None
+        reaper.cancel()
 
 
 def _legacy_settings(config: Config) -> dict[str, Any]:

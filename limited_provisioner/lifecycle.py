@@ -86,6 +86,8 @@ class LifecycleTimer:
     server continues it) and asks :func:`check_lifecycle`; it acts through the
     provisioner's callbacks: ``interrupt(verdict, msg_id)`` for an execution past
     exec_timeout, ``stop(verdict)`` to cull or restart the kernel (after which it ends).
+    It runs on the package's loop (``_background.py``), so it fires while a blocking
+    manager's caller sleeps.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class LifecycleTimer:
         self.interrupted_at: float | None = None
         self._saved = 0.0
         self._task = BackgroundTask()
+        self._stopping: asyncio.Future | None = None  # held: the loop keeps only weak refs
 
     @property
     def needed(self) -> bool:
@@ -160,7 +163,7 @@ class LifecycleTimer:
         elif verdict.action in ("cull", "restart"):
             # Shutting down cancels this timer: act from a task of its own.
             self._task.release()
-            asyncio.ensure_future(self._stop(verdict))
+            self._stopping = asyncio.ensure_future(self._stop(verdict))
             return True
         return False
 

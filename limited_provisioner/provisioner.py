@@ -5,7 +5,13 @@ kernel, prepare its dir and proxy, and start its timers; it composes the parts t
 the work — :class:`~.kernel_dir.KernelDir`, :class:`~.connection.KernelConnection`,
 :class:`~.lifecycle.LifecycleTimer`, an :class:`~.enforcement.EnforcementPlan` and the
 host's reaper (:class:`~.host.LimitedHost`). A backend adds what is its own through the
-``_prepare_*`` / ``_restore`` hooks (``process/``, ``docker/``).
+``_prepare_*`` / ``_restore`` / ``_cleanup`` hooks (``process/``, ``docker/``).
+
+Every hook jupyter_client calls runs on the package's own loop (``_background.py``),
+whatever loop or thread the manager calls from: the proxy, the timers and the watchdog
+live there and keep running while a blocking manager's caller sleeps. A timer that
+culls a kernel hands the cull to an async manager on its loop (``manager_loop.py``);
+without one the provisioner ends the kernel and removes every trace itself.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from traitlets import default
 
 from . import _jupyter_internals as internals
 from . import metrics, uids, workfs
+from ._background import bridged, on_package_loop
+from ._tasks import Once
 from .admission import AdmissionPolicy, admit_and_record
 from .connection import KernelConnection, door_refusal
 from .enforcement import EnforcementPlan, Measure, identity_measure, shared_measures
@@ -32,6 +40,7 @@ from .kernel_dir import KernelDir, prepare_kernel_dir
 from .kernel_env import keep_allowed, limit_env
 from .lifecycle import LifecycleTimer, Verdict
 from .limits import Limits
+from .manager_loop import ManagerLoop
 from .registry import Registry, process_identity
 from .settings import LEGACY_SECTION, LimitedSettings
 from .watchdog import Watchdog, carried_over
@@ -83,6 +92,10 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         self.limits = Limits.from_settings(self)
         self.registry = Registry(self.state_dir)
         self.plan = EnforcementPlan()
+        self.manager_loop = ManagerLoop()
+        # The final cleanup, once, whether a timer (package loop) or the manager's
+        # shutdown (any loop, any thread) gets there first.
+        self._ended = Once()
 
     @property
     def host(self) -> LimitedHost:
@@ -95,6 +108,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     # -- start ------------------------------------------------------------------------
 
+    @on_package_loop
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Admit the kernel, then let the backend prepare its sandbox.
 
@@ -108,6 +122,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         self._launch_started = time.monotonic()
         entry = await asyncio.to_thread(self.registry.read, self.kernel_id)
         self._restarting = restarting = entry is not None
+        if not restarting:
+            self._ended.reset()  # a manager starting this provisioner's kernel again
         start_env = kwargs.get("env") or {}
         if self.allow_owner_from_start_env and start_env.get("LIMITED_PROVISIONER_OWNER"):
             self.owner = start_env["LIMITED_PROVISIONER_OWNER"]
@@ -324,7 +340,12 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         await self.kill()
 
     async def post_launch(self, **kwargs: Any) -> None:
-        """Start the timers and the reaper; called by ``KernelManager.post_start_kernel()``."""
+        """Start the timers and the reaper; called by ``KernelManager.post_start_kernel()``
+        on the manager's loop, which is remembered for the timers' culls."""
+        self.manager_loop.remember(self.parent)
+        await bridged(self._post_launch(**kwargs))
+
+    async def _post_launch(self, **kwargs: Any) -> None:
         await super().post_launch(**kwargs)
         self._start_watching()
         metrics.START_SECONDS.labels(backend=self.backend).observe(
@@ -356,12 +377,44 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         await self.send_signal(signal.SIGINT)
 
     async def _stop_for(self, verdict: Verdict) -> None:
+        """Cull or restart the kernel (on the package's loop): through an async manager
+        on its own loop, so its books stay true; else (a blocking manager, a loop that
+        has ended, a manager that failed) here, alone."""
         # A restart follows an interrupt that was already counted as the trip.
         self.record_trip(verdict.kind, verdict.reason, count=verdict.action == "cull")
+        km, action = self.parent, verdict.action
         try:
-            await internals.cull_or_restart(self.parent, self.kernel_id, verdict.action)
+            if await self.manager_loop.run(
+                lambda: internals.cull_or_restart(km, self.kernel_id, action)
+            ):
+                return
         except Exception:
-            self.log.exception("Kernel %s: %s failed", self.kernel_id, verdict.action)
+            self.log.exception(
+                "Kernel %s: %s through its manager failed; doing it here", self.kernel_id, action
+            )
+        try:
+            if action == "cull" or km is None:
+                await self._end_alone()
+            else:
+                await internals.restart_here(km)
+        except Exception:
+            self.log.exception("Kernel %s: %s failed", self.kernel_id, action)
+
+    async def _end_alone(self) -> None:
+        """Stop the kernel and remove every trace without the manager's help (nobody
+        may call into a blocking manager for hours); the manager's later calls find a
+        dead kernel and an idempotent cleanup."""
+        km = self.parent
+        if km is not None:
+            # A blocking manager's restarter skips a kernel being shut down; an async
+            # one (here after its manager failed) is stopped on its own loop.
+            internals.hold_auto_restarts(km)
+            self.manager_loop.call_soon(km.stop_restarter)
+            # What the manager's cleanup would remove first (the client dir goes with it).
+            km.cleanup_connection_file()
+        await self.kill()
+        await self.wait()
+        await self.cleanup(restart=False)
 
     async def _persist(self, last_activity: float) -> None:
         await asyncio.to_thread(self.registry.update, self.kernel_id, last_activity=last_activity)
@@ -389,7 +442,29 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         """Re-attach to the process or container of an adopted kernel (recovery.py)."""
         raise NotImplementedError
 
+    async def _cleanup(self, restart: bool) -> None:
+        """What :meth:`cleanup` does for this backend (the process or container is gone)."""
+        raise NotImplementedError
+
     # -- stop -------------------------------------------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        """The kernel was stopped for good and its traces removed (or are being)."""
+        return self._ended.done
+
+    @on_package_loop
+    async def cleanup(self, restart: bool = False) -> None:
+        """Called by ``KernelManager.cleanup_resources()`` once the kernel stopped.
+
+        On restart the backend keeps what the next process needs; otherwise everything
+        goes, once: a second call (the manager's shutdown after a timer's cull, from any
+        thread) waits for the first and returns.
+        """
+        if restart:
+            await self._cleanup(restart=True)
+        else:
+            await self._ended.run(lambda: self._cleanup(restart=False))
 
     async def _between_processes(self) -> None:
         if self.connection is not None:
@@ -417,16 +492,20 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     async def detach(self) -> None:
         """Stop managing the kernel from this process and leave it running for a later
-        :func:`~limited_provisioner.adopt` (a deploy, a service restart)."""
+        :func:`~limited_provisioner.adopt` (a deploy, a service restart). Called on the
+        manager's loop, where its restarter lives."""
+        await bridged(self._let_go())
+        if self.parent is not None:
+            self.parent.stop_restarter()
+            internals.keep_connection_file(self.parent)
+
+    async def _let_go(self) -> None:
         await self._stop_watching()
         if self.connection is not None:
             # Whoever adopts the kernel next binds the client side anew.
             await self.connection.close()
             self.connection = None
         metrics.LIVE_KERNELS.remove(self.kernel_id)
-        if self.parent is not None:
-            self.parent.stop_restarter()
-            internals.keep_connection_file(self.parent)
 
     # -- limit trips and exit reasons ---------------------------------------------------
 

@@ -67,6 +67,16 @@ def zmq_context() -> zmq.asyncio.Context:
     return _context
 
 
+def _forget_context_after_fork() -> None:
+    # The parent's context has no I/O threads in a forked child (using it hangs) and
+    # must not be terminated there either: a child's kernels get a context of its own.
+    global _context
+    _context = None
+
+
+os.register_at_fork(after_in_child=_forget_context_after_fork)
+
+
 def _digest(signature_scheme: str) -> Any:
     name = signature_scheme.split("-", 1)[-1] if signature_scheme else "sha256"
     return getattr(hashlib, name)

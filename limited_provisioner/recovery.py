@@ -22,6 +22,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from . import _jupyter_internals as internals
 from . import metrics
+from ._background import bridged
 from .enforcement import EnforcementPlan
 from .errors import AdoptionError
 from .kernel_dir import KernelDir
@@ -130,8 +131,10 @@ async def adopt(
         kernel_id=kernel_id, kernel_spec=spec, parent=km, **config
     )
     km.provisioner = prov
+    prov.manager_loop.remember(km)
     try:
-        await _resume(prov, entry)
+        # With the proxy and timers it starts: on the package's loop (_background.py).
+        await bridged(_resume(prov, entry))
     except Exception:
         await asyncio.to_thread(remove_kernel, registry, entry)
         raise

@@ -8,6 +8,7 @@ by kernel id) lives in harness.py, which the benches share.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -114,7 +115,14 @@ async def run(kc, code: str, timeout: float = 60) -> dict:
         elif kind == "error":
             out["error"] = f"{msg['content']['ename']}: {msg['content']['evalue']}"
 
-    reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    for _ in range(3):
+        reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        if reply["content"]["status"] != "aborted":
+            break
+        # ipykernel 6.17 (the kernel image's) aborts a request that reaches it just after
+        # an error, before it stops aborting its queue (stop_on_error): it never ran, and
+        # the proxy's own thread makes such quick follow-ups more likely. Send it again.
+        await asyncio.sleep(0.1)
     out["status"] = reply["content"]["status"]
     if out["status"] == "error":
         # What a client that reads only the reply (nbclient's CellExecutionError) sees.

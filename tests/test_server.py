@@ -101,6 +101,70 @@ async def test_kernel_through_jupyter_server(server):
     assert alive(pids) == []
 
 
+async def test_an_idle_kernel_is_culled_by_the_server_itself(tmp_path, jupyter_path):
+    """The idle timer runs on the package's loop; the cull is handed to the server's
+    manager on the server's loop, so the kernel also leaves the server's list."""
+    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
+    write_kernelspec(jupyter_path, "idle", {"mem_limit": "256M", "pids_limit": 64,
+                                            "idle_timeout": 3}, "limited-process-provisioner")
+    env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
+           "LIMITED_PROVISIONER_STATE_DIR": state}
+    try:
+        async with running_server(tmp_path, env) as (base, client, started):
+            kid = await post_kernel(base, client, "idle", started)
+            assert (await ws_execute_text(base, kid, "print(6 * 7)")).strip() == "42"
+            pids = kernel_processes([kid])
+            listed = [kid]
+            for _ in range(60):
+                resp = await client.fetch(f"{base}/api/kernels?token={TOKEN}")
+                listed = [k["id"] for k in json.loads(resp.body)]
+                if kid not in listed:
+                    break
+                await asyncio.sleep(0.25)
+            assert kid not in listed
+            assert alive(pids) == []
+            assert Registry(state).read(kid) is None
+            assert not (Path(state) / "kernels" / kid).exists()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+STOCK_BLOCKING_MANAGER = "jupyter_server.services.kernels.kernelmanager.MappingKernelManager"
+
+
+async def test_the_stock_blocking_mapping_kernel_manager_stops_limited_kernels(
+    tmp_path, jupyter_path
+):
+    """jupyter_server's blocking MappingKernelManager calls each provisioner hook through
+    run_sync, on a runner thread's loop: the hooks hop to the package's loop from there
+    and a DELETE leaves nothing behind."""
+    state = tempfile.mkdtemp(prefix="lp-", dir="/var/lib")
+    write_kernelspec(jupyter_path, "lim", {"mem_limit": "256M", "pids_limit": 64},
+                     "limited-process-provisioner")
+    server = JupyterServer(
+        tmp_path, {**os.environ, "LIMITED_PROVISIONER_STATE_DIR": state},
+        args=(f"--ServerApp.kernel_manager_class={STOCK_BLOCKING_MANAGER}",),
+    )
+    await server.start()
+    kid = None
+    try:
+        kid = (await server.api("POST", "/api/kernels", {"name": "lim"}))["id"]
+        assert (await ws_execute_text(server.base, kid, "print(6 * 7)")).strip() == "42"
+        pids = kernel_processes([kid])
+        assert pids
+        await server.api("DELETE", f"/api/kernels/{kid}")
+        assert await server.api("GET", "/api/kernels") == []
+        assert alive(pids) == []
+        assert Registry(state).read(kid) is None
+        assert "different loop" not in server.logs(100_000)
+    finally:
+        await server.stop()
+        if kid:
+            kill_kernel_leftovers(kid)
+        shutil.rmtree(state, ignore_errors=True)
+        print(server.logs(3000))
+
+
 @pytest.mark.parametrize("backend", backends(), indirect=True)
 async def test_a_limit_kill_is_explained_in_the_running_cell(
     backend, server, jupyter_path, docker_cleanup

@@ -3,7 +3,7 @@
 Every Docker call of the package goes through a :class:`DockerSession`: one lazily
 created client per daemon URL (``docker_host`` / ``client_kwargs`` honoured everywhere,
 the reaper included), blocking SDK calls run in this module's own thread pool (a slow
-daemon never blocks the server's event loop nor starves the loop's default executor),
+daemon never blocks an event loop nor starves the loop's default executor),
 and daemon errors sorted by status code — "gone" is an answer, "unreachable" is an error,
 never an empty list.
 """
@@ -25,6 +25,16 @@ DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 GONE = (404, 409)
 
 _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="limited-docker")
+
+
+def _new_executor_after_fork() -> None:
+    # A forked child inherits the pool's books but not its threads: work sent to it
+    # would wait for a thread that never comes.
+    global _executor
+    _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="limited-docker")
+
+
+os.register_at_fork(after_in_child=_new_executor_after_fork)
 
 
 def label(name: str) -> str:

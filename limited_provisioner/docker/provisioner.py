@@ -20,6 +20,7 @@ from typing import Any
 
 from traitlets import Dict, List, Unicode, default, validate
 
+from .._background import on_package_loop
 from ..enforcement import container_plan
 from ..errors import AdoptionError, LimitConfigError, SandboxStartError, SandboxUnavailableError
 from ..kernel_env import CONTAINER_ENV_KEEP
@@ -194,6 +195,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             extra_create_kwargs=dict(self.extra_create_kwargs),
         )
 
+    @on_package_loop
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         """Create and start the container; called by KernelManager after pre_launch.
 
@@ -280,6 +282,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         except docker.errors.NotFound:
             return None
 
+    @on_package_loop
     async def poll(self) -> int | None:
         """None while the container runs; its exit code once it stopped (or vanished)."""
         if self.container_id is None:
@@ -342,12 +345,14 @@ class LimitedDockerProvisioner(LimitedProvisioner):
                 self.exit_reason += f": {state['Error']}"
             self.log.warning("Kernel %s died: %s", self.kernel_id, self.exit_reason)
 
+    @on_package_loop
     async def wait(self) -> int | None:
         """Block (asynchronously) until the container stopped; returns its exit code."""
         while (ret := await self.poll()) is None:
             await asyncio.sleep(0.1)
         return ret
 
+    @on_package_loop
     async def send_signal(self, signum: int) -> None:
         """Signal the kernel: docker delivers it to the init process, which forwards it."""
         import docker.errors
@@ -361,25 +366,25 @@ class LimitedDockerProvisioner(LimitedProvisioner):
                 return  # gone, or not running any more
             raise
 
+    @on_package_loop
     async def shutdown_requested(self, restart: bool = False) -> None:
         self._shutting_down = True
         await super().shutdown_requested(restart=restart)
 
+    @on_package_loop
     async def kill(self, restart: bool = False) -> None:
         self._shutting_down = True
         await self.send_signal(signal.SIGKILL)
 
+    @on_package_loop
     async def terminate(self, restart: bool = False) -> None:
         self._shutting_down = True
         await self.send_signal(signal.SIGTERM)
 
     # -- stop -----------------------------------------------------------------------
 
-    async def cleanup(self, restart: bool = False) -> None:
-        """Remove the container; unless restarting, also the kernel dir and registry entry.
-
-        Called by KernelManager.cleanup_resources() after the kernel stopped.
-        """
+    async def _cleanup(self, restart: bool) -> None:
+        """Remove the container; unless restarting, also the kernel dir and registry entry."""
         await self._stop_watching()
         if self.container_id is not None:
             await self.poll()  # capture OOMKilled before the evidence is removed

@@ -3,7 +3,7 @@
 A kernel writing to its file descriptors 1 and 2 directly (C code, ``os.write(1, ...)``,
 a subprocess) must not reach the server's own streams — one cell could otherwise put
 600 MB into the server's log — nor grow a file without bound. The server reads the pipe
-without blocking its event loop (one bounded read per wake-up) and keeps the first
+on the package's event loop (_background.py; one bounded read per wake-up) and keeps the first
 ``limit`` bytes in ``<kernel dir>/kernel.log`` (root-only); the rest is counted and
 dropped. When nobody drains the pipe (the server is gone), the kernel's writes block or
 fail there: nothing accumulates anywhere.

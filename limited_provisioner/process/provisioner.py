@@ -36,6 +36,7 @@ from typing import Any
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float, Int
 
+from .._background import on_package_loop
 from ..enforcement import CGROUP, process_plan
 from ..errors import LimitConfigError, SandboxStartError
 from ..kernel_env import BLAS_THREADS
@@ -126,6 +127,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     def _isolate(self) -> bool:
         return os.geteuid() == 0 and self.uid is not None
 
+    @on_package_loop
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         """Start the kernel through ``launch.py`` (which applies the sandbox, then execs),
         then check and connect its sockets (``_open_kernel_door``).
@@ -346,6 +348,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         self.record_trip(kind, reason)
         await asyncio.to_thread(self._kill_tree)
 
+    @on_package_loop
     async def poll(self) -> int | None:
         """Like LocalProvisioner.poll(); on first seeing the exit, records why it died."""
         process = self.process
@@ -386,14 +389,35 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
                     f"; its last output (kernel.log):\n{tail}" if tail else "",
                 )
 
+    @on_package_loop
+    async def wait(self) -> int | None:
+        """LocalProvisioner.wait(), on the package's loop with every other hook."""
+        return await super().wait()
+
+    @on_package_loop
+    async def send_signal(self, signum: int) -> None:
+        """LocalProvisioner.send_signal() (to the process group), unless the kernel ended."""
+        if not self.ended:
+            await super().send_signal(signum)
+
+    @on_package_loop
+    async def terminate(self, restart: bool = False) -> None:
+        """LocalProvisioner.terminate(), on the package's loop with every other hook."""
+        self._shutting_down = True
+        await super().terminate(restart=restart)
+
+    @on_package_loop
     async def shutdown_requested(self, restart: bool = False) -> None:
         """Called by KernelManager.request_shutdown(); an exit after this is expected."""
         self._shutting_down = True
         await super().shutdown_requested(restart=restart)
 
+    @on_package_loop
     async def kill(self, restart: bool = False) -> None:
         """Kill the kernel and every process of its tree (not only its process group)."""
         self._shutting_down = True
+        if self.ended:
+            return  # already gone and cleaned up: its pid may be someone else's by now
         await super().kill(restart=restart)
         await asyncio.to_thread(self._kill_tree)
 
@@ -422,18 +446,17 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
 
     # -- stop -----------------------------------------------------------------------
 
-    async def cleanup(self, restart: bool = False) -> None:
-        """Kill what is left of the tree; unless restarting, remove every trace.
-
-        Called by ``KernelManager.cleanup_resources()`` after the kernel process has
-        exited. On restart the cgroups, uid and dir are kept for the next process.
-        """
+    async def _cleanup(self, restart: bool) -> None:
+        """Kill what is left of the tree; unless restarting, remove every trace (on
+        restart the cgroups, uid and dir are kept for the next process)."""
         await self._stop_watching()
         if self._cpu_task is not None:
             self._cpu_task.cancel()
             self._cpu_task = None
         await asyncio.to_thread(self._kill_tree)
-        await super().cleanup(restart=restart)
+        # LimitedProvisioner.cleanup comes first in the MRO and called us: its sibling
+        # base returns the cached ports.
+        await LocalProvisioner.cleanup(self, restart=restart)
         if restart:
             await self._between_processes()
         else:

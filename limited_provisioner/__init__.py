@@ -2,6 +2,7 @@
 
 from .errors import (
     AdoptionError,
+    KernelCommandError,
     KernelLimitError,
     LimitConfigError,
     SandboxStartError,
@@ -23,6 +24,7 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
 
 __all__ = [
     "AdoptionError",
+    "KernelCommandError",
     "KernelLimitError",
     "LimitConfigError",
     "LimitedHost",

@@ -16,6 +16,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from .errors import LimitConfigError, SandboxUnavailableError
 from .limits import Limits, format_size
+from .reaper import ORPHAN_GRACE
 from .registry import Registry, is_alive
 
 PROVISIONERS = {
@@ -103,6 +104,11 @@ def _build_parser() -> argparse.ArgumentParser:
     reap.add_argument("--all-servers", action="store_true", help="not only this server's kernels")
     reap.add_argument("--server-id", default=None, help="server whose kernels to consider")
     reap.add_argument("--state-dir", default=None, help="registry location (default: auto)")
+    reap.add_argument(
+        "--orphan-grace", type=float, default=None, metavar="SECONDS",
+        help="seconds a running kernel of a gone server may wait to be adopted "
+        f"(default: LimitedHost.orphan_grace, {ORPHAN_GRACE:g}; 0: until its idle timeout)",
+    )
 
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.add_argument("--state-dir", default=None, help="registry location (default: auto)")
@@ -352,12 +358,14 @@ def cmd_reap(args: argparse.Namespace) -> int:
     from .host import LimitedHost
     from .reaper import reap
 
-    server_id = args.server_id or LimitedHost.instance().resolved_server_id
+    host = LimitedHost.instance()
+    server_id = args.server_id or host.resolved_server_id
     done = reap(
         Registry(args.state_dir),
         server_id=server_id,
         all_servers=args.all_servers,
         dry_run=args.dry_run,
+        orphan_grace=host.orphan_grace if args.orphan_grace is None else args.orphan_grace,
     )
     verb = "would reap" if args.dry_run else "reaped"
     for orphan in done:

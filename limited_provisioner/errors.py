@@ -4,6 +4,8 @@ Every error names the limit or setting involved and says how to fix it, because
 the person reading it is usually a notebook user or an operator looking at a log.
 """
 
+import errno as _errno
+
 from traitlets import TraitError
 
 
@@ -45,6 +47,41 @@ class SandboxStartError(SandboxUnavailableError):
     def __init__(self, message: str, *, reason: str = ""):
         super().__init__(message)
         self.reason = reason or message
+
+
+class KernelCommandError(SandboxStartError, OSError):
+    """The kernelspec's command could not be executed (missing, not executable).
+
+    Also the ``OSError`` that jupyter_client's ``LocalProvisioner`` raises for it (as
+    :class:`KernelCommandNotFound`: a ``FileNotFoundError``), so clients that report
+    "kernel command not found" from that exception keep doing so; ``errno`` is the
+    exec's, the text the launcher's.
+    """
+
+    def __init__(self, message: str, *, reason: str = "", errno: int | None = None):
+        SandboxStartError.__init__(self, message, reason=reason)
+        self.errno = errno
+        # str(e) is "[Errno 2] <message>", as for any OSError with an errno.
+        self.strerror = message
+
+
+class KernelCommandNotFound(KernelCommandError, FileNotFoundError):
+    """The kernelspec's command does not exist where the kernel runs."""
+
+
+class KernelCommandNotPermitted(KernelCommandError, PermissionError):
+    """The kernelspec's command is not executable by the kernel's user."""
+
+
+def kernel_command_error(message: str, *, reason: str, errno: int) -> KernelCommandError:
+    """The :class:`KernelCommandError` subclass an exec's ``errno`` calls for."""
+    cls = {
+        _errno.ENOENT: KernelCommandNotFound,
+        _errno.ENOTDIR: KernelCommandNotFound,
+        _errno.EACCES: KernelCommandNotPermitted,
+        _errno.EPERM: KernelCommandNotPermitted,
+    }.get(errno, KernelCommandError)
+    return cls(message, reason=reason, errno=errno)
 
 
 class AdoptionError(RuntimeError):

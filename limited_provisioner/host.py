@@ -23,7 +23,7 @@ from traitlets.config import Config, SingletonConfigurable
 from traitlets.config.loader import DeferredConfig
 
 from . import _background
-from .reaper import reap_periodically
+from .reaper import ORPHAN_GRACE, reap_periodically
 from .registry import STATE_DIR_ENV, Registry, default_state_dir
 from .settings import HOST_SETTINGS
 
@@ -79,6 +79,16 @@ class LimitedHost(SingletonConfigurable):
         out. 0 disables (then run `limited-provisioner reap` from cron).""",
     ).tag(config=True)
 
+    orphan_grace = Float(
+        ORPHAN_GRACE,
+        help=f"""Seconds a running kernel whose server (or script, or agent) is gone waits
+        to be re-adopted before the reaper removes it, counted from when a reaper first
+        sees it orphaned -- a crashed client's kernel then stops holding its mem_limit
+        long before its idle_timeout. Set it above the longest server restart or deploy
+        (keep_kernels_on_exit). 0: kept until its idle_timeout or max_lifetime. Default
+        {ORPHAN_GRACE:g}.""",
+    ).tag(config=True)
+
     def __init__(self, **kwargs: Any):
         config = kwargs.get("config")
         if config is None and kwargs.get("parent") is not None:
@@ -116,7 +126,9 @@ class LimitedHost(SingletonConfigurable):
             if running and not self._reaper.done():
                 return
             registry = Registry(state_dir or self.resolved_state_dir)
-            self._reaper = _background.run(reap_periodically(registry, interval, self.log))
+            self._reaper = _background.run(
+                reap_periodically(registry, interval, self.log, self.orphan_grace)
+            )
             self._reaper_pid = os.getpid()
 
     def stop_reaper(self) -> None:

@@ -37,6 +37,12 @@ DEFAULT_ENV_KEEP = [
 ]
 # A container's PATH, LANG, PYTHONPATH... come from its image, not from the host.
 CONTAINER_ENV_KEEP = ["JPY_SESSION_NAME", "LIMITED_PROVISIONER_OWNER"]
+# Variables naming the host's directories: not passed into a container even when a
+# caller sets them in start_kernel(env=...) (a kernelspec's env still can).
+HOST_PATH_ENV = (
+    "PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "HOME",
+)
 # Parts of a name that mark it as a secret: such a variable reaches a kernel only when
 # the kernelspec's env or env_keep names it exactly (and the log says so).
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "COOKIE")
@@ -48,36 +54,65 @@ def looks_secret(name: str) -> bool:
     return any(marker in upper for marker in SECRET_MARKERS)
 
 
+def supplied_names(start_env: dict[str, str] | None, server_env: dict[str, str]) -> set[str]:
+    """The variables a caller of ``start_kernel(env=...)`` set on purpose: those whose
+    value is not the server's own (nbclient's ``IPYKERNEL_CELL_NAME``, a test's tmpdir).
+
+    A copy of the server's environment passed along unchanged adds nothing: its
+    variables still go through the allow-list.
+    """
+    if not start_env or start_env is server_env:
+        return set()
+    return {name for name, value in start_env.items() if server_env.get(name) != value}
+
+
 def filter_env(
-    env: dict[str, str], keep: list[str], explicit: set[str]
-) -> tuple[dict[str, str], list[str]]:
-    """The variables of ``env`` a kernel may see, and the secret-looking ones passed
-    because ``explicit`` (the kernelspec's env) or an exact ``keep`` entry names them."""
+    env: dict[str, str], keep: list[str], explicit: set[str], supplied: set[str] = frozenset()
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """The variables of ``env`` a kernel may see; the secret-looking ones passed because
+    ``explicit`` (the kernelspec's env) or an exact ``keep`` entry names them; and the
+    secret-looking ones dropped although the caller ``supplied`` them."""
     exact = {p for p in keep if not any(c in p for c in "*?[")}
     patterns = [p for p in keep if p not in exact]
-    result, named_secrets = {}, []
+    result, named_secrets, refused = {}, [], []
     for name, value in env.items():
         if name in explicit or name in exact:
             result[name] = value
             if looks_secret(name):
                 named_secrets.append(name)
-        elif not looks_secret(name) and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        elif looks_secret(name):
+            # A caller's env may be a whole copy of a server's environment with its
+            # token in it: a secret needs the operator's word (env_keep, kernelspec).
+            if name in supplied:
+                refused.append(name)
+        elif name in supplied or any(fnmatch.fnmatchcase(name, p) for p in patterns):
             result[name] = value
-    return result, named_secrets
+    return result, named_secrets, refused
 
 
 def keep_allowed(
-    env: dict[str, str], keep: list[str], explicit: set[str], log: Any, kernel_id: str
+    env: dict[str, str],
+    keep: list[str],
+    explicit: set[str],
+    log: Any,
+    kernel_id: str,
+    supplied: set[str] = frozenset(),
 ) -> None:
     """Reduce ``env`` in place to what :func:`filter_env` allows; log each secret-looking
-    name passed because it was named."""
-    kept, named_secrets = filter_env(env, keep, explicit)
+    name passed because it was named, and each one a caller supplied that was dropped."""
+    kept, named_secrets, refused = filter_env(env, keep, explicit, supplied)
     env.clear()
     env.update(kept)
     for name in named_secrets:
         log.warning(
             "Kernel %s: passing %s to the kernel because the kernelspec's env or env_keep "
             "names it; code in the kernel can read it", kernel_id, name,
+        )
+    if refused:
+        log.warning(
+            "Kernel %s: not passing %s from start_kernel(env=...): secret-looking names "
+            "reach a kernel only when env_keep or the kernelspec's env names them",
+            kernel_id, ", ".join(sorted(refused)),
         )
 
 

@@ -21,8 +21,9 @@ import logging
 import os
 import signal
 import time
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import default
@@ -34,10 +35,15 @@ from ._tasks import Once
 from .admission import AdmissionPolicy, admit_and_record
 from .connection import KernelConnection, door_refusal
 from .enforcement import EnforcementPlan, Measure, identity_measure, shared_measures
-from .errors import KernelLimitError, SandboxStartError, SandboxUnavailableError
+from .errors import (
+    KernelLimitError,
+    SandboxStartError,
+    SandboxUnavailableError,
+    kernel_command_error,
+)
 from .host import LimitedHost
 from .kernel_dir import KernelDir, prepare_kernel_dir
-from .kernel_env import keep_allowed, limit_env
+from .kernel_env import keep_allowed, limit_env, supplied_names
 from .lifecycle import LifecycleTimer, Verdict
 from .limits import Limits
 from .manager_loop import ManagerLoop
@@ -101,6 +107,24 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     def host(self) -> LimitedHost:
         return LimitedHost.instance(config=self.config)
 
+    # The kernels a provisioner of this process is starting or managing, by (state dir,
+    # kernel id): adoption in the same process must leave them alone -- a server whose
+    # loop already runs adopts in the background while it starts kernels.
+    _managing: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
+
+    @classmethod
+    def managing(cls, state_dir: str | os.PathLike, kernel_id: str) -> bool:
+        """Whether a provisioner of this process is starting or managing the kernel."""
+        return (str(state_dir), kernel_id) in cls._managing
+
+    def _hold(self) -> None:
+        LimitedProvisioner._managing[(str(self.registry.state_dir), self.kernel_id)] = self
+
+    def _unhold(self) -> None:
+        key = (str(self.registry.state_dir), self.kernel_id)
+        if LimitedProvisioner._managing.get(key) is self:
+            del LimitedProvisioner._managing[key]
+
     @property
     def enforcement(self) -> dict[str, str]:
         """How each limit is enforced for the running kernel (the plan's report)."""
@@ -124,7 +148,11 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         self._restarting = restarting = entry is not None
         if not restarting:
             self._ended.reset()  # a manager starting this provisioner's kernel again
+        self._hold()
         start_env = kwargs.get("env") or {}
+        self._supplied_env = supplied_names(kwargs.get("env"), os.environ) - set(
+            self._host_only_env
+        )
         if self.allow_owner_from_start_env and start_env.get("LIMITED_PROVISIONER_OWNER"):
             self.owner = start_env["LIMITED_PROVISIONER_OWNER"]
         try:
@@ -243,11 +271,17 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         notice = str(self.kdir.ctl / "notice") if self.kdir is not None else None
         return {**(env or {}), **limit_env(self.limits, self.output_limit, notice)}
 
+    # What a caller set in start_kernel(env=...) that is not the server's own value.
+    _supplied_env: set[str] = set()
+    # Names whose supplied values mean nothing where the kernel runs (docker: host paths).
+    _host_only_env: tuple[str, ...] = ()
+
     def _finalize_env(self, env: dict[str, str]) -> None:
-        """Drop server environment variables not on the allow-list (see ``env_keep``)."""
+        """Drop server environment variables not on the allow-list (see ``env_keep``);
+        keep what the caller supplied on purpose, never a secret it was not told to."""
         super()._finalize_env(env)
         explicit = set(self.kernel_spec.env) if self.kernel_spec else set()
-        keep_allowed(env, self.env_keep, explicit, self.log, self.kernel_id)
+        keep_allowed(env, self.env_keep, explicit, self.log, self.kernel_id, self._supplied_env)
 
     async def _open_kernel_door(self) -> None:
         """Check the kernel's sockets and connect the proxy (connection.open_door).
@@ -283,12 +317,20 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             # Bounded: it is the kernel's own text, and it goes into an HTTP answer.
             reason += f"; its last output:\n{output[-START_OUTPUT_LIMIT:]}"
         self.record_trip("sandbox", reason)
-        raise SandboxStartError(f"Kernel {self.kernel_id} could not be started: {reason}",
-                                reason=reason)
+        msg = f"Kernel {self.kernel_id} could not be started: {reason}"
+        errno = self._command_errno(code)
+        if errno is not None:
+            raise kernel_command_error(msg, reason=reason, errno=errno)
+        raise SandboxStartError(msg, reason=reason)
 
     async def _start_output(self) -> str:
         """What the kernel printed before it died at start (backends that keep it)."""
         return ""
+
+    def _command_errno(self, code: int) -> int | None:
+        """The errno of a kernel command that could not be executed, if exit status
+        ``code`` of a start says so (backends whose init reports it that way)."""
+        return None
 
     async def _abandon_start(self) -> None:
         """Stop what a failed ``launch_kernel`` started, then release what pre_launch
@@ -483,6 +525,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             # A no-op for a uid this kernel holds no lease on (a fixed container_user).
             await asyncio.to_thread(uids.release, self.uid, self.kernel_id)
         await asyncio.to_thread(self.registry.remove, self.kernel_id)
+        self._unhold()
         if not metrics.LIVE_KERNELS.kernels:
             # The last kernel of this process is gone: stop a script's reaper rather than
             # leave a pending task behind (nbclient exits right after this).
@@ -500,6 +543,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             internals.keep_connection_file(self.parent)
 
     async def _let_go(self) -> None:
+        self._unhold()
         await self._stop_watching()
         if self.connection is not None:
             # Whoever adopts the kernel next binds the client side anew.

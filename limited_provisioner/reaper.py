@@ -1,9 +1,11 @@
 """The orphan reaper: removes what limited kernels left behind, and nothing else.
 
 A registry entry is reaped when the server (the process that started the kernel) is
-gone and either the kernel died (process gone / container stopped) or its idle clock (or
-max_lifetime) has run out — a live kernel of a dead server is kept until then, so a
-restarted server can still adopt it. Kernels of live servers are never touched, and only
+gone and either the kernel died (process gone / container stopped), its idle clock (or
+max_lifetime) has run out, or nobody adopted it within ``orphan_grace`` of a reaper first
+seeing its server gone — a live kernel of a dead server is kept that long, so a
+restarted server can still adopt it, but a crashed script's kernel does not hold its
+``mem_limit`` until its idle timeout. Kernels of live servers are never touched, and only
 what carries our registry entry or our Docker label is. Each backend removes its own
 traces (``remove_traces``: cgroups and processes, containers on the daemon that runs
 them); a backend that cannot be asked keeps the entry for the next round.
@@ -25,6 +27,8 @@ from .metrics import ORPHANS_REAPED
 from .registry import Registry, is_alive, server_alive
 
 log = logging.getLogger(__name__)
+# Seconds a live kernel of a gone server waits to be adopted before it is reaped.
+ORPHAN_GRACE = 300.0
 # Where each backend's provisioner lives; imported only when an entry of it is reaped.
 BACKENDS = {
     "process": "limited_provisioner.process:LimitedProcessProvisioner",
@@ -53,13 +57,16 @@ def find_orphans(
     server_id: str | None = None,
     all_servers: bool = False,
     now: float | None = None,
+    orphan_grace: float = ORPHAN_GRACE,
 ) -> list[Orphan]:
-    """Registry entries to reap; only ``server_id``'s unless ``all_servers``."""
+    """Registry entries to reap; only ``server_id``'s unless ``all_servers``.
+
+    A live kernel of a gone server counts from ``orphaned_at`` (:func:`note_orphaned`);
+    ``orphan_grace`` 0 keeps it until its idle clock or max_lifetime runs out.
+    """
     now = now or time.time()
     found = []
-    for entry in registry.entries():
-        if not all_servers and server_id is not None and entry.get("server_id") != server_id:
-            continue
+    for entry in _in_scope(registry, server_id, all_servers):
         if server_alive(entry):
             # A live server manages its kernels itself (its restarter may be about to
             # restart a dead one): never reap under its feet.
@@ -82,7 +89,42 @@ def find_orphans(
             found.append(Orphan(why=f"server gone, idle {idle:.0f}s > {idle_timeout:g}s", **base))
         elif lifetime and now - entry.get("created", now) > lifetime:
             found.append(Orphan(why=f"server gone, older than max_lifetime {lifetime:g}s", **base))
+        elif orphan_grace and now - (entry.get("orphaned_at") or now) > orphan_grace:
+            found.append(Orphan(
+                why=f"server gone and nobody adopted the kernel within orphan_grace "
+                    f"{orphan_grace:g}s", **base))
     return found
+
+
+def _in_scope(
+    registry: Registry, server_id: str | None, all_servers: bool
+) -> list[dict[str, Any]]:
+    return [
+        e for e in registry.entries()
+        if all_servers or server_id is None or e.get("server_id") == server_id
+    ]
+
+
+def note_orphaned(
+    registry: Registry,
+    *,
+    server_id: str | None = None,
+    all_servers: bool = False,
+    now: float | None = None,
+) -> list[str]:
+    """Stamp ``orphaned_at`` on each running kernel whose server is gone, the first time
+    a reaper sees it so (adoption clears it); returns their ids. The grace is counted
+    from here: a server's death leaves no time of its own."""
+    now = now or time.time()
+    noted = []
+    for entry in _in_scope(registry, server_id, all_servers):
+        if entry.get("orphaned_at") or entry.get("state") != "running" or server_alive(entry):
+            continue
+        kid = entry.get("kernel_id", "")
+        # Re-checked under the registry's lock: an adoption may have just taken it over.
+        if registry.update_if(kid, lambda e: not server_alive(e), orphaned_at=now):
+            noted.append(kid)
+    return noted
 
 
 def remove_kernel(registry: Registry, entry: dict[str, Any]) -> None:
@@ -108,16 +150,21 @@ def reap(
     server_id: str | None = None,
     all_servers: bool = False,
     dry_run: bool = False,
+    orphan_grace: float = ORPHAN_GRACE,
 ) -> list[Orphan]:
     """Find and (unless ``dry_run``) remove orphans. Each failure is logged on its own."""
-    orphans = find_orphans(registry, server_id=server_id, all_servers=all_servers)
+    if not dry_run:
+        note_orphaned(registry, server_id=server_id, all_servers=all_servers)
+    orphans = find_orphans(
+        registry, server_id=server_id, all_servers=all_servers, orphan_grace=orphan_grace
+    )
     if dry_run:
         return orphans
     done = []
     for orphan in orphans:
         entry = registry.read(orphan.kernel_id)
-        if entry is None:
-            continue
+        if entry is None or server_alive(entry):
+            continue  # gone meanwhile, or adopted since it was found
         try:
             remove_kernel(registry, entry)
             done.append(orphan)
@@ -129,11 +176,15 @@ def reap(
     return done
 
 
-async def reap_periodically(registry: Registry, interval: float, log: Any) -> None:
+async def reap_periodically(
+    registry: Registry, interval: float, log: Any, orphan_grace: float = ORPHAN_GRACE
+) -> None:
     """The in-server reaper: :func:`reap` every ``interval`` seconds, off the event loop."""
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.to_thread(reap, registry, all_servers=True)
+            await asyncio.to_thread(
+                reap, registry, all_servers=True, orphan_grace=orphan_grace
+            )
         except Exception:  # the next round may succeed; never end the loop
             log.exception("orphan reaper failed")

@@ -26,6 +26,7 @@ from ._background import bridged
 from .enforcement import EnforcementPlan
 from .errors import AdoptionError
 from .kernel_dir import KernelDir
+from .provisioner import LimitedProvisioner
 from .reaper import Orphan, provisioner_class, reap, remove_kernel
 from .registry import Registry, is_alive, list_kernels, process_identity, server_alive
 from .workfs import WorkFs
@@ -45,6 +46,7 @@ def reap_orphans(
     *,
     server_id: str | None = None,
     all_servers: bool = False,
+    orphan_grace: float | None = None,
 ) -> list[Orphan]:
     """Remove the kernels nobody manages any more (``server_id``'s, or every server's).
 
@@ -52,9 +54,16 @@ def reap_orphans(
     or is idle/old past its limits (:func:`~limited_provisioner.reaper.find_orphans`).
     Kernels of live processes are never touched. An agent backend calls this at start,
     before adopting, and periodically; jupyter_server does it for you. Blocking: run it
-    in a thread from async code.
+    in a thread from async code. ``orphan_grace``: LimitedHost.orphan_grace by default.
     """
-    return reap(Registry(state_dir), server_id=server_id, all_servers=all_servers)
+    if orphan_grace is None:
+        from .host import LimitedHost
+
+        orphan_grace = LimitedHost.instance().orphan_grace
+    return reap(
+        Registry(state_dir), server_id=server_id, all_servers=all_servers,
+        orphan_grace=orphan_grace,
+    )
 
 
 async def adopt(
@@ -80,6 +89,9 @@ async def adopt(
     if entry is None:
         msg = f"no limited kernel {kernel_id} in the registry at {registry.state_dir}"
         raise AdoptionError(msg, reason="unknown")
+    if LimitedProvisioner.managing(registry.state_dir, kernel_id):
+        msg = f"kernel {kernel_id} is being started or managed by this process already"
+        raise AdoptionError(msg, reason="managed")
     if server_alive(entry) and entry.get("server_pid") != os.getpid():
         msg = (
             f"kernel {kernel_id} is managed by live process {entry.get('server_pid')}; "
@@ -132,10 +144,12 @@ async def adopt(
     )
     km.provisioner = prov
     prov.manager_loop.remember(km)
+    prov._hold()
     try:
         # With the proxy and timers it starts: on the package's loop (_background.py).
         await bridged(_resume(prov, entry))
     except Exception:
+        prov._unhold()
         await asyncio.to_thread(remove_kernel, registry, entry)
         raise
     internals.mark_started(km, entry.get("launch_cwd"))
@@ -165,10 +179,12 @@ async def _resume(prov: Any, entry: dict[str, Any]) -> None:
         prov.connection_info = prov.parent.get_connection_info()
     await prov._restore(entry)
     await prov._open_kernel_door()
+    # Under the registry lock, as the reaper stamps orphans: neither undoes the other.
     await asyncio.to_thread(
-        prov.registry.update, prov.kernel_id, server_id=prov.server_id,
-        server_pid=os.getpid(), server_pid_create_time=process_identity(os.getpid()),
-        adopted=time.time(),
+        prov.registry.update_if, prov.kernel_id, lambda entry: True,
+        server_id=prov.server_id, server_pid=os.getpid(),
+        server_pid_create_time=process_identity(os.getpid()), adopted=time.time(),
+        orphaned_at=None,
     )
     prov._start_watching()
     metrics.ADOPTIONS.labels(backend=prov.backend).inc()

@@ -14,7 +14,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,19 @@ class Registry:
         if entry is not None:
             entry.update(changes)
             self.write(kernel_id, entry)
+
+    def update_if(
+        self, kernel_id: str, check: Callable[[dict[str, Any]], bool], **changes: Any
+    ) -> bool:
+        """``update`` under the host-wide lock, if the entry exists and passes ``check``
+        (the reaper stamping an orphan must not undo an adoption that just happened)."""
+        with self.lock():
+            entry = self.read(kernel_id)
+            if entry is None or not check(entry):
+                return False
+            entry.update(changes)
+            self.write(kernel_id, entry)
+            return True
 
     def read(self, kernel_id: str) -> dict[str, Any] | None:
         try:

@@ -72,18 +72,20 @@ def jupyter_path(tmp_path, monkeypatch):
 @pytest.fixture
 async def start_kernel(jupyter_path):
     """``await start_kernel(config)`` -> (km, kc) for a fresh limited kernel (``argv``,
-    ``env``: the kernelspec's, instead of this interpreter's ipykernel)."""
+    ``env``: the kernelspec's, instead of this interpreter's ipykernel; ``start_kwargs``
+    for ``km.start_kernel``)."""
     started: list[tuple[AsyncKernelManager, object, set[int]]] = []
     counter = iter(range(1000))
 
     async def _start(config: dict | None = None, provisioner="limited-process-provisioner",
-                     *, argv: list[str] | None = None, env: dict | None = None, **km_kwargs):
+                     *, argv: list[str] | None = None, env: dict | None = None,
+                     start_kwargs: dict | None = None, **km_kwargs):
         name = f"lim{next(counter)}"
         write_kernelspec(jupyter_path, name, config or {}, provisioner, argv=argv, env=env)
         km = AsyncKernelManager(kernel_name=name, **km_kwargs)
         record = [km, None, set()]
         started.append(record)
-        await km.start_kernel()
+        await km.start_kernel(**(start_kwargs or {}))
         record[2] = {km.provisioner.pid} if getattr(km.provisioner, "pid", None) else set()
         kc = km.client()
         kc.start_channels()

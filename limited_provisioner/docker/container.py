@@ -7,6 +7,7 @@ decided anywhere else.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass, field
@@ -190,3 +191,16 @@ def parse_mount(spec: str) -> tuple[str, str, bool]:
         msg = f"extra_mounts entry {spec!r}: host path {host} does not exist"
         raise LimitConfigError(msg)
     return host, target, mode == "ro"
+
+
+def command_errno(runtime_error: str) -> int | None:
+    """The errno of the kernel command's exec in a container runtime's start error
+    ("exec: "python3": executable file not found in $PATH"), None for another failure."""
+    if "exec:" not in runtime_error:
+        return None
+    text = runtime_error.lower()
+    if "executable file not found" in text or "no such file or directory" in text:
+        return errno.ENOENT
+    if "permission denied" in text:
+        return errno.EACCES
+    return None

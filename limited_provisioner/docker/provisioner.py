@@ -13,6 +13,7 @@ through the server's proxy (proxy.py), so Jupyter talks to it even with
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 from pathlib import Path
@@ -22,14 +23,27 @@ from traitlets import Dict, List, Unicode, default, validate
 
 from .._background import on_package_loop
 from ..enforcement import container_plan
-from ..errors import AdoptionError, LimitConfigError, SandboxStartError, SandboxUnavailableError
-from ..kernel_env import CONTAINER_ENV_KEEP
+from ..errors import (
+    AdoptionError,
+    LimitConfigError,
+    SandboxStartError,
+    SandboxUnavailableError,
+    kernel_command_error,
+)
+from ..kernel_env import CONTAINER_ENV_KEEP, HOST_PATH_ENV
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
 from ..registry import Registry
 from ..watchdog import KERNEL_ID_ENV
 from .client import GONE, LABEL_PREFIX, DockerSession, container_name
-from .container import ContainerSpec, create_kwargs, kernel_labels, parse_mount, tmp_size
+from .container import (
+    ContainerSpec,
+    command_errno,
+    create_kwargs,
+    kernel_labels,
+    parse_mount,
+    tmp_size,
+)
 
 DEFAULT_IMAGE = "limited-provisioner-kernel:latest"
 BUILD_HINT = "build it with `limited-provisioner build-image` (or set `image` to one you have)"
@@ -106,6 +120,9 @@ class LimitedDockerProvisioner(LimitedProvisioner):
     @default("env_keep")
     def _default_env_keep(self) -> list[str]:
         return list(CONTAINER_ENV_KEEP)
+
+    # A caller's PATH or venv names the host's directories; the image has its own.
+    _host_only_env = HOST_PATH_ENV
 
     @validate("extra_mounts")
     def _validate_extra_mounts(self, proposal: dict) -> list[str]:
@@ -231,6 +248,10 @@ class LimitedDockerProvisioner(LimitedProvisioner):
                 # container reads as exited (poll).
                 self.container_id, self.exit_code = create["name"], None
                 return self.connection_info
+            exec_errno = command_errno(reason)
+            if exec_errno is not None:
+                msg = f"Kernel {self.kernel_id}: the kernel command cannot run: {reason}"
+                raise kernel_command_error(msg, reason=reason, errno=exec_errno) from e
             msg = f"Kernel {self.kernel_id} could not be started in its container: {reason}"
             raise SandboxStartError(msg, reason=reason) from e
         except Exception:
@@ -325,6 +346,11 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             self.kernel_id,
             tail[-4096:].decode(errors="replace").rstrip(),
         )
+
+    def _command_errno(self, code: int) -> int | None:
+        # The image's init (tini) exits 127 when the command is not found, 126 when it
+        # cannot be executed, as a shell does.
+        return {127: errno.ENOENT, 126: errno.EACCES}.get(code)
 
     def _note_exit(self, state: dict[str, Any]) -> None:
         if state.get("OOMKilled"):

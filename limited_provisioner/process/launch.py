@@ -46,6 +46,8 @@ MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 EXIT_SANDBOX_FAILED = 121
+# Starts a status message whose exec failed: "<EXEC_FAILED> <errno> <message>".
+EXEC_FAILED = "exec-failed"
 # The most of a failure message the server reads from ``status_fd``.
 STATUS_LIMIT = 4096
 
@@ -96,12 +98,15 @@ class _OpenHow(ctypes.Structure):
 _status_fd: int | None = None
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, exec_errno: int | None = None) -> None:
     sys.stderr.write(f"limited-provisioner: cannot start kernel: {message}\n")
     sys.stderr.flush()
     if _status_fd is not None:
+        # An exec's errno goes first, so the server raises the OSError a stock launch
+        # would (launch_status.exec_errno).
+        status = f"{EXEC_FAILED} {exec_errno} {message}" if exec_errno else message
         try:
-            os.write(_status_fd, message.encode(errors="replace")[:STATUS_LIMIT])
+            os.write(_status_fd, status.encode(errors="replace")[:STATUS_LIMIT])
         except OSError:
             pass  # the server gave up waiting: kernel.log has the message
     os._exit(EXIT_SANDBOX_FAILED)
@@ -497,7 +502,7 @@ def main(argv: list[str]) -> None:
     try:
         os.execvp(cmd[0], cmd)
     except OSError as e:
-        _fail(f"exec {cmd[0]!r} failed: {e}")
+        _fail(f"exec {cmd[0]!r} failed: {e}", e.errno)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 
-from .launch import STATUS_LIMIT
+from .launch import EXEC_FAILED, STATUS_LIMIT
 
 # Setting up a sandbox takes milliseconds; a launcher silent this long is stuck (a
 # cgroup write or a mount hanging) and the start is given up.
@@ -79,3 +79,13 @@ class LaunchStatus:
         self.launched()
         with contextlib.suppress(OSError):
             os.close(self._read_fd)
+
+
+def exec_errno(failure: str) -> tuple[int | None, str]:
+    """The errno of a failed exec of the kernel command (None for any other failure),
+    and the launcher's message without it."""
+    head, _, rest = failure.partition(" ")
+    number, _, message = rest.partition(" ")
+    if head == EXEC_FAILED and number.isdigit():
+        return int(number), message
+    return None, failure

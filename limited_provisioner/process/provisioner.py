@@ -38,7 +38,7 @@ from traitlets import Float, Int
 
 from .._background import on_package_loop
 from ..enforcement import CGROUP, process_plan
-from ..errors import LimitConfigError, SandboxStartError
+from ..errors import LimitConfigError, SandboxStartError, kernel_command_error
 from ..kernel_env import BLAS_THREADS
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
@@ -49,7 +49,7 @@ from .adopted import AdoptedProcess
 from .cgroups import KernelCgroups, entry_record
 from .interpreter import interpreter_paths
 from .kernel_log import KernelLog
-from .launch_status import LaunchStatus
+from .launch_status import LaunchStatus, exec_errno
 from .sandbox import (
     PRIVATE_SCRATCH,
     can_unshare_net,
@@ -188,7 +188,16 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             failure = await status.failure()
         finally:
             status.close()
+        errno = None
+        if failure is not None:
+            errno, failure = exec_errno(failure)
         if failure is not None and not self._restarting:
+            if errno is not None:
+                # What LocalProvisioner's Popen raises (FileNotFoundError...), with the
+                # launcher's words; still a SandboxStartError (503 from a server).
+                self.record_trip("sandbox", failure)
+                msg = f"Kernel {self.kernel_id}: the kernel command cannot run: {failure}"
+                raise kernel_command_error(msg, reason=failure, errno=errno)
             self.record_trip("sandbox", f"sandbox setup failed: {failure}")
             msg = (
                 f"Kernel {self.kernel_id} could not be started in its sandbox: {failure}"

@@ -165,7 +165,9 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         # Orphans first (e.g. a start our previous process was killed in the middle of),
         # then the reaper for the server's whole life, kernels or not.
         try:
-            await asyncio.to_thread(reap, registry, all_servers=True)
+            await asyncio.to_thread(
+                reap, registry, all_servers=True, orphan_grace=host.orphan_grace
+            )
         except Exception:  # adoption matters more than one failed sweep
             self.log.exception("Reaping orphans at start failed")
         host.start_reaper(lasting=True)

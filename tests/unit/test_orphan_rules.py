@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from limited_provisioner.reaper import find_orphans
+from limited_provisioner.reaper import find_orphans, note_orphaned
 from limited_provisioner.registry import Registry, process_identity
 
 NOW = 1_700_000_000.0
@@ -41,7 +41,7 @@ def pid_fields(kind: str, prefix: str) -> dict:
 
 def entry(kernel_id="k1", *, server="gone", kernel="live", state="running",
           idle_timeout=None, idle=0.0, age=100.0, max_lifetime=0, server_id="srv-a",
-          last_activity=True):
+          last_activity=True, orphaned=None):
     e = {
         "kernel_id": kernel_id,
         "backend": "process",
@@ -56,6 +56,8 @@ def entry(kernel_id="k1", *, server="gone", kernel="live", state="running",
     }
     if last_activity:
         e["last_activity"] = NOW - idle
+    if orphaned is not None:
+        e["orphaned_at"] = NOW - orphaned
     return e
 
 
@@ -104,6 +106,13 @@ ROWS = {
     "a gone server's live kernel past max_lifetime is reaped even if active": (
         entry(server="gone", kernel="live", max_lifetime=3600, age=3601, idle=1,
               idle_timeout=600), True, ("older than max_lifetime 3600s",)),
+    "a gone server's live kernel first seen orphaned within orphan_grace is kept": (
+        entry(server="gone", kernel="live", idle_timeout=3600, orphaned=299), False, ()),
+    "a gone server's live kernel nobody adopted within orphan_grace is reaped": (
+        entry(server="gone", kernel="live", idle_timeout=3600, orphaned=301), True,
+        ("nobody adopted", "orphan_grace 300s")),
+    "a live server's kernel is never reaped, whatever orphaned_at says": (
+        entry(server="live", kernel="live", orphaned=10**6), False, ()),
 }
 
 
@@ -162,3 +171,21 @@ def test_entry_with_unknown_pid_create_time_does_not_break_the_reaper(registry):
     registry.write(e["kernel_id"], e)
     # The server is gone and the pid is held by a live process: kept until idle.
     assert find_orphans(registry, all_servers=True, now=NOW) == []
+
+
+def test_orphan_grace_zero_keeps_a_live_orphan_until_its_idle_clock(registry):
+    registry.write("k1", entry(server="gone", kernel="live", idle_timeout=3600,
+                               orphaned=10**6))
+    assert find_orphans(registry, all_servers=True, now=NOW, orphan_grace=0) == []
+
+
+def test_note_orphaned_stamps_once_and_only_running_kernels_of_gone_servers(registry):
+    registry.write("gone", entry("gone", server="gone", kernel="live"))
+    registry.write("live", entry("live", server="live", kernel="live"))
+    registry.write("starting", entry("starting", server="gone", state="starting"))
+    assert note_orphaned(registry, all_servers=True, now=NOW) == ["gone"]
+    assert registry.read("gone")["orphaned_at"] == NOW
+    assert "orphaned_at" not in registry.read("live")
+    # Counted from the first sighting, not pushed back by later rounds.
+    assert note_orphaned(registry, all_servers=True, now=NOW + 50) == []
+    assert registry.read("gone")["orphaned_at"] == NOW

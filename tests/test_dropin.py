@@ -1,0 +1,103 @@
+"""A limited kernel behaves like a stock one where the peers' own test suites look
+(bench/peers.py runs them): the caller's environment, the errors a start raises, a
+server adopting while it starts kernels, what the installed kernelspec declares.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from limited_provisioner import AdoptionError, SandboxStartError, adopt
+from limited_provisioner.registry import Registry
+
+from .conftest import NOTHING_LEFT, backends, run
+from .harness import kernel_leftovers, kill_kernel_leftovers, write_kernelspec
+
+SMALL = {"mem_limit": "256M", "pids_limit": 64, "owner": "lp-pytest"}
+SHOW_ENV = (
+    "import json, os\n"
+    "print(json.dumps({k: os.environ.get(k) for k in "
+    "('LP_CALLER_DIR', 'LP_CHANGED', 'LP_SERVER_ONLY', 'LP_API_TOKEN', 'PATH')}))"
+)
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_what_the_caller_sets_in_env_reaches_the_kernel_but_not_a_secret(
+    backend, start_kernel, own_state, monkeypatch, docker_cleanup
+):
+    # nbclient passes IPYKERNEL_CELL_NAME this way, test suites a tmpdir: a copy of the
+    # server's environment with the caller's own additions.
+    monkeypatch.setenv("LP_SERVER_ONLY", "server's")
+    monkeypatch.setenv("LP_CHANGED", "server's")
+    env = {
+        **os.environ, "LP_CALLER_DIR": "/srv/data", "LP_CHANGED": "caller's",
+        "LP_API_TOKEN": "s3cret", "PATH": "/caller/bin:" + os.environ["PATH"],
+    }
+    km, kc = await start_kernel(SMALL, provisioner=backend, start_kwargs={"env": env})
+    out = await run(kc, SHOW_ENV)
+    seen = json.loads(out["stdout"].strip().splitlines()[-1])
+    path = seen.pop("PATH")
+    assert seen == {
+        "LP_CALLER_DIR": "/srv/data", "LP_CHANGED": "caller's",
+        # Passed along unchanged from the server: still filtered by env_keep.
+        "LP_SERVER_ONLY": None,
+        # A secret-looking name needs env_keep or the kernelspec's env to name it.
+        "LP_API_TOKEN": None,
+    }
+    # A host PATH means nothing in a container: the image's stays.
+    assert path.startswith("/caller/bin:") == (backend == "limited-process-provisioner"), path
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_a_kernel_command_that_does_not_exist_raises_file_not_found(
+    backend, start_kernel, own_state, docker_cleanup
+):
+    argv = ["/nonexistent/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    # What jupyter_client's LocalProvisioner raises (Popen's FileNotFoundError), so
+    # clients that say "kernel command not found" keep saying it.
+    with pytest.raises(FileNotFoundError) as raised:
+        await start_kernel(SMALL, provisioner=backend, argv=argv)
+    e = raised.value
+    assert isinstance(e, SandboxStartError), type(e).__mro__  # 503 from a server
+    assert e.errno == errno.ENOENT
+    assert "/nonexistent/bin/python3" in str(e) and "/nonexistent/bin/python3" in e.reason
+    assert kernel_leftovers(own_state) == NOTHING_LEFT
+
+
+async def test_adopting_in_the_same_process_leaves_a_starting_kernel_alone(
+    jupyter_path, own_state
+):
+    """A server whose loop already runs (embedded, pytest-jupyter) adopts in the
+    background while it starts kernels: its own starting entry is not an orphan."""
+    write_kernelspec(jupyter_path, "lim", SMALL)
+    km = AsyncKernelManager(kernel_name="lim")
+    kc = None
+    try:
+        # The start, cut where adoption used to find it: admitted, registered, not running.
+        cmd, kw = await km._async_pre_start_kernel()
+        entry = Registry(own_state).read(km.kernel_id)
+        assert entry["state"] == "starting", entry
+        with pytest.raises(AdoptionError) as raised:
+            await adopt(km.kernel_id, state_dir=own_state, entry=entry)
+        assert raised.value.reason == "managed", raised.value
+        await km._async_launch_kernel(cmd, **kw)
+        await km._async_post_start_kernel(**kw)
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        assert (await run(kc, "print(6 * 7)"))["stdout"].strip() == "42"
+    finally:
+        if kc is not None:
+            kc.stop_channels()
+        pids = {km.provisioner.pid} if getattr(km.provisioner, "pid", None) else set()
+        try:
+            if km.has_kernel:
+                await km.shutdown_kernel(now=True)
+        finally:
+            kill_kernel_leftovers(km.kernel_id, pids)
+    assert kernel_leftovers(own_state) == NOTHING_LEFT

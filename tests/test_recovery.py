@@ -223,3 +223,57 @@ def test_a_start_cut_off_by_a_crash_is_reaped_at_once(tmp_path):
     ]
     assert registry.entries() == []
     assert not (registry.kernels_dir / "k-cut-off").exists()
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_a_crashed_clients_kernel_is_reaped_after_orphan_grace(
+    backend, jupyter_path, recovery_env, monkeypatch, docker_cleanup
+):
+    """A script that dies without shutting down leaves a live kernel: kept for
+    ``orphan_grace`` (a restart may adopt it), then reaped -- not held until its
+    idle_timeout, reserving its mem_limit."""
+    env, state, server_id = recovery_env
+    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
+        monkeypatch.setenv(key, env[key])
+    write_kernelspec(jupyter_path, "lim", {**SMALL, "idle_timeout": 3600}, backend)
+    out_file = jupyter_path / "orphaner.out"
+    with open(out_file, "w") as f:
+        subprocess.run([sys.executable, "-c", ORPHANER], stdout=f, stderr=subprocess.STDOUT,
+                       env={**os.environ}, timeout=120, check=True)
+    kid = out_file.read_text().strip().splitlines()[-1]
+    registry = Registry(state)
+    (entry,) = registry.entries()
+    assert is_alive(entry)
+
+    # The first reaper round to see it orphaned starts its grace; nothing is removed.
+    assert reap_orphans(state, all_servers=True, orphan_grace=1.5) == []
+    assert registry.read(kid)["orphaned_at"] > 0 and is_alive(entry)
+    await asyncio.sleep(2)
+    reaped = reap_orphans(state, all_servers=True, orphan_grace=1.5)
+    assert [(o.kernel_id, "nobody adopted" in o.why) for o in reaped] == [(kid, True)]
+    assert kernel_leftovers(state, [kid]) == dict.fromkeys(
+        ("registry entries", "kernel dirs", "cgroups", "processes", "containers"), 0)
+
+
+async def test_an_adopted_kernel_is_not_reaped_by_its_old_orphan_grace(
+    jupyter_path, recovery_env, monkeypatch
+):
+    env, state, server_id = recovery_env
+    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
+        monkeypatch.setenv(key, env[key])
+    write_kernelspec(jupyter_path, "lim", SMALL)
+    out_file = jupyter_path / "orphaner.out"
+    with open(out_file, "w") as f:
+        subprocess.run([sys.executable, "-c", ORPHANER], stdout=f, stderr=subprocess.STDOUT,
+                       env={**os.environ}, timeout=120, check=True)
+    kid = out_file.read_text().strip().splitlines()[-1]
+    assert reap_orphans(state, all_servers=True, orphan_grace=0.5) == []
+    km = await adopt(kid, state_dir=state)
+    try:
+        assert Registry(state).read(kid).get("orphaned_at") is None
+        await asyncio.sleep(1)
+        assert reap_orphans(state, all_servers=True, orphan_grace=0.5) == []
+        assert await km.is_alive()
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert Registry(state).entries() == []

@@ -157,8 +157,12 @@ def cmd_install(args: argparse.Namespace) -> int:
         "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": args.display_name or "Python (limited)",
         "language": "python",
+        # As ipykernel's own kernelspec: JupyterLab's debugger (debugpy talks to the
+        # kernel over its sandbox's loopback), CurveZMQ for transport_encryption (the
+        # proxy's client sockets serve it).
         "metadata": {
-            "debugger": False,
+            "debugger": True,
+            "supported_encryption": ["curve"],
             "kernel_provisioner": {
                 "provisioner_name": PROVISIONERS[args.backend],
                 "config": config,

@@ -52,6 +52,7 @@ class KernelConnection:
         output_limit: int | None,
         max_message_size: int,
         last_activity: float | None = None,
+        curve_secretkey: bytes | None = None,
     ):
         self.kdir = kdir
         kernel_prefix = str(kdir.sock / "k")
@@ -74,6 +75,7 @@ class KernelConnection:
             traffic=self.traffic,
             output_limit=output_limit,
             max_message_size=max_message_size,
+            curve_secretkey=curve_secretkey,
         )
         self.proxy.bind_clients()
 
@@ -144,3 +146,28 @@ class KernelConnection:
 
     async def close(self) -> None:
         await self.proxy.stop()
+
+
+def client_curve_secretkey(km: Any) -> bytes | None:
+    """The CurveZMQ secret key the proxy's client sockets serve with, or None.
+
+    As jupyter_client's LocalProvisioner decides for the kernel's own sockets: the
+    manager's ``transport_encryption`` policy ("required", or "auto" with a kernelspec
+    that declares ``supported_encryption: ["curve"]``); the keypair goes on the manager,
+    hence into every client's connection info. A manager that already holds one (an
+    adopted kernel's connection file, a restart) keeps it, whatever its policy.
+    """
+    if getattr(km, "curve_secretkey", None) is not None:
+        return km.curve_secretkey
+    # jupyter_client before transport encryption: no policy, nothing to serve.
+    policy_of = getattr(km, "_transport_encryption_policy", None)
+    policy = policy_of() if policy_of is not None else "disabled"
+    wanted = policy == "required" or (
+        policy == "auto" and km._kernel_supports_curve_encryption()
+    )
+    if not wanted:
+        return None
+    import zmq
+
+    km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
+    return km.curve_secretkey

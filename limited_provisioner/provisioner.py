@@ -33,7 +33,7 @@ from . import metrics, uids, workfs
 from ._background import bridged, on_package_loop
 from ._tasks import Once
 from .admission import AdmissionPolicy, admit_and_record
-from .connection import KernelConnection, door_refusal
+from .connection import KernelConnection, client_curve_secretkey, door_refusal
 from .enforcement import EnforcementPlan, Measure, identity_measure, shared_measures
 from .errors import (
     KernelLimitError,
@@ -263,6 +263,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
                 output_limit=self.output_limit,
                 max_message_size=self.max_message_size,
                 last_activity=last_activity,
+                curve_secretkey=client_curve_secretkey(km),
             )
         self.connection.point_clients(km)
 

@@ -102,8 +102,11 @@ class KernelProxy:
         traffic: Traffic,
         output_limit: int | None,
         max_message_size: int | None,
+        curve_secretkey: bytes | None = None,
     ):
         self.kernel_id = kernel_id
+        # With it the client-facing sockets are CurveZMQ servers (transport encryption).
+        self.curve_secretkey = curve_secretkey
         self.client_dir = Path(client_dir)
         self.kernel_prefix = kernel_prefix
         self.key = key
@@ -155,6 +158,10 @@ class KernelProxy:
         for channel, port in PORTS.items():
             sock = ctx.socket(zmq.PUB if channel == "iopub" else zmq.ROUTER)
             sock.linger = 0
+            if self.curve_secretkey is not None:
+                # As ipykernel binds with the manager's keys: clients hold the public key.
+                sock.curve_server = True
+                sock.curve_secretkey = self.curve_secretkey
             if channel != "iopub":
                 # As ipykernel's own sockets: a client reconnecting with the identity of an
                 # earlier connection (a browser tab, a second KernelClient of the same

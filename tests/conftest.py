@@ -79,9 +79,11 @@ async def start_kernel(jupyter_path):
 
     async def _start(config: dict | None = None, provisioner="limited-process-provisioner",
                      *, argv: list[str] | None = None, env: dict | None = None,
-                     start_kwargs: dict | None = None, **km_kwargs):
+                     start_kwargs: dict | None = None, metadata: dict | None = None,
+                     **km_kwargs):
         name = f"lim{next(counter)}"
-        write_kernelspec(jupyter_path, name, config or {}, provisioner, argv=argv, env=env)
+        write_kernelspec(jupyter_path, name, config or {}, provisioner, argv=argv, env=env,
+                         metadata=metadata)
         km = AsyncKernelManager(kernel_name=name, **km_kwargs)
         record = [km, None, set()]
         started.append(record)

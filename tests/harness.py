@@ -67,12 +67,14 @@ def write_kernelspec(
     root: Path, name: str, config: Mapping[str, Any] | None = None,
     provisioner: str | None = PROVISIONERS["process"], *,
     argv: list[str] | None = None, env: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> str:
     """``<root>/kernels/<name>/kernel.json``; returns ``name``.
 
     With ``provisioner`` (e.g. ``PROVISIONERS["docker"]``) a limited kernel with
     ``config``; with None a stock kernelspec (jupyter_client's LocalProvisioner).
-    ``argv`` replaces the backend's usual command, ``env`` is the kernelspec's env.
+    ``argv`` replaces the backend's usual command, ``env`` is the kernelspec's env,
+    ``metadata`` more of its metadata.
     """
     spec: dict[str, Any] = {
         "argv": argv or (
@@ -83,10 +85,11 @@ def write_kernelspec(
     }
     if env:
         spec["env"] = dict(env)
+    spec["metadata"] = dict(metadata or {})
     if provisioner:
-        spec["metadata"] = {"kernel_provisioner": {
+        spec["metadata"]["kernel_provisioner"] = {
             "provisioner_name": provisioner, "config": dict(config or {}),
-        }}
+        }
     spec_dir = root / "kernels" / name
     spec_dir.mkdir(parents=True, exist_ok=True)
     (spec_dir / "kernel.json").write_text(json.dumps(spec))

@@ -34,6 +34,11 @@ def test_install_into_prefix_is_found_by_jupyter(tmp_path):
         "mem_limit": "512M", "cpu_limit": 0.5, "pids_limit": 64,
         "network": False, "exec_timeout": "30s",
     }
+    # What ipykernel's own kernelspec declares (JupyterLab's debugger, CurveZMQ), too.
+    from ipykernel.kernelspec import get_kernel_dict
+
+    for key, value in get_kernel_dict()["metadata"].items():
+        assert spec.metadata[key] == value, (key, spec.metadata)
     listed = subprocess.run(
         [sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
         capture_output=True, text=True, check=True, env=_env(share),

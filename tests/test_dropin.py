@@ -101,3 +101,71 @@ async def test_adopting_in_the_same_process_leaves_a_starting_kernel_alone(
         finally:
             kill_kernel_leftovers(km.kernel_id, pids)
     assert kernel_leftovers(own_state) == NOTHING_LEFT
+
+
+async def control_request(kc, msg_type: str, content: dict, timeout: float = 20) -> dict:
+    msg = kc.session.msg(msg_type, content)
+    kc.control_channel.send(msg)
+    while True:
+        reply = await kc.control_channel.get_msg(timeout=timeout)
+        if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+            return reply
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_jupyterlabs_debugger_attaches_to_a_kernel_without_network(
+    backend, start_kernel, docker_cleanup
+):
+    """debugpy listens on the sandbox's own loopback: with network off it is there (up),
+    and nothing else is."""
+    km, kc = await start_kernel({**SMALL, "network": False}, provisioner=backend)
+    info = await kc.kernel_info(reply=True, timeout=20)
+    content = info["content"]
+    # ipykernel 6: "debugger"; 7: "supported_features".
+    assert content.get("debugger") or "debugger" in content.get("supported_features", []), content
+    init = await control_request(kc, "debug_request", {
+        "type": "request", "seq": 1, "command": "initialize",
+        "arguments": {"clientID": "lp-test", "adapterID": "python", "pathFormat": "path",
+                      "linesStartAt1": True, "columnsStartAt1": True}})
+    assert init["content"]["success"], init["content"]
+    attach = await control_request(kc, "debug_request", {
+        "type": "request", "seq": 2, "command": "attach", "arguments": {}})
+    assert attach["content"]["success"], attach["content"]
+    dinfo = await control_request(kc, "debug_request", {
+        "type": "request", "seq": 3, "command": "debugInfo", "arguments": {}})
+    assert dinfo["content"]["body"]["isStarted"] is True, dinfo["content"]
+    # Still no way out.
+    out = await run(kc, "import socket\ntry:\n    socket.create_connection(('192.0.2.1', 80), "
+                        "timeout=2)\nexcept OSError as e:\n    print('blocked', e.errno)")
+    assert out["stdout"].startswith("blocked"), out
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_transport_encryption_required_is_served_with_curve(
+    backend, start_kernel, docker_cleanup
+):
+    """jupyter_client's transport_encryption: the sockets clients reach are CurveZMQ
+    servers with the manager's keys; a client without them gets nothing."""
+    km, kc = await start_kernel(
+        SMALL, provisioner=backend, metadata={"supported_encryption": ["curve"]},
+        start_kwargs={"transport_encryption": "required"},
+    )
+    assert km.curve_publickey is not None and km.curve_secretkey is not None
+    info = km.get_connection_info()
+    assert info["curve_publickey"] == km.curve_publickey.decode()
+    assert (await run(kc, "print('over curve')"))["stdout"].strip() == "over curve"
+
+    plain = km.client(curve_publickey=None, curve_secretkey=None)
+    assert plain.curve_publickey is None
+    plain.start_channels()
+    try:
+        with pytest.raises(TimeoutError):
+            await plain.kernel_info(reply=True, timeout=3)
+    finally:
+        plain.stop_channels()
+
+
+async def test_no_encryption_unless_asked(start_kernel):
+    km, kc = await start_kernel(SMALL, metadata={"supported_encryption": ["curve"]})
+    assert km.curve_publickey is None  # transport_encryption defaults to "disabled"
+    assert (await run(kc, "print(1)"))["stdout"].strip() == "1"

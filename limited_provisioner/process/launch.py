@@ -37,6 +37,9 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
@@ -318,12 +321,32 @@ def _bind_writable(libc: ctypes.CDLL, writable: dict[str, int], ours: list[str])
             _attach_tree(libc, path, tree, fd, "")
 
 
+def _loopback_up() -> None:
+    """Bring up ``lo`` of the kernel's new network namespace (it starts down): a kernel
+    without network still talks to itself over 127.0.0.1 -- JupyterLab's debugger
+    (debugpy), multiprocessing managers, local test servers. Nothing else is there."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            ifreq = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
+            flags = struct.unpack("16sH14x", ifreq)[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    except OSError as e:
+        # Not worth refusing the kernel: it still has no network, only no loopback.
+        sys.stderr.write(f"limited-provisioner: loopback stays down in the sandbox: {e}\n")
+
+
 def _mount_isolated(libc: ctypes.CDLL, spec: dict) -> None:
     """Private mount + ipc (+ net) namespaces with a read-only view of the host."""
     flags, what = CLONE_NEWNS | CLONE_NEWIPC, "mount, ipc"
     if spec.get("unshare_net"):
         flags, what = flags | CLONE_NEWNET, what + ", network"
     _unshare(libc, flags, what)
+    if spec.get("unshare_net"):
+        _loopback_up()
     # Opened before anything is mounted over them; keyed by where they really are.
     handles = [_open_writable(p) for p in spec.get("writable", [])]
     writable = {os.readlink(f"/proc/self/fd/{fd}"): fd for fd in handles}
@@ -399,6 +422,7 @@ def apply(spec: dict) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if spec.get("unshare_net"):
         _unshare(libc, CLONE_NEWNET, "network")
+        _loopback_up()
     tmpfs = spec.get("tmpfs") or {}
     exposures = spec.get("expose") or {}
     if tmpfs or exposures:

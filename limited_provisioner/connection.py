@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from .client_address import ClientAddress
 from .errors import SandboxUnavailableError
 from .kernel_dir import KernelDir
 from .kernel_hook import hook_source
@@ -53,9 +55,17 @@ class KernelConnection:
         max_message_size: int,
         last_activity: float | None = None,
         curve_secretkey: bytes | None = None,
+        client_address: ClientAddress | None = None,
     ):
         self.kdir = kdir
         kernel_prefix = str(kdir.sock / "k")
+        configured = client_address.prefix if client_address is not None else None
+        if configured and len(os.path.abspath(configured)) + IPC_SUFFIX > MAX_IPC_PATH:
+            msg = (
+                f"the kernel manager's ipc prefix {configured!r} is too long for ipc "
+                f"sockets; set KernelManager.ip to a shorter path, or leave it unset"
+            )
+            raise SandboxUnavailableError(msg)
         for prefix in (str(client_dir / "c"), kernel_prefix):
             if len(prefix) + IPC_SUFFIX > MAX_IPC_PATH:
                 msg = (
@@ -76,6 +86,7 @@ class KernelConnection:
             output_limit=output_limit,
             max_message_size=max_message_size,
             curve_secretkey=curve_secretkey,
+            client_address=client_address,
         )
         self.proxy.bind_clients()
 

@@ -33,6 +33,7 @@ from . import metrics, uids, workfs
 from ._background import bridged, on_package_loop
 from ._tasks import Once
 from .admission import AdmissionPolicy, admit_and_record
+from .client_address import requested_address
 from .connection import KernelConnection, client_curve_secretkey, door_refusal
 from .enforcement import EnforcementPlan, Measure, identity_measure, shared_measures
 from .errors import (
@@ -255,10 +256,16 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         if km is None or self.kdir is None:
             return
         if self.connection is None:
+            client_dir = self.registry.clients_dir / self.kernel_id
+            address = requested_address(km, str(client_dir / "c"))
+            if not address.private:
+                self.log.info("Kernel %s: clients connect as the manager was configured: %s",
+                              self.kernel_id, address.describe())
             self.connection = KernelConnection(
                 kernel_id=self.kernel_id,
                 kdir=self.kdir,
-                client_dir=self.registry.clients_dir / self.kernel_id,
+                client_dir=client_dir,
+                client_address=address,
                 session=km.session,
                 output_limit=self.output_limit,
                 max_message_size=self.max_message_size,

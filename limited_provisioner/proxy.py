@@ -35,13 +35,12 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from .client_address import PORTS, ClientAddress
 from .traffic import OUTPUT_NOTICE, OVERSIZE_NOTICE, Awaiting, OutputBudget, Traffic
 
 log = logging.getLogger(__name__)
 
 DELIM = b"<IDS|MSG>"
-# Fixed ports (ipc "ports" are file name suffixes): the same on both sides, every start.
-PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
 KERNEL_SOCKETS = [f"k-{port}" for port in PORTS.values()]
 # Header and parent header frames are small; bigger ones are not worth parsing.
 MAX_HEADER_BYTES = 64 * 1024
@@ -103,8 +102,12 @@ class KernelProxy:
         output_limit: int | None,
         max_message_size: int | None,
         curve_secretkey: bytes | None = None,
+        client_address: ClientAddress | None = None,
     ):
         self.kernel_id = kernel_id
+        self.client_address = client_address or ClientAddress()
+        # The port (tcp) or name suffix (ipc) each client-facing socket was bound with.
+        self._client_ports: dict[str, int] = dict(PORTS)
         # With it the client-facing sockets are CurveZMQ servers (transport encryption).
         self.curve_secretkey = curve_secretkey
         self.client_dir = Path(client_dir)
@@ -129,11 +132,17 @@ class KernelProxy:
         return str(self.client_dir / "c")
 
     def client_connection_info(self) -> dict[str, Any]:
-        """What clients are told: ipc in the server-only dir, fixed ports."""
+        """What clients are told: ipc in the server-only dir with fixed ports, or the
+        address the manager asked for (client_address.py)."""
+        address = self.client_address
+        if address.private:
+            ip = self.client_prefix
+        else:
+            ip = address.ip if address.transport == "tcp" else str(address.prefix)
         return {
-            "transport": "ipc",
-            "ip": self.client_prefix,
-            **{f"{channel}_port": port for channel, port in PORTS.items()},
+            "transport": address.transport,
+            "ip": ip,
+            **{f"{channel}_port": port for channel, port in self._client_ports.items()},
         }
 
     def kernel_connection_info(self) -> dict[str, Any]:
@@ -167,18 +176,42 @@ class KernelProxy:
                 # earlier connection (a browser tab, a second KernelClient of the same
                 # manager) takes it over instead of being silently ignored.
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            bound = self.client_dir / f"s-{port}"
-            bound.unlink(missing_ok=True)  # left by a server that died
-            sock.bind(f"ipc://{bound}")
+            self._client_ports[channel] = self._bind_client(sock, channel, port)
             self._clients[channel] = sock
         self.relink()
 
+    def _bind_client(self, sock: zmq.Socket, channel: str, port: int) -> int:
+        address = self.client_address
+        if address.private:
+            bound = self.client_dir / f"s-{port}"
+            bound.unlink(missing_ok=True)  # left by a server that died
+            sock.bind(f"ipc://{bound}")
+            return port
+        wanted = address.ports.get(channel, 0)
+        if address.transport == "tcp":
+            if not wanted:
+                return sock.bind_to_random_port(f"tcp://{address.ip}")
+            sock.bind(f"tcp://{address.ip}:{wanted}")
+            return wanted
+        sock.bind(f"ipc://{address.prefix}-{wanted}")
+        return wanted
+
     def relink(self) -> None:
-        """(Re)create the names clients connect to (hard links of the bound sockets)."""
-        for port in PORTS.values():
-            link = self.client_dir / f"c-{port}"
-            link.unlink(missing_ok=True)
-            os.link(self.client_dir / f"s-{port}", link)
+        """(Re)create the names clients connect to, which jupyter_client removes at every
+        restart: hard links of the sockets bound in the private dir, or the configured
+        ipc sockets bound again."""
+        if self.client_address.private:
+            for port in PORTS.values():
+                link = self.client_dir / f"c-{port}"
+                link.unlink(missing_ok=True)
+                os.link(self.client_dir / f"s-{port}", link)
+        elif self.client_address.transport == "ipc":
+            for channel, sock in self._clients.items():
+                path = f"{self.client_address.prefix}-{self._client_ports[channel]}"
+                if not os.path.exists(path):
+                    with contextlib.suppress(zmq.ZMQError):
+                        sock.unbind(f"ipc://{path}")
+                    sock.bind(f"ipc://{path}")
 
     # -- kernel side ------------------------------------------------------------------
 
@@ -243,6 +276,10 @@ class KernelProxy:
         for port in PORTS.values():
             for name in (f"s-{port}", f"c-{port}"):
                 (self.client_dir / name).unlink(missing_ok=True)
+        if self.client_address.transport == "ipc" and not self.client_address.private:
+            for port in self._client_ports.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self.client_address.prefix}-{port}")
         with contextlib.suppress(OSError):
             self.client_dir.rmdir()
 

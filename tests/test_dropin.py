@@ -169,3 +169,48 @@ async def test_no_encryption_unless_asked(start_kernel):
     km, kc = await start_kernel(SMALL, metadata={"supported_encryption": ["curve"]})
     assert km.curve_publickey is None  # transport_encryption defaults to "disabled"
     assert (await run(kc, "print(1)"))["stdout"].strip() == "1"
+
+
+async def test_a_manager_configured_for_tcp_gets_tcp_and_the_kernel_stays_offline(
+    start_kernel,
+):
+    """network is about what the kernel reaches: clients that were told to use tcp (as in
+    jupyter_client's own tests) get loopback tcp ports; the kernel's sockets stay ipc in
+    its sandbox."""
+    km, kc = await start_kernel({**SMALL, "network": False}, transport="tcp")
+    info = km.get_connection_info()
+    assert (info["transport"], info["ip"]) == ("tcp", "127.0.0.1"), info
+    ports = [info[f"{c}_port"] for c in ("shell", "iopub", "stdin", "control", "hb")]
+    assert all(p > 1024 for p in ports) and len(set(ports)) == 5, ports
+    kernel_side = json.loads(open(km.provisioner.connection.kernel_connection_file).read())
+    assert kernel_side["transport"] == "ipc", kernel_side
+    assert (await run(kc, "print('via tcp')"))["stdout"].strip() == "via tcp"
+    await km.restart_kernel(now=True)
+    await kc.wait_for_ready(timeout=60)
+    assert km.get_connection_info()["shell_port"] == info["shell_port"]
+    assert (await run(kc, "print('again')"))["stdout"].strip() == "again"
+
+
+async def test_a_manager_configured_with_an_ipc_prefix_gets_its_sockets_there(
+    start_kernel, tmp_path
+):
+    prefix = str(tmp_path / "test")
+    km, kc = await start_kernel(SMALL, transport="ipc", ip=prefix)
+    info = km.get_connection_info()
+    assert (info["transport"], info["ip"]) == ("ipc", prefix), info
+    assert sorted(p.name for p in tmp_path.glob("test-*")) == [f"test-{n}" for n in range(1, 6)]
+    assert (await run(kc, "print('via ipc')"))["stdout"].strip() == "via ipc"
+    # jupyter_client removes <ip>-<port> at a restart: bound again for the new process.
+    await km.restart_kernel(now=True)
+    await kc.wait_for_ready(timeout=60)
+    assert (await run(kc, "print('again')"))["stdout"].strip() == "again"
+    await km.shutdown_kernel(now=True)
+    assert list(tmp_path.glob("test-*")) == []
+
+
+async def test_a_manager_told_to_serve_tcp_on_a_foreign_address_is_refused(
+    start_kernel, own_state
+):
+    with pytest.raises(RuntimeError, match="not an address of this host"):
+        await start_kernel(SMALL, transport="tcp", ip="192.0.2.1")
+    assert kernel_leftovers(own_state) == NOTHING_LEFT

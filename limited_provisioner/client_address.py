@@ -44,13 +44,25 @@ class ClientAddress:
         return f"ipc at {self.prefix}-<port>"
 
 
+def _told(km: Any, name: str) -> bool:
+    """Whether trait ``name`` of ``km`` was set in config, or set to something other
+    than its default (a default that was merely read counts for nothing)."""
+    for cls in type(km).mro():
+        section = cls.__name__
+        if km.config._has_section(section) and name in km.config[section]:
+            return True
+    return km.trait_has_value(name) and getattr(km, name) != km.trait_defaults(name)
+
+
 def requested_address(km: Any, private_prefix: str) -> ClientAddress:
-    """What ``km`` was told about its clients' transport; its defaults count for nothing.
+    """What ``km`` was told about its clients' transport; its defaults count for nothing
+    (so ``KernelManager(transport="tcp")``, the default's value, keeps the private dir;
+    in config it counts).
 
     A tcp address must be local (LocalProvisioner refuses others too): the proxy runs on
     this host. Raises SandboxUnavailableError for one that is not.
     """
-    if km is None or not km.trait_has_value("transport"):
+    if km is None or not _told(km, "transport"):
         return ClientAddress()
     ports = {channel: int(getattr(km, f"{channel}_port", 0) or 0) for channel in PORTS}
     if km.transport == "tcp":
@@ -64,7 +76,7 @@ def requested_address(km: Any, private_prefix: str) -> ClientAddress:
             )
             raise SandboxUnavailableError(msg)
         return ClientAddress("tcp", ip=km.ip, ports=ports)
-    if not km.trait_has_value("ip") or km.ip == private_prefix:
+    if not _told(km, "ip") or km.ip == private_prefix:
         return ClientAddress()
     return ClientAddress(
         "ipc", prefix=km.ip,

@@ -11,6 +11,7 @@ import os
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
+from traitlets.config import Config
 
 from limited_provisioner import AdoptionError, SandboxStartError, adopt
 from limited_provisioner.registry import Registry
@@ -177,7 +178,9 @@ async def test_a_manager_configured_for_tcp_gets_tcp_and_the_kernel_stays_offlin
     """network is about what the kernel reaches: clients that were told to use tcp (as in
     jupyter_client's own tests) get loopback tcp ports; the kernel's sockets stay ipc in
     its sandbox."""
-    km, kc = await start_kernel({**SMALL, "network": False}, transport="tcp")
+    config = Config()
+    config.KernelManager.transport = "tcp"
+    km, kc = await start_kernel({**SMALL, "network": False}, config=config)
     info = km.get_connection_info()
     assert (info["transport"], info["ip"]) == ("tcp", "127.0.0.1"), info
     ports = [info[f"{c}_port"] for c in ("shell", "iopub", "stdin", "control", "hb")]
@@ -211,6 +214,8 @@ async def test_a_manager_configured_with_an_ipc_prefix_gets_its_sockets_there(
 async def test_a_manager_told_to_serve_tcp_on_a_foreign_address_is_refused(
     start_kernel, own_state
 ):
+    config = Config()
+    config.KernelManager.transport = "tcp"
     with pytest.raises(RuntimeError, match="not an address of this host"):
-        await start_kernel(SMALL, transport="tcp", ip="192.0.2.1")
+        await start_kernel(SMALL, config=config, ip="192.0.2.1")
     assert kernel_leftovers(own_state) == NOTHING_LEFT

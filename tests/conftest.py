@@ -80,10 +80,12 @@ async def start_kernel(jupyter_path):
     async def _start(config: dict | None = None, provisioner="limited-process-provisioner",
                      *, argv: list[str] | None = None, env: dict | None = None,
                      start_kwargs: dict | None = None, metadata: dict | None = None,
-                     **km_kwargs):
+                     km_config=None, **km_kwargs):
         name = f"lim{next(counter)}"
         write_kernelspec(jupyter_path, name, config or {}, provisioner, argv=argv, env=env,
                          metadata=metadata)
+        if km_config is not None:
+            km_kwargs["config"] = km_config  # the manager's traitlets config
         km = AsyncKernelManager(kernel_name=name, **km_kwargs)
         record = [km, None, set()]
         started.append(record)

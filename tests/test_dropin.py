@@ -180,7 +180,7 @@ async def test_a_manager_configured_for_tcp_gets_tcp_and_the_kernel_stays_offlin
     its sandbox."""
     config = Config()
     config.KernelManager.transport = "tcp"
-    km, kc = await start_kernel({**SMALL, "network": False}, config=config)
+    km, kc = await start_kernel({**SMALL, "network": False}, km_config=config)
     info = km.get_connection_info()
     assert (info["transport"], info["ip"]) == ("tcp", "127.0.0.1"), info
     ports = [info[f"{c}_port"] for c in ("shell", "iopub", "stdin", "control", "hb")]
@@ -217,5 +217,5 @@ async def test_a_manager_told_to_serve_tcp_on_a_foreign_address_is_refused(
     config = Config()
     config.KernelManager.transport = "tcp"
     with pytest.raises(RuntimeError, match="not an address of this host"):
-        await start_kernel(SMALL, config=config, ip="192.0.2.1")
+        await start_kernel(SMALL, km_config=config, ip="192.0.2.1")
     assert kernel_leftovers(own_state) == NOTHING_LEFT

@@ -4,19 +4,30 @@
 #   1. install docker.io + debootstrap from apt (only if missing),
 #   2. start dockerd in the background (only if `docker info` fails) and wait for it,
 #   3. build the kernel image limited-provisioner-kernel:latest OFFLINE from a debootstrap
-#      rootfs (only if it does not exist yet) -- no image registry is involved.
+#      rootfs (only if it does not exist yet, or has another version label) -- no image
+#      registry is involved: Debian's python3 from the apt mirror, then the pinned packages
+#      of limited_provisioner/docker/image/requirements.txt (ipykernel, comm, ipywidgets,
+#      numpy, pandas, matplotlib...) pip-installed from PyPI into the rootfs's /usr/local.
 #
 # Idempotent: a second run finds everything in place and takes a few seconds.
 # Environment overrides:
 #   LP_KERNEL_IMAGE   image tag to build           (default limited-provisioner-kernel:latest)
 #   LP_DEBIAN_MIRROR  Debian mirror for debootstrap (default: parsed from the apt sources)
 #   LP_DOCKERD_FLAGS  dockerd flags; skips the built-in list of flag sets to try
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST, PIP_DEFAULT_TIMEOUT: passed on to
+#                     the pip run in the rootfs (default: PyPI)
 set -euo pipefail
 
 IMAGE=${LP_KERNEL_IMAGE:-limited-provisioner-kernel:latest}
-# What goes into the image; bump IMAGE_VERSION when it changes so old images are rebuilt.
-KERNEL_PACKAGES="python3-ipykernel python3-numpy python3-pandas"
-IMAGE_VERSION=2
+# What goes into the image: Debian packages it keeps, Debian packages only the build needs
+# (purged before the import), and the pinned Python packages (shared with the Dockerfile of
+# `limited-provisioner build-image`). Bump IMAGE_VERSION when this script's recipe changes;
+# the image's version label is IMAGE_VERSION plus a hash of REQUIREMENTS, and an image with
+# another label is rebuilt.
+KERNEL_PACKAGES="python3 ca-certificates"
+BUILD_PACKAGES="python3-pip"
+REQUIREMENTS=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/limited_provisioner/docker/image/requirements.txt
+IMAGE_VERSION=3
 SUITE=bookworm
 FALLBACK_MIRROR=http://deb.debian.org/debian
 DOCKERD_LOG=/var/log/dockerd.log
@@ -46,6 +57,8 @@ step_done() {  # step_done NAME DETAIL
 }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root"
+[ -r "$REQUIREMENTS" ] || die "missing $REQUIREMENTS"
+IMAGE_LABEL="$IMAGE_VERSION+req.$(sha256sum "$REQUIREMENTS" | cut -c1-12)"
 
 # One run at a time (CI and a developer may share the machine).
 exec 9>/run/limited-provisioner-setup-docker.lock
@@ -215,7 +228,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 have_version=$(docker image inspect --format '{{index .Config.Labels "limited-provisioner.image-version"}}' "$IMAGE" 2>/dev/null || true)
-if [ "$have_version" = "$IMAGE_VERSION" ]; then
+if [ "$have_version" = "$IMAGE_LABEL" ]; then
     step_done "3/3 image" "$IMAGE exists ($(docker image inspect --format '{{.Id}}' "$IMAGE" | cut -c1-19)), reused"
 else
     # Leftovers of a run that was killed (we hold the lock, so none is in use).
@@ -256,13 +269,61 @@ else
         chroot "$ROOTFS" /usr/bin/env -i DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 HOME=/root \
             PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
     }
+    # shellcheck disable=SC2086
     in_root apt-get update -q -o Acquire::Retries=3 >"$WORK/apt.log" 2>&1 \
         && in_root apt-get install -y -q --no-install-recommends -o Acquire::Retries=3 \
-            $KERNEL_PACKAGES >>"$WORK/apt.log" 2>&1 || {
+            $KERNEL_PACKAGES $BUILD_PACKAGES >>"$WORK/apt.log" 2>&1 || {
         tail -n 40 "$WORK/apt.log" >&2
-        die "apt-get install $KERNEL_PACKAGES in the rootfs failed"
+        die "apt-get install $KERNEL_PACKAGES $BUILD_PACKAGES in the rootfs failed"
     }
-    log "  $KERNEL_PACKAGES installed ($(elapsed "$T_STEP")s)"
+    log "  $KERNEL_PACKAGES $BUILD_PACKAGES installed ($(elapsed "$T_STEP")s)"
+
+    # The Python packages: wheels only (no compiler in the image), into /usr/local (Debian's
+    # python3 reads it; /usr/bin/python3 and python3 on PATH are the same interpreter).
+    pip_env=()
+    for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_DEFAULT_TIMEOUT; do
+        [ -z "${!var:-}" ] || pip_env+=("$var=${!var}")
+    done
+    # The host's CA bundle for this one run (a machine whose HTTPS goes through a proxy
+    # with its own CA has it there, not in the rootfs's ca-certificates); not kept.
+    host_ca=
+    for f in "${PIP_CERT:-}" "${REQUESTS_CA_BUNDLE:-}" "${SSL_CERT_FILE:-}" \
+        /etc/ssl/certs/ca-certificates.crt; do
+        if [ -n "$f" ] && [ -f "$f" ]; then host_ca=$f; break; fi
+    done
+    if [ -n "$host_ca" ]; then
+        cp -L "$host_ca" "$ROOTFS/tmp/host-ca.crt"
+        pip_env+=(PIP_CERT=/tmp/host-ca.crt)
+    fi
+    cp "$REQUIREMENTS" "$ROOTFS/tmp/requirements.txt"
+    in_root "${pip_env[@]}" python3 -m pip install --break-system-packages --no-cache-dir \
+        --only-binary=:all: --disable-pip-version-check --root-user-action=ignore \
+        --no-warn-script-location --retries 5 -r /tmp/requirements.txt \
+        >"$WORK/pip.log" 2>&1 || {
+        tail -n 40 "$WORK/pip.log" >&2
+        die "pip install -r $REQUIREMENTS in the rootfs failed"
+    }
+    rm -f "$ROOTFS/tmp/requirements.txt" "$ROOTFS/tmp/host-ca.crt"
+    # The test suites of pandas, numpy and matplotlib (~65 MB; a kernel never runs them).
+    # The Dockerfile removes the same.
+    for site in "$ROOTFS"/usr/local/lib/python3*/dist-packages; do
+        (cd "$site" && find pandas numpy matplotlib mpl_toolkits -depth -type d -name tests \
+            -exec rm -rf {} +)
+    done
+    # pip and what only it needed (setuptools, wheel...): the kernel never installs.
+    in_root apt-get purge -y -q --autoremove $BUILD_PACKAGES >>"$WORK/apt.log" 2>&1 || {
+        tail -n 40 "$WORK/apt.log" >&2
+        die "apt-get purge $BUILD_PACKAGES in the rootfs failed"
+    }
+    # What a notebook imports, imported once here: a broken set fails the build, not a kernel.
+    in_root MPLCONFIGDIR=/tmp/lp-check python3 -c \
+        'import ipykernel.kernelapp, comm, ipywidgets, numpy, pandas, matplotlib.pyplot' \
+        >"$WORK/check.log" 2>&1 || {
+        tail -n 40 "$WORK/check.log" >&2
+        die "the rootfs's python3 cannot import what it should"
+    }
+    rm -rf "$ROOTFS/tmp/lp-check"
+    log "  $(grep -c '^[A-Za-z]' "$REQUIREMENTS") Python packages installed from $(basename "$REQUIREMENTS"), $BUILD_PACKAGES purged ($(elapsed "$T_STEP")s)"
 
     in_root groupadd --gid 1000 kernel
     in_root useradd --uid 1000 --gid 1000 --home-dir /home/kernel --create-home \
@@ -280,15 +341,19 @@ else
         die "something is still mounted under $ROOTFS"
     fi
 
+    # PYDEVD_DISABLE_FILE_VALIDATION: debugpy (ipykernel imports it) would print a warning
+    # about frozen modules at every kernel start, into the container log whose tail explains
+    # a kernel's death; the kernelspecs turn the debugger off anyway.
     log "  importing ($(du -sh --one-file-system "$ROOTFS" | cut -f1) rootfs)"
     tar --numeric-owner -C "$ROOTFS" -c . | docker import \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' \
+        --change 'ENV PYDEVD_DISABLE_FILE_VALIDATION=1' \
         --change 'USER 1000:1000' \
         --change 'WORKDIR /home/kernel' \
         --change 'CMD ["python3"]' \
-        --change "LABEL limited-provisioner.image-version=$IMAGE_VERSION" \
-        --message "limited-provisioner kernel: debootstrap $SUITE minbase + python3-ipykernel" \
+        --change "LABEL limited-provisioner.image-version=$IMAGE_LABEL" \
+        --message "limited-provisioner kernel: debootstrap $SUITE minbase + python3 + $(basename "$REQUIREMENTS")" \
         - "$IMAGE" >/dev/null
     docker image inspect "$IMAGE" >/dev/null 2>&1 || die "docker import did not produce $IMAGE"
 

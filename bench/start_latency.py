@@ -28,8 +28,7 @@ from common import p90
 from jupyter_client.manager import AsyncKernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.harness
-from limited_provisioner.docker import DEFAULT_IMAGE
-from tests.harness import PROVISIONERS, docker_available, write_kernelspec
+from tests.harness import KERNEL_IMAGE, PROVISIONERS, docker_available, write_kernelspec
 
 LIMITS = {"mem_limit": "1G", "cpu_limit": 1}
 
@@ -58,7 +57,7 @@ async def kernel_start(kernel_name: str) -> float:
 async def docker_floor() -> float:
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
-        "docker", "run", "--rm", "--network=none", DEFAULT_IMAGE, "python3", "-c",
+        "docker", "run", "--rm", "--network=none", KERNEL_IMAGE, "python3", "-c",
         "import ipykernel.kernelapp",
     )
     if await proc.wait() != 0:

@@ -125,9 +125,11 @@ async def run(kc, code: str, timeout: float = 60) -> dict:
         reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
         if reply["content"]["status"] != "aborted":
             break
-        # ipykernel 6.17 (the kernel image's) aborts a request that reaches it just after
-        # an error, before it stops aborting its queue (stop_on_error): it never ran, and
-        # the proxy's own thread makes such quick follow-ups more likely. Send it again.
+        # ipykernel aborts a request that reaches it just after an error's reply, before it
+        # stops aborting its queue (stop_on_error): it never ran, and the proxy's own
+        # thread makes such quick follow-ups more likely. Send it again. (Measured: of the
+        # requests sent right after an error's reply, 19% aborted with ipykernel 6.17,
+        # 8-15% with 6.29-6.31, ~1% with 7.4, the kernel image's since image version 3.)
         await asyncio.sleep(0.1)
     out["status"] = reply["content"]["status"]
     if out["status"] == "error":

@@ -57,6 +57,10 @@ TOKEN = "limited-test-token"
 
 # -- kernelspecs ---------------------------------------------------------------------------
 
+# The image of the docker kernels the tests start: LP_KERNEL_IMAGE, the tag
+# .ci/setup-docker.sh builds (to try a candidate image without replacing the default one),
+# else the default image.
+KERNEL_IMAGE = os.environ.get("LP_KERNEL_IMAGE") or DEFAULT_IMAGE
 KERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 # Inside the kernel image the interpreter is the image's own, not this one.
 CONTAINER_KERNEL_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -74,11 +78,15 @@ def write_kernelspec(
     With ``provisioner`` (e.g. ``PROVISIONERS["docker"]``) a limited kernel with
     ``config``; with None a stock kernelspec (jupyter_client's LocalProvisioner).
     ``argv`` replaces the backend's usual command, ``env`` is the kernelspec's env,
-    ``metadata`` more of its metadata.
+    ``metadata`` more of its metadata. A docker kernel runs :data:`KERNEL_IMAGE` unless
+    ``config`` names an image.
     """
+    docker_kernel = bool(provisioner and "docker" in provisioner)
+    if docker_kernel and KERNEL_IMAGE != DEFAULT_IMAGE and "image" not in (config or {}):
+        config = {**(config or {}), "image": KERNEL_IMAGE}
     spec: dict[str, Any] = {
         "argv": argv or (
-            CONTAINER_KERNEL_ARGV if provisioner and "docker" in provisioner else KERNEL_ARGV
+            CONTAINER_KERNEL_ARGV if docker_kernel else KERNEL_ARGV
         ),
         "display_name": name,
         "language": "python",
@@ -143,7 +151,7 @@ class DockerUnavailable(Exception):
     """No Docker daemon, or no kernel image: docker kernels cannot run here."""
 
 
-def docker_client(image: str = DEFAULT_IMAGE) -> docker.DockerClient:
+def docker_client(image: str = KERNEL_IMAGE) -> docker.DockerClient:
     """A client of a daemon that answers and has ``image``; else DockerUnavailable."""
     try:
         client = docker.from_env()
@@ -154,7 +162,7 @@ def docker_client(image: str = DEFAULT_IMAGE) -> docker.DockerClient:
         raise DockerUnavailable(f"docker or image {image} unavailable: {e}") from e
 
 
-def docker_available(image: str = DEFAULT_IMAGE) -> bool:
+def docker_available(image: str = KERNEL_IMAGE) -> bool:
     try:
         docker_client(image).close()
         return True

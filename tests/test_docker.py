@@ -219,3 +219,38 @@ async def test_container_user_and_root_refusal(docker_kernel, start_kernel, dock
         "4242", "4242"]
     with pytest.raises(LimitConfigError, match="non-root"):
         await start_kernel({**SMALL, "container_user": "0:0"}, provisioner=DOCKER)
+
+
+async def test_the_image_has_what_notebooks_use(docker_kernel):
+    """A notebook's usual imports work in the default image under small limits, with no
+    network and a non-root uid: a widget opens its comm, a plot comes out inline."""
+    km, kc = await docker_kernel()
+    out = await run(
+        kc,
+        "import os, ipykernel, comm, ipywidgets, numpy, pandas, matplotlib\n"
+        "print(os.getuid(), ipykernel.version_info >= (6, 29))\n"
+        "print(pandas.DataFrame({'a': numpy.arange(3)}).a.sum())\n",
+    )
+    assert out["error"] is None, out
+    uid, recent = out["stdout"].split()[:2]
+    assert int(uid) != 0 and recent == "True", out
+    assert out["stdout"].split()[2] == "3", out
+
+    async def outputs(code: str) -> list[dict]:
+        msgs: list[dict] = []
+        reply = await kc.execute_interactive(code, timeout=60, output_hook=msgs.append)
+        assert reply["content"]["status"] == "ok", (reply["content"], msgs)
+        return msgs
+
+    msgs = await outputs("ipywidgets.IntSlider(value=3)")
+    assert any(m["msg_type"] == "comm_open" and m["content"]["target_name"] == "jupyter.widget"
+               for m in msgs), msgs
+    (result,) = [m for m in msgs if m["msg_type"] == "execute_result"]
+    assert "application/vnd.jupyter.widget-view+json" in result["content"]["data"], result
+
+    msgs = await outputs(
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()"
+    )
+    images = [m for m in msgs
+              if m["msg_type"] == "display_data" and "image/png" in m["content"]["data"]]
+    assert len(images) == 1, msgs

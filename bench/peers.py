@@ -51,7 +51,11 @@ from limited_provisioner.process.cgroups import kernel_group_dirs
 from limited_provisioner.registry import Registry, is_alive
 from limited_provisioner.watchdog import KERNEL_ID_ENV
 from tests.harness import (
-    REPO, containers_with_label, docker_available, kill_kernel_leftovers, remove_all_kernels,
+    REPO,
+    containers_with_label,
+    docker_available,
+    kill_kernel_leftovers,
+    remove_all_kernels,
 )
 
 # Never under /tmp: a limited process kernel gets a private tmpfs there, so the venv's
@@ -187,6 +191,13 @@ class Run:
     def limited_launches(self) -> int:
         return sum(1 for r in self.records
                    if r["event"] == "launched" and r["module"].startswith("limited_provisioner"))
+
+    def stock_launches(self) -> int:
+        """Kernels launched by another provisioner in a limited run: a test's own
+        provisioner, or a kernelspec the plugin left alone (see its not-wrapped records)."""
+        return sum(1 for r in self.records
+                   if r["event"] == "launched"
+                   and not r["module"].startswith("limited_provisioner"))
 
     def kernel_ids(self) -> set[str]:
         return {r["kernel_id"] for r in self.records
@@ -467,6 +478,8 @@ def report(runs: dict[tuple[str, str], Run], suites: list[str], modes: list[str]
             if mode != "stock":
                 n = run.limited_launches()
                 cell += f", {n} limited kernels"
+                if run.stock_launches():
+                    cell += f" + {run.stock_launches()} not limited"
                 if n == 0:
                     problems.append(f"{suite} {run.label}: 0 limited kernels started")
                 only[(suite, mode)] = {t: r for t, r in failed(run).items()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -51,13 +52,24 @@ def is_ipykernel(argv: list[str]) -> bool:
                for a in argv)
 
 
+def is_python(spec: Any) -> bool:
+    """A python kernel: by its language, or by its interpreter (jupyter_client's test
+    kernels -- signalkernel, problemkernel -- name no language)."""
+    argv0 = os.path.basename(spec.argv[0]) if spec.argv else ""
+    return (spec.language or "").lower() == "python" or re.fullmatch(
+        r"python[0-9.]*", argv0) is not None
+
+
 def limit(spec: Any, kernel_name: str) -> Any:
     """``spec`` turned into a limited kernelspec, in place, if it is a python kernel
     without a provisioner of its own; returns it."""
     metadata = dict(spec.metadata or {})
-    if "kernel_provisioner" in metadata or (spec.language or "").lower() != "python":
-        return spec
     argv = list(spec.argv)
+    if "kernel_provisioner" in metadata:
+        return spec
+    if not is_python(spec):
+        record("not-wrapped", kernel_name=kernel_name, argv=argv, why="not a python kernel")
+        return spec
     config: dict[str, Any] = {"mem_limit": MEM_LIMIT}
     if BACKEND == "docker":
         # Only ipykernel exists in the image; a test's own kernel module (jupyter_client's

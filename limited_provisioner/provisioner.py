@@ -21,15 +21,14 @@ import logging
 import os
 import signal
 import time
-import weakref
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import default
 
 from . import _jupyter_internals as internals
-from . import metrics, uids, workfs
+from . import held_kernels, metrics, uids, workfs
 from ._background import bridged, on_package_loop
 from ._tasks import Once
 from .admission import AdmissionPolicy, admit_and_record
@@ -108,24 +107,6 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     def host(self) -> LimitedHost:
         return LimitedHost.instance(config=self.config)
 
-    # The kernels a provisioner of this process is starting or managing, by (state dir,
-    # kernel id): adoption in the same process must leave them alone -- a server whose
-    # loop already runs adopts in the background while it starts kernels.
-    _managing: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
-
-    @classmethod
-    def managing(cls, state_dir: str | os.PathLike, kernel_id: str) -> bool:
-        """Whether a provisioner of this process is starting or managing the kernel."""
-        return (str(state_dir), kernel_id) in cls._managing
-
-    def _hold(self) -> None:
-        LimitedProvisioner._managing[(str(self.registry.state_dir), self.kernel_id)] = self
-
-    def _unhold(self) -> None:
-        key = (str(self.registry.state_dir), self.kernel_id)
-        if LimitedProvisioner._managing.get(key) is self:
-            del LimitedProvisioner._managing[key]
-
     @property
     def enforcement(self) -> dict[str, str]:
         """How each limit is enforced for the running kernel (the plan's report)."""
@@ -149,7 +130,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         self._restarting = restarting = entry is not None
         if not restarting:
             self._ended.reset()  # a manager starting this provisioner's kernel again
-        self._hold()
+        held_kernels.hold(self)
         start_env = kwargs.get("env") or {}
         self._supplied_env = supplied_names(kwargs.get("env"), os.environ) - set(
             self._host_only_env
@@ -466,6 +447,12 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         await self.wait()
         await self.cleanup(restart=False)
 
+    async def end_at_exit(self) -> None:
+        """Its process exits cleanly still holding the kernel (held_kernels.py): end it
+        and remove every trace, as a stock kernel ends with its parent."""
+        self.log.info("Kernel %s: ending it with the process that manages it", self.kernel_id)
+        await bridged(self._end_alone())
+
     async def _persist(self, last_activity: float) -> None:
         await asyncio.to_thread(self.registry.update, self.kernel_id, last_activity=last_activity)
 
@@ -533,7 +520,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             # A no-op for a uid this kernel holds no lease on (a fixed container_user).
             await asyncio.to_thread(uids.release, self.uid, self.kernel_id)
         await asyncio.to_thread(self.registry.remove, self.kernel_id)
-        self._unhold()
+        held_kernels.let_go(self)
         if not metrics.LIVE_KERNELS.kernels:
             # The last kernel of this process is gone: stop a script's reaper rather than
             # leave a pending task behind (nbclient exits right after this).
@@ -551,7 +538,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             internals.keep_connection_file(self.parent)
 
     async def _let_go(self) -> None:
-        self._unhold()
+        held_kernels.let_go(self)
         await self._stop_watching()
         if self.connection is not None:
             # Whoever adopts the kernel next binds the client side anew.

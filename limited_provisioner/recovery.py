@@ -21,12 +21,11 @@ from typing import Any
 from jupyter_client.manager import AsyncKernelManager
 
 from . import _jupyter_internals as internals
-from . import metrics
+from . import held_kernels, metrics
 from ._background import bridged
 from .enforcement import EnforcementPlan
 from .errors import AdoptionError
 from .kernel_dir import KernelDir
-from .provisioner import LimitedProvisioner
 from .reaper import Orphan, provisioner_class, reap, remove_kernel
 from .registry import Registry, is_alive, list_kernels, process_identity, server_alive
 from .workfs import WorkFs
@@ -89,7 +88,7 @@ async def adopt(
     if entry is None:
         msg = f"no limited kernel {kernel_id} in the registry at {registry.state_dir}"
         raise AdoptionError(msg, reason="unknown")
-    if LimitedProvisioner.managing(registry.state_dir, kernel_id):
+    if held_kernels.holding(registry.state_dir, kernel_id):
         msg = f"kernel {kernel_id} is being started or managed by this process already"
         raise AdoptionError(msg, reason="managed")
     if server_alive(entry) and entry.get("server_pid") != os.getpid():
@@ -144,12 +143,12 @@ async def adopt(
     )
     km.provisioner = prov
     prov.manager_loop.remember(km)
-    prov._hold()
+    held_kernels.hold(prov)
     try:
         # With the proxy and timers it starts: on the package's loop (_background.py).
         await bridged(_resume(prov, entry))
     except Exception:
-        prov._unhold()
+        held_kernels.let_go(prov)
         await asyncio.to_thread(remove_kernel, registry, entry)
         raise
     internals.mark_started(km, entry.get("launch_cwd"))

@@ -277,3 +277,54 @@ async def test_an_adopted_kernel_is_not_reaped_by_its_old_orphan_grace(
     finally:
         await km.shutdown_kernel(now=True)
     assert Registry(state).entries() == []
+
+
+FORGETFUL = r"""
+import asyncio, os, sys
+from jupyter_client.manager import AsyncKernelManager, KernelManager
+async def main():
+    km = AsyncKernelManager(kernel_name="lim")
+    await km.start_kernel()
+    kc = km.client(); kc.start_channels(); await kc.wait_for_ready(timeout=60)
+    print(km.kernel_id, km.provisioner.pid, flush=True)
+    if sys.argv[1] == "detach":
+        await km.provisioner.detach()
+# A blocking manager too, as a notebook runner holds it.
+bkm = KernelManager(kernel_name="lim")
+bkm.start_kernel()
+print(bkm.kernel_id, bkm.provisioner.pid, flush=True)
+if sys.argv[1] == "detach":
+    asyncio.run(bkm.provisioner.detach())
+asyncio.run(main())
+# Returns without a shutdown: a clean exit with both kernels still running.
+"""
+
+
+@pytest.mark.parametrize("how", ["forgets", "detach"])
+async def test_a_clean_exit_ends_the_kernels_it_did_not_let_go(
+    how, jupyter_path, recovery_env, monkeypatch
+):
+    """As a stock kernel ends with its parent: a script that exits without shutting its
+    kernels down leaves nothing running -- unless it detached them for a later adopt()."""
+    env, state, server_id = recovery_env
+    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
+        monkeypatch.setenv(key, env[key])
+    write_kernelspec(jupyter_path, "lim", SMALL)
+    out_file = jupyter_path / "forgetful.out"
+    with open(out_file, "w") as f:
+        subprocess.run([sys.executable, "-c", FORGETFUL, how], stdout=f,
+                       stderr=subprocess.STDOUT, env={**os.environ}, timeout=120, check=True)
+    started = [line.split() for line in out_file.read_text().splitlines()
+               if len(line.split()) == 2 and line.split()[1].isdigit()]
+    assert len(started) == 2, out_file.read_text()
+    kids = [kid for kid, _ in started]
+    if how == "forgets":
+        assert Registry(state).entries() == []
+        assert kernel_leftovers(state, kids) == dict.fromkeys(
+            ("registry entries", "kernel dirs", "cgroups", "processes", "containers"), 0)
+        return
+    assert sorted(e["kernel_id"] for e in Registry(state).entries()) == sorted(kids)
+    for kid in kids:
+        km = await adopt(kid, state_dir=state)
+        await km.shutdown_kernel(now=True)
+    assert Registry(state).entries() == []

@@ -18,9 +18,10 @@ drop supplementary groups, gid, then uid, forbid regaining privileges, then exec
 With ``"isolate": true`` (root only) the kernel also gets its own pid, ipc and mount
 namespaces, a fresh /proc, and a read-only view of the host's file systems except its
 tmpfs scratch dirs and ``writable`` dirs.  A new pid namespace only applies to children,
-so the launcher forks: the child becomes pid 1 of the namespace and execs the kernel;
-the launcher stays outside as an unprivileged supervisor whose exit status mirrors the
-kernel's (see ``_supervise``).  The pid jupyter_client holds is then the supervisor's.
+so the launcher forks: the child becomes pid 1 of the namespace, sets the sandbox up and
+forks the kernel (pid 2), staying its init (``_init_then_kernel``); the launcher stays
+outside as an unprivileged supervisor whose exit status mirrors the kernel's (see
+``_supervise``).  The pid jupyter_client holds is then the supervisor's.
 """
 
 from __future__ import annotations
@@ -80,8 +81,13 @@ _RLIMITS = {
 }
 
 # What the isolate supervisor waits for.  SIGINT is only consumed: jupyter_client
-# interrupts with killpg, which reaches the kernel directly.
+# interrupts with killpg, which reaches the init directly (it passes it on once).
 _SUPERVISED = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+# What the namespace's init passes on to the kernel's process group.
+_FORWARDED = {
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+    signal.SIGUSR2,
+}
 
 
 class _MountAttr(ctypes.Structure):
@@ -437,8 +443,9 @@ def apply(spec: dict) -> None:
 
 
 def apply_isolated(spec: dict) -> None:
-    """Apply ``spec`` with ``isolate``: returns in the child, as pid 1 of its own pid
-    namespace with the sandbox applied; the parent supervises it and never returns."""
+    """Apply ``spec`` with ``isolate``: returns in the kernel, pid 2 of its own pid
+    namespace with the sandbox applied; the parent supervises from outside and pid 1
+    is the namespace's init (:func:`_init_then_kernel`); neither returns."""
     if os.geteuid() != 0:
         _fail("isolate needs root")
     if not spec.get("uid"):
@@ -450,14 +457,19 @@ def apply_isolated(spec: dict) -> None:
     # kill it; the child instead dies with the parent (PR_SET_PDEATHSIG) and checks
     # this pipe, which reads EOF once the parent is gone.
     parent_alive, parent_holds = os.pipe()
+    # The kernel's wait status, from the init to the supervisor (the init's own exit
+    # status cannot carry a signal: pid 1 cannot kill itself).
+    kernel_status_r, kernel_status_w = os.pipe()
     # Blocked before fork, so no signal is lost or acted on before the parent waits.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
     child = os.fork()
     if child:
         os.close(parent_alive)
+        os.close(kernel_status_w)
         _release_status_fd()
-        _supervise(libc, spec, child)
+        _supervise(libc, spec, child, kernel_status_r)
     os.close(parent_holds)
+    os.close(kernel_status_r)
     # Python's SIGINT handler would turn an interrupt during setup into a traceback; as
     # pid 1 with SIG_DFL, signals from outside are dropped until the kernel has a handler.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -473,14 +485,81 @@ def apply_isolated(spec: dict) -> None:
     except BlockingIOError:
         pass  # the parent still holds the pipe open
     os.close(parent_alive)
+    _init_then_kernel(kernel_status_w)
 
 
-def _supervise(libc: ctypes.CDLL, spec: dict, child: int) -> None:
-    """The parent: wait for the child, then exit the way it did.
+def _init_then_kernel(kernel_status_w: int) -> None:
+    """Fork the kernel as pid 2 and stay its init: returns in the kernel only.
 
-    jupyter_client's ``terminate`` (SIGTERM) and friends become SIGKILL: the kernel is
-    pid 1 of its namespace, which ignores signals from outside that it has no handler
-    for.  The exit status mirrors the child's, so an OOM kill still reads as -9.
+    The kernel is then an ordinary process: a signal it sends itself, or one without a
+    handler, acts as it would outside (pid 1 ignores both), and it leads a process group
+    of its own *inside* the namespace, so shells and pools it starts stay in it (bash
+    makes a group of its own when it cannot see its group, which lives outside) and an
+    interrupt reaches them as with a stock kernel. This init forwards what the host sends
+    (to the launcher's group) to the kernel's group, reaps orphans, and when the kernel
+    ends, hands its wait status to the supervisor and exits -- which ends the namespace.
+    """
+    for signo in _FORWARDED:
+        # From outside, pid 1 gets only the signals it has a handler for.
+        signal.signal(signo, _ignore)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED | {signal.SIGCHLD})
+    kernel = os.fork()
+    if kernel == 0:
+        os.close(kernel_status_w)
+        for signo in _FORWARDED:
+            signal.signal(signo, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.setpgid(0, 0)
+        return
+    _release_status_fd()  # the kernel reports on it until its exec; EOF means started
+    _retitle(b"limited-provisioner-init")
+    while True:
+        signo = signal.sigwaitinfo(_FORWARDED | {signal.SIGCHLD}).si_signo
+        if signo != signal.SIGCHLD:
+            try:
+                os.killpg(kernel, signo)
+            except OSError:
+                pass  # its group is gone: SIGCHLD follows
+            continue
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid == 0:
+                break
+            if pid == kernel:
+                os.write(kernel_status_w, status.to_bytes(4, "little"))
+                os._exit(0)
+
+
+def _retitle(title: bytes) -> None:
+    """Overwrite this process's command line, which the kernel can read in its /proc:
+    it is the launcher's, with the whole sandbox spec in it (as setproctitle does: the
+    bytes between arg_start and arg_end of /proc/self/stat are this process's own)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # fields 48 and 49
+    except (OSError, IndexError, ValueError):
+        return
+    if end - start < 2:
+        return
+    ctypes.memset(start, 0, end - start)
+    ctypes.memmove(start, title, min(len(title), end - start - 1))
+
+
+def _ignore(signo: int, frame: object) -> None:
+    """A handler that is not SIG_DFL; the signals it is set for are blocked and taken
+    with sigwaitinfo, so it never runs."""
+
+
+def _supervise(libc: ctypes.CDLL, spec: dict, child: int, kernel_status_r: int) -> None:
+    """The parent: wait for the child (the namespace's init), then exit the way the
+    kernel did, so an OOM kill still reads as -9.
+
+    A signal sent to this process alone (not to its group, which jupyter_client signals
+    and the init is in) is passed to the init, which passes it to the kernel.
     """
     _drop_privileges(libc, spec["uid"], spec.get("gid"))
     while True:
@@ -488,10 +567,15 @@ def _supervise(libc: ctypes.CDLL, spec: dict, child: int) -> None:
         if signo == signal.SIGCHLD:
             pid, status = os.waitpid(child, os.WNOHANG)
             if pid:
-                _exit_as(status)
+                os.set_blocking(kernel_status_r, False)
+                try:
+                    reported = os.read(kernel_status_r, 4)
+                except BlockingIOError:
+                    reported = b""
+                _exit_as(int.from_bytes(reported, "little") if len(reported) == 4 else status)
         elif signo != signal.SIGINT:
             try:
-                os.kill(child, signal.SIGKILL)
+                os.kill(child, signo)
             except PermissionError:
                 _die_of(signo)  # it is still root, setting up, and exits when we are gone
             except OSError:

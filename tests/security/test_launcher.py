@@ -128,14 +128,24 @@ class Sandbox:
     def stderr(self) -> str:
         return self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
 
-    def kernel_pid(self) -> int:
-        """The host pid of the sandboxed child (pid 1 inside)."""
+    def init_pid(self) -> int:
+        """The host pid of the sandbox's init (pid 1 inside)."""
         for _ in range(200):
             kids = children_of(self.proc.pid)
             if kids:
                 return kids[0]
             time.sleep(0.01)
         raise AssertionError("the launcher has no child")
+
+    def kernel_pid(self) -> int:
+        """The host pid of the kernel (pid 2 inside, the init's child)."""
+        init = self.init_pid()
+        for _ in range(200):
+            kids = children_of(init)
+            if kids:
+                return kids[0]
+            time.sleep(0.01)
+        raise AssertionError("the sandbox's init has no child")
 
 
 @pytest.fixture
@@ -258,8 +268,9 @@ def test_proc_lists_only_the_sandbox(box):
     finally:
         other.kill()
         other.wait()
-    assert seen["me"] == 1
-    assert seen["pids"] == sorted([1, seen["sleeper"]])
+    assert seen["me"] == 2  # pid 1 is the sandbox's init
+    assert seen["pids"] == sorted([1, 2, seen["sleeper"]])
+    assert seen["cmdlines"][0].rstrip("\x00") == "limited-provisioner-init"
     assert not any(marker in c for c in seen["cmdlines"])
     assert not any("pytest" in c for c in seen["cmdlines"])
 
@@ -557,10 +568,54 @@ def test_kernel_crash_reads_as_its_signal(box):
     assert sandbox.wait() == -signal.SIGSEGV
 
 
-@pytest.mark.xfail(strict=True, reason="pid 1 of a namespace ignores SIGKILL from itself")
-def test_kernel_killing_itself_with_sigkill(box):
-    sandbox = box.run("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
-    assert sandbox.wait() == -signal.SIGKILL
+@pytest.mark.parametrize("signo", [signal.SIGKILL, signal.SIGTERM])
+def test_kernel_killing_itself_dies_of_it(box, signo):
+    # nbclient's Autokill notebook: os.kill(os.getpid(), SIGTERM). The kernel is pid 2,
+    # not the namespace's init, which would ignore it.
+    sandbox = box.run(f"import os; assert os.getpid() == 2; os.kill(os.getpid(), {signo})")
+    assert sandbox.wait() == -signo
+
+
+def test_the_kernel_leads_a_process_group_inside_and_an_interrupt_reaches_it(box):
+    # jupyter_client's test_signal_kernel_subprocesses: `bash -i` children of the kernel
+    # stay in its group (bash makes one of its own if it cannot see its group).
+    sandbox = box.run(
+        "import os, subprocess, time\n"
+        "assert os.getpgrp() == os.getpid() == 2, (os.getpgrp(), os.getpid())\n"
+        "child = subprocess.Popen(['/bin/bash', '-i', '-c', 'exec /bin/sleep 30'],\n"
+        "                         stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "time.sleep(0.5)\n"
+        "assert os.getpgid(child.pid) == 2, os.getpgid(child.pid)\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', child.wait(), flush=True)\n"
+    )
+    assert sandbox.line() == "ready"
+    os.killpg(sandbox.proc.pid, signal.SIGINT)
+    assert sandbox.line() == f"interrupted {-signal.SIGINT}"
+    assert sandbox.wait() == 0
+
+
+def test_orphans_are_reaped_by_the_sandboxs_init(box):
+    # A double-forked child whose parent is gone is the init's to reap: no zombie holds
+    # a slot of pids_limit.
+    sandbox = box.run(
+        "import os, time\n"
+        "for _ in range(5):\n"
+        "    if os.fork() == 0:\n"
+        "        if os.fork() == 0:\n"
+        "            os._exit(0)\n"
+        "        os._exit(0)\n"
+        "    os.wait()\n"
+        "time.sleep(0.5)\n"
+        "states = [open(f'/proc/{p}/stat').read().split()[2] for p in os.listdir('/proc')\n"
+        "          if p.isdigit()]\n"
+        "print(states.count('Z'), flush=True)\n"
+    )
+    assert sandbox.line() == "0"
+    assert sandbox.wait() == 0
 
 
 def test_oom_kill_reads_as_sigkill(box):
@@ -604,12 +659,14 @@ def test_sigterm_stops_the_kernel_and_everything_it_started(box, how):
     )
     assert sandbox.line() == "ready"
     started = pids_with_token(box.token)
-    assert len(started) == 6  # supervisor, kernel, sh, 3 sleeps
+    assert len(started) == 7  # supervisor, init, kernel, sh, 3 sleeps
     if how == "parent":
         os.kill(sandbox.proc.pid, signal.SIGTERM)
     else:
         os.killpg(sandbox.proc.pid, signal.SIGTERM)
-    assert sandbox.wait() == -signal.SIGKILL
+    # The kernel's own death, as with a stock kernel (a kernel that ignores SIGTERM is
+    # jupyter_client's to SIGKILL, which the next test covers).
+    assert sandbox.wait() == -signal.SIGTERM
     deadline = time.monotonic() + 5
     while [p for p in started if alive(p)] and time.monotonic() < deadline:
         time.sleep(0.02)

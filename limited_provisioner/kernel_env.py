@@ -29,6 +29,8 @@ DEFAULT_ENV_KEEP = [
     "CONDA_PREFIX",
     "CONDA_DEFAULT_ENV",
     "JPY_SESSION_NAME",
+    # Names the cells in tracebacks (nbclient's tests set it for stable output).
+    "IPYKERNEL_CELL_NAME",
     "MPLBACKEND",
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -36,7 +38,7 @@ DEFAULT_ENV_KEEP = [
     "LIMITED_PROVISIONER_OWNER",
 ]
 # A container's PATH, LANG, PYTHONPATH... come from its image, not from the host.
-CONTAINER_ENV_KEEP = ["JPY_SESSION_NAME", "LIMITED_PROVISIONER_OWNER"]
+CONTAINER_ENV_KEEP = ["JPY_SESSION_NAME", "IPYKERNEL_CELL_NAME", "LIMITED_PROVISIONER_OWNER"]
 # Variables naming the host's directories: not passed into a container even when a
 # caller sets them in start_kernel(env=...) (a kernelspec's env still can).
 HOST_PATH_ENV = (

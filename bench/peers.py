@@ -614,6 +614,7 @@ def main() -> int:
     summary["versions"] = versions
     summary["problems"] = problems
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1))
     if problems:
         print("\nFAIL: " + "; ".join(problems[:20])

@@ -162,21 +162,28 @@ asyncio.run(main())
 """
 
 
+def run_client(script: str, recovery_env, monkeypatch, jupyter_path, *args: str) -> str:
+    """Run ``script`` (with ``args``) as another client process of the test's state dir
+    and server id (until it exits); its output."""
+    env, _state, _server_id = recovery_env
+    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
+        monkeypatch.setenv(key, env[key])
+    # A file, not a pipe: a surviving kernel inherits the client's stdout, and a pipe
+    # would never reach EOF while it lives.
+    out_file = jupyter_path / "client.out"
+    with open(out_file, "w") as f:
+        subprocess.run([sys.executable, "-c", script, *args], stdout=f,
+                       stderr=subprocess.STDOUT, env={**os.environ}, timeout=120, check=True)
+    return out_file.read_text()
+
+
 @pytest.mark.parametrize("backend", backends(), indirect=True)
 async def test_programmatic_adopt_from_a_fresh_process(
     backend, jupyter_path, recovery_env, monkeypatch, docker_cleanup
 ):
     env, state, server_id = recovery_env
-    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
-        monkeypatch.setenv(key, env[key])
     write_kernelspec(jupyter_path, "lim", {**SMALL, "exec_timeout_grace": 7}, backend)
-    # A file, not a pipe: the surviving kernel inherits the agent's stdout, and a pipe
-    # would never reach EOF while it lives.
-    out_file = jupyter_path / "orphaner.out"
-    with open(out_file, "w") as f:
-        subprocess.run([sys.executable, "-c", ORPHANER], stdout=f, stderr=subprocess.STDOUT,
-                       env={**os.environ}, timeout=120, check=True)
-    kid = out_file.read_text().strip().splitlines()[-1]
+    kid = run_client(ORPHANER, recovery_env, monkeypatch, jupyter_path).split()[-1]
     listed = [e["kernel_id"] for e in list_kernels(state, server_id=server_id)]
     assert listed == [kid]
     # The agent finds its session's kernel by label, without any memory of its own.
@@ -233,14 +240,8 @@ async def test_a_crashed_clients_kernel_is_reaped_after_orphan_grace(
     ``orphan_grace`` (a restart may adopt it), then reaped -- not held until its
     idle_timeout, reserving its mem_limit."""
     env, state, server_id = recovery_env
-    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
-        monkeypatch.setenv(key, env[key])
     write_kernelspec(jupyter_path, "lim", {**SMALL, "idle_timeout": 3600}, backend)
-    out_file = jupyter_path / "orphaner.out"
-    with open(out_file, "w") as f:
-        subprocess.run([sys.executable, "-c", ORPHANER], stdout=f, stderr=subprocess.STDOUT,
-                       env={**os.environ}, timeout=120, check=True)
-    kid = out_file.read_text().strip().splitlines()[-1]
+    kid = run_client(ORPHANER, recovery_env, monkeypatch, jupyter_path).split()[-1]
     registry = Registry(state)
     (entry,) = registry.entries()
     assert is_alive(entry)
@@ -259,14 +260,8 @@ async def test_an_adopted_kernel_is_not_reaped_by_its_old_orphan_grace(
     jupyter_path, recovery_env, monkeypatch
 ):
     env, state, server_id = recovery_env
-    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
-        monkeypatch.setenv(key, env[key])
     write_kernelspec(jupyter_path, "lim", SMALL)
-    out_file = jupyter_path / "orphaner.out"
-    with open(out_file, "w") as f:
-        subprocess.run([sys.executable, "-c", ORPHANER], stdout=f, stderr=subprocess.STDOUT,
-                       env={**os.environ}, timeout=120, check=True)
-    kid = out_file.read_text().strip().splitlines()[-1]
+    kid = run_client(ORPHANER, recovery_env, monkeypatch, jupyter_path).split()[-1]
     assert reap_orphans(state, all_servers=True, orphan_grace=0.5) == []
     km = await adopt(kid, state_dir=state)
     try:
@@ -307,16 +302,11 @@ async def test_a_clean_exit_ends_the_kernels_it_did_not_let_go(
     """As a stock kernel ends with its parent: a script that exits without shutting its
     kernels down leaves nothing running -- unless it detached them for a later adopt()."""
     env, state, server_id = recovery_env
-    for key in ("LIMITED_PROVISIONER_STATE_DIR", "LIMITED_PROVISIONER_SERVER_ID"):
-        monkeypatch.setenv(key, env[key])
     write_kernelspec(jupyter_path, "lim", SMALL)
-    out_file = jupyter_path / "forgetful.out"
-    with open(out_file, "w") as f:
-        subprocess.run([sys.executable, "-c", FORGETFUL, how], stdout=f,
-                       stderr=subprocess.STDOUT, env={**os.environ}, timeout=120, check=True)
-    started = [line.split() for line in out_file.read_text().splitlines()
+    out = run_client(FORGETFUL, recovery_env, monkeypatch, jupyter_path, how)
+    started = [line.split() for line in out.splitlines()
                if len(line.split()) == 2 and line.split()[1].isdigit()]
-    assert len(started) == 2, out_file.read_text()
+    assert len(started) == 2, out
     kids = [kid for kid, _ in started]
     if how == "forgets":
         assert Registry(state).entries() == []

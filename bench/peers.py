@@ -115,6 +115,15 @@ KNOWN_BY_DESIGN: dict[str, str] = {
     },
     "tests/services/kernels/test_transport_encryption.py::"
     "test_transport_encryption_auto_skips_keys_for_non_curve_kernel": _FAILED_START,
+    **{
+        f"tests/test_multikernelmanager.py::{cls}::test_tcp_cinfo": (
+            "a manager whose transport was left at its default gets ipc sockets in a "
+            "server-only dir for its clients, not loopback tcp that any local user can "
+            "connect to (a transport it was told, tcp or an ipc prefix, is served: "
+            "test_ipc_cinfo passes)"
+        )
+        for cls in ("TestKernelManager", "TestAsyncKernelManager")
+    },
 }
 
 

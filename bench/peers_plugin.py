@@ -12,6 +12,9 @@ holding only this module on PYTHONPATH). Configured by environment variables:
 ``PEERS_MEM_LIMIT``  the limited kernels' mem_limit (default ``1G``).
 ``PEERS_IMAGE``      the docker backend's image (default ``limited-provisioner-kernel:latest``).
 
+In limited mode jupyter_server also gets this package's server extension, as ``pip
+install`` enables it (patch_server_extension).
+
 The peers' fixtures point JUPYTER_PATH, HOME etc. at fresh tmp dirs, so a limited
 kernelspec installed on disk would never be found: the kernelspec manager is patched
 instead, which is also what jupyter_server's kernelspec API and MappingKernelManager see.
@@ -157,11 +160,42 @@ def patch_recording() -> None:
     KernelManager._async_launch_kernel = _async_launch_kernel
 
 
+def patch_server_extension() -> None:
+    """What ``pip install`` enables in every jupyter_server (our server extension: the
+    kernel manager that answers 429/503 and adopts, the websocket connection that
+    explains a limit kill), which the peers' fixtures and the venv's editable install
+    would leave out: linked before the server creates its kernel manager, loaded after."""
+    try:
+        from jupyter_server.serverapp import ServerApp
+    except ImportError:  # a suite without jupyter_server
+        return
+    from limited_provisioner.server import extension
+
+    init_configurables = ServerApp.init_configurables
+    load_server_extensions = ServerApp.load_server_extensions
+
+    @functools.wraps(init_configurables)
+    def linked(self, *args, **kwargs):
+        extension._link_jupyter_server_extension(self)
+        return init_configurables(self, *args, **kwargs)
+
+    @functools.wraps(load_server_extensions)
+    def loaded(self, *args, **kwargs):
+        result = load_server_extensions(self, *args, **kwargs)
+        extension._load_jupyter_server_extension(self)
+        record("server-extension", manager=type(self.kernel_manager).__name__)
+        return result
+
+    ServerApp.init_configurables = linked
+    ServerApp.load_server_extensions = loaded
+
+
 def pytest_configure(config) -> None:
     if BACKEND and BACKEND not in PROVISIONERS:
         raise ValueError(f"PEERS_BACKEND={BACKEND!r}: expected one of {sorted(PROVISIONERS)}")
     if BACKEND:
         patch_kernelspec_manager()
+        patch_server_extension()
     patch_recording()
     record("configure", backend=BACKEND or "stock", pid=os.getpid())
 

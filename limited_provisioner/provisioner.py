@@ -130,6 +130,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         self._restarting = restarting = entry is not None
         if not restarting:
             self._ended.reset()  # a manager starting this provisioner's kernel again
+        # Before its registry entry exists: adoption in this process must never see
+        # the entry without knowing the start is ours.
         held_kernels.hold(self)
         start_env = kwargs.get("env") or {}
         self._supplied_env = supplied_names(kwargs.get("env"), os.environ) - set(
@@ -160,8 +162,11 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
                 if not restarting:
                     await self._release()
                 raise
-        except KernelLimitError as e:
-            metrics.STARTS_REFUSED.labels(limit=e.limit).inc()
+        except BaseException as e:
+            if isinstance(e, KernelLimitError):
+                metrics.STARTS_REFUSED.labels(limit=e.limit).inc()
+            if not restarting:
+                held_kernels.let_go(self)  # refused before anything was reserved
             raise
         return kwargs
 

@@ -219,3 +219,17 @@ async def test_a_manager_told_to_serve_tcp_on_a_foreign_address_is_refused(
     with pytest.raises(RuntimeError, match="not an address of this host"):
         await start_kernel(SMALL, km_config=config, ip="192.0.2.1")
     assert kernel_leftovers(own_state) == NOTHING_LEFT
+
+
+async def test_a_refused_start_is_not_held_by_this_process(start_kernel, own_state):
+    """held_kernels: a start refused at admission holds nothing an exit would end."""
+    from limited_provisioner import KernelLimitError, held_kernels
+
+    km, _kc = await start_kernel({**SMALL, "max_kernels": 1})
+    assert held_kernels.holding(own_state, km.kernel_id)
+    refused = AsyncKernelManager(kernel_name=km.kernel_name)
+    with pytest.raises(KernelLimitError):
+        await refused.start_kernel()
+    assert not held_kernels.holding(own_state, refused.kernel_id)
+    await km.shutdown_kernel(now=True)
+    assert not held_kernels.holding(own_state, km.kernel_id)

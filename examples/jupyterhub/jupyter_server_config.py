@@ -88,3 +88,6 @@ c.KernelSpecManager.allowed_kernelspecs = {"limited-python", "limited-python-doc
 # instead (crash, OOM kill), its kernels keep running and the next start re-adopts them.
 c.LimitedMappingKernelManager.keep_kernels_on_exit = False
 c.LimitedMappingKernelManager.adopt_on_start = True
+# A dead server's kernels wait this long (from when a reaper first sees them orphaned)
+# for the restart to adopt them, then they are reaped instead of holding their memory.
+c.LimitedHost.orphan_grace = 300

@@ -49,7 +49,7 @@ from .limits import Limits
 from .manager_loop import ManagerLoop
 from .registry import Registry, process_identity
 from .settings import LEGACY_SECTION, LimitedSettings
-from .watchdog import Watchdog, carried_over
+from .watchdog import KERNEL_ID_ENV, Watchdog, carried_over
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +261,14 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         self.connection.point_clients(km)
 
     def _kernel_env(self, env: dict[str, str] | None) -> dict[str, str]:
-        """The start's env plus what every limited kernel is told about its limits."""
-        notice = str(self.kdir.ctl / "notice") if self.kdir is not None else None
-        return {**(env or {}), **limit_env(self.limits, self.output_limit, notice)}
+        """The start's env plus what every limited kernel is told about its limits, its
+        id (the watchdog and reaper find its processes by it) and its HOME (its work dir)."""
+        assert self.kdir is not None
+        notice = str(self.kdir.ctl / "notice")
+        return {
+            **(env or {}), **limit_env(self.limits, self.output_limit, notice),
+            KERNEL_ID_ENV: self.kernel_id, "HOME": str(self.kdir.work),
+        }
 
     # What a caller set in start_kernel(env=...) that is not the server's own value.
     _supplied_env: set[str] = set()
@@ -325,6 +330,23 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         """The errno of a kernel command that could not be executed, if exit status
         ``code`` of a start says so (backends whose init reports it that way)."""
         return None
+
+    @on_package_loop
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        """Start the kernel (the backend's ``_launch``), then check and connect its
+        sockets (``_open_kernel_door``); called by KernelManager after pre_launch.
+
+        A first start that fails (the sandbox or container cannot be set up, the kernel
+        exits before opening its sockets, its sockets fail their check) raises
+        SandboxStartError or SandboxUnavailableError; what pre_launch reserved is released
+        first (``_abandon_start``). A restart that fails so returns a kernel that died at
+        once, for the restarter to count.
+        """
+        try:
+            return await self._launch(cmd, kwargs)
+        except BaseException:
+            await self._abandon_start()
+            raise
 
     async def _abandon_start(self) -> None:
         """Stop what a failed ``launch_kernel`` started, then release what pre_launch
@@ -479,6 +501,10 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     async def _prepare_launch(self, kwargs: dict[str, Any]) -> None:
         """After jupyter_client's pre_launch (``kwargs["cmd"]`` final)."""
+
+    async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> Any:
+        """Start the process or container (``launch_kernel``); returns the connection info."""
+        raise NotImplementedError
 
     async def _restore(self, entry: dict[str, Any]) -> None:
         """Re-attach to the process or container of an adopted kernel (recovery.py)."""

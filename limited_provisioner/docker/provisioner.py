@@ -34,7 +34,6 @@ from ..kernel_env import CONTAINER_ENV_KEEP, HOST_PATH_ENV
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
 from ..registry import Registry
-from ..watchdog import KERNEL_ID_ENV
 from .client import GONE, LABEL_PREFIX, DockerSession, container_name
 from .container import (
     ContainerSpec,
@@ -212,27 +211,15 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             extra_create_kwargs=dict(self.extra_create_kwargs),
         )
 
-    @on_package_loop
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
-        """Create and start the container; called by KernelManager after pre_launch.
-
-        A container that cannot start raises :class:`SandboxStartError` with the
-        runtime's message; on any failure what pre_launch reserved is released first. On
-        a restart it is a kernel that died at once instead, for the restarter to count.
-        """
-        try:
-            return await self._launch(cmd, kwargs)
-        except BaseException:
-            await self._abandon_start()
-            raise
-
     async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> Any:
+        """Create and start the container; one that cannot start raises
+        SandboxStartError with the runtime's message (on a restart: a kernel that died
+        at once)."""
         import docker.errors
 
         assert self.kdir is not None
         work = str(self.kdir.work)
         env = self._kernel_env(kwargs.get("env"))
-        env.update({KERNEL_ID_ENV: self.kernel_id, "HOME": work})
         create = create_kwargs(self._container_spec(cmd, env))
         try:
             self.container_id = await self.docker.run(self.docker.start_container, create)

@@ -43,7 +43,7 @@ from ..kernel_env import BLAS_THREADS
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
 from ..registry import Registry, is_alive
-from ..watchdog import KERNEL_ID_ENV, dir_usage, tree_pids
+from ..watchdog import dir_usage, tree_pids
 from . import launch as _launch
 from .adopted import AdoptedProcess
 from .cgroups import KernelCgroups, entry_record
@@ -127,31 +127,15 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     def _isolate(self) -> bool:
         return os.geteuid() == 0 and self.uid is not None
 
-    @on_package_loop
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
-        """Start the kernel through ``launch.py`` (which applies the sandbox, then execs),
-        then check and connect its sockets (``_open_kernel_door``).
-
-        A first start that fails (the sandbox cannot be set up, the kernel exits before
-        opening its sockets, its sockets fail their check) raises SandboxStartError or
-        SandboxUnavailableError; what pre_launch reserved is released first
-        (``_abandon_start``). A restart whose sandbox cannot be set up returns a kernel that
-        died at once, for the restarter to count.
-        """
-        try:
-            return await self._launch(cmd, kwargs)
-        except BaseException:
-            await self._abandon_start()
-            raise
-
     async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> Any:
+        """Through ``launch.py``, which applies the sandbox, then execs the command; a
+        restart whose sandbox cannot be set up is a kernel that died at once."""
         assert self.kdir is not None
         work = str(self.kdir.work)
         if self.private_work_dir:
             kwargs["cwd"] = work
         self.work_dir = str(kwargs.get("cwd") or os.getcwd())
         env = self._kernel_env(kwargs.get("env"))
-        env.update({KERNEL_ID_ENV: self.kernel_id, "HOME": work})
         env.setdefault("IPYTHONDIR", os.path.join(work, ".ipython"))
         if self.limits.cpu_limit is not None:
             # BLAS/OpenMP pools sized to the host's cores only thrash under a CPU quota.
@@ -249,7 +233,9 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         )
         kwargs["stdout"] = kwargs["stderr"] = self.kernel_log.write_fd
         try:
-            connection_info = await super().launch_kernel(wrapped, **kwargs)
+            # LocalProvisioner's Popen, past LimitedProvisioner.launch_kernel (which is
+            # what called us).
+            connection_info = await LocalProvisioner.launch_kernel(self, wrapped, **kwargs)
         finally:
             self.kernel_log.start()
         self.exit_reason = self.exit_kind = None

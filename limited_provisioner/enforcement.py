@@ -169,7 +169,7 @@ def disk_measures(
     why it has none (None: not decided, e.g. a plan made without a kernel dir): then the
     watchdog measures every ``disk_interval`` seconds and a fast writer overshoots.
     ``per_file`` names the per-file cap, ``extra`` what else caps scratch space;
-    ``cwd_elsewhere``: the kernel works in a dir of the host (private_work_dir off),
+    ``cwd_elsewhere``: the kernel works in a folder of the host (its workspace),
     which only the watchdog can measure.
     """
     result: dict[str, Measure] = {}
@@ -178,7 +178,7 @@ def disk_measures(
         own = workfs.describe()
         if cwd_elsewhere:
             where = (f"hard in its home, connection and socket dirs ({own}); best-effort in its "
-                     f"working dir (watchdog {every}: private_work_dir is off)")
+                     f"working dir (watchdog {every}: a host folder, its workspace)")
             if limits.disk_limit is not None:
                 result["disk_limit"] = Measure(
                     WATCHDOG, f"{where}; hard per file ({per_file}){extra}"
@@ -221,7 +221,7 @@ def process_plan(
     scratch_dirs: Iterable[str],
     workfs: WorkFs | None = None,
     disk_interval: float = 2.0,
-    private_work_dir: bool = True,
+    host_folder: bool = False,
 ) -> EnforcementPlan:
     """The plan of a local kernel process, from the cgroups that could be set up (a
     :class:`CgroupOffer`, or v1 controller names), whether it runs as its own uid, in
@@ -264,7 +264,7 @@ def process_plan(
     )
     plan.measures.update(disk_measures(
         limits, workfs, per_file="RLIMIT_FSIZE", extra=scratch, disk_interval=disk_interval,
-        cwd_elsewhere=not private_work_dir,
+        cwd_elsewhere=host_folder,
     ))
     if isolated:
         plan.set("isolation", NAMESPACE,

@@ -34,7 +34,14 @@ from ._tasks import Once
 from .admission import AdmissionPolicy, admit_and_record
 from .client_address import requested_address
 from .connection import KernelConnection, client_curve_secretkey, door_refusal
-from .enforcement import EnforcementPlan, Measure, identity_measure, shared_measures
+from .enforcement import (
+    NAMESPACE,
+    NONE,
+    EnforcementPlan,
+    Measure,
+    identity_measure,
+    shared_measures,
+)
 from .errors import (
     KernelLimitError,
     SandboxStartError,
@@ -50,6 +57,7 @@ from .manager_loop import ManagerLoop
 from .registry import Registry, process_identity
 from .settings import LEGACY_SECTION, LimitedSettings
 from .watchdog import KERNEL_ID_ENV, Watchdog, carried_over
+from .workspace import Workspace, chosen_folder, resolve_workspace
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +267,24 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
                 curve_secretkey=client_curve_secretkey(km),
             )
         self.connection.point_clients(km)
+
+    # The host folder this start works in (workspace.py); None: its private work dir.
+    work_folder: Workspace | None = None
+
+    def _choose_work_folder(self, cwd: str | None, kernel_uid: int | None) -> Measure:
+        """Resolve the ``workspace`` setting for a start asked to work in ``cwd``
+        (blocking: it stats the path); returns the plan's line about it. ``kernel_uid``:
+        the kernel's own uid (None: it runs as the server's user)."""
+        folder = chosen_folder(self.workspace, cwd)
+        if folder is None:
+            self.work_folder = None
+            return Measure(NONE, "a private per-kernel dir (its HOME), removed at shutdown")
+        self.work_folder = resolve_workspace(
+            folder, server_uid=os.geteuid(), kernel_uid=kernel_uid,
+            kernel_gid=self.gid if kernel_uid is not None else None,
+        )
+        return Measure(NAMESPACE if kernel_uid is not None else NONE,
+                       self.work_folder.describe())
 
     def _kernel_env(self, env: dict[str, str] | None) -> dict[str, str]:
         """The start's env plus what every limited kernel is told about its limits, its

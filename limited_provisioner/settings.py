@@ -25,12 +25,14 @@ from traitlets import (
     Tuple,
     Unicode,
     default,
+    observe,
     validate,
 )
 from traitlets.config import Config, LoggingConfigurable
 
 from .errors import LimitConfigError
 from .kernel_env import DEFAULT_ENV_KEEP
+from .workspace import validate_setting as workspace_setting
 from .limits import (
     MIN_DISK_LIMIT,
     MIN_MEM_LIMIT,
@@ -265,13 +267,35 @@ class LimitedSettings(LoggingConfigurable):
         the kernelspec's env; the log says so at every start.""",
     ).tag(config=True)
 
-    private_work_dir = Bool(
-        True,
-        help="""Start the kernel in a fresh per-kernel directory (its HOME, removed at
-        shutdown) whose size and file count disk_limit/files_limit cap. If false the
-        kernel starts where Jupyter asks (the notebook's dir) and only growth past the
-        starting size is counted.""",
+    workspace = Unicode(
+        "notebook",
+        help="""Where the kernel works. "notebook" (default): in the folder Jupyter starts
+        it for (jupyter_server passes the notebook's own folder): it reads the files next
+        to the notebook, and what it writes there appears in the file browser and stays
+        after shutdown, restart and cull. As root the kernel still runs as its own uid and
+        writes as the folder's owner through an idmapped mount (nosuid, nodev, no set-id
+        files; never as root: a root-owned folder is read-only for kernels). A kernel
+        started without a folder (from code, an agent backend) works in a private dir.
+        "private": always a fresh per-kernel dir (its HOME, removed at shutdown). An
+        absolute path: that folder for every kernel. disk_limit/files_limit count growth
+        past what a folder held at start (checked by the watchdog).""",
     ).tag(config=True)
+
+    @validate("workspace")
+    def _validate_workspace(self, proposal: dict) -> str:
+        return workspace_setting(proposal["value"])
+
+    private_work_dir = Bool(
+        None,
+        allow_none=True,
+        help="""Deprecated: use workspace. True is workspace="private", False is
+        workspace="notebook".""",
+    ).tag(config=True)
+
+    @observe("private_work_dir")
+    def _private_work_dir_changed(self, change: dict) -> None:
+        if change["new"] is not None:
+            self.workspace = "private" if change["new"] else "notebook"
 
     kernel_uid_range = Tuple(
         Int(),

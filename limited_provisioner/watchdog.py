@@ -222,7 +222,7 @@ class Watchdog:
         """The watchdog of one kernel: memory where the plan leaves it to the watchdog
         (no cgroup), the size and file count of every dir the kernel can write — except
         those on its own filesystem (``own_fs``: workfs.py), which enforces both limits
-        itself; then only a working dir elsewhere (private_work_dir off) is measured."""
+        itself; then only a working dir elsewhere (a host folder: workspace.py) is measured."""
         extra_dirs = (str(kdir.conn), str(kdir.sock)) if kdir is not None else ()
         if own_fs and kdir is not None:
             extra_dirs = ()  # conn/ and sock/ are on it too

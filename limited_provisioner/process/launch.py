@@ -35,6 +35,7 @@ import stat
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
@@ -71,6 +72,29 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+MNT_DETACH = 0x2
+
+# Seccomp: the kernel may not create set-user-ID or set-group-ID files (see
+# _forbid_setid_files). Per architecture: its audit arch, and (syscall, index of the
+# mode argument) for every call that sets a file's mode.
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+SETID_BITS = 0o6000
+_SETID_CALLS = {
+    "x86_64": (0xC000003E, {
+        90: 1, 91: 1, 268: 2, 452: 2,  # chmod, fchmod, fchmodat, fchmodat2
+        2: 2, 85: 1, 257: 3,  # open, creat, openat
+        133: 1, 259: 2,  # mknod, mknodat (a regular file needs no capability)
+    }),
+    "aarch64": (0xC00000B7, {52: 1, 53: 2, 452: 2, 56: 3, 33: 2}),
+}
+# Calls whose mode the filter cannot read (openat2's is in a struct) or that open a way
+# around it (io_uring runs opens outside the syscall path): ENOSYS, so libraries use
+# the plain calls.
+_BLIND_CALLS = {"x86_64": (437, 425), "aarch64": (437, 425)}
 
 _RLIMITS = {
     "data": resource.RLIMIT_DATA,
@@ -101,6 +125,15 @@ class _MountAttr(ctypes.Structure):
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
 # The write end of the server's status pipe, while this process holds it.
@@ -161,8 +194,8 @@ def _mount(libc: ctypes.CDLL, source: str, target: str, fstype: str | None, flag
 
 
 def _mount_setattr(libc: ctypes.CDLL, what: str, dirfd: int, path: str, flags: int,
-                   attr_set: int = 0, attr_clr: int = 0) -> None:
-    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+                   attr_set: int = 0, attr_clr: int = 0, userns_fd: int = 0) -> None:
+    attr = _MountAttr(attr_set, attr_clr, 0, userns_fd)
     result = libc.syscall(SYS_MOUNT_SETATTR, dirfd, path.encode(), flags, ctypes.byref(attr),
                           ctypes.c_size_t(ctypes.sizeof(attr)))
     _check(result, f"mount_setattr {what}")
@@ -306,25 +339,133 @@ def _bind_writable(libc: ctypes.CDLL, writable: dict[str, int], ours: list[str])
     for path, fd in sorted(writable.items()):
         if any(other != path and _is_under(path, other) for other in writable):
             continue  # writable through the bind of its parent
-        # The bind is not recursive (a recursive one would carry read-write copies of
-        # what is mounted beneath), so it would hide every mount below it.
-        hidden = [m for m in mounted if m != path and _is_under(m, path)]
-        if path in ours or hidden:
-            _fail(f"writable dir {path} would hide {path if path in ours else hidden[0]}")
-        tree = _clone_tree(libc, path, fd, "", AT_EMPTY_PATH)
-        _mount_setattr(libc, path, tree, "", AT_EMPTY_PATH,
-                       attr_set=MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                       attr_clr=MOUNT_ATTR_RDONLY)
-        if any(_is_under(path, top) for top in ours):
-            # Hidden under a mount of ours (a tmpfs on /var/tmp, say): recreate its path
-            # there (nothing but us has seen that mount yet) and attach it to that.
-            try:
-                os.makedirs(path, exist_ok=True)
-            except OSError as e:
-                _fail(f"cannot recreate writable dir {path} in the sandbox: {e}")
-            _attach_tree(libc, path, tree, AT_FDCWD, path)
-        else:
-            _attach_tree(libc, path, tree, fd, "")
+        _bind_over(libc, path, fd, ours, mounted, attr_set=MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                   attr_clr=MOUNT_ATTR_RDONLY)
+
+
+def _bind_over(libc: ctypes.CDLL, path: str, fd: int, ours: list[str], mounted: list[str], *,
+               attr_set: int, attr_clr: int = 0, userns_fd: int = 0) -> None:
+    """Bind the dir ``fd`` (at real path ``path``) onto itself with ``attr_set`` (an
+    idmapping through ``userns_fd`` with MOUNT_ATTR_IDMAP), on top of the read-only view.
+
+    The bind is not recursive (a recursive one would carry read-write copies of what is
+    mounted beneath), so it would hide every mount below it: refused.
+    """
+    hidden = [m for m in mounted if m != path and _is_under(m, path)]
+    if path in ours or hidden:
+        _fail(f"writable dir {path} would hide {path if path in ours else hidden[0]}")
+    tree = _clone_tree(libc, path, fd, "", AT_EMPTY_PATH)
+    _mount_setattr(libc, path, tree, "", AT_EMPTY_PATH, attr_set=attr_set, attr_clr=attr_clr,
+                   userns_fd=userns_fd)
+    if any(_is_under(path, top) for top in ours):
+        # Hidden under a mount of ours (a tmpfs on /var/tmp, say): recreate its path
+        # there (nothing but us has seen that mount yet) and attach it to that.
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            _fail(f"cannot recreate writable dir {path} in the sandbox: {e}")
+        _attach_tree(libc, path, tree, AT_FDCWD, path)
+    else:
+        _attach_tree(libc, path, tree, fd, "")
+
+
+def _userns_fd(libc: ctypes.CDLL, uid_map: list[int], gid_map: list[int]) -> int:
+    """A user namespace whose only mappings are ``[on-disk id, kernel's id]`` for the uid
+    and the gid: what an idmapped mount maps through. A child unshares it and waits while
+    we write its maps, then exits; our handle keeps the namespace."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(done_w)
+        ok = libc.unshare(CLONE_NEWUSER) == 0
+        os.write(ready_w, b"1" if ok else b"0")
+        os.read(done_r, 1)
+        os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            _fail("unshare(user) for the workspace's idmapped mount failed")
+        try:
+            for name, line in (("uid_map", uid_map), ("setgroups", None), ("gid_map", gid_map)):
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write("deny" if line is None else f"{line[0]} {line[1]} 1\n")
+            return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            _fail(f"cannot set up the workspace's id mapping: {e}")
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
+
+
+def _workspace_attrs(libc: ctypes.CDLL, ws: dict) -> tuple[int, int, int]:
+    """``(attr_set, attr_clr, userns_fd)`` of the workspace's bind: never set-id or
+    devices; read-only, or mapped (the folder's owner seen as the kernel's uid)."""
+    attr_set, attr_clr, userns = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, MOUNT_ATTR_RDONLY, 0
+    if ws.get("read_only"):
+        attr_set, attr_clr = attr_set | MOUNT_ATTR_RDONLY, 0
+    elif ws.get("uid_map"):
+        userns = _userns_fd(libc, ws["uid_map"], ws["gid_map"])
+        attr_set |= MOUNT_ATTR_IDMAP
+    return attr_set, attr_clr, userns
+
+
+def mount_workspace(ws: dict, target: str) -> None:
+    """The docker backend's half, run as root on the host (``launch.py --workspace``):
+    the workspace's bind, as the isolated launcher makes it, attached at ``target`` (a
+    root-owned dir of ours) for Docker to bind into the container."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    source = _open_exact(libc, ws["path"], "workspace")
+    where = _open_exact(libc, target, "workspace mount point")
+    attr_set, attr_clr, userns = _workspace_attrs(libc, ws)
+    tree = _clone_tree(libc, ws["path"], source, "", AT_EMPTY_PATH)
+    _mount_setattr(libc, ws["path"], tree, "", AT_EMPTY_PATH, attr_set=attr_set,
+                   attr_clr=attr_clr, userns_fd=userns)
+    _attach_tree(libc, target, tree, where, "")
+
+
+def _forbid_setid_files(libc: ctypes.CDLL) -> None:
+    """A seccomp filter: no call may give a file the set-user-ID or set-group-ID bit.
+
+    A kernel that writes into its workspace through an idmapped mount writes as the
+    folder's owner on the host: a set-id file it made would run as that user for anyone
+    on the host. (Inside, nosuid mounts and no_new_privs already make set-id inert.)
+    Installed after no_new_privs; inherited by everything the kernel starts.
+    """
+    import platform
+
+    machine = platform.machine()
+    if machine not in _SETID_CALLS:
+        _fail(f"set-id files cannot be forbidden on {machine}: no seccomp table for it")
+    arch, calls = _SETID_CALLS[machine]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    errno_of = {"EPERM": 1, "ENOSYS": 38}
+    prog = [
+        (ld, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 1, 0, arch),
+        (ret, 0, 0, SECCOMP_RET_ERRNO | errno_of["EPERM"]),  # another ABI (int 0x80)
+        (ld, 0, 0, 0),  # seccomp_data.nr
+    ]
+    if machine == "x86_64":
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, SECCOMP_RET_ERRNO | errno_of["ENOSYS"])]
+    for nr in _BLIND_CALLS[machine]:
+        prog += [(jeq, 0, 1, nr), (ret, 0, 0, SECCOMP_RET_ERRNO | errno_of["ENOSYS"])]
+    for nr, arg in sorted(calls.items()):
+        prog += [
+            (jeq, 0, 4, nr),
+            (ld, 0, 0, 16 + 8 * arg),  # low 32 bits of args[arg] (little-endian)
+            (jset, 0, 1, SETID_BITS),
+            (ret, 0, 0, SECCOMP_RET_ERRNO | errno_of["EPERM"]),
+            (ret, 0, 0, SECCOMP_RET_ALLOW),
+        ]
+    prog.append((ret, 0, 0, SECCOMP_RET_ALLOW))
+    filters = (_SockFilter * len(prog))(*(_SockFilter(*insn) for insn in prog))
+    fprog = _SockFprog(len(prog), filters)
+    _check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0),
+           "prctl(PR_SET_SECCOMP)")
 
 
 def _loopback_up() -> None:
@@ -356,6 +497,9 @@ def _mount_isolated(libc: ctypes.CDLL, spec: dict) -> None:
     # Opened before anything is mounted over them; keyed by where they really are.
     handles = [_open_writable(p) for p in spec.get("writable", [])]
     writable = {os.readlink(f"/proc/self/fd/{fd}"): fd for fd in handles}
+    ws = spec.get("workspace")
+    # A real path checked by the server; a component swapped for a symlink since is refused.
+    ws_fd = _open_exact(libc, ws["path"], "workspace") if ws else None
 
     # Device nodes, fifos and sockets stay usable on a read-only mount (only creating,
     # changing and removing files is refused), so /dev can be read-only too.
@@ -373,6 +517,14 @@ def _mount_isolated(libc: ctypes.CDLL, spec: dict) -> None:
 
     ours = ["/proc", *(os.path.realpath(p) for p in [*tmpfs, *exposures.values()])]
     _bind_writable(libc, writable, ours)
+    if ws and ws_fd is not None:
+        # After /proc is the namespace's own: _userns_fd finds its child there.
+        attr_set, attr_clr, userns = _workspace_attrs(libc, ws)
+        _bind_over(libc, ws["path"], ws_fd, ours, _mount_points(), attr_set=attr_set,
+                   attr_clr=attr_clr, userns_fd=userns)
+        os.close(ws_fd)
+        if userns:
+            os.close(userns)
     for fd in handles:
         os.close(fd)
 
@@ -412,6 +564,8 @@ def _limit_and_drop(libc: ctypes.CDLL, spec: dict) -> None:
         os.nice(nice)
 
     _drop_privileges(libc, spec.get("uid"), spec.get("gid"))
+    if spec.get("no_setid_files"):
+        _forbid_setid_files(libc)
 
     cwd = spec.get("cwd")
     if cwd:
@@ -598,6 +752,9 @@ def _die_of(signo: int) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) == 3 and argv[0] == "--workspace":
+        mount_workspace(json.loads(argv[1]), argv[2])
+        return
     if len(argv) < 3 or argv[1] != "--":
         _fail("usage: launch.py SPEC_JSON -- CMD...")
     spec = json.loads(argv[0])

@@ -96,9 +96,9 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
         """Kernel dir, uid and cgroups, and the plan of what enforces each limit; runs
         before LocalProvisioner.pre_launch writes the connection file."""
-        await asyncio.to_thread(self._prepare_sandbox_sync)
+        await asyncio.to_thread(self._prepare_sandbox_sync, kwargs.get("cwd"))
 
-    def _prepare_sandbox_sync(self) -> None:
+    def _prepare_sandbox_sync(self, cwd: str | None) -> None:
         if os.geteuid() == 0:
             scratch = scratch_parent(str(self.registry.state_dir))
             if scratch is not None:
@@ -110,6 +110,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
                 )
                 raise LimitConfigError(msg)
         identity = self._prepare_kernel_dir()
+        where = self._choose_work_folder(cwd, self.uid if self._isolate else None)
         self.cgroups = KernelCgroups.create(
             self.kernel_id, self.limits, defer_cpu=self.cpu_startup_grace > 0
         )
@@ -119,9 +120,10 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             isolated=self._isolate, netns=self._netns, nice=self.kernel_nice,
             cpu_grace=self.cpu_startup_grace, scratch_dirs=host_scratch_dirs(),
             workfs=self.workfs, disk_interval=self.watchdog_interval * 4,
-            private_work_dir=self.private_work_dir,
+            host_folder=self.work_folder is not None,
         )
         self.plan.measures["identity"] = identity
+        self.plan.measures["workspace"] = where
 
     @property
     def _isolate(self) -> bool:
@@ -132,9 +134,8 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         restart whose sandbox cannot be set up is a kernel that died at once."""
         assert self.kdir is not None
         work = str(self.kdir.work)
-        if self.private_work_dir:
-            kwargs["cwd"] = work
-        self.work_dir = str(kwargs.get("cwd") or os.getcwd())
+        kwargs["cwd"] = self.work_folder.path if self.work_folder else work
+        self.work_dir = kwargs["cwd"]
         env = self._kernel_env(kwargs.get("env"))
         env.setdefault("IPYTHONDIR", os.path.join(work, ".ipython"))
         if self.limits.cpu_limit is not None:
@@ -161,7 +162,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
                 cgroup_procs=self.cgroups.procs_files if self.cgroups else [],
                 netns=self._netns, nice=self.kernel_nice, uid=self.uid, gid=self.gid,
                 isolated=self._isolate, writable=[work, str(self.kdir.conn), str(self.kdir.sock)],
-                expose=expose, status_fd=status.write_fd,
+                expose=expose, status_fd=status.write_fd, workspace=self.work_folder,
             )
             # Run the launcher by path, isolated and without site: it needs only the
             # stdlib, and importing our package (and jupyter_client) would cost ~0.2 s.
@@ -214,7 +215,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     async def _start_launcher(self, wrapped: list[str], kwargs: dict[str, Any]) -> Any:
         """Popen the launcher (LocalProvisioner.launch_kernel), its output to kernel.log."""
         assert self.kdir is not None
-        if self.private_work_dir:
+        if self.work_folder is None:
             self._baseline = await self._carried_over_usage()
         elif self.limits.disk_limit or self.limits.files_limit:
             # Only growth past what the notebook's dir already holds is counted.

@@ -16,11 +16,12 @@ from typing import Any
 from ..enforcement import NICE, RLIMIT, EnforcementPlan
 from ..errors import SandboxStartError
 from ..limits import DATA_RLIMIT_HEADROOM, Limits
+from ..workspace import PRIVATE_SCRATCH, Workspace
 from .interpreter import Needed
 
-# World-writable host directories: each kernel gets a private, size-capped tmpfs in their
-# place, so nothing it writes there is shared with the host or outlives it.
-PRIVATE_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+# World-writable host directories (PRIVATE_SCRATCH): each kernel gets a private,
+# size-capped tmpfs in their place, so nothing it writes there is shared with the host or
+# outlives it.
 
 
 def can_unshare_net() -> bool:
@@ -151,11 +152,13 @@ def launch_spec(
     writable: list[str],
     expose: dict[str, str] | None = None,
     status_fd: int | None = None,
+    workspace: Workspace | None = None,
 ) -> dict[str, Any]:
     """The spec ``launch.py`` applies to the kernel process before it execs it.
 
     ``expose``: the interpreter paths to bind into an isolated kernel's view
-    (:func:`exposures`); ``status_fd``: where the launcher reports a failed setup.
+    (:func:`exposures`); ``status_fd``: where the launcher reports a failed setup;
+    ``workspace``: the host folder it works in (workspace.py), its cwd.
     """
     rlimits: dict[str, Any] = {"core": 0}
     if limits.mem_limit is not None:
@@ -177,10 +180,18 @@ def launch_spec(
     if uid is not None:
         spec["uid"] = uid
         spec["gid"] = gid if gid is not None else uid
+    if workspace is not None:
+        spec["cwd"] = workspace.path
     if isolated:
         spec["isolate"] = True
         spec["tmpfs"] = tmpfs_mounts(limits)
-        spec["writable"] = sorted({*writable, cwd})
+        # Never a set-id file: through an idmapped workspace it would be its owner's.
+        spec["no_setid_files"] = True
+        if workspace is not None:
+            spec["workspace"] = workspace.to_spec()
+            spec["writable"] = sorted(set(writable))
+        else:
+            spec["writable"] = sorted({*writable, cwd})
         if expose:
             spec["expose"] = dict(expose)
     if status_fd is not None:

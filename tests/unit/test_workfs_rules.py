@@ -53,11 +53,11 @@ def test_the_image_holds_disk_limit_of_data_plus_what_ext4_keeps_for_itself(disk
 
 # -- the plan -----------------------------------------------------------------------------
 
-def process(workfs, private_work_dir=True, limits=LIMITS):
+def process(workfs, host_folder=False, limits=LIMITS):
     return process_plan(
         limits, cgroups=("memory", "cpu", "pids"), own_uid=True, isolated=True, netns=True,
         nice=10, cpu_grace=0, scratch_dirs=("/tmp",), workfs=workfs, disk_interval=2.0,
-        private_work_dir=private_work_dir,
+        host_folder=host_folder,
     )
 
 
@@ -96,11 +96,11 @@ PLANS = {
         ("best-effort (watchdog on work dir every 2 s; no own filesystem: no "
          "/dev/loop-control (loop module not loaded, or a container without it))"),
     ),
-    "process, own filesystem but private_work_dir off: the cwd is the watchdog's": (
-        process(HARD, private_work_dir=False), "disk_limit", WATCHDOG,
+    "process, own filesystem but a host folder: the cwd is the watchdog's": (
+        process(HARD, host_folder=True), "disk_limit", WATCHDOG,
         ("hard in its home, connection and socket dirs (own ext4 filesystem of 100M, loop "
-         "device); best-effort in its working dir (watchdog every 2 s: private_work_dir is "
-         "off); hard per file (RLIMIT_FSIZE); host filesystem read-only; private "
+         "device); best-effort in its working dir (watchdog every 2 s: a host folder, its "
+         "workspace); hard per file (RLIMIT_FSIZE); host filesystem read-only; private "
          "size-capped tmpfs on /tmp"),
     ),
 }
@@ -151,7 +151,7 @@ def test_the_watchdog_leaves_the_dirs_on_the_own_filesystem_alone():
 
 
 def test_the_watchdog_measures_a_working_dir_elsewhere():
-    dog = watchdog(process(HARD, private_work_dir=False), own_fs=True, work_dir="/notebooks")
+    dog = watchdog(process(HARD, host_folder=True), own_fs=True, work_dir="/notebooks")
     assert dog.work_dir == "/notebooks" and dog.extra_dirs == ()
 
 

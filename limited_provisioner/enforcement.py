@@ -286,7 +286,7 @@ def process_plan(
 
 def container_plan(
     limits: Limits, *, log_max_size: str, workfs: WorkFs | None = None,
-    disk_interval: float = 2.0,
+    disk_interval: float = 2.0, host_folder: bool = False,
 ) -> EnforcementPlan:
     """The plan of a kernel container: the runtime enforces the resource limits; disk and
     files the kernel's own filesystem (bind-mounted) where the host allows it."""
@@ -302,7 +302,7 @@ def container_plan(
             plan.set(name, CONTAINER, text)
     plan.measures.update(disk_measures(
         limits, workfs, per_file="ulimit fsize", extra="; /tmp: size-capped tmpfs",
-        disk_interval=disk_interval,
+        disk_interval=disk_interval, cwd_elsewhere=host_folder,
     ))
     if limits.network:
         plan.set("network", NONE, "allowed (bridge network, network=True)")

@@ -43,6 +43,7 @@ from pathlib import Path
 from . import workfs
 from .errors import SandboxUnavailableError
 from .registry import Registry
+from .workspace import host_mount_point, release_host_mount
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -284,6 +285,8 @@ class KernelDir:
             parent = open_trusted_dir(self.kernels_dir)
         except SandboxUnavailableError:
             return
+        # A container kernel's workspace bind (workspace.py), outside this dir.
+        release_host_mount(host_mount_point(Path(self.kernels_dir).parent, self.kernel_id))
         with _opened(parent):
             # Its own filesystem first: rm --one-file-system does not enter a mount.
             workfs.release(self.path)

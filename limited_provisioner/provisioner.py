@@ -56,7 +56,7 @@ from .limits import Limits
 from .manager_loop import ManagerLoop
 from .registry import Registry, process_identity
 from .settings import LEGACY_SECTION, LimitedSettings
-from .watchdog import KERNEL_ID_ENV, Watchdog, carried_over
+from .watchdog import KERNEL_ID_ENV, Watchdog, carried_over, dir_usage
 from .workspace import Workspace, chosen_folder, resolve_workspace
 
 log = logging.getLogger(__name__)
@@ -400,9 +400,16 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             started=time.time(), **backend_fields,
         )
 
-    async def _carried_over_usage(self) -> tuple[int, int]:
-        """What the work dir holds over its limits at a (re)start (watchdog.carried_over);
-        nothing on a filesystem of its own, which cannot hold more."""
+    async def _disk_baseline(self) -> tuple[int, int]:
+        """Bytes and files the watchdog does not count against disk_limit/files_limit:
+        in a host folder (workspace), what it held at the start (only growth counts); in
+        the private work dir, what it holds over the limits at a restart
+        (watchdog.carried_over); nothing on a filesystem of its own."""
+        if self.work_folder is not None:
+            if not (self.limits.disk_limit or self.limits.files_limit):
+                return 0, 0
+            usage = await asyncio.to_thread(dir_usage, self.work_folder.path, 200_000)
+            return usage.bytes, usage.files
         if self.kdir is None or (self.workfs is not None and self.workfs.hard):
             return 0, 0
         return await asyncio.to_thread(carried_over, str(self.kdir.work), self.limits)

@@ -179,3 +179,59 @@ def _primary_gid(uid: int) -> int:
     except KeyError:
         return uid
     return gid or uid
+
+
+# -- the docker backend's host-side bind --------------------------------------------------
+
+# Where, under the state dir, a container kernel's workspace is mounted for Docker to
+# bind: outside the kernel dir, whose removal (rm --one-file-system) would otherwise walk
+# into the user's folder (an idmapped bind is on the same device).
+MOUNTS_DIR = "workspaces"
+
+
+def host_mount_point(state_dir: Path | str, kernel_id: str) -> Path:
+    return Path(state_dir) / MOUNTS_DIR / kernel_id
+
+
+def mount_on_host(ws: Workspace, target: Path) -> None:
+    """Bind ``ws`` at ``target`` as the launcher binds it into a process kernel's view
+    (launch.py ``--workspace``: no symlink followed, nosuid, nodev, idmapped or
+    read-only). Blocking; root only. Run in a fresh interpreter: making the id mapping
+    forks, which a threaded server must not do."""
+    import json
+    import subprocess
+    import sys
+
+    from .process import launch
+
+    release_host_mount(target)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target.mkdir(mode=0o700)
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", launch.__file__, "--workspace",
+         json.dumps(ws.to_spec()), str(target)],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30,
+    )
+    if done.returncode != 0:
+        release_host_mount(target)
+        said = done.stderr.strip().removeprefix("limited-provisioner: cannot start kernel: ")
+        msg = f"cannot bind the folder {ws.path} for the kernel: {said}"
+        raise WorkspaceError(msg, reason=msg)
+
+
+def release_host_mount(target: Path) -> None:
+    """Detach whatever is mounted at ``target`` and remove the (then empty) mount point.
+    Idempotent. Never removes anything beneath it: rmdir refuses a dir that is not empty
+    (a mount still attached), so a user's files cannot be deleted from here."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for _ in range(8):  # stacked mounts (a crash between two starts)
+        if libc.umount2(str(target).encode(), 2) != 0:  # MNT_DETACH
+            break
+    try:
+        target.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass  # not empty: a mount we could not detach stays, and the next call retries

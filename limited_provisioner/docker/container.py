@@ -8,6 +8,7 @@ decided anywhere else.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from .client import container_name, label
 
 # Private scratch dirs of every container (Docker gives /dev/shm its own private 64M).
 SCRATCH_TMPFS = ("/tmp", "/var/tmp", "/run/lock")
+# Where launch.py is bound when the kernel starts through its seccomp filter.
+LAUNCHER_IN_CONTAINER = "/opt/limited-provisioner/launch.py"
 # What extra_create_kwargs may add: settings that cannot widen what the kernel reaches
 # (a sandboxing runtime, CPU pinning, names, DNS, GPUs handed out by the operator).
 # Anything else — volumes, cap_add, pid_mode, devices, sysctls... — is refused, not
@@ -47,7 +50,7 @@ class ContainerSpec:
     env: dict[str, str]
     user: str
     limits: Limits
-    work: str
+    work: str  # its working dir: its HOME, or the folder it works in (workspace.py)
     sock: str
     conn: str
     ctl: str
@@ -56,6 +59,15 @@ class ContainerSpec:
     tmp_size: int | str = 1024**3
     log_max_size: str = "1m"
     extra_create_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The kernel's own dir when it works in a host folder (then ``work``).
+    home: str | None = None
+    # What Docker binds at ``work``: the folder, or its idmapped bind on the host.
+    workspace_source: str | None = None
+    workspace_read_only: bool = False
+    # Start the kernel through launch.py's seccomp filter (no set-id files); the
+    # launcher's host path, bound read-only into the container.
+    no_setid_files: bool = False
+    launcher: str | None = None
 
 
 def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -88,16 +100,25 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         if value is not None:
             ulimits.append(docker.types.Ulimit(name=name, soft=value, hard=value))
     # Only the kernel's own dirs, at the same paths (ipc socket names stay valid).
-    mounts = [
-        docker.types.Mount(path, path, type="bind") for path in (spec.work, spec.sock, spec.conn)
-    ]
+    own = (spec.home or spec.work, spec.sock, spec.conn)
+    mounts = [docker.types.Mount(path, path, type="bind") for path in own]
     mounts.append(docker.types.Mount(spec.ctl, spec.ctl, type="bind", read_only=True))
+    if spec.workspace_source:
+        # The folder it works in, at its own path (what the notebook's code names).
+        mounts.append(docker.types.Mount(spec.work, spec.workspace_source, type="bind",
+                                         read_only=spec.workspace_read_only))
+    command = list(spec.command)
+    if spec.no_setid_files and spec.launcher:
+        mounts.append(docker.types.Mount(LAUNCHER_IN_CONTAINER, spec.launcher, type="bind",
+                                         read_only=True))
+        command = ["python3", "-I", "-S", LAUNCHER_IN_CONTAINER,
+                   json.dumps({"no_setid_files": True}), "--", *command]
     for entry in spec.extra_mounts:
         host, target, read_only = parse_mount(entry)
         mounts.append(docker.types.Mount(target, host, type="bind", read_only=read_only))
     kwargs: dict[str, Any] = {
         "image": spec.image,
-        "command": spec.command,
+        "command": command,
         "name": container_name(spec.kernel_id),
         "detach": True,
         "user": spec.user,

@@ -32,7 +32,9 @@ from ..errors import (
 )
 from ..kernel_env import CONTAINER_ENV_KEEP, HOST_PATH_ENV
 from ..limits import format_size
+from ..process import launch as _launch
 from ..provisioner import LimitedProvisioner
+from ..workspace import host_mount_point, mount_on_host
 from ..registry import Registry
 from .client import GONE, LABEL_PREFIX, DockerSession, container_name
 from .container import (
@@ -169,11 +171,25 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         if self.container_user:
             uid, gid = (int(part) for part in self.container_user.split(":"))
         identity = await asyncio.to_thread(self._prepare_kernel_dir, uid, gid)
+        # Mapped onto the container's uid only where the server may mount (root).
+        where = await asyncio.to_thread(
+            self._choose_work_folder, kwargs.get("cwd"),
+            self.uid if os.geteuid() == 0 else None,
+        )
+        self._workspace_source = None
+        if self.work_folder is not None and os.geteuid() == 0:
+            target = host_mount_point(self.state_dir, self.kernel_id)
+            await asyncio.to_thread(mount_on_host, self.work_folder, target)
+            self._workspace_source = str(target)
         self.plan = container_plan(
             self.limits, log_max_size=self.log_max_size, workfs=self.workfs,
-            disk_interval=self.watchdog_interval * 4,
+            disk_interval=self.watchdog_interval * 4, host_folder=self.work_folder is not None,
         )
         self.plan.measures["identity"] = identity
+        self.plan.measures["workspace"] = where
+
+    # The host dir Docker binds as the kernel's workspace (workspace.mount_on_host).
+    _workspace_source: str | None = None
 
     async def _prepare_launch(self, kwargs: dict[str, Any]) -> None:
         """Write the connection file and build the in-container command.
@@ -203,9 +219,14 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             connection_file=getattr(self.parent, "connection_file", "") or "",
             uid=uid, limits=lim, caller_labels=self.labels,
         )
+        folder = self.work_folder
         return ContainerSpec(
             kernel_id=self.kernel_id, image=self.image, command=cmd, env=env, user=user,
-            limits=lim, work=str(kdir.work), sock=str(kdir.sock), conn=str(kdir.conn),
+            limits=lim, work=folder.path if folder else str(kdir.work), home=str(kdir.work),
+            workspace_source=self._workspace_source or (folder.path if folder else None),
+            workspace_read_only=bool(folder and folder.read_only),
+            no_setid_files=bool(folder and folder.uid_map), launcher=_launch.__file__,
+            sock=str(kdir.sock), conn=str(kdir.conn),
             ctl=str(kdir.ctl), labels=labels, extra_mounts=list(self.extra_mounts),
             tmp_size=tmp_size(lim, self.tmp_size), log_max_size=self.log_max_size,
             extra_create_kwargs=dict(self.extra_create_kwargs),
@@ -249,9 +270,9 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         self._shutting_down = False
         attrs = await self.docker.acall("inspect_container", self.container_id)
         self.pid = attrs["State"].get("Pid") or None
-        self.work_dir = work
+        self.work_dir = self.work_folder.path if self.work_folder else work
         await self._record_running(container_id=self.container_id, docker_host=self.docker_host)
-        baseline = await self._carried_over_usage()
+        baseline = await self._disk_baseline()
         await self._open_kernel_door()
         self._start_watchdog(baseline)
         self.log.info(

@@ -215,14 +215,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     async def _start_launcher(self, wrapped: list[str], kwargs: dict[str, Any]) -> Any:
         """Popen the launcher (LocalProvisioner.launch_kernel), its output to kernel.log."""
         assert self.kdir is not None
-        if self.work_folder is None:
-            self._baseline = await self._carried_over_usage()
-        elif self.limits.disk_limit or self.limits.files_limit:
-            # Only growth past what the notebook's dir already holds is counted.
-            usage = await asyncio.to_thread(dir_usage, self.work_dir, 200_000)
-            self._baseline = (usage.bytes, usage.files)
-        else:
-            self._baseline = (0, 0)
+        self._baseline = await self._disk_baseline()
         # Independent: no JPY_PARENT_PID, so the kernel outlives a crashed server and can
         # be re-adopted (recovery.py) instead of dying with it.
         kwargs["independent"] = True

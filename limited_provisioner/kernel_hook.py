@@ -12,6 +12,8 @@ does is relied on to enforce a limit (the proxy and the provisioner do that, pro
   becomes a TimeoutError with that text, in the cell's own output: a model driving the
   kernel only ever sees that text. A user's own interrupt stays a KeyboardInterrupt.
 - A MemoryError (the data rlimit refused an allocation) names the memory limit.
+- Writing into a folder the kernel may only read (a root-owned notebook folder,
+  workspace.py) says why, instead of a bare "Read-only file system".
 - print() output past the output limit is dropped in the kernel itself: the proxy drops
   it anyway, but a print loop would otherwise fill the kernel's own memory with it.
 
@@ -27,6 +29,8 @@ import os
 NOTICE_ENV = "LIMITED_PROVISIONER_NOTICE_FILE"
 MEM_LIMIT_ENV = "LIMITED_PROVISIONER_MEM_LIMIT"
 OUTPUT_LIMIT_ENV = "LIMITED_PROVISIONER_OUTPUT_LIMIT"
+READ_ONLY_FOLDER_ENV = "LIMITED_PROVISIONER_READ_ONLY_FOLDER"
+EROFS = 30
 NOTICE_MAX_BYTES = 4096
 
 
@@ -44,6 +48,7 @@ def install(shell, environ):
     limit = int(environ.get(OUTPUT_LIMIT_ENV) or 0)
     notice_file = environ.get(NOTICE_ENV)
     mem_limit = environ.get(MEM_LIMIT_ENV)
+    read_only_folder = environ.get(READ_ONLY_FOLDER_ENV)
     if limit:
         sent = {"bytes": 0, "noticed": False}
 
@@ -108,10 +113,15 @@ def install(shell, environ):
                 etype, error = MemoryError, MemoryError(text)
             replaced.append(error)
             self.showtraceback((etype, error, tb), tb_offset=tb_offset)
+        elif issubclass(etype, OSError) and evalue.errno == EROFS and read_only_folder:
+            error = OSError(EROFS, f"{evalue.strerror} (limited-provisioner: this kernel may "
+                            f"read but not write {read_only_folder})", evalue.filename)
+            replaced.append(error)
+            self.showtraceback((OSError, error, tb), tb_offset=tb_offset)
         else:
             self.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
 
-    shell.set_custom_exc((KeyboardInterrupt, MemoryError), explained)
+    shell.set_custom_exc((KeyboardInterrupt, MemoryError, OSError), explained)
 
     def reply_with_explained_error(result):
         # The execute_reply's ename/evalue come from result.error_in_exec (what a

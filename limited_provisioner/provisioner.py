@@ -51,6 +51,7 @@ from .errors import (
 from .host import LimitedHost
 from .kernel_dir import KernelDir, prepare_kernel_dir
 from .kernel_env import keep_allowed, limit_env, supplied_names
+from .kernel_hook import READ_ONLY_FOLDER_ENV
 from .lifecycle import LifecycleTimer, Verdict
 from .limits import Limits
 from .manager_loop import ManagerLoop
@@ -291,10 +292,13 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         id (the watchdog and reaper find its processes by it) and its HOME (its work dir)."""
         assert self.kdir is not None
         notice = str(self.kdir.ctl / "notice")
-        return {
+        env = {
             **(env or {}), **limit_env(self.limits, self.output_limit, notice),
             KERNEL_ID_ENV: self.kernel_id, "HOME": str(self.kdir.work),
         }
+        if self.work_folder is not None and self.work_folder.read_only:
+            env[READ_ONLY_FOLDER_ENV] = f"{self.work_folder.path}: {self.work_folder.why}"
+        return env
 
     # What a caller set in start_kernel(env=...) that is not the server's own value.
     _supplied_env: set[str] = set()

@@ -32,7 +32,6 @@ from traitlets.config import Config, LoggingConfigurable
 
 from .errors import LimitConfigError
 from .kernel_env import DEFAULT_ENV_KEEP
-from .workspace import validate_setting as workspace_setting
 from .limits import (
     MIN_DISK_LIMIT,
     MIN_MEM_LIMIT,
@@ -44,6 +43,7 @@ from .limits import (
     Seconds,
     Switch,
 )
+from .workspace import validate_setting as workspace_setting
 
 # Settings that are one per host (host.py); the legacy section held them too.
 HOST_SETTINGS = ("state_dir", "server_id", "reap_interval")

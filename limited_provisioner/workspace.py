@@ -210,7 +210,7 @@ def mount_on_host(ws: Workspace, target: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-I", "-S", launch.__file__, "--workspace",
          json.dumps(ws.to_spec()), str(target)],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30,
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30, check=False,
     )
     if done.returncode != 0:
         release_host_mount(target)

@@ -34,8 +34,8 @@ from ..kernel_env import CONTAINER_ENV_KEEP, HOST_PATH_ENV
 from ..limits import format_size
 from ..process import launch as _launch
 from ..provisioner import LimitedProvisioner
-from ..workspace import host_mount_point, mount_on_host
 from ..registry import Registry
+from ..workspace import host_mount_point, mount_on_host
 from .client import GONE, LABEL_PREFIX, DockerSession, container_name
 from .container import (
     ContainerSpec,

@@ -43,7 +43,7 @@ from ..kernel_env import BLAS_THREADS
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
 from ..registry import Registry, is_alive
-from ..watchdog import dir_usage, tree_pids
+from ..watchdog import tree_pids
 from . import launch as _launch
 from .adopted import AdoptedProcess
 from .cgroups import KernelCgroups, entry_record

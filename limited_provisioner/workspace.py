@@ -159,6 +159,15 @@ def resolve_workspace(
         # No identity of its own (the server is not root): the kernel is the server's
         # user, and sees the folder as that user does, like a stock kernel.
         return Workspace(real, st.st_uid, st.st_gid)
+    if st.st_uid == 0 and st.st_mode & 0o005 != 0o005:
+        msg = (
+            f"the folder {real} belongs to root and other users cannot read it (mode "
+            f"{stat.filemode(st.st_mode)}); kernels never run as root, so this one could "
+            f"not even list it. Keep notebooks in a folder owned by a user (e.g. "
+            f"install -d -o 1000 -g 1000 /srv/notebooks, then jupyter lab "
+            f"--ServerApp.root_dir=/srv/notebooks), or set workspace='private'"
+        )
+        raise WorkspaceError(msg, reason=msg)
     if st.st_uid == 0:
         why = (
             f"it belongs to root and kernels never write as root; give it to a user "

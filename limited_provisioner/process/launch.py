@@ -270,7 +270,7 @@ def _mount_point(top: int, parts: list[str], is_dir: bool) -> int:
 
 
 def _expose(libc: ctypes.CDLL, trees: dict[str, int], exposures: dict[str, str],
-            fresh: set[str], flags: int) -> None:
+            fresh: set[str], flags: int, covers: list[str] = ()) -> None:
     """Put each exposed path back where it was, read-only, for the kernel's uid.
 
     ``exposures`` maps each path to its top: a scratch dir (``fresh``: our tmpfs is
@@ -280,7 +280,7 @@ def _expose(libc: ctypes.CDLL, trees: dict[str, int], exposures: dict[str, str],
     traversable dirs leads to each path's mount point.
     """
     old_umask = os.umask(0o022)
-    tops = sorted(set(exposures.values()))
+    tops = sorted(set(exposures.values()) | set(covers))
     for top in tops:
         if top not in fresh:
             fd = _open_exact(libc, top, "dir to cover")
@@ -512,10 +512,11 @@ def _mount_isolated(libc: ctypes.CDLL, spec: dict) -> None:
     tmpfs = spec.get("tmpfs") or {}
     for target, options in tmpfs.items():
         _mount(libc, "tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
-    if trees:
-        _expose(libc, trees, exposures, set(tmpfs), MS_NOSUID | MS_NODEV)
+    covers = [c for c in spec.get("covers", []) if c not in tmpfs]
+    if trees or covers:
+        _expose(libc, trees, exposures, set(tmpfs), MS_NOSUID | MS_NODEV, covers)
 
-    ours = ["/proc", *(os.path.realpath(p) for p in [*tmpfs, *exposures.values()])]
+    ours = ["/proc", *(os.path.realpath(p) for p in [*tmpfs, *exposures.values(), *covers])]
     _bind_writable(libc, writable, ours)
     if ws and ws_fd is not None:
         # After /proc is the namespace's own: _userns_fd finds its child there.

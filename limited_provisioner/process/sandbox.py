@@ -190,6 +190,11 @@ def launch_spec(
         if workspace is not None:
             spec["workspace"] = workspace.to_spec()
             spec["writable"] = sorted(set(writable))
+            blocker = untraversable_ancestor(workspace.path)
+            if blocker is not None:
+                # A folder beneath a dir other users cannot enter (a user's folder in
+                # root's 0700 /root): that dir becomes an empty skeleton leading to it.
+                spec["covers"] = [blocker]
         else:
             spec["writable"] = sorted({*writable, cwd})
         if expose:

@@ -154,3 +154,32 @@ def test_every_call_that_sets_a_mode_is_in_the_seccomp_table():
     assert calls == {90: 1, 91: 1, 268: 2, 452: 2, 2: 2, 85: 1, 257: 3, 133: 1, 259: 2}
     assert SETID_BITS == 0o6000
     assert Path("/proc/self/ns/user").exists()
+
+
+@root_only
+def test_a_root_folder_closed_to_other_users_is_refused_with_the_fix(tmp_path):
+    folder = tmp_path / "closed"
+    folder.mkdir(mode=0o700)
+    with pytest.raises(WorkspaceError, match=r"other users cannot read it \(mode drwx------\)"
+                       r".*ServerApp.root_dir=/srv/notebooks.*workspace='private'"):
+        resolve_workspace(str(folder), server_uid=0, kernel_uid=KERNEL_UID,
+                          kernel_gid=KERNEL_UID)
+
+
+@root_only
+def test_a_folder_beneath_a_closed_dir_gets_that_dir_covered_by_a_skeleton(tmp_path):
+    """A user's folder in root's 0700 home: the kernel's uid could not walk to it."""
+    closed = tmp_path / "home"
+    closed.mkdir(mode=0o700)
+    (closed / "nb").mkdir()
+    limits = Limits()
+    plan = process_plan(limits, cgroups=[], own_uid=True, isolated=True, netns=True,
+                        nice=10, cpu_grace=0, scratch_dirs=[], host_folder=True)
+    ws = Workspace(str(closed / "nb"), 1000, 1000, uid_map=(1000, KERNEL_UID),
+                   gid_map=(1000, KERNEL_UID))
+    spec = launch_spec(limits, plan, cwd="/w", cgroup_procs=[], netns=True, nice=10,
+                       uid=KERNEL_UID, gid=KERNEL_UID, isolated=True, writable=["/w"],
+                       workspace=ws)
+    # The highest such dir (tmp_path itself may lie in a 0700 one).
+    [cover] = spec["covers"]
+    assert str(closed).startswith(cover) and not os.stat(cover).st_mode & 0o001

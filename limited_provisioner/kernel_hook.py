@@ -121,7 +121,8 @@ def install(shell, environ):
         else:
             self.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
 
-    shell.set_custom_exc((KeyboardInterrupt, MemoryError, OSError), explained)
+    explains = (KeyboardInterrupt, MemoryError) + ((OSError,) if read_only_folder else ())
+    shell.set_custom_exc(explains, explained)
 
     def reply_with_explained_error(result):
         # The execute_reply's ename/evalue come from result.error_in_exec (what a

@@ -7,6 +7,7 @@ from .errors import (
     LimitConfigError,
     SandboxStartError,
     SandboxUnavailableError,
+    WorkspaceError,
 )
 from .host import LimitedHost
 from .limits import Limits
@@ -33,6 +34,7 @@ __all__ = [
     "Limits",
     "SandboxStartError",
     "SandboxUnavailableError",
+    "WorkspaceError",
     "__version__",
     "adopt",
     "list_kernels",

@@ -49,6 +49,11 @@ class SandboxStartError(SandboxUnavailableError):
         self.reason = reason or message
 
 
+class WorkspaceError(SandboxStartError):
+    """The kernel cannot work in the folder it was started for (workspace.py): missing,
+    reached through an untrusted symlink, or closed to the kernel's uid. Not started."""
+
+
 class KernelCommandError(SandboxStartError, OSError):
     """The kernelspec's command could not be executed (missing, not executable).
 

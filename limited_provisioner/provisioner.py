@@ -46,6 +46,7 @@ from .errors import (
     KernelLimitError,
     SandboxStartError,
     SandboxUnavailableError,
+    WorkspaceError,
     kernel_command_error,
 )
 from .host import LimitedHost
@@ -271,19 +272,31 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     # The host folder this start works in (workspace.py); None: its private work dir.
     work_folder: Workspace | None = None
+    # Why this restart's kernel cannot be started (its folder became unusable): the
+    # backend makes it a kernel that died at once, with this reason.
+    refused_restart: str | None = None
 
     def _choose_work_folder(self, cwd: str | None, kernel_uid: int | None) -> Measure:
         """Resolve the ``workspace`` setting for a start asked to work in ``cwd``
         (blocking: it stats the path); returns the plan's line about it. ``kernel_uid``:
         the kernel's own uid (None: it runs as the server's user)."""
         folder = chosen_folder(self.workspace, cwd)
+        self.work_folder = self.refused_restart = None
         if folder is None:
-            self.work_folder = None
             return Measure(NONE, "a private per-kernel dir (its HOME), removed at shutdown")
-        self.work_folder = resolve_workspace(
-            folder, server_uid=os.geteuid(), kernel_uid=kernel_uid,
-            kernel_gid=self.gid if kernel_uid is not None else None,
-        )
+        try:
+            self.work_folder = resolve_workspace(
+                folder, server_uid=os.geteuid(), kernel_uid=kernel_uid,
+                kernel_gid=self.gid if kernel_uid is not None else None,
+            )
+        except WorkspaceError as e:
+            self.record_trip("sandbox", e.reason or str(e))
+            if not self._restarting:
+                raise
+            # A restart that raises is retried forever; one whose kernel dies at once is
+            # counted against restart_limit: the backend's launch makes it that.
+            self.refused_restart = e.reason or str(e)
+            return Measure(NONE, f"none: {self.refused_restart}")
         return Measure(NAMESPACE if kernel_uid is not None else NONE,
                        self.work_folder.describe())
 

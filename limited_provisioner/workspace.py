@@ -21,16 +21,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LimitConfigError, SandboxStartError
+from .errors import LimitConfigError, WorkspaceError
 
 NOTEBOOK = "notebook"
 PRIVATE = "private"
 # World-writable host dirs every kernel gets a private, empty copy of.
 PRIVATE_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-
-
-class WorkspaceError(SandboxStartError):
-    """The kernel cannot work in the folder it was started for (it is not started)."""
 
 
 @dataclass(frozen=True)

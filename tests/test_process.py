@@ -356,7 +356,7 @@ BROKEN_ARGV = ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connec
 
 @needs_root
 @pytest.mark.parametrize(
-    "case", ["missing interpreter", "work dir it cannot enter", "kernel exits at start"]
+    "case", ["missing interpreter", "folder it cannot enter", "kernel exits at start"]
 )
 async def test_a_start_that_fails_in_the_sandbox_raises_and_leaves_nothing(
     jupyter_path, own_state, case
@@ -370,10 +370,10 @@ async def test_a_start_that_fails_in_the_sandbox_raises_and_leaves_nothing(
             write_kernelspec(jupyter_path, "broken", {}, argv=BROKEN_ARGV)
             start: dict = {}
             said = "exec '/nonexistent/python' failed"
-        elif case == "work dir it cannot enter":
-            write_kernelspec(jupyter_path, "broken", {"private_work_dir": False})
+        elif case == "folder it cannot enter":
+            write_kernelspec(jupyter_path, "broken", {})
             start = {"cwd": str(locked)}
-            said = f"cannot enter work dir {locked}"
+            said = f"the folder {locked} belongs to root and other users cannot read it"
         else:  # past the sandbox: e.g. an interpreter that finds no ipykernel there
             write_kernelspec(jupyter_path, "broken", {}, argv=[
                 "/bin/sh", "-c", "echo No module named lp_probe >&2; exit 3", "{connection_file}",
@@ -400,12 +400,12 @@ async def test_a_start_that_fails_in_the_sandbox_raises_and_leaves_nothing(
 async def test_a_restart_that_fails_in_the_sandbox_is_a_dead_kernel_with_the_reason(
     jupyter_path, own_state
 ):
-    """The work dir became one the kernel's uid cannot enter: the restart gives a kernel
+    """The notebook folder became one the kernel's uid cannot enter: the restart gives a kernel
     that died at once, with the launcher's words as its exit reason (jupyter_client's
     restarter counts such restarts against restart_limit; one that raised it would retry
     forever); shutting down releases it all."""
     work = Path(tempfile.mkdtemp(prefix="lp-work-", dir="/var/lib"))
-    write_kernelspec(jupyter_path, "movable", {"private_work_dir": False})
+    write_kernelspec(jupyter_path, "movable", {})
     km = AsyncKernelManager(kernel_name="movable")
     try:
         work.chmod(0o777)
@@ -418,7 +418,8 @@ async def test_a_restart_that_fails_in_the_sandbox_is_a_dead_kernel_with_the_rea
             await asyncio.sleep(0.05)
         assert not await km.is_alive()
         reason = km.provisioner.exit_reason or ""
-        assert reason.startswith("sandbox setup failed") and f"cannot enter work dir {work}" in reason
+        assert reason.startswith("sandbox setup failed")
+        assert f"the folder {work} belongs to root and other users cannot read it" in reason
         await km.shutdown_kernel(now=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -403,14 +403,14 @@ async def test_a_kernel_that_cannot_start_in_its_sandbox_is_a_503(tmp_path, jupy
 
 
 async def test_restarts_that_fail_in_the_sandbox_end_after_restart_limit(tmp_path, jupyter_path):
-    """A kernel dies and its work dir has become one its uid cannot enter: each restart
+    """A kernel dies and its notebook folder has become one its uid cannot enter: each restart
     fails in the launcher. The restarter counts them (no endless retries), gives up after
     restart_limit, and the kernel's reservations are released."""
     state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
     notebooks = state / "notebooks"
     notebooks.mkdir(mode=0o777)
     notebooks.chmod(0o777)
-    write_kernelspec(jupyter_path, "shared-dir", {"private_work_dir": False})
+    write_kernelspec(jupyter_path, "shared-dir", {})
     env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
            "LIMITED_PROVISIONER_STATE_DIR": str(state)}
     registry = Registry(state)
@@ -433,7 +433,7 @@ async def test_restarts_that_fail_in_the_sandbox_end_after_restart_limit(tmp_pat
             assert registry.read(kid) is None, registry.read(kid)
             logs = "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
             assert "restarting kernel (5/5)" in logs and "(6/5)" not in logs
-            assert f"cannot enter work dir {notebooks}" in logs
+            assert f"the folder {notebooks} belongs to root and other users cannot" in logs
             listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
             assert kid not in [k["id"] for k in listed]
             assert kernel_leftovers(state, [kid]) == NOTHING_LEFT

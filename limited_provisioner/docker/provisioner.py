@@ -239,6 +239,11 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         import docker.errors
 
         assert self.kdir is not None
+        if self.refused_restart:
+            # As a container that could not start on a restart (below): died at once.
+            self.record_trip("sandbox", f"sandbox setup failed: {self.refused_restart}")
+            self.container_id, self.exit_code = container_name(self.kernel_id), None
+            return self.connection_info
         work = str(self.kdir.work)
         env = self._kernel_env(kwargs.get("env"))
         create = create_kwargs(self._container_spec(cmd, env))

@@ -760,6 +760,8 @@ def main(argv: list[str]) -> None:
         _fail("usage: launch.py SPEC_JSON -- CMD...")
     spec = json.loads(argv[0])
     _hold_status_fd(spec)
+    if spec.get("refused"):
+        _fail(spec["refused"])  # a restart the server could not set up (status pipe)
     cmd = argv[2:]
     if spec.get("isolate"):
         apply_isolated(spec)

@@ -164,6 +164,8 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
                 isolated=self._isolate, writable=[work, str(self.kdir.conn), str(self.kdir.sock)],
                 expose=expose, status_fd=status.write_fd, workspace=self.work_folder,
             )
+            if self.refused_restart:
+                spec["refused"] = self.refused_restart
             # Run the launcher by path, isolated and without site: it needs only the
             # stdlib, and importing our package (and jupyter_client) would cost ~0.2 s.
             wrapped = [sys.executable, "-I", "-S", _launch.__file__, json.dumps(spec), "--", *cmd]

@@ -137,7 +137,7 @@ def test_provisioners_parse_the_example_limits(hub_env, cls):
     else:
         expected_pids = None if os.path.exists("/.dockerenv") else 1024
         assert (lim.pids_limit, lim.network) == (expected_pids, True)
-        assert prov.private_work_dir is False
+        assert prov.workspace == "notebook"
 
 
 def test_server_side_settings(hub_env):

@@ -57,9 +57,10 @@ c.LimitedHost.server_id = f"{socket.gethostname()}-{user}-{server_name}"
 # -- Process backend (kernelspec "limited-python") --------------------------------------
 # Single-user servers run as the hub user, not root: memory is bounded per process by
 # RLIMIT_DATA plus a watchdog on the kernel tree's RSS, CPU falls back to nice, network
-# is not cut off (see README.md). The kernel runs as the user, so it may start in the
-# notebook's directory and read the user's files:
-c.LimitedProcessProvisioner.private_work_dir = False
+# is not cut off (see README.md). The kernel runs as the user and works in the
+# notebook's folder (the default, workspace = "notebook"), reading and writing the
+# user's files as the user would:
+c.LimitedProcessProvisioner.workspace = "notebook"
 # Cutting the network needs root (a network namespace); say so rather than pretend.
 c.LimitedProcessProvisioner.network = True
 # Without root, pids_limit is RLIMIT_NPROC, which counts every process and thread of the

@@ -191,7 +191,9 @@ def launch_spec(
             spec["workspace"] = workspace.to_spec()
             spec["writable"] = sorted(set(writable))
             blocker = untraversable_ancestor(workspace.path)
-            if blocker is not None:
+            # Under a scratch dir, the private tmpfs hides the blocker anyway (the bind
+            # recreates the path on it).
+            if blocker is not None and scratch_parent(workspace.path) is None:
                 # A folder beneath a dir other users cannot enter (a user's folder in
                 # root's 0700 /root): that dir becomes an empty skeleton leading to it.
                 spec["covers"] = [blocker]

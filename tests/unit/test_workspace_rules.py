@@ -4,6 +4,8 @@ without starting anything."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -167,11 +169,14 @@ def test_a_root_folder_closed_to_other_users_is_refused_with_the_fix(tmp_path):
 
 
 @root_only
-def test_a_folder_beneath_a_closed_dir_gets_that_dir_covered_by_a_skeleton(tmp_path):
+def test_a_folder_beneath_a_closed_dir_gets_that_dir_covered_by_a_skeleton(request):
     """A user's folder in root's 0700 home: the kernel's uid could not walk to it."""
-    closed = tmp_path / "home"
+    top = Path(tempfile.mkdtemp(prefix="lp-ws-", dir="/var/lib"))  # not under /tmp
+    top.chmod(0o755)
+    closed = top / "home"
     closed.mkdir(mode=0o700)
     (closed / "nb").mkdir()
+    request.addfinalizer(lambda: shutil.rmtree(top))
     limits = Limits()
     plan = process_plan(limits, cgroups=[], own_uid=True, isolated=True, netns=True,
                         nice=10, cpu_grace=0, scratch_dirs=[], host_folder=True)
@@ -180,6 +185,11 @@ def test_a_folder_beneath_a_closed_dir_gets_that_dir_covered_by_a_skeleton(tmp_p
     spec = launch_spec(limits, plan, cwd="/w", cgroup_procs=[], netns=True, nice=10,
                        uid=KERNEL_UID, gid=KERNEL_UID, isolated=True, writable=["/w"],
                        workspace=ws)
-    # The highest such dir (tmp_path itself may lie in a 0700 one).
-    [cover] = spec["covers"]
-    assert str(closed).startswith(cover) and not os.stat(cover).st_mode & 0o001
+    assert spec["covers"] == [str(closed)]
+    # Under a scratch dir the kernel's private tmpfs hides what is above the folder.
+    in_tmp = Workspace("/tmp/closed/nb", 1000, 1000, uid_map=(1000, KERNEL_UID),
+                       gid_map=(1000, KERNEL_UID))
+    spec = launch_spec(limits, plan, cwd="/w", cgroup_procs=[], netns=True, nice=10,
+                       uid=KERNEL_UID, gid=KERNEL_UID, isolated=True, writable=["/w"],
+                       workspace=in_tmp)
+    assert "covers" not in spec

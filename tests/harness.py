@@ -49,7 +49,8 @@ from limited_provisioner.registry import Registry, is_alive
 from limited_provisioner.watchdog import KERNEL_ID_ENV
 
 REPO = Path(__file__).resolve().parent.parent
-# The installed server extension's config (editable installs do not place it).
+# The server extension's config, as `pip install` (editable or not) places it: servers the
+# tests start read it from here, not from whatever the environment has installed.
 JUPYTER_CONFIG = REPO / "jupyter_config"
 EXAMPLES = REPO / "examples"
 # The token of every server and the REST/WebSocket URLs built here.

@@ -93,28 +93,3 @@ def test_build_image_reports_a_missing_daemon_clearly():
     assert result.returncode == 1
     assert "Docker daemon unreachable" in result.stderr and "DOCKER_HOST" in result.stderr
 
-
-def test_wheel_installs_the_server_config(tmp_path):
-    """`pip install` places the config that enables the server extension (re-adoption,
-    429s) into {prefix}/etc/jupyter/jupyter_server_config.d/."""
-    import zipfile
-    from pathlib import Path
-
-    import shutil
-
-    repo = Path(__file__).resolve().parent.parent
-    src = tmp_path / "src"  # build from a copy: setuptools writes build/ into the tree
-    shutil.copytree(repo, src, ignore=shutil.ignore_patterns(
-        ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
-        check=True, capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("limited_provisioner-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    config = [n for n in names if n.endswith(
-        "data/data/etc/jupyter/jupyter_server_config.d/limited_provisioner.json")]
-    assert config, names
-    data = json.loads(zipfile.ZipFile(wheel).read(config[0]))
-    assert data["ServerApp"]["jpserver_extensions"]["limited_provisioner"] is True
-    assert "limited_provisioner/docker/image/Dockerfile" in names

@@ -97,6 +97,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--sys-prefix", action="store_true", help=f"install into sys.prefix ({sys.prefix})"
     )
     where.add_argument("--prefix", default=None, help="install under this prefix")
+    install.add_argument(
+        "--replace", action="store_true",
+        help="replace an existing kernelspec of this name whose settings differ",
+    )
 
     build.add_argument("--tag", default=None, help="image tag (default: the docker default image)")
 
@@ -145,6 +149,120 @@ def _json_value(text: str) -> Any:
     return text
 
 
+def _format_value(name: str, value: Any) -> str:
+    """A parsed setting as users write it: "1G", "0.5 cores", "30s", "off", "no cap"."""
+    if name == "network":
+        return "on" if value else "off"
+    if name == "image":
+        return str(value)
+    if value is None:
+        return "no cap" if name.startswith("max_kernels") else "unlimited"
+    if name in ("mem_limit", "disk_limit"):
+        return format_size(value)
+    if name == "cpu_limit":
+        return f"{value:g} core" + ("" if value == 1 else "s")
+    if name in ("exec_timeout", "idle_timeout"):
+        return _seconds(value) if value else "off"
+    return str(value)
+
+
+def _seconds(value: float) -> str:
+    """3600 -> "1h", 90 -> "1m30s", 2.5 -> "2.5s"."""
+    if value != int(value) or value < 60:
+        return f"{value:g}s"
+    parts, rest = [], int(value)
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts)
+
+
+def _effective_settings(backend: str, config: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+    """(name, parsed value, given?) of every setting the install can set: the given value,
+    else the default a kernel of this backend gets (unless the server's Jupyter config sets
+    ``c.LimitedProvisioner.<name>``)."""
+    from .docker import DEFAULT_IMAGE
+    from .settings import LimitedSettings
+
+    traits = LimitedSettings.class_traits()
+    rows = []
+    for name in [n for n, _ in LIMIT_FLAGS] + ["network"]:
+        trait = traits[name]
+        given = name in config
+        rows.append((name, trait.parse(name, config[name] if given else trait.default_value),
+                     given))
+    if backend == "docker":
+        rows.append(("image", config.get("image", DEFAULT_IMAGE), "image" in config))
+    return rows
+
+
+def _describe_settings(backend: str, config: dict[str, Any]) -> str:
+    lines = [
+        f"  {name:<21} {_format_value(name, value):<12} ({'given' if given else 'default'})"
+        for name, value, given in _effective_settings(backend, config)
+    ]
+    lines.append(
+        "(a default applies unless the server's Jupyter config sets c.LimitedProvisioner.<name>)"
+    )
+    return "\n".join(lines)
+
+
+def _spec_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What would change if ``new`` replaced the kernelspec ``old``, one line per
+    setting; [] when they are the same."""
+    changes = []
+    old_prov = old.get("metadata", {}).get("kernel_provisioner") or {}
+    new_prov = new["metadata"]["kernel_provisioner"]
+    if old_prov.get("provisioner_name") != new_prov["provisioner_name"]:
+        was = old_prov.get("provisioner_name") or "none (a kernel without limits)"
+        changes.append(f"provisioner: {was} -> {new_prov['provisioner_name']}")
+    old_config, new_config = old_prov.get("config") or {}, new_prov["config"]
+    for name in sorted(set(old_config) | set(new_config)):
+        if old_config.get(name, _MISSING) == new_config.get(name, _MISSING):
+            continue
+        was = _given_or_default(old_config, name)
+        now = _given_or_default(new_config, name)
+        changes.append(f"{name}: {was} -> {now}")
+    for key in ("display_name", "argv", "language", "env"):
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}")
+    return changes
+
+
+_MISSING = object()
+
+
+def _given_or_default(config: dict[str, Any], name: str) -> str:
+    if name not in config:
+        return "default"
+    try:
+        return _format_value(name, _parse_setting(name, config[name]))
+    except (LimitConfigError, KeyError):
+        return json.dumps(config[name])  # not one of ours, or not valid: as written
+
+
+def _parse_setting(name: str, value: Any) -> Any:
+    from .settings import LimitedSettings
+
+    if name == "image":
+        return value
+    return LimitedSettings.class_traits()[name].parse(name, value)
+
+
+def _destination(name: str, args: argparse.Namespace) -> Path:
+    """Where KernelSpecManager.install_kernel_spec puts kernelspec ``name`` for these
+    --user/--sys-prefix/--prefix flags (the same rule, from jupyter_core's public paths)."""
+    from jupyter_core.paths import SYSTEM_JUPYTER_PATH, jupyter_data_dir
+
+    if args.user:
+        return Path(jupyter_data_dir(), "kernels", name)
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    if prefix:
+        return Path(os.path.abspath(prefix), "share", "jupyter", "kernels", name)
+    return Path(SYSTEM_JUPYTER_PATH[0], "kernels", name)
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     try:
         config = _kernel_config(args)
@@ -169,13 +287,37 @@ def cmd_install(args: argparse.Namespace) -> int:
             },
         },
     }
+    name = args.name.lower()  # as install_kernel_spec names it
+    existing = _destination(name, args)
+    limits = _describe_settings(args.backend, config)
+    try:
+        old = json.loads((existing / "kernel.json").read_text())
+    except FileNotFoundError:
+        old = None
+    except (OSError, ValueError) as e:
+        old = {"unreadable": str(e)}
+    if old is not None and not args.replace:
+        changes = _spec_differences(old, spec) if "unreadable" not in old else [
+            f"the existing kernel.json cannot be read ({old['unreadable']})"
+        ]
+        if not changes:
+            print(f"Kernelspec {name} in {existing} unchanged; its kernels run with:")
+            print(limits)
+            return 0
+        print(
+            f"limited-provisioner install: kernelspec {name} already exists in {existing} "
+            "with other settings:\n  " + "\n  ".join(changes) + "\n"
+            "Pass --replace to overwrite it, or --name to install another one.",
+            file=sys.stderr,
+        )
+        return 2
     prefix = sys.prefix if args.sys_prefix else args.prefix
     tmp = tempfile.mkdtemp()
     try:
         with open(os.path.join(tmp, "kernel.json"), "w") as f:
             json.dump(spec, f, indent=1)
         dest = KernelSpecManager().install_kernel_spec(
-            tmp, kernel_name=args.name, user=args.user, prefix=prefix
+            tmp, kernel_name=name, user=args.user, prefix=prefix
         )
     except OSError as e:
         print(
@@ -186,7 +328,9 @@ def cmd_install(args: argparse.Namespace) -> int:
         return 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"Installed kernelspec {args.name} in {dest}")
+    verb = "Replaced" if old is not None else "Installed"
+    print(f"{verb} kernelspec {name} in {dest}; its kernels run with:")
+    print(limits)
     return 0
 
 

@@ -523,15 +523,24 @@ def cmd_reap(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND_FUNCTIONS = {
+    "install": cmd_install, "build-image": cmd_build_image, "reap": cmd_reap, "list": cmd_list,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    if args.command == "install":
-        return cmd_install(args)
-    if args.command == "build-image":
-        return cmd_build_image(args)
-    if args.command == "reap":
-        return cmd_reap(args)
-    return cmd_list(args)
+    try:
+        status = COMMAND_FUNCTIONS[args.command](args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        # Whoever read our output stopped (`limited-provisioner list | head`). As the
+        # Python docs (signal module, "Note on SIGPIPE") do it: point stdout at devnull,
+        # so the interpreter's own flush at exit raises nothing, and fail quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return status
 
 
 if __name__ == "__main__":

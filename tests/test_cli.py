@@ -159,3 +159,18 @@ def test_install_refuses_to_turn_a_stock_kernelspec_into_a_limited_one_silently(
     assert result.returncode == 2
     assert "provisioner: none (a kernel without limits) -> limited-process-provisioner" in (
         result.stderr)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`limited-provisioner list --json | head -c 10`: the reader is gone before the output
+    is; here it is gone before the first byte, so every write meets a closed pipe."""
+    for args in (["list", "--json"], ["list"], ["install", "--prefix", str(tmp_path)]):
+        proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 1, (args, stderr)
+        assert stderr == "", (args, stderr)
+    shell = subprocess.run(
+        f"{' '.join(CLI)} list --json | head -c 10", shell=True, capture_output=True, text=True
+    )
+    assert shell.stdout == '{\n "kernel' and shell.stderr == ""

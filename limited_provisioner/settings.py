@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import getpass
+import logging
 import os
 import re
 from typing import Any
@@ -42,6 +43,7 @@ from .limits import (
     Seconds,
     Switch,
 )
+from .logs import follow_parent_log, get_logger
 
 # Settings that are one per host (host.py); the legacy section held them too.
 HOST_SETTINGS = ("state_dir", "server_id", "reap_interval")
@@ -68,6 +70,13 @@ class LimitedSettings(LoggingConfigurable):
             for name in HOST_SETTINGS:
                 cfg[LEGACY_SECTION].pop(name, None)
         super()._load_config(cfg, section_names, traits)
+
+    @default("log")
+    def _log_default(self) -> logging.Logger:
+        # Our own name (not the parent's "ServerApp" or "traitlets"), in the server's log
+        # all the same (logs.py).
+        follow_parent_log(self)
+        return get_logger(type(self).__module__)
 
     mem_limit = ByteSize(
         "2G",

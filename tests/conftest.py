@@ -24,6 +24,8 @@ from .harness import (
     DockerUnavailable,
     containers_of,
     kill_kernel_leftovers,
+    private_runtime_dir,
+    real_runtime_dir,
     remove_containers_with_label,
     write_kernelspec,
 )
@@ -34,6 +36,35 @@ from .harness import (
 # Docker kernels started by tests carry this owner; the session fixture removes any
 # container with it, whatever happened.
 TEST_OWNER = "lp-pytest"
+
+
+def _listing(path: Path) -> set[str]:
+    try:
+        return set(os.listdir(path))
+    except FileNotFoundError:
+        return set()
+
+
+def pytest_configure(config):
+    # Before any test, server or kernel: the run's runtime files go to a dir of its own.
+    private_runtime_dir()
+    config._lp_runtime_before = _listing(real_runtime_dir())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_runtime_dir_untouched(request):
+    """At the end of the run: nothing new in the user's Jupyter runtime dir (connection
+    files, jpserver-*.json, session databases) — all of it went to the run's own."""
+    yield
+    real = real_runtime_dir()
+    new = sorted(_listing(real) - request.config._lp_runtime_before)
+    if new:
+        pytest.fail(
+            f"the test run left {len(new)} new file(s) in the user's Jupyter runtime dir "
+            f"{real} (it should have used {private_runtime_dir()}; another Jupyter "
+            "running on this machine meanwhile would show here too): " + ", ".join(new[:50]),
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -60,10 +60,13 @@ TOKEN = "limited-test-token"
 
 # -- kernelspecs ---------------------------------------------------------------------------
 
-# The image of the docker kernels the tests start: LP_KERNEL_IMAGE, the tag
+# The image of the docker kernels the tests and benches start:
+# LIMITED_PROVISIONER_TEST_IMAGE (LP_KERNEL_IMAGE, the variable .ci/setup-docker.sh also reads,
+# is an alias), e.g. the tag
 # .ci/setup-docker.sh builds (to try a candidate image without replacing the default one),
 # else the default image.
-KERNEL_IMAGE = os.environ.get("LP_KERNEL_IMAGE") or DEFAULT_IMAGE
+KERNEL_IMAGE = (os.environ.get("LIMITED_PROVISIONER_TEST_IMAGE")
+                or os.environ.get("LP_KERNEL_IMAGE") or DEFAULT_IMAGE)
 KERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 # Inside the kernel image the interpreter is the image's own, not this one.
 CONTAINER_KERNEL_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -668,6 +671,8 @@ class AgentBackendService:
             "AGENT_BACKEND_SERVER_ID": server_id,
             **{f"AGENT_BACKEND_{k}": v for k, v in settings.items()},
         }
+        if settings.get("BACKEND") == "docker" and "IMAGE" not in settings:
+            self.env["AGENT_BACKEND_IMAGE"] = KERNEL_IMAGE
         self.proc: subprocess.Popen | None = None
         self.client = httpx.Client(timeout=120)
         self.starts = 0

@@ -104,7 +104,7 @@ def _install(prefix, *args):
 
 def _settings_shown(stdout):
     """{name: (value, "given"|"default")} from install's table."""
-    rows = re.findall(r"^  (\w+) +(.+?) +\((given|default)\)$", stdout, re.M)
+    rows = re.findall(r"^  (\w+) +(.+?) +\((given|default)\)$", stdout, re.MULTILINE)
     return {name: (value, how) for name, value, how in rows}
 
 
@@ -124,8 +124,9 @@ def test_install_prints_the_limits_it_wrote_and_the_defaults_that_apply(tmp_path
     assert shown["max_kernels"] == ("no cap", "default")
     assert "image" not in shown  # docker only
     docker = _install(tmp_path / "d", "--backend", "docker")
-    assert _settings_shown(docker.stdout)["image"] == (
-        "limited-provisioner-kernel:latest", "default")
+    from limited_provisioner.docker import DEFAULT_IMAGE
+
+    assert _settings_shown(docker.stdout)["image"] == (DEFAULT_IMAGE, "default")
 
 
 def test_install_does_not_silently_replace_a_kernelspec_with_other_limits(tmp_path):

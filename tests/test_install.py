@@ -55,7 +55,7 @@ def fresh_venv():
 def _pip_install(python: Path, *args: str) -> None:
     result = subprocess.run(
         [python, "-m", "pip", "install", "--no-deps", "-q", *args],
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_ROOT_USER_ACTION": "ignore"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -68,7 +68,7 @@ def _extension_status(python: Path, tmp_path: Path) -> list[str]:
     env.pop("JUPYTER_CONFIG_PATH", None)
     result = subprocess.run(
         [python, "-m", "jupyter_server", "extension", "list"],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
     )
     assert result.returncode == 0, result.stderr
     text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)

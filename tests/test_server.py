@@ -94,7 +94,7 @@ async def test_kernel_through_jupyter_server(server, tmp_path):
     log = (tmp_path / "server-01.log").read_text()
     assert re.search(
         rf"^\[I [^]]* limited_provisioner\.process\.provisioner\] Kernel {kid} started as pid",
-        log, re.M), log
+        log, re.MULTILINE), log
     out = await ws_execute_text(base, kid, "print(6 * 7)")
     pids = kernel_processes([kid])
     assert out.strip() == "42" and pids

@@ -71,7 +71,7 @@ def test_without_an_application_records_propagate_to_the_root_logger(ours, caplo
 
 
 def test_a_logger_the_user_configured_is_left_alone(ours, app):
-    app, handler = app
+    app, _ = app
     own = Records()
     ours.addHandler(own)
     follow_application_log(app.log)

@@ -175,3 +175,10 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
         f"{' '.join(CLI)} list --json | head -c 10", shell=True, capture_output=True, text=True
     )
     assert shell.stdout == '{\n "kernel' and shell.stderr == ""
+
+
+def test_install_shows_every_setting_it_takes():
+    from limited_provisioner.cli import LIMIT_FLAGS
+    from limited_provisioner.kernelspec_view import SETTINGS
+
+    assert set(SETTINGS) == {name for name, _ in LIMIT_FLAGS} | {"network"}

@@ -11,14 +11,15 @@
 #
 # Idempotent: a second run finds everything in place and takes a few seconds.
 # Environment overrides:
-#   LP_KERNEL_IMAGE   image tag to build           (default limited-provisioner-kernel:latest)
+#   LIMITED_PROVISIONER_TEST_IMAGE (alias LP_KERNEL_IMAGE)  image tag to build, and the one
+#                     the tests use (default limited-provisioner-kernel:latest)
 #   LP_DEBIAN_MIRROR  Debian mirror for debootstrap (default: parsed from the apt sources)
 #   LP_DOCKERD_FLAGS  dockerd flags; skips the built-in list of flag sets to try
 #   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST, PIP_DEFAULT_TIMEOUT: passed on to
 #                     the pip run in the rootfs (default: PyPI)
 set -euo pipefail
 
-IMAGE=${LP_KERNEL_IMAGE:-limited-provisioner-kernel:latest}
+IMAGE=${LIMITED_PROVISIONER_TEST_IMAGE:-${LP_KERNEL_IMAGE:-limited-provisioner-kernel:latest}}
 # What goes into the image: Debian packages it keeps, Debian packages only the build needs
 # (purged before the import), and the pinned Python packages (shared with the Dockerfile of
 # `limited-provisioner build-image`). Bump IMAGE_VERSION when this script's recipe changes;

@@ -51,6 +51,7 @@ from limited_provisioner.process.cgroups import kernel_group_dirs
 from limited_provisioner.registry import Registry, is_alive
 from limited_provisioner.watchdog import KERNEL_ID_ENV
 from tests.harness import (
+    KERNEL_IMAGE,
     REPO,
     containers_with_label,
     docker_available,
@@ -586,7 +587,9 @@ def main() -> int:
     parser.add_argument("--test-timeout", type=int, default=120, help="seconds per test")
     parser.add_argument("--run-timeout", type=int, default=2400, help="seconds per run")
     parser.add_argument("--mem-limit", default="1G")
-    parser.add_argument("--image", default="limited-provisioner-kernel:latest")
+    parser.add_argument("--image", default=KERNEL_IMAGE,
+                        help="docker kernels' image (default: $LIMITED_PROVISIONER_TEST_IMAGE, "
+                        "else the default image)")
     parser.add_argument("--allow", default=None,
                         help="known by-design failures: JSON {test id: reason} or lines")
     parser.add_argument("--json", default=None, help="write the results here")

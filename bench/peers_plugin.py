@@ -10,7 +10,8 @@ holding only this module on PYTHONPATH). Configured by environment variables:
 ``PEERS_RECORD``     JSON-lines file this appends to: one line per wrapped kernelspec
                      lookup, per provisioner created, per kernel launched, per test result.
 ``PEERS_MEM_LIMIT``  the limited kernels' mem_limit (default ``1G``).
-``PEERS_IMAGE``      the docker backend's image (default ``limited-provisioner-kernel:latest``).
+``PEERS_IMAGE``      the docker backend's image (default ``$LIMITED_PROVISIONER_TEST_IMAGE``,
+                     else ``limited-provisioner-kernel:latest``).
 
 In limited mode jupyter_server also gets this package's server extension, as ``pip
 install`` enables it (patch_server_extension).
@@ -38,7 +39,8 @@ CONTAINER_KERNEL_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connecti
 BACKEND = os.environ.get("PEERS_BACKEND", "")
 RECORD = os.environ.get("PEERS_RECORD", "")
 MEM_LIMIT = os.environ.get("PEERS_MEM_LIMIT", "1G")
-IMAGE = os.environ.get("PEERS_IMAGE", "limited-provisioner-kernel:latest")
+IMAGE = (os.environ.get("PEERS_IMAGE") or os.environ.get("LIMITED_PROVISIONER_TEST_IMAGE")
+         or os.environ.get("LP_KERNEL_IMAGE") or "limited-provisioner-kernel:latest")
 
 
 def record(event: str, **fields: Any) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager
 
 from .errors import LimitConfigError, SandboxUnavailableError
+from .kernelspec_view import describe_settings, spec_differences
 from .limits import Limits, format_size
 from .reaper import ORPHAN_GRACE
 from .registry import Registry, is_alive
@@ -97,6 +98,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--sys-prefix", action="store_true", help=f"install into sys.prefix ({sys.prefix})"
     )
     where.add_argument("--prefix", default=None, help="install under this prefix")
+    install.add_argument(
+        "--replace", action="store_true",
+        help="replace an existing kernelspec of this name whose settings differ",
+    )
 
     build.add_argument("--tag", default=None, help="image tag (default: the docker default image)")
 
@@ -145,6 +150,19 @@ def _json_value(text: str) -> Any:
     return text
 
 
+def _destination(name: str, args: argparse.Namespace) -> Path:
+    """Where KernelSpecManager.install_kernel_spec puts kernelspec ``name`` for these
+    --user/--sys-prefix/--prefix flags (the same rule, from jupyter_core's public paths)."""
+    from jupyter_core.paths import SYSTEM_JUPYTER_PATH, jupyter_data_dir
+
+    if args.user:
+        return Path(jupyter_data_dir(), "kernels", name)
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    if prefix:
+        return Path(os.path.abspath(prefix), "share", "jupyter", "kernels", name)
+    return Path(SYSTEM_JUPYTER_PATH[0], "kernels", name)
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     try:
         config = _kernel_config(args)
@@ -169,13 +187,37 @@ def cmd_install(args: argparse.Namespace) -> int:
             },
         },
     }
+    name = args.name.lower()  # as install_kernel_spec names it
+    existing = _destination(name, args)
+    limits = describe_settings(args.backend, config)
+    try:
+        old = json.loads((existing / "kernel.json").read_text())
+    except FileNotFoundError:
+        old = None
+    except (OSError, ValueError) as e:
+        old = {"unreadable": str(e)}
+    if old is not None and not args.replace:
+        changes = spec_differences(old, spec) if "unreadable" not in old else [
+            f"the existing kernel.json cannot be read ({old['unreadable']})"
+        ]
+        if not changes:
+            print(f"Kernelspec {name} in {existing} unchanged; its kernels run with:")
+            print(limits)
+            return 0
+        print(
+            f"limited-provisioner install: kernelspec {name} already exists in {existing} "
+            "with other settings:\n  " + "\n  ".join(changes) + "\n"
+            "Pass --replace to overwrite it, or --name to install another one.",
+            file=sys.stderr,
+        )
+        return 2
     prefix = sys.prefix if args.sys_prefix else args.prefix
     tmp = tempfile.mkdtemp()
     try:
         with open(os.path.join(tmp, "kernel.json"), "w") as f:
             json.dump(spec, f, indent=1)
         dest = KernelSpecManager().install_kernel_spec(
-            tmp, kernel_name=args.name, user=args.user, prefix=prefix
+            tmp, kernel_name=name, user=args.user, prefix=prefix
         )
     except OSError as e:
         print(
@@ -186,7 +228,9 @@ def cmd_install(args: argparse.Namespace) -> int:
         return 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"Installed kernelspec {args.name} in {dest}")
+    verb = "Replaced" if old is not None else "Installed"
+    print(f"{verb} kernelspec {name} in {dest}; its kernels run with:")
+    print(limits)
     return 0
 
 
@@ -379,15 +423,24 @@ def cmd_reap(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND_FUNCTIONS = {
+    "install": cmd_install, "build-image": cmd_build_image, "reap": cmd_reap, "list": cmd_list,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    if args.command == "install":
-        return cmd_install(args)
-    if args.command == "build-image":
-        return cmd_build_image(args)
-    if args.command == "reap":
-        return cmd_reap(args)
-    return cmd_list(args)
+    try:
+        status = COMMAND_FUNCTIONS[args.command](args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        # Whoever read our output stopped (`limited-provisioner list | head`). As the
+        # Python docs (signal module, "Note on SIGPIPE") do it: point stdout at devnull,
+        # so the interpreter's own flush at exit raises nothing, and fail quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return status
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ import socket
 import threading
 from typing import Any
 
-from traitlets import Float, Unicode
+from traitlets import Float, Unicode, default
 from traitlets.config import Config, SingletonConfigurable
 from traitlets.config.loader import DeferredConfig
 
 from . import _background
+from .logs import follow_parent_log, get_logger
 from .reaper import ORPHAN_GRACE, reap_periodically
 from .registry import STATE_DIR_ENV, Registry, default_state_dir
 from .settings import HOST_SETTINGS
@@ -46,6 +47,11 @@ def default_server_id() -> str:
 
 class LimitedHost(SingletonConfigurable):
     """Host-wide settings and the in-process orphan reaper."""
+
+    @default("log")
+    def _log_default(self) -> logging.Logger:
+        follow_parent_log(self)  # the running application's log, if any (logs.py)
+        return get_logger(__name__)
 
     state_dir = Unicode(
         "",

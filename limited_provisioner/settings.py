@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import getpass
+import logging
 import os
 import re
 from typing import Any
@@ -43,6 +44,7 @@ from .limits import (
     Seconds,
     Switch,
 )
+from .logs import follow_parent_log, get_logger
 from .workspace import validate_setting as workspace_setting
 
 # Settings that are one per host (host.py); the legacy section held them too.
@@ -70,6 +72,13 @@ class LimitedSettings(LoggingConfigurable):
             for name in HOST_SETTINGS:
                 cfg[LEGACY_SECTION].pop(name, None)
         super()._load_config(cfg, section_names, traits)
+
+    @default("log")
+    def _log_default(self) -> logging.Logger:
+        # Our own name (not the parent's "ServerApp" or "traitlets"), in the server's log
+        # all the same (logs.py).
+        follow_parent_log(self)
+        return get_logger(type(self).__module__)
 
     mem_limit = ByteSize(
         "2G",

@@ -9,6 +9,7 @@ by kernel id) lives in harness.py, which the benches share.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import tempfile
@@ -21,9 +22,12 @@ from jupyter_client.manager import AsyncKernelManager
 from limited_provisioner.host import LimitedHost
 
 from .harness import (
+    REPO,
     DockerUnavailable,
     containers_of,
     kill_kernel_leftovers,
+    private_runtime_dir,
+    real_runtime_dir,
     remove_containers_with_label,
     write_kernelspec,
 )
@@ -34,6 +38,51 @@ from .harness import (
 # Docker kernels started by tests carry this owner; the session fixture removes any
 # container with it, whatever happened.
 TEST_OWNER = "lp-pytest"
+
+
+def _listing(path: Path) -> set[str]:
+    try:
+        return set(os.listdir(path))
+    except FileNotFoundError:
+        return set()
+
+
+def pytest_configure(config):
+    # Before any test, server or kernel: the run's runtime files go to a dir of its own.
+    private_runtime_dir()
+    config._lp_runtime_before = _listing(real_runtime_dir())
+
+
+def _another_servers(path: Path, mine: tuple[Path, ...]) -> bool:
+    """A jpserver-<pid>.json (or its -open.html) of a Jupyter server whose root dir is
+    none of this run's: someone else's server on this machine, not a leak of ours."""
+    if not path.name.startswith("jpserver-"):
+        return False
+    info = path.with_name(path.name.replace("-open.html", ".json"))
+    try:
+        root = Path(json.loads(info.read_text())["root_dir"])
+    except (OSError, ValueError, KeyError):
+        return False  # gone or unreadable: count it
+    return not any(root.is_relative_to(m) for m in mine)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_runtime_dir_untouched(request, tmp_path_factory):
+    """At the end of the run: nothing new in the user's Jupyter runtime dir (connection
+    files, jpserver-*.json, session databases) — all of it went to the run's own."""
+    yield
+    real = real_runtime_dir()
+    # Where this run's servers have their root dir: its tmp_path's, the checkout.
+    mine = (tmp_path_factory.getbasetemp(), REPO)
+    new = sorted(name for name in _listing(real) - request.config._lp_runtime_before
+                 if not _another_servers(real / name, mine))
+    if new:
+        pytest.fail(
+            f"the test run left {len(new)} new file(s) in the user's Jupyter runtime dir "
+            f"{real} (it should have used {private_runtime_dir()}; another Jupyter "
+            "running on this machine meanwhile would show here too): " + ", ".join(new[:50]),
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

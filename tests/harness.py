@@ -19,6 +19,7 @@ Tests import it as ``from .harness import ...``; the benches, run as
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -27,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -49,7 +51,8 @@ from limited_provisioner.registry import Registry, is_alive
 from limited_provisioner.watchdog import KERNEL_ID_ENV
 
 REPO = Path(__file__).resolve().parent.parent
-# The installed server extension's config (editable installs do not place it).
+# The server extension's config, as `pip install` (editable or not) places it: servers the
+# tests start read it from here, not from whatever the environment has installed.
 JUPYTER_CONFIG = REPO / "jupyter_config"
 EXAMPLES = REPO / "examples"
 # The token of every server and the REST/WebSocket URLs built here.
@@ -57,10 +60,13 @@ TOKEN = "limited-test-token"
 
 # -- kernelspecs ---------------------------------------------------------------------------
 
-# The image of the docker kernels the tests start: LP_KERNEL_IMAGE, the tag
+# The image of the docker kernels the tests and benches start:
+# LIMITED_PROVISIONER_TEST_IMAGE (LP_KERNEL_IMAGE, the variable .ci/setup-docker.sh also reads,
+# is an alias), e.g. the tag
 # .ci/setup-docker.sh builds (to try a candidate image without replacing the default one),
 # else the default image.
-KERNEL_IMAGE = os.environ.get("LP_KERNEL_IMAGE") or DEFAULT_IMAGE
+KERNEL_IMAGE = (os.environ.get("LIMITED_PROVISIONER_TEST_IMAGE")
+                or os.environ.get("LP_KERNEL_IMAGE") or DEFAULT_IMAGE)
 KERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 # Inside the kernel image the interpreter is the image's own, not this one.
 CONTAINER_KERNEL_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -431,6 +437,35 @@ class HostWatch:
 
 # -- a jupyter_server subprocess -----------------------------------------------------------
 
+# The Jupyter runtime dir the user had before private_runtime_dir() replaced it, and ours.
+_RUNTIME: dict[str, Path] = {}
+
+
+def private_runtime_dir() -> Path:
+    """A Jupyter runtime dir of this process's own, made on the first call and set as
+    ``JUPYTER_RUNTIME_DIR`` for this process and every server, kernel and CLI it starts:
+    their connection files (``kernel-*.json``), ``jpserver-*.json`` and the server
+    extension's ``limited-provisioner-sessions-*.db`` go there, not into the user's
+    runtime dir. Beside the user's (not under /tmp or /var/tmp, which kernels get private
+    copies of); removed at exit. The user's is :func:`real_runtime_dir`."""
+    if "ours" not in _RUNTIME:
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        real = Path(jupyter_runtime_dir())
+        real.parent.mkdir(parents=True, exist_ok=True)
+        ours = Path(tempfile.mkdtemp(prefix="lp-test-runtime-", dir=real.parent))
+        _RUNTIME.update(real=real, ours=ours)
+        os.environ["JUPYTER_RUNTIME_DIR"] = str(ours)
+        atexit.register(shutil.rmtree, ours, ignore_errors=True)
+    return _RUNTIME["ours"]
+
+
+def real_runtime_dir() -> Path:
+    """The runtime dir :func:`private_runtime_dir` keeps tests and benches out of."""
+    private_runtime_dir()
+    return _RUNTIME["real"]
+
+
 
 def server_env(state_dir: Path, server_id: str, jupyter_path: Path | None = None,
                ) -> dict[str, str]:
@@ -438,6 +473,7 @@ def server_env(state_dir: Path, server_id: str, jupyter_path: Path | None = None
     state dir needs: the extension's config, the state dir, the server id (and, with
     ``jupyter_path``, where its kernelspecs are)."""
     env = {**os.environ, "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
+           "JUPYTER_RUNTIME_DIR": str(private_runtime_dir()),
            "LIMITED_PROVISIONER_STATE_DIR": str(state_dir),
            "LIMITED_PROVISIONER_SERVER_ID": server_id}
     if jupyter_path is not None:
@@ -635,6 +671,8 @@ class AgentBackendService:
             "AGENT_BACKEND_SERVER_ID": server_id,
             **{f"AGENT_BACKEND_{k}": v for k, v in settings.items()},
         }
+        if settings.get("BACKEND") == "docker" and "IMAGE" not in settings:
+            self.env["AGENT_BACKEND_IMAGE"] = KERNEL_IMAGE
         self.proc: subprocess.Popen | None = None
         self.client = httpx.Client(timeout=120)
         self.starts = 0

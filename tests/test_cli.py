@@ -94,27 +94,91 @@ def test_build_image_reports_a_missing_daemon_clearly():
     assert "Docker daemon unreachable" in result.stderr and "DOCKER_HOST" in result.stderr
 
 
-def test_wheel_installs_the_server_config(tmp_path):
-    """`pip install` places the config that enables the server extension (re-adoption,
-    429s) into {prefix}/etc/jupyter/jupyter_server_config.d/."""
-    import zipfile
-    from pathlib import Path
 
-    import shutil
-
-    repo = Path(__file__).resolve().parent.parent
-    src = tmp_path / "src"  # build from a copy: setuptools writes build/ into the tree
-    shutil.copytree(repo, src, ignore=shutil.ignore_patterns(
-        ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
-        check=True, capture_output=True,
+def _install(prefix, *args):
+    return subprocess.run(
+        [*CLI, "install", "--prefix", str(prefix), "--name", "lim", *args],
+        capture_output=True, text=True,
     )
-    (wheel,) = tmp_path.glob("limited_provisioner-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    config = [n for n in names if n.endswith(
-        "data/data/etc/jupyter/jupyter_server_config.d/limited_provisioner.json")]
-    assert config, names
-    data = json.loads(zipfile.ZipFile(wheel).read(config[0]))
-    assert data["ServerApp"]["jpserver_extensions"]["limited_provisioner"] is True
-    assert "limited_provisioner/docker/image/Dockerfile" in names
+
+
+def _settings_shown(stdout):
+    """{name: (value, "given"|"default")} from install's table."""
+    rows = re.findall(r"^  (\w+) +(.+?) +\((given|default)\)$", stdout, re.MULTILINE)
+    return {name: (value, how) for name, value, how in rows}
+
+
+def test_install_prints_the_limits_it_wrote_and_the_defaults_that_apply(tmp_path):
+    result = _install(tmp_path, "--mem-limit", "1G", "--exec-timeout", "90s")
+    assert result.returncode == 0, result.stderr
+    shown = _settings_shown(result.stdout)
+    assert shown["mem_limit"] == ("1G", "given")
+    assert shown["exec_timeout"] == ("1m30s", "given")
+    # LimitedSettings' defaults, what a kernel of this spec gets unless the server's config
+    # says otherwise.
+    assert shown["pids_limit"] == ("256", "default")
+    assert shown["cpu_limit"] == ("1 core", "default")
+    assert shown["disk_limit"] == ("10G", "default")
+    assert shown["idle_timeout"] == ("1h", "default")
+    assert shown["network"] == ("off", "default")
+    assert shown["max_kernels"] == ("no cap", "default")
+    assert "image" not in shown  # docker only
+    docker = _install(tmp_path / "d", "--backend", "docker")
+    from limited_provisioner.docker import DEFAULT_IMAGE
+
+    assert _settings_shown(docker.stdout)["image"] == (DEFAULT_IMAGE, "default")
+
+
+def test_install_does_not_silently_replace_a_kernelspec_with_other_limits(tmp_path):
+    spec = tmp_path / "share" / "jupyter" / "kernels" / "lim" / "kernel.json"
+    assert _install(tmp_path, "--mem-limit", "1G", "--pids-limit", "64").returncode == 0
+    written = spec.read_text()
+
+    same = _install(tmp_path, "--mem-limit", "1G", "--pids-limit", "64")
+    assert same.returncode == 0 and "unchanged" in same.stdout, same.stdout
+    assert _settings_shown(same.stdout)["mem_limit"] == ("1G", "given")
+
+    other = _install(tmp_path, "--mem-limit", "2G", "--cpu-limit", "0.5")
+    assert other.returncode == 2
+    assert "already exists" in other.stderr and "--replace" in other.stderr
+    assert "mem_limit: 1G -> 2G" in other.stderr
+    assert "cpu_limit: default -> 0.5 cores" in other.stderr
+    assert "pids_limit: 64 -> default" in other.stderr
+    assert spec.read_text() == written  # untouched
+
+    replaced = _install(tmp_path, "--mem-limit", "2G", "--cpu-limit", "0.5", "--replace")
+    assert replaced.returncode == 0 and "Replaced kernelspec lim" in replaced.stdout
+    config = json.loads(spec.read_text())["metadata"]["kernel_provisioner"]["config"]
+    assert config == {"mem_limit": "2G", "cpu_limit": 0.5}
+
+
+def test_install_refuses_to_turn_a_stock_kernelspec_into_a_limited_one_silently(tmp_path):
+    spec = tmp_path / "share" / "jupyter" / "kernels" / "lim" / "kernel.json"
+    spec.parent.mkdir(parents=True)
+    spec.write_text(json.dumps({"argv": ["python3"], "display_name": "Py", "language": "python"}))
+    result = _install(tmp_path)
+    assert result.returncode == 2
+    assert "provisioner: none (a kernel without limits) -> limited-process-provisioner" in (
+        result.stderr)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`limited-provisioner list --json | head -c 10`: the reader is gone before the output
+    is; here it is gone before the first byte, so every write meets a closed pipe."""
+    for args in (["list", "--json"], ["list"], ["install", "--prefix", str(tmp_path)]):
+        proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 1, (args, stderr)
+        assert stderr == "", (args, stderr)
+    shell = subprocess.run(
+        f"{' '.join(CLI)} list --json | head -c 10", shell=True, capture_output=True, text=True
+    )
+    assert shell.stdout == '{\n "kernel' and shell.stderr == ""
+
+
+def test_install_shows_every_setting_it_takes():
+    from limited_provisioner.cli import LIMIT_FLAGS
+    from limited_provisioner.kernelspec_view import SETTINGS
+
+    assert set(SETTINGS) == {name for name, _ in LIMIT_FLAGS} | {"network"}

@@ -24,6 +24,7 @@ from limited_provisioner.reaper import remove_kernel
 from limited_provisioner.registry import STATE_DIR_ENV, Registry
 
 from .conftest import TEST_OWNER
+from .harness import KERNEL_IMAGE
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "nbclient"
 RUN_TIMEOUT = 60
@@ -36,6 +37,8 @@ def example_env(tmp_path):
     prefix = tmp_path / "prefix"
 
     def install(*flags: str) -> dict[str, str]:
+        if "docker" in flags:
+            flags = (*flags, "--image", KERNEL_IMAGE)
         assert cli(["install", "--prefix", str(prefix), *flags]) == 0
         env = dict(os.environ)
         env["JUPYTER_PATH"] = str(prefix / "share" / "jupyter")

@@ -24,6 +24,7 @@ from limited_provisioner.traffic import Traffic
 from .conftest import backends, run
 from .harness import (
     JUPYTER_CONFIG,
+    KERNEL_IMAGE,
     TOKEN,
     JupyterServer,
     alive,
@@ -202,7 +203,7 @@ def test_reaper_removes_orphans_of_a_killed_server_and_nothing_else(
         import docker
 
         bystander = docker.from_env().containers.run(
-            "limited-provisioner-kernel:latest", ["sleep", "120"], detach=True,
+            KERNEL_IMAGE, ["sleep", "120"], detach=True,
             labels={"lp-pytest-bystander": "1"}, network_mode="none",
         )
     try:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -86,9 +87,14 @@ async def wait_until_answers(base: str, kid: str) -> str:
     raise AssertionError(f"kernel {kid} never answered after its restart")
 
 
-async def test_kernel_through_jupyter_server(server):
+async def test_kernel_through_jupyter_server(server, tmp_path):
     base, client, started = server
     kid = await post_kernel(base, client, "lim", started)
+    # Our messages are in the server's log, under our own logger name (logs.py).
+    log = (tmp_path / "server-01.log").read_text()
+    assert re.search(
+        rf"^\[I [^]]* limited_provisioner\.process\.provisioner\] Kernel {kid} started as pid",
+        log, re.MULTILINE), log
     out = await ws_execute_text(base, kid, "print(6 * 7)")
     pids = kernel_processes([kid])
     assert out.strip() == "42" and pids

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..logs import follow_application_log
+
 MANAGER = "limited_provisioner.server.manager.LimitedMappingKernelManager"
 # Where the manager lived before 0.2; configs naming it are pointed at MANAGER.
 OLD_MANAGER = "limited_provisioner.manager.LimitedMappingKernelManager"
@@ -22,6 +24,8 @@ OLD_MANAGER = "limited_provisioner.manager.LimitedMappingKernelManager"
 
 def _link_jupyter_server_extension(serverapp: Any) -> None:
     """Runs before the server creates its kernel manager (init_configurables)."""
+    # Everything we log from now on, under our own name, in the server's log (logs.py).
+    follow_application_log(serverapp.log)
     configured = serverapp.config.get("ServerApp", {}).get("kernel_manager_class")
     if configured and str(configured) == OLD_MANAGER:
         serverapp.log.warning("ServerApp.kernel_manager_class: %s moved to %s",

@@ -253,7 +253,7 @@ else
     WHEELS=$VM_DIR/wheels
     rm -rf "$WHEELS"
     python3 -m pip wheel -q --disable-pip-version-check -w "$WHEELS" \
-            'setuptools>=68' wheel "$SOURCE[test]" >"$VM_DIR/pip.log" 2>&1 || {
+            'hatchling>=1.21' editables "$SOURCE[test]" >"$VM_DIR/pip.log" 2>&1 || {
         tail -n 40 "$VM_DIR/pip.log" >&2
         die "host pip could not fetch the wheels of '$SOURCE[test]' (log: $VM_DIR/pip.log)"
     }
@@ -270,7 +270,7 @@ else
                  PIP_FIND_LINKS=/io/wheels PIP_NO_CACHE_DIR=1 "$VENV/bin/pip" install -q)
     {
         in_root "$ROOT" python3 -m venv "$VENV" \
-            && in_root "$ROOT" "${pip_offline[@]}" 'setuptools>=68' wheel \
+            && in_root "$ROOT" "${pip_offline[@]}" 'hatchling>=1.21' editables \
             && in_root "$ROOT" "${pip_offline[@]}" --no-build-isolation -e '/io/src[test]'
     } >>"$VM_DIR/pip.log" 2>&1 || {
         tail -n 40 "$VM_DIR/pip.log" >&2

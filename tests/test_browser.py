@@ -267,11 +267,11 @@ async def test_memory_limit_in_jupyterlab(tmp_path):
                 await nb.shot("02-memory-limit.png")
 
                 # The kernel came back and works (checked before the notice, so a missing
-                # notice still tells whether the restart worked). No wait for "Idle": after
-                # an automatic restart JupyterLab 4 shows "Unknown" (or "Starting") until
-                # the next execution -- the same for a stock python3 kernel without this
-                # package's server extension.
+                # notice still tells whether the restart worked). Idle by itself: our
+                # websocket echoes the state JupyterLab would otherwise ignore until the
+                # next execution (server/websocket.py).
                 seen["dialogs"] += await nb.dismiss_dialogs()
+                await nb.wait_idle()
                 await nb.run(2, 'print("alive")')
                 await async_api.expect(nb.output(2)).to_have_text("alive")
                 # A fresh kernel: the execution count started again.

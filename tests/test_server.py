@@ -250,6 +250,34 @@ async def test_the_status_endpoint_shows_limits_usage_timers_and_the_last_kill(
     assert after["last_exit"]["kind"] == "mem_limit" and after["alive"]
 
 
+async def test_a_connected_client_is_told_idle_once_after_a_status_it_ignores(server):
+    """JupyterLab ignores the status of untracked requests (kernel_info_request): the
+    connection follows the first such "idle" with one of its own, without a parent."""
+    base, client, started = server
+    kid = await post_kernel(base, client, "lim", started)
+    assert (await ws_execute_text(base, kid, "print(6 * 7)")).strip() == "42"
+    ws = await websocket_connect(kernel_ws_url(base, kid))
+    seen: list[tuple[str, str | None]] = []
+    try:
+        for _ in range(2):  # the second kernel_info's idle gets no echo
+            ws.write_message(json.dumps(ws_message("kernel_info_request", {})))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+            msg = json.loads(raw)
+            if msg["msg_type"] == "status":
+                seen.append((msg["content"]["execution_state"],
+                             msg["parent_header"].get("msg_type")))
+    finally:
+        ws.close()
+    echoes = [i for i, s in enumerate(seen) if s == ("idle", None)]
+    assert len(echoes) == 1, seen
+    assert seen[echoes[0] - 1] == ("idle", "kernel_info_request"), seen
+
+
 async def test_an_ignored_exec_timeout_restart_is_explained_in_the_cell(tmp_path, jupyter_path):
     """Code that ignores the interrupt is restarted by the provisioner, not by the
     auto-restarter: clients still get the reason, then "restarting"."""

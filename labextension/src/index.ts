@@ -9,6 +9,7 @@
  * kernel is not asked again.
  */
 import {
+  ILabShell,
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
@@ -192,12 +193,15 @@ export async function fetchKernelStatus(
 export class LimitsStatus extends Widget {
   constructor(
     private readonly _tracker: INotebookTracker,
-    private readonly _settings: ServerConnection.ISettings
+    private readonly _settings: ServerConnection.ISettings,
+    private readonly _labShell: ILabShell | null
   ) {
     super();
     this.addClass('lp-LimitsStatus');
     this.node.setAttribute('data-lp-kernel', '');
     _tracker.currentChanged.connect(this._follow, this);
+    // Another main-area widget (a terminal, a file) focused: hidden and not polling.
+    _labShell?.currentChanged.connect(this._kernelChanged, this);
     this._follow();
     this._timer = window.setInterval(() => void this._refresh(), POLL_MS);
   }
@@ -237,6 +241,10 @@ export class LimitsStatus extends Widget {
   }
 
   private get _kernelId(): string | null {
+    const shell = this._labShell;
+    if (this._panel && shell && shell.currentWidget !== this._panel) {
+      return null;
+    }
     return this._panel?.sessionContext.session?.kernel?.id ?? null;
   }
 
@@ -376,16 +384,17 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: "The focused notebook's kernel limits and usage, in the status bar.",
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [IStatusBar],
+  optional: [IStatusBar, ILabShell],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
-    statusBar: IStatusBar | null
+    statusBar: IStatusBar | null,
+    labShell: ILabShell | null
   ) => {
     if (!statusBar) {
       return; // e.g. a JupyterLab embedding without a status bar
     }
-    const item = new LimitsStatus(tracker, app.serviceManager.serverSettings);
+    const item = new LimitsStatus(tracker, app.serviceManager.serverSettings, labShell);
     statusBar.registerStatusItem(plugin.id, {
       item,
       align: 'left',

@@ -162,7 +162,8 @@ async def limited_kernel_status(provisioner: LimitedProvisioner) -> dict[str, An
         executing_for=traffic.execution_running_for() if traffic is not None else None,
         created=prov.created or (entry or {}).get("created") or time.time(),
         max_lifetime=prov.max_lifetime,
-        enforcement={n: (m.mechanism, m.text) for n, m in prov.plan.measures.items()},
+        # A copy first: a restart on the package's loop may be updating the plan.
+        enforcement={n: (m.mechanism, m.text) for n, m in dict(prov.plan.measures).items()},
         exit_reason=exit_reason,
         last_exit=prov.last_exit,
     )

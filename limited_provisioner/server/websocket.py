@@ -54,13 +54,12 @@ class LimitedWebsocketConnection(ZMQChannelsWebsocketConnection):
 
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
         super().handle_outgoing_message(stream, outgoing_msg)
-        if self._state_owed:
-            channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
-            if channel == "iopub":
-                try:
-                    self._settle_state(outgoing_msg)
-                except Exception:  # the kernel's own messages went out; this is a courtesy
-                    self.log.exception("Kernel %s: could not echo its state", self.kernel_id)
+        channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
+        if channel == "iopub":
+            try:
+                self._settle_state(outgoing_msg)
+            except Exception:  # the kernel's own messages went out; this is a courtesy
+                self.log.exception("Kernel %s: could not echo its state", self.kernel_id)
 
     def _settle_state(self, msg_list: list[Any]) -> None:
         """After a status the client ignores (its parent is an untracked request) saying
@@ -71,11 +70,20 @@ class LimitedWebsocketConnection(ZMQChannelsWebsocketConnection):
         unpack = self.session.unpack
         if unpack(parts[1]).get("msg_type") != "status":
             return
+        state = unpack(parts[4]).get("execution_state")
+        if state == "starting":
+            # A new kernel process; the client now shows "Starting". The nudge's
+            # kernel_info on control can be answered before the kernel publishes this
+            # (ipykernel serves control from its own thread), so an echo may already
+            # have gone out before it: owe one again.
+            self._state_owed = True
+            return
+        if not self._state_owed:
+            return
         parent_type = unpack(parts[2]).get("msg_type")
         if parent_type and self.multi_kernel_manager.track_message_type(parent_type):
             self._state_owed = False  # the client takes its state from this one
             return
-        state = unpack(parts[4]).get("execution_state")
         if state == "idle" and getattr(self.kernel_manager, "execution_state", "") != "busy":
             self._state_owed = False
             # Right after the kernel's own idle, unflushed: what is still queued on IOPub

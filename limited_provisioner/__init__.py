@@ -23,6 +23,12 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "limited_provisioner.server.extension"}]
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """The prebuilt status-bar extension (built from labextension/ at the repo top), for
+    ``jupyter labextension develop``; pip installs it to share/jupyter/labextensions."""
+    return [{"src": "labextension", "dest": "limited-provisioner"}]
+
+
 __all__ = [
     "AdoptionError",
     "KernelCommandError",

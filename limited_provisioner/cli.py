@@ -19,6 +19,7 @@ from .kernelspec_view import describe_settings, spec_differences
 from .limits import Limits, format_size
 from .reaper import ORPHAN_GRACE
 from .registry import Registry, is_alive
+from .usage import sample_usage
 
 PROVISIONERS = {
     "process": "limited-process-provisioner",
@@ -259,76 +260,9 @@ def _running(state_dir: str | None) -> list[dict[str, Any]]:
         entry["alive"] = is_alive(entry)
         entry["age_s"] = round(now - entry.get("created", now), 1)
         entry["idle_s"] = round(now - entry.get("last_activity", entry.get("created", now)), 1)
-        entry["pids"] = _kernel_pids(entry) if entry["alive"] else []
         rows.append(entry)
-    _sample_usage(rows)
+    sample_usage(rows)
     return rows
-
-
-def _kernel_pids(entry: dict[str, Any]) -> list[int]:
-    """Processes of a kernel, from its cgroup (process backend) or its container's."""
-    from .process.cgroups import KernelCgroups, cgroup_root, entry_record
-
-    if entry.get("backend") == "docker" and entry.get("container_id"):
-        cid, root = entry["container_id"], cgroup_root()
-        # v1; v2 with docker's cgroupfs driver; v2 with its systemd driver.
-        for group in (root / "pids" / "docker" / cid, root / "docker" / cid,
-                      root / "system.slice" / f"docker-{cid}.scope"):
-            try:
-                return [int(p) for p in (group / "cgroup.procs").read_text().split()]
-            except (OSError, ValueError):
-                continue  # not this layout, or the container is gone
-    else:
-        groups = KernelCgroups.attach(entry["kernel_id"], entry_record(entry, default=None))
-        if groups:
-            return groups.pids()
-    return [entry["pid"]] if entry.get("pid") else []
-
-
-def _group_usage(entry: dict[str, Any]) -> tuple[int | None, float | None]:
-    """Memory charged to a process kernel's group now and its CPU seconds so far, where
-    its hierarchy counts them (v2: memory.current, cpu.stat; v1: memory only)."""
-    from .process.cgroups import KernelCgroups, entry_record
-
-    if entry.get("backend") == "docker" or not entry.get("alive"):
-        return None, None
-    groups = KernelCgroups.attach(entry["kernel_id"], entry_record(entry, default=None))
-    return groups.memory_bytes(), groups.cpu_seconds()
-
-
-def _sample_usage(rows: list[dict[str, Any]], interval: float = 0.25) -> None:
-    """Memory now and CPU use over ``interval`` (in cores) for each kernel: from its
-    cgroup where the hierarchy counts it (what the limit sees), else the sum over its
-    processes (resident memory, CPU times)."""
-    import psutil
-
-    def cpu_seconds(row: dict[str, Any]) -> float:
-        counted = _group_usage(row)[1]
-        if counted is not None:
-            return counted
-        total = 0.0
-        for pid in row["pids"]:
-            try:
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return total
-
-    before = [cpu_seconds(r) for r in rows]
-    if any(r["pids"] for r in rows):
-        time.sleep(interval)
-    for row, start in zip(rows, before):
-        memory = _group_usage(row)[0]
-        if memory is None:
-            memory = 0
-            for pid in row["pids"]:
-                try:
-                    memory += psutil.Process(pid).memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-        row["mem_used"] = memory
-        row["cpu_cores"] = round(max(0.0, cpu_seconds(row) - start) / interval, 2)
 
 
 def _duration(seconds: float) -> str:

@@ -92,6 +92,9 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     workfs: workfs.WorkFs | None = None
     exit_reason: str | None = None
     exit_kind: str | None = None
+    # The previous process's death once a new one started (``_forget_exit``): a client
+    # that asks why after the automatic restart (the status endpoint) still gets it.
+    last_exit: dict[str, Any] | None = None
     pid_create_time: float | None = None
     created: float = 0.0
     _launch_started = 0.0
@@ -637,6 +640,16 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             metrics.count_trip(kind)
         self.limit_trips.append({"kind": kind, "reason": reason, "time": time.time()})
         self.log.warning("Kernel %s: %s", self.kernel_id, reason)
+
+    def _forget_exit(self) -> None:
+        """A new process of the kernel runs: why the last one died moves to
+        ``last_exit`` (with the time of this start). Called by the backends' launch."""
+        if self.exit_reason:
+            self.last_exit = {
+                "kind": self.exit_kind or "exit", "reason": self.exit_reason,
+                "restarted": time.time(),
+            }
+        self.exit_reason = self.exit_kind = None
 
     def death_report(self) -> dict[str, Any] | None:
         """Why the kernel just died, for its clients: ``{"kind", "reason", "parent"}``.

@@ -201,6 +201,9 @@ class Watchdog:
         self.tripped: str | None = None
         # Walks of the kernel's dirs so far (evidence for tests and debugging).
         self.disk_checks = 0
+        # What the last walk found over the baseline (bytes, files): the status endpoint
+        # shows it rather than walking the kernel's dirs a second time.
+        self.last_disk: tuple[int, int] | None = None
         self._task = BackgroundTask()
 
     @classmethod
@@ -285,6 +288,7 @@ class Watchdog:
             )
         used = usage.bytes - self.disk_baseline
         files = usage.files - self.files_baseline
+        self.last_disk = (max(0, used), max(0, files))
         if usage.too_deep:
             kind = "disk_limit" if self.disk_limit is not None else "files_limit"
             return kind, (

@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from .conftest import TEST_OWNER, backends
 from .harness import (
     JUPYTER_CONFIG,
+    PROVISIONERS,
     REPO,
     TOKEN,
     JupyterServer,
@@ -64,11 +66,11 @@ def _playwright_or_skip():
 
 
 @contextlib.asynccontextmanager
-async def running_lab(tmp_path: Path):
+async def running_lab(tmp_path: Path, provisioner: str = PROVISIONERS["process"]):
     """``jupyter lab`` on a free port with a limited kernelspec and a private state dir;
     stopped by pid and its kernels removed afterwards, even on failure. Yields base url."""
     jupyter_path = tmp_path / "jupyter"
-    write_kernelspec(jupyter_path, "limited-python", SPEC, "limited-process-provisioner")
+    write_kernelspec(jupyter_path, "limited-python", {**SPEC, "owner": TEST_OWNER}, provisioner)
     settings = tmp_path / "lab-settings"
     news = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     news.parent.mkdir(parents=True)
@@ -265,11 +267,11 @@ async def test_memory_limit_in_jupyterlab(tmp_path):
                 await nb.shot("02-memory-limit.png")
 
                 # The kernel came back and works (checked before the notice, so a missing
-                # notice still tells whether the restart worked). No wait for "Idle": after
-                # an automatic restart JupyterLab 4 shows "Unknown" (or "Starting") until
-                # the next execution -- the same for a stock python3 kernel without this
-                # package's server extension.
+                # notice still tells whether the restart worked). Idle by itself: our
+                # websocket echoes the state JupyterLab would otherwise ignore until the
+                # next execution (server/websocket.py).
                 seen["dialogs"] += await nb.dismiss_dialogs()
+                await nb.wait_idle()
                 await nb.run(2, 'print("alive")')
                 await async_api.expect(nb.output(2)).to_have_text("alive")
                 # A fresh kernel: the execution count started again.
@@ -292,3 +294,88 @@ async def test_memory_limit_in_jupyterlab(tmp_path):
         f"  kernel status sequence: {seen['statuses']!r}\n"
         f"  screenshots: {SCREENSHOTS}"
     )
+
+
+# -- the status-bar item of our labextension (labextension/, limited_provisioner/labextension)
+
+# Touches every page, so the 100M are resident and charged to the kernel. One line.
+ALLOCATE_100M = "blob = bytearray(100 * 2**20); blob[::4096] = b'x' * (100 * 2**20 // 4096)"
+UNITS = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def shown_memory(text: str) -> int:
+    """The bytes "Mem 120M / 256M" says the kernel uses."""
+    match = re.search(r"Mem ([\d.]+)([BKMGT]) / 256M", text)
+    assert match, f"no memory figure in the status-bar item: {text!r}"
+    return int(float(match.group(1)) * UNITS[match.group(2)])
+
+
+@contextlib.asynccontextmanager
+async def notebook_page(async_api, base: str):
+    """Chromium on the notebook (created first), its kernel idle; screenshot and page
+    state printed on failure, browser closed afterwards."""
+    async with async_api.async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            async_api.expect.set_options(timeout=UI_TIMEOUT_MS)
+            nb = Notebook(page, async_api.expect)
+            try:
+                await create_notebook(base)
+                await page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={TOKEN}")
+                await nb.cell(0).locator(".cm-content").wait_for()
+                await nb.wait_idle()
+                yield nb
+            except BaseException:
+                with contextlib.suppress(Exception):  # the page itself may be gone
+                    print("dialogs:", await nb.dialog_text(), "toasts:", await nb.toasts_text(),
+                          "status bar:", await page.locator("#jp-main-statusbar").inner_text())
+                    await nb.shot("99-statusbar-failure.png")
+                raise
+        finally:
+            await browser.close()
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_status_bar_shows_the_kernels_limits_usage_and_why_it_restarted(tmp_path, backend):
+    """The item shows memory/CPU/pids/disk against the limits and grows with the kernel;
+    after an OOM kill the "Kernel Restarting" dialog says which limit, and the kernel
+    status comes back to Idle by itself (no execution needed)."""
+    async_api = _playwright_or_skip()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    name = backend.split("-")[1]
+    async with running_lab(tmp_path, backend) as base, notebook_page(async_api, base) as nb:
+        expect, page = async_api.expect, nb.page
+        item = page.locator(".lp-LimitsStatus")
+        await expect(item).to_contain_text("/ 256M")
+        for part in ("CPU", "/ 100%", "pids", "/64", "disk", "/ 64M"):
+            await expect(item).to_contain_text(part)
+        assert await item.get_attribute("data-lp-kernel")
+        before = shown_memory(await item.inner_text())
+
+        await nb.run(0, ALLOCATE_100M)
+        await expect(nb.cell(0).locator(".jp-InputPrompt")).to_have_text("[1]:")
+        deadline = time.monotonic() + 15  # polled every 2 s
+        while (after := shown_memory(await item.inner_text())) < before + 80 * 2**20:
+            assert time.monotonic() < deadline, (before, await item.inner_text())
+            await asyncio.sleep(0.5)
+        await item.screenshot(path=str(SCREENSHOTS / f"statusbar-{name}.png"))
+        await page.locator("#jp-main-statusbar").screenshot(
+            path=str(SCREENSHOTS / f"statusbar-full-{name}.png"))
+        print(f"status-bar memory: {before} -> {after} bytes")
+
+        await nb.run(1, MEMORY_BOMB)
+        reason = page.locator(".jp-Dialog .lp-DeathReason")
+        await expect(reason).to_contain_text("memory limit 256M exceeded")
+        await expect(page.locator(".jp-Dialog")).to_contain_text("appears to have died")
+        await nb.shot(f"statusbar-dialog-{name}.png")
+        await nb.dismiss_dialogs()
+        # Back to Idle without running anything: not "Unknown" until the next execution.
+        await nb.wait_idle()
+        await expect(item).to_contain_text("/ 256M")
+        await nb.shot(f"statusbar-after-restart-{name}.png")
+        await nb.run(2, 'print("alive")')
+        await expect(nb.output(2)).to_have_text("alive")

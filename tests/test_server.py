@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tornado.httpclient import HTTPRequest
+from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from limited_provisioner.process.cgroups import kernel_group_dirs
@@ -195,6 +195,93 @@ async def test_a_limit_kill_is_explained_in_the_running_cell(
     assert "restarted" in error["content"]["evalue"]
     assert seen[-1]["content"]["execution_state"] == "restarting"  # the error came first
     assert (await wait_until_answers(base, kid)).strip() == "42"  # restarted, usable
+
+
+async def kernel_status(base: str, client, kernel_id: str) -> dict:
+    resp = await client.fetch(
+        f"{base}/api/limited-provisioner/kernels/{kernel_id}?token={TOKEN}")
+    return json.loads(resp.body)
+
+
+# Touches every page, so the whole 100M is resident (charged to the kernel's group).
+ALLOCATE_100M = "blob = bytearray(100 * 2**20)\nblob[::4096] = b'x' * (100 * 2**20 // 4096)"
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_the_status_endpoint_shows_limits_usage_timers_and_the_last_kill(
+    backend, server, jupyter_path, docker_cleanup
+):
+    base, client, started = server
+    write_kernelspec(
+        jupyter_path, "shown", {"mem_limit": "256M", "pids_limit": 64, "disk_limit": "64M",
+                                "idle_timeout": "10m", "owner": "lp-pytest"}, backend,
+    )
+    kid = await post_kernel(base, client, "shown", started)
+    assert (await ws_execute_text(base, kid, "print(6 * 7)")).strip() == "42"
+    before = await kernel_status(base, client, kid)
+    assert before["limited"] and before["alive"] and before["kernel_id"] == kid
+    assert before["backend"] == backend.split("-")[1]
+    assert before["limits"]["mem_limit"] == 256 * 2**20 and before["limits"]["pids_limit"] == 64
+    assert before["limits"]["disk_limit"] == 64 * 2**20
+    assert 0 < before["usage"]["pids"] <= 64 and before["usage"]["memory"] > 10 * 2**20
+    assert before["usage"]["cpu_cores"] >= 0
+    assert 540 < before["timers"]["idle_cull_in"] <= 600
+    assert before["last_exit_reason"] is None
+
+    await ws_execute_text(base, kid, ALLOCATE_100M + "\nopen('f', 'wb').write(b'x' * 5 * 2**20)")
+    grown = await kernel_status(base, client, kid)
+    assert grown["usage"]["memory"] > before["usage"]["memory"] + 80 * 2**20, (before, grown)
+    for _ in range(50):  # the watchdog walks the work dir every few seconds
+        disk = (await kernel_status(base, client, kid))["usage"]["disk"]
+        if disk is not None and disk >= 5 * 2**20:
+            break
+        await asyncio.sleep(0.2)
+    assert disk is not None and disk >= 5 * 2**20
+
+    # A stock kernel exists, it just has no limits; an unknown id is not found.
+    stock = await post_kernel(base, client, "python3", started)
+    assert await kernel_status(base, client, stock) == {"kernel_id": stock, "limited": False}
+    with pytest.raises(HTTPClientError) as missing:
+        await kernel_status(base, client, str(uuid.uuid4()))
+    assert missing.value.code == 404
+    with pytest.raises(HTTPClientError) as anonymous:
+        await client.fetch(f"{base}/api/limited-provisioner/kernels/{kid}")
+    assert anonymous.value.code == 403
+
+    # After an OOM kill and the automatic restart: why it died.
+    await ws_execute(base, kid, "a = []\nwhile True:\n    a.append(bytearray(2**20))")
+    assert (await wait_until_answers(base, kid)).strip() == "42"
+    after = await kernel_status(base, client, kid)
+    assert "memory limit 256M exceeded" in after["last_exit_reason"], after
+    assert after["last_exit"]["kind"] == "mem_limit" and after["alive"]
+
+
+async def test_a_connected_client_is_told_idle_once_after_a_status_it_ignores(server):
+    """JupyterLab ignores the status of untracked requests (kernel_info_request): the
+    connection follows the first such "idle" with one of its own, without a parent."""
+    base, client, started = server
+    kid = await post_kernel(base, client, "lim", started)
+    assert (await ws_execute_text(base, kid, "print(6 * 7)")).strip() == "42"
+    ws = await websocket_connect(kernel_ws_url(base, kid))
+    seen: list[tuple[str, str | None]] = []
+    try:
+        for _ in range(2):  # the second kernel_info's idle gets no echo
+            ws.write_message(json.dumps(ws_message("kernel_info_request", {})))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+            msg = json.loads(raw)
+            if msg["msg_type"] == "status":
+                seen.append((msg["content"]["execution_state"],
+                             msg["parent_header"].get("msg_type")))
+    finally:
+        ws.close()
+    echoes = [i for i, s in enumerate(seen) if s == ("idle", None)]
+    assert len(echoes) == 1, seen
+    assert seen[echoes[0] - 1] == ("idle", "kernel_info_request"), seen
 
 
 async def test_an_ignored_exec_timeout_restart_is_explained_in_the_cell(tmp_path, jupyter_path):

@@ -271,7 +271,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             await self.docker.run(self.docker.remove_container, create["name"])
             raise
         self.exit_code = None
-        self.exit_reason = self.exit_kind = None
+        self._forget_exit()
         self._shutting_down = False
         attrs = await self.docker.acall("inspect_container", self.container_id)
         self.pid = attrs["State"].get("Pid") or None

@@ -234,7 +234,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             connection_info = await LocalProvisioner.launch_kernel(self, wrapped, **kwargs)
         finally:
             self.kernel_log.start()
-        self.exit_reason = self.exit_kind = None
+        self._forget_exit()
         self._shutting_down = False
         return connection_info
 

@@ -76,9 +76,14 @@ def _persist_sessions(serverapp: Any) -> None:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    """Adopt this server's running kernels before the first request is served."""
-
+    """Serve the kernel status endpoint (handlers.py); adopt this server's running
+    kernels before the first request is served."""
+    from .handlers import handlers
     from .manager import LimitedMappingKernelManager
+
+    # Whatever the manager class: the endpoint answers "limited: false" for kernels
+    # that are not ours, and needs no labextension (any client may poll it).
+    serverapp.web_app.add_handlers(".*$", handlers(serverapp.base_url))
 
     km = serverapp.kernel_manager
     if not isinstance(km, LimitedMappingKernelManager) or not km.adopt_on_start:

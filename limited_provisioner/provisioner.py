@@ -37,6 +37,7 @@ from .connection import KernelConnection, client_curve_secretkey, door_refusal
 from .enforcement import (
     NAMESPACE,
     NONE,
+    PROVISIONER,
     EnforcementPlan,
     Measure,
     identity_measure,
@@ -286,7 +287,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         folder = chosen_folder(self.workspace, cwd)
         self.work_folder = self.refused_restart = None
         if folder is None:
-            return Measure(NONE, "a private per-kernel dir (its HOME), removed at shutdown")
+            return Measure(PROVISIONER, "a private per-kernel dir (its HOME), removed at shutdown")
         try:
             self.work_folder = resolve_workspace(
                 folder, server_uid=os.geteuid(), kernel_uid=kernel_uid,

@@ -133,7 +133,7 @@ def server_state(proc: subprocess.Popen) -> str:
     return "\n".join(lines)
 
 
-async def create_notebook(base: str) -> None:
+async def create_notebook(base: str, path: str = NOTEBOOK) -> None:
     """A notebook on the limited kernel, so opening it starts that kernel, no picker."""
     content = {
         "nbformat": 4, "nbformat_minor": 5,
@@ -143,7 +143,7 @@ async def create_notebook(base: str) -> None:
                    "outputs": [], "execution_count": None}],
     }
     await AsyncHTTPClient().fetch(HTTPRequest(
-        f"{base}/api/contents/{NOTEBOOK}?token={TOKEN}", method="PUT",
+        f"{base}/api/contents/{path}?token={TOKEN}", method="PUT",
         body=json.dumps({"type": "notebook", "format": "json", "content": content})))
 
 
@@ -243,47 +243,26 @@ async def test_memory_limit_in_jupyterlab(tmp_path):
     async_api = _playwright_or_skip()
     shutil.rmtree(SCREENSHOTS, ignore_errors=True)
     SCREENSHOTS.mkdir(parents=True)
-    async with running_lab(tmp_path) as base, async_api.async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
-        )
-        try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            async_api.expect.set_options(timeout=UI_TIMEOUT_MS)
-            nb = Notebook(page, async_api.expect)
-            try:
-                await create_notebook(base)
-                await page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={TOKEN}")
-                await nb.cell(0).locator(".cm-content").wait_for()
-                await nb.wait_idle()
+    async with running_lab(tmp_path) as base, notebook_page(async_api, base) as nb:
+        await nb.run(0, "1+1")
+        await async_api.expect(nb.output(0)).to_have_text("2")
+        await nb.shot("01-one-plus-one.png")
 
-                await nb.run(0, "1+1")
-                await async_api.expect(nb.output(0)).to_have_text("2")
-                await nb.shot("01-one-plus-one.png")
+        await nb.run(1, MEMORY_BOMB)
+        seen = await watch_memory_notice(nb, 1)
+        await nb.shot("02-memory-limit.png")
 
-                await nb.run(1, MEMORY_BOMB)
-                seen = await watch_memory_notice(nb, 1)
-                await nb.shot("02-memory-limit.png")
-
-                # The kernel came back and works (checked before the notice, so a missing
-                # notice still tells whether the restart worked). Idle by itself: our
-                # websocket echoes the state JupyterLab would otherwise ignore until the
-                # next execution (server/websocket.py).
-                seen["dialogs"] += await nb.dismiss_dialogs()
-                await nb.wait_idle()
-                await nb.run(2, 'print("alive")')
-                await async_api.expect(nb.output(2)).to_have_text("alive")
-                # A fresh kernel: the execution count started again.
-                await async_api.expect(nb.cell(2).locator(".jp-InputPrompt")).to_have_text("[1]:")
-                await nb.shot("03-after-restart.png")
-            except BaseException:
-                with contextlib.suppress(Exception):  # the page itself may be gone
-                    print("dialogs:", await nb.dialog_text(), "toasts:", await nb.toasts_text())
-                    await nb.shot("99-failure.png")
-                raise
-        finally:
-            await browser.close()
+        # The kernel came back and works (checked before the notice, so a missing
+        # notice still tells whether the restart worked). Idle by itself: our
+        # websocket echoes the state JupyterLab would otherwise ignore until the
+        # next execution (server/websocket.py).
+        seen["dialogs"] += await nb.dismiss_dialogs()
+        await nb.wait_idle()
+        await nb.run(2, 'print("alive")')
+        await async_api.expect(nb.output(2)).to_have_text("alive")
+        # A fresh kernel: the execution count started again.
+        await async_api.expect(nb.cell(2).locator(".jp-InputPrompt")).to_have_text("[1]:")
+        await nb.shot("03-after-restart.png")
 
     print("after the OOM kill the page showed:", seen)
     assert has_notice(seen), (
@@ -311,9 +290,10 @@ def shown_memory(text: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def notebook_page(async_api, base: str):
-    """Chromium on the notebook (created first), its kernel idle; screenshot and page
-    state printed on failure, browser closed afterwards."""
+async def notebook_page(async_api, base: str, path: str = NOTEBOOK,
+                        failure_shot: str = "99-failure.png"):
+    """Chromium on the notebook ``path`` (created first), its kernel idle; screenshot
+    and page state printed on failure, browser closed afterwards."""
     async with async_api.async_playwright() as p:
         browser = await p.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
@@ -324,8 +304,8 @@ async def notebook_page(async_api, base: str):
             async_api.expect.set_options(timeout=UI_TIMEOUT_MS)
             nb = Notebook(page, async_api.expect)
             try:
-                await create_notebook(base)
-                await page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={TOKEN}")
+                await create_notebook(base, path)
+                await page.goto(f"{base}/lab/tree/{path}?token={TOKEN}")
                 await nb.cell(0).locator(".cm-content").wait_for()
                 await nb.wait_idle()
                 yield nb
@@ -333,7 +313,7 @@ async def notebook_page(async_api, base: str):
                 with contextlib.suppress(Exception):  # the page itself may be gone
                     print("dialogs:", await nb.dialog_text(), "toasts:", await nb.toasts_text(),
                           "status bar:", await page.locator("#jp-main-statusbar").inner_text())
-                    await nb.shot("99-statusbar-failure.png")
+                    await nb.shot(failure_shot)
                 raise
         finally:
             await browser.close()
@@ -347,7 +327,9 @@ async def test_status_bar_shows_the_kernels_limits_usage_and_why_it_restarted(tm
     async_api = _playwright_or_skip()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     name = backend.split("-")[1]
-    async with running_lab(tmp_path, backend) as base, notebook_page(async_api, base) as nb:
+    async with running_lab(tmp_path, backend) as base, notebook_page(
+        async_api, base, failure_shot="99-statusbar-failure.png"
+    ) as nb:
         expect, page = async_api.expect, nb.page
         item = page.locator(".lp-LimitsStatus")
         await expect(item).to_contain_text("/ 256M")

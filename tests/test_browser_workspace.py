@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import backends
-from .harness import TOKEN, JupyterServer, remove_all_kernels, server_env, write_kernelspec
-from .test_browser import CHROMIUM, SCREENSHOTS, UI_TIMEOUT_MS, Notebook, _playwright_or_skip
+from .harness import JupyterServer, remove_all_kernels, server_env, write_kernelspec
+from .test_browser import SCREENSHOTS, _playwright_or_skip, notebook_page
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="per-kernel uids need root")
 
@@ -71,63 +71,33 @@ async def lab_with_project(tmp_path: Path, provisioner: str):
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def put_notebook(server: JupyterServer, path: str) -> None:
-    content = {
-        "nbformat": 4, "nbformat_minor": 5,
-        "metadata": {"kernelspec": {"name": "limited-python", "display_name": "limited-python",
-                                    "language": "python"}},
-        "cells": [{"cell_type": "code", "id": "c0", "source": "", "metadata": {},
-                   "outputs": [], "execution_count": None}],
-    }
-    await server.api("PUT", f"/api/contents/{path}",
-                     {"type": "notebook", "format": "json", "content": content})
-
-
 @pytest.mark.parametrize("backend", backends(), indirect=True)
 async def test_a_notebook_reads_and_writes_its_own_folder_in_jupyterlab(tmp_path, backend):
     async_api = _playwright_or_skip()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     kind = "docker" if "docker" in backend else "process"
-    async with lab_with_project(tmp_path, backend) as (server, root), \
-            async_api.async_playwright() as p:
-        await put_notebook(server, "project/analysis.ipynb")
-        browser = await p.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
-        try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 800})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            async_api.expect.set_options(timeout=UI_TIMEOUT_MS)
-            nb = Notebook(page, async_api.expect)
-            try:
-                await page.goto(f"{server.base}/lab/tree/project/analysis.ipynb?token={TOKEN}")
-                await nb.cell(0).locator(".cm-content").wait_for()
-                await nb.wait_idle()
-                await nb.run(0, CELL)
-                await async_api.expect(nb.output(0)).to_have_text("total 19")
+    async with lab_with_project(tmp_path, backend) as (server, root), notebook_page(
+        async_api, server.base, "project/analysis.ipynb",
+        failure_shot=f"99-workspace-{kind}-failure.png",
+    ) as nb:
+        await nb.run(0, CELL)
+        await async_api.expect(nb.output(0)).to_have_text("total 19")
 
-                sessions = await server.api("GET", "/api/sessions")
-                [kernel_id] = [s["kernel"]["id"] for s in sessions]
-                await server.api("DELETE", f"/api/kernels/{kernel_id}")
-                result = root / "project" / "result.csv"
-                assert result.read_text() == "19"
-                st = result.stat()
-                assert (st.st_uid, st.st_gid) == (USER, USER)
+        [session] = await server.api("GET", "/api/sessions")
+        await server.api("DELETE", f"/api/kernels/{session['kernel']['id']}")
+        result = root / "project" / "result.csv"
+        assert result.read_text() == "19"
+        st = result.stat()
+        assert (st.st_uid, st.st_gid) == (USER, USER)
 
-                # The file browser (opened on the notebook's folder) lists it.
-                listing = page.locator(".jp-DirListing-content")
-                item = listing.locator(".jp-DirListing-item", has_text="result.csv")
-                for _ in range(20):
-                    if await item.count():
-                        break
-                    await page.locator(
-                        ".jp-FileBrowser-toolbar [data-command='filebrowser:refresh']"
-                    ).first.click()
-                    await page.wait_for_timeout(500)
-                await async_api.expect(item).to_have_count(1)
-                await nb.shot(f"workspace-{kind}.png")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await nb.shot(f"99-workspace-{kind}-failure.png")
-                raise
-        finally:
-            await browser.close()
+        # The file browser (opened on the notebook's folder) lists it.
+        page = nb.page
+        item = page.locator(".jp-DirListing-content .jp-DirListing-item", has_text="result.csv")
+        for _ in range(20):
+            if await item.count():
+                break
+            await page.locator(
+                ".jp-FileBrowser-toolbar [data-command='filebrowser:refresh']").first.click()
+            await page.wait_for_timeout(500)
+        await async_api.expect(item).to_have_count(1)
+        await nb.shot(f"workspace-{kind}.png")

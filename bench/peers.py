@@ -84,23 +84,12 @@ PINNED_LIKE_DEV = ["ipykernel", "ipython", "pyzmq", "tornado", "traitlets", "jup
 
 # Limited-only failures whose test's premise contradicts a limit by design:
 # test id (pytest node id, as printed) -> why. Also read from --allow FILE.
-_PRIVATE_CWD = (
-    "the kernel runs in its private per-kernel work dir (private_work_dir, default true), "
-    "not the directory the client asked for; the notebook's folder as cwd is the "
-    "JupyterLab issue's (workspace)"
-)
 _FAILED_START = (
     "a kernel that exits before it opens its sockets fails the start itself "
     "(SandboxStartError with its last output: 503 through jupyter_server) instead of "
     "being handed to the restarter as a started kernel"
 )
 KNOWN_BY_DESIGN: dict[str, str] = {
-    "tests/test_client.py::test_run_all_notebooks[Inline Image.ipynb-opts5]": _PRIVATE_CWD,
-    **{
-        f"tests/services/kernels/test_api.py::test_resolve_path_{name}[jp_server_config{n}]":
-        _PRIVATE_CWD
-        for name in ("kernel", "server_and_kernel") for n in range(3)
-    },
     **{
         f"tests/test_client.py::{name}": (
             "the cell reads a variable the test put into the server's own environment "

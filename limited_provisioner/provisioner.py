@@ -60,7 +60,7 @@ from .manager_loop import ManagerLoop
 from .registry import Registry, process_identity
 from .settings import LEGACY_SECTION, LimitedSettings
 from .watchdog import KERNEL_ID_ENV, Watchdog, carried_over, dir_usage
-from .workspace import Workspace, chosen_folder, resolve_workspace
+from .workspace import Workspace, chosen_folder, resolve_beneath, resolve_workspace
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,14 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             return Measure(NONE, f"none: {self.refused_restart}")
         return Measure(NAMESPACE if kernel_uid is not None else NONE,
                        self.work_folder.describe())
+
+    def resolve_path(self, path: str) -> str | None:
+        """``path`` relative to the folder the kernel works in, if it is there (reached
+        without a symlink): jupyter_server's ``resolvePath``. Nothing for a kernel in its
+        private dir (nobody else's business) or outside its folder."""
+        if self.work_folder is None:
+            return None
+        return resolve_beneath(self.work_folder.path, path)
 
     def _kernel_env(self, env: dict[str, str] | None) -> dict[str, str]:
         """The start's env plus what every limited kernel is told about its limits, its

@@ -186,6 +186,34 @@ def _primary_gid(uid: int) -> int:
     return gid or uid
 
 
+def resolve_beneath(folder: str, path: str) -> str | None:
+    """``path`` (relative to ``folder``) if it names something in ``folder`` reached
+    without a symlink, else None: jupyter_server's ``resolvePath`` for a kernel. The
+    kernel writes in its folder, so no link it planted is followed (a root server
+    stating through one would tell it what exists where it cannot look)."""
+    parts = [p for p in Path(path).parts if p not in ("", ".")]
+    if not parts or Path(path).is_absolute() or ".." in parts:
+        return None
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(folder, flags | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        for name in parts:
+            try:
+                child = os.open(name, flags, dir_fd=fd)
+            except OSError:
+                return None
+            os.close(fd)
+            fd = child
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                return None
+    finally:
+        os.close(fd)
+    return str(Path(folder, *parts))
+
+
 # -- the docker backend's host-side bind --------------------------------------------------
 
 # Where, under the state dir, a container kernel's workspace is mounted for Docker to

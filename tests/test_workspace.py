@@ -80,6 +80,9 @@ async def test_a_notebook_kernel_reads_and_writes_its_folder_as_the_folders_owne
     assert out["uid"] not in (0, USER) and out["owner"] == out["uid"]
     assert out["home"] != str(folder)  # HOME stays its private dir
     assert "idmapped" in km.provisioner.enforcement["workspace"]
+    # jupyter_server's resolvePath: the file next to the notebook, on either backend.
+    assert km.resolve_path("data.csv") == str(folder / "data.csv")
+    assert km.resolve_path("../nb/data.csv") is None
     kernel_id = km.kernel_id
     await km.shutdown_kernel(now=True)
     # Still there after shutdown, owned as the user expects.

@@ -20,6 +20,7 @@ from limited_provisioner.workspace import (
     Workspace,
     WorkspaceError,
     chosen_folder,
+    resolve_beneath,
     resolve_workspace,
     trusted_realpath,
     validate_setting,
@@ -193,3 +194,15 @@ def test_a_folder_beneath_a_closed_dir_gets_that_dir_covered_by_a_skeleton(reque
                        uid=KERNEL_UID, gid=KERNEL_UID, isolated=True, writable=["/w"],
                        workspace=in_tmp)
     assert "covers" not in spec
+
+
+def test_resolve_path_finds_files_in_the_folder_and_follows_no_link(tmp_path):
+    """jupyter_server's resolvePath for a kernel: only beneath its folder, no symlink."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "hello.py").write_text("")
+    (tmp_path / "link").symlink_to("/etc")
+    (tmp_path / "sub" / "passwd").symlink_to("/etc/passwd")
+    assert resolve_beneath(str(tmp_path), "sub/hello.py") == str(tmp_path / "sub" / "hello.py")
+    assert resolve_beneath(str(tmp_path), "./sub//hello.py") == str(tmp_path / "sub" / "hello.py")
+    for refused in ("link/passwd", "sub/passwd", "../x", "/etc/passwd", "missing.py", ""):
+        assert resolve_beneath(str(tmp_path), refused) is None, refused

@@ -241,14 +241,18 @@ class Run:
         return outcomes.count("passed"), len(outcomes) - skipped, skipped
 
 
-def run_suite(suite: str, mode: str, python: Path, src: Path, args, cache: Path) -> Run:
-    run_dir = cache / "runs" / f"{suite}-{mode}"
+def run_suite(suite: str, mode: str, python: Path, src: Path, args, cache: Path,
+              only: list[str] | None = None) -> Run:
+    """One pytest run of ``suite`` on ``mode``'s kernels; ``only``: these test ids (a
+    rerun of failures), in a run dir of its own."""
+    name = f"{suite}-{mode}" + ("-rerun" if only else "")
+    run_dir = cache / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     # A tmp dir of its own: the peers' fixtures put HOME, JUPYTER_PATH, runtime dirs (so
     # the connection files) under it, which is how leftover processes are told apart from
     # other people's. Next to the state dirs, to keep ipc paths short.
-    tmp = args.state_root / "tmp" / f"{suite}-{mode}"
+    tmp = args.state_root / "tmp" / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state_dir = None if mode == "stock" else args.state_root / f"{suite}-{mode}"
@@ -270,7 +274,7 @@ def run_suite(suite: str, mode: str, python: Path, src: Path, args, cache: Path)
         env["LIMITED_PROVISIONER_STATE_DIR"] = str(state_dir)
     else:
         env.pop("LIMITED_PROVISIONER_STATE_DIR", None)
-    cmd = [str(python), "-m", "pytest", *SUITES[suite][1],
+    cmd = [str(python), "-m", "pytest", *(only or SUITES[suite][1]),
            f"--junitxml={run_dir / 'junit.xml'}", "-p", "no:cacheprovider",
            "-p", "peers_plugin", f"--timeout={args.test_timeout}",
            # signal, not the peers' "thread": thread ends the whole pytest process on the
@@ -479,8 +483,17 @@ def failed(run: Run | None) -> dict[str, dict]:
     return {t: r for t, r in run.results.items() if r["outcome"] in ("failed", "error")}
 
 
+def unexplained(runs: dict[tuple[str, str], Run], suite: str, mode: str,
+                allow: dict[str, str]) -> list[str]:
+    """Limited-only failures of one run that are not known by design."""
+    stock_failed = failed(runs.get((suite, "stock")))
+    return sorted(t for t in failed(runs.get((suite, mode)))
+                  if t not in stock_failed and t not in allow)
+
+
 def report(runs: dict[tuple[str, str], Run], suites: list[str], modes: list[str],
-           allow: dict[str, str]) -> tuple[list[str], dict]:
+           allow: dict[str, str], reruns: dict[tuple[str, str], Run] | None = None,
+           ) -> tuple[list[str], dict]:
     """Prints the table and lists; returns (problems that make the exit status 1, summary)."""
     backends = [m for m in modes if m != "stock"]
     problems: list[str] = []
@@ -525,6 +538,7 @@ def report(runs: dict[tuple[str, str], Run], suites: list[str], modes: list[str]
         cells.append(", ".join(f"{m}: {len(only.get((suite, m), {}))}" for m in backends)
                      or "-")
         left = sum(len(runs[(suite, m)].leftovers) for m in modes if (suite, m) in runs)
+        left += sum(len(r.leftovers) for (s, _), r in (reruns or {}).items() if s == suite)
         cells.append(str(left))
         if left:
             problems.append(f"{suite}: {left} leftovers")
@@ -537,6 +551,12 @@ def report(runs: dict[tuple[str, str], Run], suites: list[str], modes: list[str]
         for test_id, r in sorted(tests.items()):
             reason = allow.get(test_id)
             tag = f" (allowed: {reason})" if reason is not None else ""
+            rerun = (reruns or {}).get((suite, mode))
+            if reason is None and rerun is not None and test_id in rerun.results \
+                    and test_id not in failed(rerun):
+                # Passed when run again on its own: a flaky test (ipykernel's stream
+                # batching, timing under load), reported but not an explained failure.
+                reason = tag = " (flaky: passed when run again alone)"
             print(f"- [{suite} limited-{mode}] `{test_id}` {r['outcome']}: {r['message']}{tag}")
             summary["limited_only"].append({"suite": suite, "mode": mode, "test": test_id,
                                             **r, "allowed": reason})
@@ -555,7 +575,7 @@ def report(runs: dict[tuple[str, str], Run], suites: list[str], modes: list[str]
         print("(none)")
     print("\n## Leftovers\n")
     any_left = False
-    for (suite, _), run in runs.items():
+    for (suite, _), run in [*runs.items(), *(reruns or {}).items()]:
         for item in run.leftovers:
             any_left = True
             print(f"- [{suite} {run.label}] {item}")
@@ -611,7 +631,17 @@ def main() -> int:
         for mode in modes:
             runs[(suite, mode)] = run_suite(suite, mode, python, sources[SUITES[suite][0]],
                                             args, args.cache_dir)
-    problems, summary = report(runs, suites, modes, allow)
+    # Each unexplained limited-only failure runs once more on its own: one that passes then
+    # is flaky, not a difference the limits make.
+    reruns: dict[tuple[str, str], Run] = {}
+    for (suite, mode) in list(runs):
+        if mode != "stock":
+            again = unexplained(runs, suite, mode, allow)
+            if again:
+                reruns[(suite, mode)] = run_suite(
+                    suite, mode, python, sources[SUITES[suite][0]], args, args.cache_dir,
+                    only=again)
+    problems, summary = report(runs, suites, modes, allow, reruns)
     summary["versions"] = versions
     summary["problems"] = problems
     if args.json:

@@ -378,13 +378,20 @@ class WorkDir:
         parent, tmp, fd = await asyncio.to_thread(self._create_temp, path, parts)
         written = 0
         try:
+            # HTTP bodies come in ~64K pieces: one thread hop per MiB, not per piece.
+            pending = bytearray()
             async for chunk in chunks:
                 if not chunk:
                     continue
                 written += len(chunk)
                 if (free is not None and written > free) or (size is not None and written > size):
                     raise self._too_large(path, written - 1, free or 0, known=False)
-                await asyncio.to_thread(_write_all, fd, chunk)
+                pending += chunk
+                if len(pending) >= CHUNK:
+                    await asyncio.to_thread(_write_all, fd, bytes(pending))
+                    pending.clear()
+            if pending:
+                await asyncio.to_thread(_write_all, fd, bytes(pending))
             if size is not None and written != size:
                 raise FileError(f"{path!r}: got {written} bytes of the {size} announced")
             mtime = await asyncio.to_thread(self._finish, fd, parent, tmp, parts[-1], path, mode)

@@ -8,8 +8,6 @@ caller, ownership and rate limit of ``POST /exec``. The work is done by
 the kernel's own code is never asked to serve anything (it is the attacker).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 from typing import Annotated, Any

@@ -217,6 +217,9 @@ def test_another_users_session_is_not_found(service):
         assert resp.status_code == 404, (method, resp.text)
         assert "no session 's1'" in resp.json()["detail"]
     assert service.client.get(url(service, "s1"), headers={"X-User": BOB}).status_code == 404
+    # A refused path starts no kernel for a session that has none.
+    assert raw_request(service, "PUT", "/sessions/s9/files/../x", user=BOB, body=b"x")[0] == 400
+    assert service.kernels(owner=BOB) == []
     # Bob's own "s1" is another kernel: it does not see Alice's file.
     assert service.client.put(url(service, "s1", "b.txt"), content=b"bob's",
                               headers={"X-User": BOB}).status_code == 200

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from limited_provisioner import KernelLimitError, LimitConfigError, SandboxUnavailableError
-from limited_provisioner.files import FileError, WorkDir
+from limited_provisioner.files import FileError, WorkDir, split_path
 
 SESSION_ID = r"^[A-Za-z0-9._:-]{1,128}$"
 
@@ -96,6 +96,10 @@ def files_router(pool: Any, limiter: Any, current_user: Callable[..., str]) -> A
         fit the kernel's disk_limit (checked against Content-Length before a byte is
         written, and while streaming)."""
         admit(user)
+        try:
+            split_path(path)  # a refused path starts no kernel
+        except FileError as e:
+            raise _error(e) from None
         length = request.headers.get("content-length")
         size = int(length) if length and length.isdigit() else None
         wd = await work_dir(user, session_id, start=True)
@@ -121,7 +125,7 @@ def files_router(pool: Any, limiter: Any, current_user: Callable[..., str]) -> A
         except FileError as e:
             raise _error(e) from None
         name = reader.info.path.rsplit("/", 1)[-1]
-        quoted = name.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+        quoted = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
         return StreamingResponse(
             reader.chunks(), media_type="application/octet-stream",
             headers={"Content-Length": str(reader.size),

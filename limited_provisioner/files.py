@@ -39,9 +39,9 @@ import secrets
 import stat
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
+from .errors import SandboxUnavailableError
 from .kernel_dir import DIR_FLAGS, open_trusted_dir
 from .limits import format_size
 from .watchdog import dir_usage
@@ -233,13 +233,18 @@ class WorkDir:
     def _open_root(self) -> int:
         try:
             if self._kernels_dir is not None and self._kernel_id is not None:
-                with _closing(open_trusted_dir(self._kernels_dir)) as kernels:
-                    with _closing(os.open(self._kernel_id, DIR_FLAGS, dir_fd=kernels)) as k:
-                        fd = os.open("work", DIR_FLAGS, dir_fd=k)
+                # From the trusted kernels dir down: the kernel dir is root's (0711), so
+                # the kernel cannot swap its "work" entry.
+                with (_closing(open_trusted_dir(self._kernels_dir)) as kernels,
+                      _closing(os.open(self._kernel_id, DIR_FLAGS, dir_fd=kernels)) as k):
+                    fd = os.open("work", DIR_FLAGS, dir_fd=k)
             else:
                 fd = os.open(self.path, DIR_FLAGS)
+        except SandboxUnavailableError as e:
+            raise FilesUnavailable(f"the kernel's work dir cannot be opened: {e}") from None
         except OSError as e:
-            raise FilesUnavailable(f"the kernel's work dir cannot be opened: {e.strerror}") from None
+            msg = f"the kernel's work dir cannot be opened (gone?): {e.strerror}"
+            raise FilesUnavailable(msg) from None
         if self.uid is not None and os.fstat(fd).st_uid != self.uid:
             os.close(fd)
             raise FilesUnavailable("the kernel's work dir is not owned by the kernel's uid")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,35 @@ def test_temp_names_are_reserved_and_listing_is_bounded(work):
     listing = run(wd.list_files(max_depth=3))
     assert listing.truncated
     assert max(f.path.count("/") for f in listing.files) == 2
+
+
+def test_a_kernel_without_a_private_work_dir_is_not_served(tmp_path):
+    from types import SimpleNamespace
+
+    from limited_provisioner.files import FilesUnavailable
+    from limited_provisioner.limits import Limits
+
+    prov = SimpleNamespace(kdir=None, work_folder=None, uid=None, gid=None, limits=Limits())
+    with pytest.raises(FilesUnavailable, match="no work dir"):
+        WorkDir.of(prov)
+    prov.kdir = SimpleNamespace(work=tmp_path, kernels_dir=tmp_path, kernel_id="k")
+    prov.work_folder = SimpleNamespace(path="/srv/notebooks")
+    with pytest.raises(FilesUnavailable, match="host folder /srv/notebooks") as e:
+        WorkDir.of(prov)
+    assert e.value.status == 409
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_enospc_while_writing_is_file_too_large(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        # disk_limit above what the filesystem really has: the write itself hits ENOSPC.
+        wd = WorkDir(small, disk_limit=64 * 1024 * 1024)
+        with pytest.raises(FileTooLarge, match="disk_limit=64M") as e:
+            run(wd.write("big", _chunks(*[b"z" * (1 << 20)] * 4)))
+        assert e.value.limit == 64 * 1024 * 1024
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

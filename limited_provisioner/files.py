@@ -412,6 +412,14 @@ class WorkDir:
         os.close(parent)
         return FileInfo("/".join(parts), written, mtime)
 
+    async def write_bytes(self, path: str, data: bytes, *, mode: int = 0o644) -> FileInfo:
+        """:meth:`write` of bytes in memory (an MCP tool's upload, a test)."""
+
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.write(path, one(), size=len(data), mode=mode)
+
     def _create_temp(self, path: str, parts: list[str]) -> tuple[int, str, int]:
         parent = self._parent(path, parts, create=True)
         try:

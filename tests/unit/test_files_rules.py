@@ -171,6 +171,10 @@ def test_uploads_beyond_disk_limit_are_refused_and_leave_nothing(work):
         run(wd.write("small", _chunks(b"z" * 10, b"z" * 10), size=10))
     assert sorted(os.listdir(work)) == ["used"]
     run(wd.write("fits", _chunks(b"f" * 100_000), size=100_000))
+    run(wd.write_bytes("fits2", b"g" * 1000))
+    assert run(wd.read_bytes("fits2", 1000)) == b"g" * 1000
+    with pytest.raises(FileTooLarge):
+        run(wd.read_bytes("fits", 1000))
 
 
 def test_temp_names_are_reserved_and_listing_is_bounded(work):

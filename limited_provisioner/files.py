@@ -306,7 +306,7 @@ class WorkDir:
     async def open_read(self, path: str, chunk_size: int = CHUNK) -> FileReader:
         """Open a regular file for streaming; errors are raised here, before a byte."""
         parts = split_path(path)
-        return await asyncio.to_thread(self._open_read, path, parts, chunk_size)
+        return await _in_thread(path, self._open_read, path, parts, chunk_size)
 
     def _open_read(self, path: str, parts: list[str], chunk_size: int) -> FileReader:
         with _closing(self._parent(path, parts)) as parent:
@@ -340,7 +340,7 @@ class WorkDir:
 
     async def free(self) -> int | None:
         """Bytes the kernel may still write in its work dir (None: no disk_limit)."""
-        return await asyncio.to_thread(self._free)
+        return await _in_thread(".", self._free)
 
     def _free(self) -> int | None:
         if self.disk_limit is None:
@@ -380,7 +380,7 @@ class WorkDir:
         free = await self.free()
         if size is not None and free is not None and size > free:
             raise self._too_large(path, size, free, known=True)
-        parent, tmp, fd = await asyncio.to_thread(self._create_temp, path, parts)
+        parent, tmp, fd = await _in_thread(path, self._create_temp, path, parts)
         written = 0
         try:
             # HTTP bodies come in ~64K pieces: one thread hop per MiB, not per piece.
@@ -459,7 +459,7 @@ class WorkDir:
         made (the entry goes, whatever it points to is untouched). A directory is
         refused (NotARegularFile); nothing is followed on the way."""
         parts = split_path(path)
-        await asyncio.to_thread(self._delete, path, parts)
+        await _in_thread(path, self._delete, path, parts)
 
     def _delete(self, path: str, parts: list[str]) -> None:
         with _closing(self._parent(path, parts)) as parent:
@@ -483,7 +483,7 @@ class WorkDir:
         (``truncated`` says it stopped); directories are opened beneath their parent's
         fd with O_NOFOLLOW, so a swapped-in link is skipped, never followed.
         """
-        return await asyncio.to_thread(self._list, hidden, max_entries, max_depth)
+        return await _in_thread(".", self._list, hidden, max_entries, max_depth)
 
     def _list(self, hidden: bool, max_entries: int, max_depth: int) -> Listing:
         files: list[FileInfo] = []
@@ -531,6 +531,17 @@ class WorkDir:
 # -- helpers -----------------------------------------------------------------------------
 
 
+async def _in_thread(path: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a thread; an OSError it did not expect (the kernel changed its
+    work dir between two steps: a directory removed, renamed) becomes a FileError."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise FileNotFound(f"{path!r}: removed meanwhile, or no such directory") from None
+        raise FileError(f"{path!r}: {e.strerror} (the work dir changed meanwhile?)") from None
+
+
 @contextlib.contextmanager
 def _closing(fd: int):
     try:
@@ -572,7 +583,8 @@ def _discard(parent: int, tmp: str, fd: int) -> None:
         except FileNotFoundError:
             return
         if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
-            os.unlink(tmp, dir_fd=parent)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=parent)
     finally:
         os.close(fd)
         os.close(parent)

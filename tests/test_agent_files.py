@@ -187,6 +187,44 @@ def test_paths_that_leave_the_work_dir_are_refused(service):
     assert out["stdout"] == "['etc', 'sub']\n", out["stdout"]
 
 
+FLIP = """
+import os, shutil, threading, time
+def flip():
+    end = time.time() + 8
+    while time.time() < end:
+        try:
+            os.mkdir('race')
+            time.sleep(0.0005)
+            shutil.rmtree('race')
+            os.symlink('/etc', 'race')
+            time.sleep(0.0005)
+            os.unlink('race')
+        except OSError:
+            pass
+threading.Thread(target=flip, daemon=True).start()
+"""
+
+
+def test_links_swapped_in_while_requests_run_are_never_followed(service):
+    """The kernel flips 'race' between a directory and a link to /etc as fast as it can
+    while uploads and downloads go through it: each lands in the directory or is refused,
+    and nothing under /etc is read or written."""
+    assert service.run(ALICE, "s1", FLIP)["status"] == "ok"
+    codes: dict[int, int] = {}
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        for method, path, body in (("PUT", "race/lp-race-probe", b"x"),
+                                   ("GET", "race/passwd", b""), ("GET", "race/hostname", b"")):
+            status, text = raw_request(service, method, f"/sessions/s1/files/{path}", body=body)
+            codes[status] = codes.get(status, 0) + 1
+            assert status in (200, 400, 404), (method, path, status, text)
+            if method == "GET":
+                assert status != 200, text  # /etc's files are never served
+    assert not Path("/etc/lp-race-probe").exists()
+    assert codes.get(400, 0) > 0 and sum(codes.values()) > 30, codes
+    print(f"answers while the kernel flipped race/ <-> /etc: {codes}")
+
+
 def test_plot_written_by_code_is_downloaded_and_displayed_image_returned(service):
     out = service.run(ALICE, "plots", MAKE_PNG + (
         "with open('plot.png', 'wb') as f:\n    f.write(data)\n"

@@ -182,6 +182,12 @@ class FileReader:
         if fd is not None:
             os.close(fd)
 
+    def __del__(self) -> None:
+        # A response that was never sent (the client went away first) never iterated.
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
 
 class WorkDir:
     """One kernel's work dir as the server handles it.

@@ -17,6 +17,10 @@ subprocess exactly as deployed:
 * **overhead** -- ``POST /exec`` of ``1+1`` on a warm session vs. ``execute_interactive``
   of ``1+1`` on a warm kernel of the same kernelspec started from this process, N each,
   interleaved: p50/p90/p99 and the ratio.
+* **files** -- ``PUT`` then ``GET /sessions/{id}/files/{path}`` of ``--files-mb`` MB of
+  random bytes into a warm session (its kernel already running, ``disk_limit`` 1G),
+  ``--files-runs`` times: PUT, GET and round-trip seconds (median), MiB/s, and whether
+  every download was byte-identical (target: < 3 s for 100 MB).
 
 Service settings (explicit, so that no cap gets in the way): ``RATE_LIMIT=0``,
 ``MAX_KERNELS=none``, ``MAX_KERNELS_PER_USER=none``, ``MEM_LIMIT=256M``,
@@ -30,7 +34,7 @@ label.
 
     python bench/agent_backend.py [--backend process|docker|process,docker]
         [--sessions 40] [--users 4] [--concurrency 8] [--idle-timeout 20] [-n 100]
-        [--markdown]
+        [--parts replay,overhead,files] [--files-mb 100] [--files-runs 3] [--markdown]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -94,6 +99,7 @@ class ReplayService(AgentBackendService):
             "MAX_KERNELS": "none",
             "MAX_KERNELS_PER_USER": "none",
             "RATE_LIMIT": "0",
+            "DISK_LIMIT": "1G",
         })
         self.incarnation = 0  # SIGKILLs so far; raised *before* the kill
         self.up = asyncio.Event()
@@ -438,6 +444,58 @@ async def overhead(svc: ReplayService, args: argparse.Namespace,
     return {"http": http_t, "direct": direct_t}
 
 
+# -- files -------------------------------------------------------------------------------
+
+
+async def files_round_trip(svc: ReplayService, args: argparse.Namespace) -> dict[str, Any]:
+    """PUT then GET ``--files-mb`` MB in a warm session, ``--files-runs`` times."""
+    size = args.files_mb * 1000 * 1000
+    block = os.urandom(1 << 20)
+    payload = block * (size // len(block)) + block[: size % len(block)]
+    digest = hashlib.sha256(payload).hexdigest()
+    user, session = "ab-files", "files"
+    target = f"{svc.base}/sessions/{session}/files/data/payload.bin"
+    headers = {"X-User": user}
+    warm = await svc.http.put(f"{svc.base}/sessions/{session}/files/warm.txt", content=b"1",
+                              headers=headers)  # starts the session's kernel
+    warm.raise_for_status()
+    puts, gets, identical = [], [], 0
+    try:
+        for _ in range(args.files_runs):
+            t = time.perf_counter()
+            resp = await svc.http.put(target, content=payload, headers=headers)
+            puts.append(time.perf_counter() - t)
+            if resp.status_code != 200:
+                raise RuntimeError(f"PUT: HTTP {resp.status_code}: {resp.text[:300]}")
+            got = hashlib.sha256()
+            t = time.perf_counter()
+            async with svc.http.stream("GET", target, headers=headers) as resp:
+                if resp.status_code != 200:
+                    raise RuntimeError(f"GET: HTTP {resp.status_code}")
+                async for chunk in resp.aiter_raw():
+                    got.update(chunk)
+            gets.append(time.perf_counter() - t)
+            identical += got.hexdigest() == digest
+    finally:
+        await svc.delete(user, session)
+    return {"size": size, "put": puts, "get": gets, "identical": identical}
+
+
+def files_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        f = r["files"]
+        put, get = statistics.median(f["put"]), statistics.median(f["get"])
+        trips = [a + b for a, b in zip(f["put"], f["get"])]
+        rows.append([
+            r["backend"], f"{f['size'] / 1e6:g} MB", str(len(trips)), f"{put:.2f}", f"{get:.2f}",
+            f"{statistics.median(trips):.2f} ({min(trips):.2f}–{max(trips):.2f})",
+            f"{f['size'] / (1 << 20) / put:.0f} / {f['size'] / (1 << 20) / get:.0f}",
+            f"{f['identical']}/{len(trips)}",
+        ])
+    return rows
+
+
 # -- one backend, cleanup, output ----------------------------------------------------------
 
 
@@ -450,9 +508,14 @@ async def bench_backend(backend: str, args: argparse.Namespace) -> dict[str, Any
     try:
         svc = ReplayService(backend, state, scratch, args.idle_timeout)
         first_start = await svc.serve()
-        lat = await overhead(svc, args, scratch / "kernels")
-        result = await replay(svc, args)
-        result.update(backend=backend, first_start=first_start, lat=lat)
+        result: dict[str, Any] = {}
+        if "files" in args.parts:
+            result["files"] = await files_round_trip(svc, args)
+        if "overhead" in args.parts:
+            result["lat"] = await overhead(svc, args, scratch / "kernels")
+        if "replay" in args.parts:
+            result.update(await replay(svc, args))
+        result.update(backend=backend, first_start=first_start)
         ok = True
         return result
     finally:
@@ -551,31 +614,47 @@ async def main() -> None:
     parser.add_argument("--idle-timeout", type=float, default=20,
                         help="the service's idle_timeout in s (default 20)")
     parser.add_argument("-n", type=int, default=100, help="executions per path (overhead)")
+    parser.add_argument("--parts", default="replay,overhead,files",
+                        help="which parts to run, comma-separated (default all)")
+    parser.add_argument("--files-mb", type=int, default=100,
+                        help="MB (10^6 bytes) per upload/download (default 100)")
+    parser.add_argument("--files-runs", type=int, default=3)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--logs", action="store_true", help="print the service logs")
     args = parser.parse_args()
     backends = args.backend.split(",")
+    args.parts = set(args.parts.split(","))
     if not set(backends) <= {"process", "docker"} or args.sessions < 6:
         parser.error("--backend: process and/or docker; --sessions: at least 6")
+    if not args.parts <= {"replay", "overhead", "files"}:
+        parser.error("--parts: replay, overhead and/or files")
     results = []
     for backend in backends:
         t0 = time.monotonic()
         results.append(await bench_backend(backend, args))
         print(f"{backend}: {time.monotonic() - t0:.0f} s", file=sys.stderr)
     for r in results:
-        for c in r["failed"][:10]:
+        for c in r.get("failed", [])[:10]:
             print(f"{r['backend']}: session {c.session} {c.code!r}: {c.error}", file=sys.stderr)
 
-    print(f"Replay: {args.sessions} sessions of {args.users} users, concurrency "
-          f"{args.concurrency}, SIGKILL + restart after half the sessions of the create and "
-          f"of the work phase; every third session abandoned. Service: RATE_LIMIT=0, "
-          f"MAX_KERNELS=none, MAX_KERNELS_PER_USER=none, MEM_LIMIT=256M, "
-          f"IDLE_TIMEOUT={args.idle_timeout:g}.\n")
-    print(table(["", *(r["backend"] for r in results), "target"],
-                replay_rows(results, args), args.markdown))
-    print(f"\nOverhead: '1+1' on a warm session, N={args.n} each, interleaved, ms.\n")
-    print(table(["backend", "path", "p50", "p90", "p99", "p50 ratio"],
-                overhead_rows(results), args.markdown))
+    if "replay" in args.parts:
+        print(f"Replay: {args.sessions} sessions of {args.users} users, concurrency "
+              f"{args.concurrency}, SIGKILL + restart after half the sessions of the create "
+              f"and of the work phase; every third session abandoned. Service: RATE_LIMIT=0, "
+              f"MAX_KERNELS=none, MAX_KERNELS_PER_USER=none, MEM_LIMIT=256M, DISK_LIMIT=1G, "
+              f"IDLE_TIMEOUT={args.idle_timeout:g}.\n")
+        print(table(["", *(r["backend"] for r in results), "target"],
+                    replay_rows(results, args), args.markdown))
+    if "overhead" in args.parts:
+        print(f"\nOverhead: '1+1' on a warm session, N={args.n} each, interleaved, ms.\n")
+        print(table(["backend", "path", "p50", "p90", "p99", "p50 ratio"],
+                    overhead_rows(results), args.markdown))
+    if "files" in args.parts:
+        print(f"\nFiles: PUT then GET of {args.files_mb} MB of random bytes in a warm session "
+              f"(disk_limit 1G), {args.files_runs} runs, median seconds; target: round trip "
+              f"< 3 s for 100 MB.\n")
+        print(table(["backend", "size", "runs", "PUT s", "GET s", "round trip s (min–max)",
+                     "MiB/s PUT / GET", "byte-identical"], files_rows(results), args.markdown))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""HTTP API: ``POST /exec``, ``GET /sessions``, ``DELETE /sessions/{id}``, ``GET /health``.
+"""HTTP API: ``POST /exec``, ``GET /sessions``, ``DELETE /sessions/{id}``, ``GET /health``,
+and the files API of files_api.py (``/sessions/{id}/files``).
 
 Run with ``python -m uvicorn --app-dir examples agent_backend.app:app`` (settings from
 ``AGENT_BACKEND_*`` environment variables, see README.md) or ``python -m agent_backend``.
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field
 from limited_provisioner import KernelLimitError, LimitConfigError, SandboxUnavailableError
 
 from . import render
+from .files_api import files_router
 from .kernels import ExecResult, KernelPool, refused
 from .settings import Settings
 
@@ -92,6 +94,9 @@ class Output(BaseModel):
     output_type: Literal["execute_result", "display_data", "error"]
     text: str | None = Field(None, description="text/plain of a result or display.")
     mime_types: list[str] | None = None
+    png: str | None = Field(
+        None, description="image/png of a result or display (a plot), base64: hand it to "
+        "the model as an image.")
     ename: str | None = None
     evalue: str | None = None
     traceback: list[str] | None = Field(None, description="Without ANSI colour codes.")
@@ -151,6 +156,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.pool = pool
     app.state.settings = settings
+    # Files in and out of sessions: same caller, ownership and rate (its own window).
+    app.include_router(files_router(pool, RateLimiter(settings.rate_limit), current_user))
 
     @app.post(
         "/exec",

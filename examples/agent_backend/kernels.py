@@ -346,6 +346,19 @@ class KernelPool:
             log.info("session %s of %s: kernel %s shut down", session_id, user, session.kernel_id)
             return session.kernel_id
 
+    async def provisioner(self, user: str, session_id: str, *, start: bool = False) -> Any:
+        """The provisioner of the session's running kernel (files_api.py works on its work
+        dir), or None if there is none; ``start``: start the session's kernel as the first
+        execution would (raises ``KernelLimitError`` like it)."""
+        key = (user, session_id)
+        async with self._locked(key):
+            if start:
+                return (await self._ensure(key, [])).km.provisioner
+            session = self.sessions.get(key)
+            if session is None or not session.km.has_kernel:
+                return None
+            return session.km.provisioner
+
     async def list_sessions(self, user: str) -> list[dict[str, Any]]:
         """The user's sessions with a running kernel, read from the registry."""
         s = self.settings

@@ -74,14 +74,22 @@ class Execution:
         elif kind in ("execute_result", "display_data"):
             data = content.get("data") or {}
             text = strip_ansi(data.get("text/plain", ""))
-            self.outputs.append(
-                {"output_type": kind, "text": text, "mime_types": sorted(data)}
-            )
+            output = {"output_type": kind, "text": text, "mime_types": sorted(data)}
+            png = data.get("image/png")
+            if isinstance(png, str) and png:
+                # Jupyter sends images base64-encoded already (IPython wraps lines).
+                output["png"] = "".join(png.split())
+            self.outputs.append(output)
             others = [m for m in sorted(data) if m != "text/plain"]
             if text:
                 self.chunks.append(text + "\n")
             elif others:
                 self.chunks.append(f"<{', '.join(others)} output without a text form>\n")
+            if "png" in output:
+                self.chunks.append(
+                    f"[image/png, {len(output['png']) * 3 // 4} bytes: base64 in "
+                    f"outputs[{len(self.outputs) - 1}].png]\n"
+                )
         elif kind == "error":
             traceback = [strip_ansi(line) for line in content.get("traceback") or []]
             self.outputs.append(

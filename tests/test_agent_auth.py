@@ -201,6 +201,8 @@ def test_unconfigured_refuses_everything_but_health_naming_both_fixes(state):
                          json={"session_id": "s1", "code": "1"})
         assert_401(resp, "authentication is not configured", "keys add USER",
                    "AGENT_BACKEND_TRUST_X_USER=1", str(keys_path(state)))
+    # Authentication comes before the body is looked at: no 422 for strangers.
+    assert_401(c.post("/exec", json={"bad": 1}), "authentication is not configured")
     # The first key turns keys on, without a restart.
     _, key = keys.add_key(keys_path(state), "alice")
     assert c.get("/sessions", headers={"Authorization": f"Bearer {key}"}).status_code == 200

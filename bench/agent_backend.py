@@ -121,15 +121,15 @@ class ReplayService(AgentBackendService):
     async def post(self, user: str, session_id: str, code: str) -> httpx.Response:
         return await self.http.post(
             f"{self.base}/exec", json={"session_id": session_id, "code": code},
-            headers={"X-User": user},
+            headers=self.headers(user),
         )
 
     async def delete(self, user: str, session_id: str) -> httpx.Response:
         return await self.http.delete(
-            f"{self.base}/sessions/{session_id}", headers={"X-User": user})
+            f"{self.base}/sessions/{session_id}", headers=self.headers(user))
 
     async def sessions(self, user: str) -> list[dict]:
-        resp = await self.http.get(f"{self.base}/sessions", headers={"X-User": user})
+        resp = await self.http.get(f"{self.base}/sessions", headers=self.headers(user))
         resp.raise_for_status()
         return resp.json()
 

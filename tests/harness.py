@@ -650,6 +650,15 @@ def replied(msg_id: str, messages: list[dict]) -> bool:
 # -- the agent backend service -------------------------------------------------------------
 
 
+def agent_backend_keys() -> Any:
+    """examples/agent_backend/keys.py, the module that issues the service's API keys."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    from agent_backend import keys
+
+    return keys
+
+
 class AgentBackendService:
     """examples/agent_backend as a uvicorn subprocess on a free port, on the state dir
     ``state`` with server id ``server_id``, configured by ``settings`` (each becomes
@@ -658,17 +667,24 @@ class AgentBackendService:
     Restartable on the same state dir: each :meth:`start` spawns a new process on a new
     port, logging to ``<log_dir>/service-<n>.log``. The request helpers are synchronous
     (``self.client``, httpx); an async caller runs :meth:`start` in a thread.
+
+    Callers authenticate as deployed: ``auth="keys"`` (default) issues each user an API
+    key in the state dir's keys file at its first request (:meth:`headers`);
+    ``auth="proxy"`` runs the service behind a "trusted proxy" (X-User alone).
     """
 
     def __init__(self, state: Path, server_id: str, log_dir: Path,
-                 settings: Mapping[str, str]):
+                 settings: Mapping[str, str], auth: str = "keys"):
         self.state = state
         self.server_id = server_id
         self.log_dir = log_dir
+        self.auth = auth
+        self.api_keys: dict[str, str] = {}  # user -> key issued by headers()
         self.env = {
             **os.environ,
             "AGENT_BACKEND_STATE_DIR": str(state),
             "AGENT_BACKEND_SERVER_ID": server_id,
+            **({"AGENT_BACKEND_TRUST_X_USER": "1"} if auth == "proxy" else {}),
             **{f"AGENT_BACKEND_{k}": v for k, v in settings.items()},
         }
         if settings.get("BACKEND") == "docker" and "IMAGE" not in settings:
@@ -723,10 +739,23 @@ class AgentBackendService:
         self.kill9()
         self.client.close()
 
+    @property
+    def keys_file(self) -> Path:
+        return Path(self.env.get("AGENT_BACKEND_KEYS_FILE")
+                    or self.state / "agent-backend-keys.json")
+
+    def headers(self, user: str) -> dict[str, str]:
+        """``X-User``, and with API keys ``Authorization`` (a key issued on first use)."""
+        if self.auth == "proxy":
+            return {"X-User": user}
+        if user not in self.api_keys:
+            self.api_keys[user] = agent_backend_keys().add_key(self.keys_file, user)[1]
+        return {"X-User": user, "Authorization": f"Bearer {self.api_keys[user]}"}
+
     def exec(self, user: str, session_id: str, code: str) -> httpx.Response:
         return self.client.post(
             f"{self.base}/exec", json={"session_id": session_id, "code": code},
-            headers={"X-User": user},
+            headers=self.headers(user),
         )
 
     def run(self, user: str, session_id: str, code: str) -> dict:
@@ -736,10 +765,11 @@ class AgentBackendService:
         return resp.json()
 
     def delete(self, user: str, session_id: str) -> httpx.Response:
-        return self.client.delete(f"{self.base}/sessions/{session_id}", headers={"X-User": user})
+        return self.client.delete(f"{self.base}/sessions/{session_id}",
+                                  headers=self.headers(user))
 
     def sessions(self, user: str) -> list[dict]:
-        resp = self.client.get(f"{self.base}/sessions", headers={"X-User": user})
+        resp = self.client.get(f"{self.base}/sessions", headers=self.headers(user))
         resp.raise_for_status()
         return resp.json()
 

@@ -75,7 +75,8 @@ def raw_request(svc, method: str, target: str, user: str = ALICE,
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
         conn.putrequest(method, target, skip_accept_encoding=True)
-        conn.putheader("X-User", user)
+        for name, value in svc.headers(user).items():
+            conn.putheader(name, value)
         conn.putheader("Content-Length", str(len(body)))
         conn.endheaders(body)
         resp = conn.getresponse()
@@ -89,10 +90,10 @@ def test_100mb_upload_and_download_round_trip(service, capsys):
     digest = hashlib.sha256(payload).hexdigest()
     # An upload starts the session's kernel (before any /exec); timed: a running one.
     assert service.client.put(url(service, "s1", "first.txt"), content=b"1",
-                              headers={"X-User": ALICE}).status_code == 200
+                              headers=service.headers(ALICE)).status_code == 200
     t0 = time.perf_counter()
     resp = service.client.put(url(service, "s1", "data/big.bin"), content=payload,
-                              headers={"X-User": ALICE})
+                              headers=service.headers(ALICE))
     t_put = time.perf_counter() - t0
     assert resp.status_code == 200, resp.text
     assert resp.json()["size"] == BIG
@@ -100,7 +101,7 @@ def test_100mb_upload_and_download_round_trip(service, capsys):
     got = hashlib.sha256()
     n = 0
     with service.client.stream("GET", url(service, "s1", "data/big.bin"),
-                               headers={"X-User": ALICE}) as resp:
+                               headers=service.headers(ALICE)) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-length"] == str(BIG)
         for chunk in resp.iter_raw():
@@ -120,13 +121,13 @@ def test_100mb_upload_and_download_round_trip(service, capsys):
         "st = os.stat('data/big.bin')\n"
         "print(h.hexdigest(), st.st_uid == os.getuid(), oct(st.st_mode & 0o777))"))
     assert out["stdout"] == f"{digest} True 0o644\n"
-    listing = service.client.get(url(service, "s1"), headers={"X-User": ALICE}).json()
+    listing = service.client.get(url(service, "s1"), headers=service.headers(ALICE)).json()
     assert [(f["path"], f["size"]) for f in listing["files"]] == [
         ("data/big.bin", BIG), ("first.txt", 1)]
     assert service.client.delete(url(service, "s1", "data/big.bin"),
-                                 headers={"X-User": ALICE}).status_code == 200
+                                 headers=service.headers(ALICE)).status_code == 200
     assert service.client.get(url(service, "s1", "data/big.bin"),
-                              headers={"X-User": ALICE}).status_code == 404
+                              headers=service.headers(ALICE)).status_code == 404
 
 
 PLANT = """
@@ -176,7 +177,7 @@ def test_paths_that_leave_the_work_dir_are_refused(service):
                       "'passwd'), stat.S_ISFIFO(os.lstat('fifo').st_mode))")
     assert out["stdout"] == "/etc /etc/passwd True\n"
     # A listing shows neither links nor FIFOs.
-    listing = service.client.get(url(service, "s1"), headers={"X-User": ALICE}).json()
+    listing = service.client.get(url(service, "s1"), headers=service.headers(ALICE)).json()
     assert listing["files"] == []
     # DELETE removes the kernel's own entry (the link, the FIFO), never what it names.
     for path in ("passwd", "fifo"):
@@ -233,9 +234,9 @@ def test_plot_written_by_code_is_downloaded_and_displayed_image_returned(service
         "print(hashlib.sha256(data).hexdigest())"))
     assert out["status"] == "ok", out["text"]
     digest = out["stdout"].strip()
-    files = service.client.get(url(service, "plots"), headers={"X-User": ALICE}).json()["files"]
+    files = service.client.get(url(service, "plots"), headers=service.headers(ALICE)).json()["files"]
     assert [f["path"] for f in files] == ["plot.png"]
-    resp = service.client.get(url(service, "plots", "plot.png"), headers={"X-User": ALICE})
+    resp = service.client.get(url(service, "plots", "plot.png"), headers=service.headers(ALICE))
     assert resp.status_code == 200
     assert resp.content.startswith(b"\x89PNG\r\n\x1a\n")
     assert hashlib.sha256(resp.content).hexdigest() == digest
@@ -248,22 +249,22 @@ def test_plot_written_by_code_is_downloaded_and_displayed_image_returned(service
 
 def test_another_users_session_is_not_found(service):
     assert service.client.put(url(service, "s1", "mine.txt"), content=b"alice's",
-                              headers={"X-User": ALICE}).status_code == 200
+                              headers=service.headers(ALICE)).status_code == 200
     for method in ("GET", "DELETE"):
         resp = service.client.request(method, url(service, "s1", "mine.txt"),
-                                      headers={"X-User": BOB})
+                                      headers=service.headers(BOB))
         assert resp.status_code == 404, (method, resp.text)
         assert "no session 's1'" in resp.json()["detail"]
-    assert service.client.get(url(service, "s1"), headers={"X-User": BOB}).status_code == 404
+    assert service.client.get(url(service, "s1"), headers=service.headers(BOB)).status_code == 404
     # A refused path starts no kernel for a session that has none.
     assert raw_request(service, "PUT", "/sessions/s9/files/../x", user=BOB, body=b"x")[0] == 400
     assert service.kernels(owner=BOB) == []
     # Bob's own "s1" is another kernel: it does not see Alice's file.
     assert service.client.put(url(service, "s1", "b.txt"), content=b"bob's",
-                              headers={"X-User": BOB}).status_code == 200
-    files = service.client.get(url(service, "s1"), headers={"X-User": BOB}).json()["files"]
+                              headers=service.headers(BOB)).status_code == 200
+    files = service.client.get(url(service, "s1"), headers=service.headers(BOB)).json()["files"]
     assert [f["path"] for f in files] == ["b.txt"]
-    resp = service.client.get(url(service, "s1", "mine.txt"), headers={"X-User": ALICE})
+    resp = service.client.get(url(service, "s1", "mine.txt"), headers=service.headers(ALICE))
     assert resp.content == b"alice's"
     # No caller: refused like /exec.
     assert service.client.get(url(service, "s1")).status_code == 422
@@ -274,14 +275,15 @@ def test_1g_upload_against_100m_limit_is_refused_without_filling_the_disk(
         backend, request, tmp_path):
     svc = _service(request, tmp_path, backend, DISK_LIMIT="100M", RATE_LIMIT="6")
     assert svc.client.put(url(svc, "s1", "small.txt"), content=b"x",
-                          headers={"X-User": ALICE}).status_code == 200  # starts the kernel
+                          headers=svc.headers(ALICE)).status_code == 200  # starts the kernel
     free_before = shutil.disk_usage(svc.state).free
 
     # Announced 1 GiB: refused before the body is read (a raw socket: send 4 MiB of it).
     host, port = svc.base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall((f"PUT /sessions/s1/files/huge.bin HTTP/1.1\r\nHost: x\r\n"
-                      f"X-User: {ALICE}\r\nContent-Length: {1 << 30}\r\n\r\n").encode())
+        sock.sendall(("PUT /sessions/s1/files/huge.bin HTTP/1.1\r\nHost: x\r\n"
+                      + "".join(f"{k}: {v}\r\n" for k, v in svc.headers(ALICE).items())
+                      + f"Content-Length: {1 << 30}\r\n\r\n").encode())
         with contextlib.suppress(OSError):  # the service may close before taking it all
             sock.sendall(b"\0" * (4 * MB))
         answer = sock.recv(65536).decode(errors="replace")
@@ -296,7 +298,7 @@ def test_1g_upload_against_100m_limit_is_refused_without_filling_the_disk(
 
     t0 = time.perf_counter()
     resp = svc.client.put(url(svc, "s1", "huge.bin"), content=gigabyte(),
-                          headers={"X-User": ALICE})
+                          headers=svc.headers(ALICE))
     elapsed = time.perf_counter() - t0
     assert resp.status_code == 413, resp.text
     assert "disk_limit=100M" in resp.json()["detail"]
@@ -305,14 +307,14 @@ def test_1g_upload_against_100m_limit_is_refused_without_filling_the_disk(
     # partial temp file is gone.
     used = free_before - shutil.disk_usage(svc.state).free
     assert used < 200 * MB, used
-    listing = svc.client.get(url(svc, "s1") + "?hidden=true", headers={"X-User": ALICE}).json()
+    listing = svc.client.get(url(svc, "s1") + "?hidden=true", headers=svc.headers(ALICE)).json()
     assert [f["path"] for f in listing["files"] if not f["path"].startswith(".ipython")] == [
         "small.txt"], listing
     out = svc.run(ALICE, "s1", "import os\nsorted(n for n in os.listdir('.') if 'upload' in n)")
     assert out["outputs"][0]["text"] == "[]"
     print(f"1 GiB chunked upload refused after {elapsed:.2f} s, host disk -{used / MB:.0f} MiB")
     # The rate limit of file requests (6/min here): the next ones get 429.
-    codes = [svc.client.get(url(svc, "s1"), headers={"X-User": ALICE}).status_code
+    codes = [svc.client.get(url(svc, "s1"), headers=svc.headers(ALICE)).status_code
              for _ in range(6)]
     assert codes[-1] == 429 and 200 in codes, codes
 

@@ -7,6 +7,7 @@ Run with ``python -m uvicorn --app-dir examples agent_backend.app:app`` (setting
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -16,13 +17,15 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Path
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from limited_provisioner import KernelLimitError, LimitConfigError, SandboxUnavailableError
 
 from . import render
+from .auth import Authenticator, Refusal
 from .files_api import files_router
 from .kernels import ExecResult, KernelPool, refused
 from .settings import Settings
@@ -34,19 +37,37 @@ USER = r"^[A-Za-z0-9._@-]{1,64}$"
 # -- who is calling ----------------------------------------------------------------------
 
 
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key issued with 'python -m agent_backend keys add USER' "
+    "(not needed behind a trusted proxy: AGENT_BACKEND_TRUST_X_USER=1).",
+)
+
+
 def current_user(
+    request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     x_user: Annotated[
-        str,
+        str | None,
         Header(
             alias="X-User",
             pattern=USER,
-            description="The calling user. Trusted as given: put an authenticating proxy "
-            "(or replace this dependency with real authentication) in front of the service.",
+            description="The calling user. With API keys: the user the key was issued "
+            "to (optional: the key names its user). Behind a trusted proxy "
+            "(AGENT_BACKEND_TRUST_X_USER=1): required, set by the proxy, taken as given.",
         ),
-    ],
+    ] = None,
 ) -> str:
-    """The caller; every kernel counts against its owner's max_kernels_per_user."""
-    return x_user
+    """The authenticated caller: the one place every endpoint but /health gets it from.
+
+    Every kernel counts against its owner's max_kernels_per_user; sessions are keyed by
+    (user, session_id), so another user's session is simply not found (404).
+    """
+    authenticator: Authenticator = request.app.state.auth
+    try:
+        return authenticator.authenticate(x_user, request.headers.get("authorization"))
+    except Refusal as e:
+        raise HTTPException(e.status, e.message, headers=e.headers()) from None
 
 
 class RateLimiter:
@@ -142,9 +163,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     pool = KernelPool(settings)
     limiter = RateLimiter(settings.rate_limit)
+    auth = Authenticator(settings.keys_path, settings.trust_x_user)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Raises (the service does not start) if the keys file is unsafe or malformed.
+        mode = await asyncio.to_thread(auth.start)
+        logging.getLogger("agent_backend").warning("%s", mode)
         await pool.open()
         yield
         await pool.close()  # kernels keep running; the next start re-adopts them
@@ -156,6 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.pool = pool
     app.state.settings = settings
+    app.state.auth = auth
     # Files in and out of sessions: same caller, ownership and rate (its own window).
     app.include_router(files_router(pool, RateLimiter(settings.rate_limit), current_user))
 

@@ -67,10 +67,18 @@ class Settings:
     rate_limit: int = 5
     reply_ceiling: float = 600.0
     extra_config: dict[str, Any] = field(default_factory=dict)
+    # Who is calling (auth.py): API keys from this file (default
+    # <state_dir>/agent-backend-keys.json), or X-User as given behind a trusted proxy.
+    keys_file: str = ""
+    trust_x_user: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             msg = f"{PREFIX}BACKEND={self.backend!r}: use one of {sorted(BACKENDS)}"
+            raise ValueError(msg)
+        if self.trust_x_user and self.keys_file:
+            msg = (f"{PREFIX}TRUST_X_USER and {PREFIX}KEYS_FILE are both set: X-User "
+                   "from a trusted proxy, or API keys from the keys file, not both")
             raise ValueError(msg)
         if not self.server_id:
             default = os.environ.get("LIMITED_PROVISIONER_SERVER_ID") or (
@@ -102,11 +110,18 @@ class Settings:
             max_kernels_per_user=_count("MAX_KERNELS_PER_USER", defaults.max_kernels_per_user),
             rate_limit=_count("RATE_LIMIT", defaults.rate_limit) or 0,
             reply_ceiling=float(_env("REPLY_CEILING", str(defaults.reply_ceiling))),
+            keys_file=_env("KEYS_FILE", "") or "",
+            trust_x_user=(_env("TRUST_X_USER", "false") or "").lower() in ("1", "true", "yes"),
         )
 
     @property
     def provisioner_name(self) -> str:
         return BACKENDS[self.backend]
+
+    @property
+    def keys_path(self) -> str:
+        """The API keys file (keys.py): ``keys_file``, else in the state dir."""
+        return self.keys_file or str(Path(self.state_dir) / "agent-backend-keys.json")
 
     @property
     def kernelspec_dir(self) -> Path:

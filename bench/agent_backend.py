@@ -455,7 +455,7 @@ async def files_round_trip(svc: ReplayService, args: argparse.Namespace) -> dict
     digest = hashlib.sha256(payload).hexdigest()
     user, session = "ab-files", "files"
     target = f"{svc.base}/sessions/{session}/files/data/payload.bin"
-    headers = {"X-User": user}
+    headers = svc.headers(user)
     warm = await svc.http.put(f"{svc.base}/sessions/{session}/files/warm.txt", content=b"1",
                               headers=headers)  # starts the session's kernel
     warm.raise_for_status()

@@ -92,6 +92,7 @@ class Output(BaseModel):
     output_type: Literal["execute_result", "display_data", "error"]
     text: str | None = Field(None, description="text/plain of a result or display.")
     mime_types: list[str] | None = None
+    png: str | None = Field(None, description="A displayed image/png, base64.")
     ename: str | None = None
     evalue: str | None = None
     traceback: list[str] | None = Field(None, description="Without ANSI colour codes.")

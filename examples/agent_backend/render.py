@@ -74,9 +74,13 @@ class Execution:
         elif kind in ("execute_result", "display_data"):
             data = content.get("data") or {}
             text = strip_ansi(data.get("text/plain", ""))
-            self.outputs.append(
-                {"output_type": kind, "text": text, "mime_types": sorted(data)}
-            )
+            output = {"output_type": kind, "text": text, "mime_types": sorted(data)}
+            png = data.get("image/png")
+            if isinstance(png, str) and png:
+                # Base64 as the kernel sent it (bounded by ``limit`` above): models read
+                # images, so a displayed plot goes back to the caller as PNG.
+                output["png"] = png.strip()
+            self.outputs.append(output)
             others = [m for m in sorted(data) if m != "text/plain"]
             if text:
                 self.chunks.append(text + "\n")

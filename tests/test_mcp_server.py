@@ -12,8 +12,11 @@ import hashlib
 import os
 import re
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,13 +25,21 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("mcp.server.mcpserver", reason="needs the mcp SDK 2.x (pip install mcp)")
-from mcp import ClientSession  # noqa: E402
-from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
+from mcp import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
-from .conftest import TEST_OWNER, backends  # noqa: E402
-from .harness import EXAMPLES, KERNEL_IMAGE, kernel_leftovers, remove_all_kernels  # noqa: E402
+from .conftest import TEST_OWNER, backends
+from .harness import (
+    EXAMPLES,
+    KERNEL_IMAGE,
+    free_port,
+    kernel_leftovers,
+    remove_all_kernels,
+    stop_process,
+)
 
-MARKER = re.compile(r"^\[limited-provisioner status=(\w+)\] (.*)$", re.M)
+MARKER = re.compile(r"^\[limited-provisioner status=(\w+)\] (.*)$", re.MULTILINE)
 GONE = "variables from earlier cells are gone"
 KEPT = "variables from earlier cells are kept"
 # Resident memory grows by touched 1 MiB blocks: the cgroup (256M) kills the kernel
@@ -45,12 +56,10 @@ open("plot.png", "wb").write(PNG)
 TOOLS = {"execute_code", "upload_file", "download_file", "list_files", "reset_session"}
 
 
-@asynccontextmanager
-async def mcp_server(backend: str, **settings: str) -> AsyncIterator[tuple[ClientSession, Path]]:
-    """A started MCP server (stdio) on a fresh state dir, and its client session."""
-    # Short on purpose: the kernels' ipc socket paths live under it.
-    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
-    env = {
+def server_env(backend: str, state: Path, **settings: str) -> dict[str, str]:
+    """The server's environment: examples/ importable, the test user, a private state
+    dir and server id, small limits."""
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
             [str(EXAMPLES.parent), str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
@@ -65,22 +74,33 @@ async def mcp_server(backend: str, **settings: str) -> AsyncIterator[tuple[Clien
         **({"AGENT_BACKEND_IMAGE": KERNEL_IMAGE} if "docker" in backend else {}),
         **{f"AGENT_BACKEND_{k}": v for k, v in settings.items()},
     }
+
+
+def new_state_dir() -> Path:
+    # Short on purpose: the kernels' ipc socket paths live under it.
+    return Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+
+
+@asynccontextmanager
+async def mcp_server(backend: str, **settings: str) -> AsyncIterator[tuple[ClientSession, Path]]:
+    """A started MCP server (stdio) on a fresh state dir, and its client session."""
+    state = new_state_dir()
+    env = server_env(backend, state, **settings)
     params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_server"],
                                    env=env, cwd=str(EXAMPLES))
-    errlog = tempfile.TemporaryFile("w+")
-    try:
-        async with stdio_client(params, errlog=errlog) as (read, write), \
-                ClientSession(read, write) as session:
-            await session.initialize()
-            yield session, state
-    except BaseException:
-        errlog.seek(0)
-        print(errlog.read()[-8000:])
-        raise
-    finally:
-        errlog.close()
-        remove_all_kernels(state)
-        shutil.rmtree(state, ignore_errors=True)
+    with tempfile.TemporaryFile("w+") as errlog:
+        try:
+            async with stdio_client(params, errlog=errlog) as (read, write), \
+                    ClientSession(read, write) as session:
+                await session.initialize()
+                yield session, state
+        except BaseException:
+            errlog.seek(0)
+            print(errlog.read()[-8000:])
+            raise
+        finally:
+            remove_all_kernels(state)
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def text_of(result) -> str:
@@ -209,6 +229,51 @@ async def test_tools_run_code_in_limited_kernels(backend, jupyter_path):
             "reset"]
         leftovers = kernel_leftovers(state)
         assert leftovers["registry entries"] == 0 and leftovers["containers"] == 0, leftovers
+
+
+@pytest.fixture
+def http_server(jupyter_path, tmp_path):
+    """``python -m mcp_server --transport streamable-http`` on a free loopback port, on a
+    fresh state dir: yields (url, state); stopped by pid, its kernels removed."""
+    state = new_state_dir()
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mcp_server", "--transport", "streamable-http",
+             "--port", str(port)],
+            cwd=EXAMPLES, env=server_env("process", state), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp", state
+    finally:
+        stop_process(proc)
+        print(log.read_text()[-8000:])
+        remove_all_kernels(state)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_streamable_http_transport(http_server):
+    """``--transport streamable-http``: the same tools over HTTP on loopback."""
+    url, state = http_server
+    async with streamable_http_client(url) as (read, write), \
+            ClientSession(read, write) as session:
+        await session.initialize()
+        assert {t.name for t in (await session.list_tools()).tools} == TOOLS
+        out = await call(session, "execute_code", code="6 * 7", session_id="h1")
+        assert marker(out) == ("ok", f"the execution finished; {KEPT}.")
+        assert text_of(out).startswith("42\n")
+        out = await call(session, "reset_session", session_id="h1")
+        assert out.structured_content["reset"]
+    assert kernel_leftovers(state)["registry entries"] == 0
 
 
 def test_patterns_match_the_http_service(monkeypatch, tmp_path):

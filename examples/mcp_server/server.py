@@ -21,6 +21,9 @@ import socket
 from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any
 
+from agent_backend import render
+from agent_backend.kernels import ExecResult, KernelPool, refused
+from agent_backend.settings import Settings
 from mcp.server.mcpserver import MCPServer
 from mcp.types import (
     BlobResourceContents,
@@ -33,9 +36,6 @@ from mcp.types import (
 )
 from pydantic import Field
 
-from agent_backend import render
-from agent_backend.kernels import ExecResult, KernelPool, refused
-from agent_backend.settings import Settings
 from limited_provisioner import KernelLimitError, LimitConfigError, SandboxUnavailableError
 
 from . import files_port

@@ -148,7 +148,7 @@ async def test_tools_run_code_in_limited_kernels(backend, jupyter_path):
         out = await call(session, "download_file", path="plot.png")
         assert not out.is_error, text_of(out)
         assert base64.b64decode(out.content[0].data) == png
-        assert base64.b64decode(out.structured_content["content_base64"]) == png
+        assert out.structured_content["mime_type"] == "image/png"
 
         # Files in and out: upload, the code reads it, list, download byte-identical.
         blob = os.urandom(300_000) + b"\x00\xff"
@@ -165,8 +165,8 @@ async def test_tools_run_code_in_limited_kernels(backend, jupyter_path):
         sizes = {f["path"]: f["size"] for f in listed.structured_content["files"]}
         assert sizes["data/in.bin"] == len(blob) and "out.txt" in sizes
         out = await call(session, "download_file", path="data/in.bin")
-        assert base64.b64decode(out.structured_content["content_base64"]) == blob
-        assert out.content[0].resource.blob == out.structured_content["content_base64"]
+        assert base64.b64decode(out.content[0].resource.blob) == blob
+        assert out.structured_content["size"] == len(blob)
         out = await call(session, "download_file", path="out.txt")
         assert out.content[0].resource.text == hashlib.sha256(blob).hexdigest()
 

@@ -215,7 +215,8 @@ def create_server(pool: KernelPool, mcp_settings: McpSettings) -> MCPServer:
     async def download_file(path: FilePath, session_id: SessionId = DEFAULT_SESSION
                             ) -> CallToolResult:
         """Read a file of the session's work dir (e.g. a plot or CSV the code wrote):
-        images come back as images, text as text, anything else as a base64 blob."""
+        images come back as images, UTF-8 text as text, anything else as a base64 blob
+        (an embedded resource)."""
         try:
             async with pool.session(user, session_id, start=False) as (session, _):
                 if session is None:
@@ -224,11 +225,15 @@ def create_server(pool: KernelPool, mcp_settings: McpSettings) -> MCPServer:
                 data = await files_port.read_bytes(session.km.provisioner, path, max_bytes)
         except files_port.FileError as e:
             return failure(str(e), status=e.status)
-        mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        # The bytes travel once, in the content block (a second copy in the structured
+        # content would double every message; the SDK's stdio client reads long lines in
+        # quadratic time).
+        content = file_content(session_id, path, data)
+        mime = getattr(content[0], "mime_type", None) or content[0].resource.mime_type
         return CallToolResult(
-            content=file_content(session_id, path, data),
+            content=content,
             structured_content={"path": path, "size": len(data), "mime_type": mime,
-                                "content_base64": base64.b64encode(data).decode()},
+                                "session_id": session_id},
         )
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))

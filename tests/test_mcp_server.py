@@ -64,6 +64,7 @@ def server_env(backend: str, state: Path, **settings: str) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(
             [str(EXAMPLES.parent), str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
         "MCP_USER": TEST_OWNER,
+        "MCP_MAX_FILE_BYTES": "1000000",
         "AGENT_BACKEND_BACKEND": "docker" if "docker" in backend else "process",
         "AGENT_BACKEND_STATE_DIR": str(state),
         "AGENT_BACKEND_SERVER_ID": "test-mcp-" + uuid.uuid4().hex[:8],
@@ -182,6 +183,12 @@ async def test_tools_run_code_in_limited_kernels(backend, jupyter_path):
         out = await call(session, "upload_file", path="etc/evil", content_base64="eA==")
         assert out.is_error and out.structured_content["status"] == 400
         assert not Path("/etc/evil").exists()
+        too_big = base64.b64encode(b"x" * 1_000_001).decode()
+        out = await call(session, "upload_file", path="big", content_base64=too_big)
+        assert out.is_error and out.structured_content["status"] == 413
+        assert "1000000 bytes" in text_of(out)
+        out = await call(session, "upload_file", path="x", content_base64="not base64!")
+        assert out.is_error and out.structured_content["status"] == 400
         out = await call(session, "download_file", path="missing.txt")
         assert out.is_error and out.structured_content["status"] == 404
 

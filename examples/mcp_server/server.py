@@ -198,6 +198,9 @@ def create_server(pool: KernelPool, mcp_settings: McpSettings) -> MCPServer:
             data = base64.b64decode(content_base64, validate=True)
         except (binascii.Error, ValueError) as e:
             return failure(f"content_base64 is not base64: {e}", status=400)
+        if len(data) > max_bytes:
+            return failure(f"{path}: larger than the {max_bytes} bytes a file may have here",
+                           status=413)
         try:
             async with pool.session(user, session_id) as (session, _):
                 await files_port.write_bytes(session.km.provisioner, path, data)

@@ -72,6 +72,21 @@ def _work_dir(provisioner: Any) -> str:
     return work
 
 
+def _open_dir(fd: int, name: str, create: bool, owner: os.stat_result) -> int:
+    """``name`` beneath ``fd`` as a directory fd, made (as the work dir's owner) if
+    missing and ``create``; never through a link."""
+    try:
+        return os.open(name, _DIR, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    with contextlib.suppress(FileExistsError):  # the kernel made it meanwhile
+        os.mkdir(name, 0o755, dir_fd=fd)
+    child = os.open(name, _DIR, dir_fd=fd)
+    os.fchown(child, owner.st_uid, owner.st_gid)
+    return child
+
+
 @contextlib.contextmanager
 def _parent(provisioner: Any, parts: list[str], create: bool = False) -> Iterator[int]:
     """An fd of the directory holding ``parts[-1]``, reached without following links."""
@@ -80,13 +95,9 @@ def _parent(provisioner: Any, parts: list[str], create: bool = False) -> Iterato
         owner = os.fstat(fd)
         for name in parts[:-1]:
             try:
-                child = os.open(name, _DIR, dir_fd=fd)
+                child = _open_dir(fd, name, create, owner)
             except FileNotFoundError:
-                if not create:
-                    raise _FallbackFileError(f"{'/'.join(parts)}: no such file", 404) from None
-                os.mkdir(name, 0o755, dir_fd=fd)
-                child = os.open(name, _DIR, dir_fd=fd)
-                os.fchown(child, owner.st_uid, owner.st_gid)
+                raise _FallbackFileError(f"{'/'.join(parts)}: no such file", 404) from None
             except OSError as e:  # ELOOP, ENOTDIR: a link or a file in the way
                 msg = f"{'/'.join(parts)}: {name!r} is not a directory (links are not followed)"
                 raise _FallbackFileError(msg) from e

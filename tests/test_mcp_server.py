@@ -292,3 +292,36 @@ def test_patterns_match_the_http_service(monkeypatch, tmp_path):
     from mcp_server import server
 
     assert (server.SESSION_ID, server.USER) == (app.SESSION_ID, app.USER)
+
+
+def test_results_without_kernels(monkeypatch, tmp_path):
+    """How results become MCP content: PNGs as images (once), refusals as is_error with
+    the marker, file names of any form as valid resource URIs."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from agent_backend.kernels import ExecResult
+    from mcp_server import server
+
+    from limited_provisioner import KernelLimitError, SandboxUnavailableError
+
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+    result = ExecResult(status="ok", session_id="s", kernel_id="k", text="x\n[marker]", outputs=[
+        {"output_type": "display_data", "text": "<Figure>", "mime_types": ["image/png"],
+         "png": png}])
+    out = server.exec_result(result)
+    assert [c.type for c in out.content] == ["text", "image"] and not out.is_error
+    assert out.content[1].data == png and "png" not in out.structured_content["outputs"][0]
+
+    out = server.not_started("s", KernelLimitError("max_kernels=1 reached", limit="max_kernels"))
+    assert out.is_error and out.structured_content["status"] == "limit_refused"
+    assert marker(out) == ("limit_refused", "nothing was executed: max_kernels=1 reached")
+    out = server.not_started("s", SandboxUnavailableError("docker is down"))
+    assert out.is_error and marker(out) == (
+        "error", "no kernel could be started: docker is down")
+
+    (text,) = server.file_content("a:b", "dir/my file #1?.csv", b"a,b\n")
+    assert text.resource.text == "a,b\n"
+    assert str(text.resource.uri) == "sandbox:///a%3Ab/dir/my%20file%20%231%3F.csv"
+    (blob,) = server.file_content("s", "x.bin", b"\xff\x00")
+    assert base64.b64decode(blob.resource.blob) == b"\xff\x00"
+    (image,) = server.file_content("s", "p.png", b"\x89PNG")
+    assert image.type == "image" and image.mime_type == "image/png"

@@ -20,6 +20,7 @@ import re
 import socket
 from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from agent_backend import render
 from agent_backend.kernels import ExecResult, KernelPool, refused
@@ -147,7 +148,7 @@ def not_started(session_id: str, error: Exception) -> CallToolResult:
 def file_content(session_id: str, path: str, data: bytes) -> list[Any]:
     """What a model can read: images as images, UTF-8 text as text, else a blob."""
     mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    uri = f"sandbox://{session_id}/{path.lstrip('/')}"
+    uri = f"sandbox:///{quote(session_id, safe='')}/{quote(path)}"
     encoded = base64.b64encode(data).decode()
     if mime in IMAGE_TYPES:
         return [ImageContent(type="image", data=encoded, mime_type=mime)]

@@ -203,16 +203,19 @@ def create_server(pool: KernelPool, mcp_settings: McpSettings) -> MCPServer:
             return failure(f"{path}: larger than the {max_bytes} bytes a file may have here",
                            status=413)
         try:
-            async with pool.session(user, session_id) as (session, _):
+            async with pool.session(user, session_id) as (session, notices):
                 await files_port.write_bytes(session.km.provisioner, path, data)
         except files_port.FileError as e:
             return failure(str(e), status=e.status)
         except (KernelLimitError, SandboxUnavailableError, LimitConfigError) as e:
             return not_started(session_id, e)
+        # A kernel started or restarted for this upload says so, as execute_code does.
+        lines = [f"{render.NOTICE} {notice}" for notice in notices]
+        lines.append(f"wrote {path} ({len(data)} bytes) in session {session_id!r}")
         return CallToolResult(
-            content=[TextContent(type="text", text=f"wrote {path} ({len(data)} bytes) in "
-                                 f"session {session_id!r}")],
-            structured_content={"path": path, "size": len(data), "session_id": session_id},
+            content=[TextContent(type="text", text="\n".join(lines))],
+            structured_content={"path": path, "size": len(data), "session_id": session_id,
+                                "notices": notices},
         )
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))

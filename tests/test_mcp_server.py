@@ -54,6 +54,10 @@ PNG = base64.b64decode(
 display(Image(data=PNG))
 open("plot.png", "wb").write(PNG)
 """
+# Not TEST_OWNER: another pytest session ending on this host removes every container of
+# TEST_OWNER (conftest's safety net), which would kill these kernels mid-test. Ours go
+# by their state dir (remove_all_kernels).
+MCP_OWNER = f"{TEST_OWNER}-mcp"
 TOOLS = {"execute_code", "upload_file", "download_file", "list_files", "reset_session"}
 
 
@@ -64,7 +68,7 @@ def server_env(backend: str, state: Path, **settings: str) -> dict[str, str]:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
             [str(EXAMPLES.parent), str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
-        "MCP_USER": TEST_OWNER,
+        "MCP_USER": MCP_OWNER,
         "MCP_MAX_FILE_BYTES": "1000000",
         "AGENT_BACKEND_BACKEND": "docker" if "docker" in backend else "process",
         "AGENT_BACKEND_STATE_DIR": str(state),

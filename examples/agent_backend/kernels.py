@@ -334,6 +334,23 @@ class KernelPool:
             result.text = render.render_text(chunks, result.notices, result.status, sentence)
             return result
 
+    @contextlib.asynccontextmanager
+    async def session(
+        self, user: str, session_id: str, *, start: bool = True
+    ) -> AsyncIterator[tuple[Session | None, list[str]]]:
+        """The session's running kernel (started if ``start`` and there is none, else
+        None) and the notices about it, held so that no execution, start or deletion of
+        the session overlaps: for work on the kernel's files. Raises what ``execute``
+        raises when a cap refuses the new kernel."""
+        key = (user, session_id)
+        async with self._locked(key):
+            notices: list[str] = []
+            if start:
+                yield await self._ensure(key, notices), notices
+            else:
+                session = self.sessions.get(key)
+                yield (session if session is not None and session.km.has_kernel else None), notices
+
     async def delete(self, user: str, session_id: str) -> str | None:
         """Shut the session's kernel down; its kernel id, or None if there is none."""
         key = (user, session_id)

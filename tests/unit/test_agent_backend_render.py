@@ -27,7 +27,9 @@ def test_displayed_png_is_kept_with_its_text(render):
     first, second = execution.outputs
     assert first["png"] == "iVBORw0K" and first["mime_types"] == ["image/png", "text/plain"]
     assert "png" not in second
-    assert execution.chunks == ["<Figure size 640x480>\n", "plain\n"]
+    # The text says where the image went (a model reading only text knows there is one).
+    assert execution.chunks == ["<Figure size 640x480>\n",
+                                "[image/png, 6 bytes: base64 in outputs[0].png]\n", "plain\n"]
 
 
 def test_images_count_against_the_kept_bytes(render):

@@ -16,9 +16,6 @@ does is relied on to enforce a limit (the proxy and the provisioner do that, pro
   workspace.py) says why, instead of a bare "Read-only file system".
 - print() output past the output limit is dropped in the kernel itself: the proxy drops
   it anyway, but a print loop would otherwise fill the kernel's own memory with it.
-- With a wheelhouse (wheelhouse.py), what pip installs into the kernel's own dir is
-  importable at once, pip runs from the wheelhouse where the interpreter has none, and a
-  failed ``pip install`` says which package the wheelhouse lacks and who can add it.
 
 It runs in any image, with any Python >= 3.8: stdlib only, nothing from this package.
 """
@@ -33,9 +30,6 @@ NOTICE_ENV = "LIMITED_PROVISIONER_NOTICE_FILE"
 MEM_LIMIT_ENV = "LIMITED_PROVISIONER_MEM_LIMIT"
 OUTPUT_LIMIT_ENV = "LIMITED_PROVISIONER_OUTPUT_LIMIT"
 READ_ONLY_FOLDER_ENV = "LIMITED_PROVISIONER_READ_ONLY_FOLDER"
-WHEELHOUSE_ENV = "LIMITED_PROVISIONER_WHEELHOUSE"
-# Where pip installs from the wheelhouse, relative to the kernel's HOME (its PIP_TARGET).
-WHEELHOUSE_TARGET = ".local/wheelhouse-packages"
 EROFS = 30
 NOTICE_MAX_BYTES = 4096
 
@@ -138,112 +132,6 @@ def install(shell, environ):
             del replaced[:]
 
     shell.events.register("post_run_cell", reply_with_explained_error)
-    if environ.get(WHEELHOUSE_ENV) and environ.get("PIP_TARGET"):
-        # Rebuilt on this copy of the globals, as install itself (see the bootstrap).
-        type(use_wheelhouse)(use_wheelhouse.__code__, globals())(shell, environ)
-
-
-def use_wheelhouse(shell, environ):
-    """Make pip's target dir importable now and in subprocesses, give pip to an
-    interpreter that has none, and explain a ``pip install`` that failed."""
-    import importlib.util
-    import re
-    import shutil
-    import sys
-
-    wheelhouse, target = environ[WHEELHOUSE_ENV], environ["PIP_TARGET"]
-    try:
-        os.makedirs(target, exist_ok=True)
-    except OSError:
-        return  # its HOME is not writable: pip will say so
-    # A dir missing when the kernel started was cached as "nothing there".
-    sys.path_importer_cache.pop(target, None)
-    if target not in sys.path:
-        sys.path.insert(0, target)
-    paths = [target]
-    if importlib.util.find_spec("pip") is None:
-        # pip runs from its wheel (`python -m pip` with the wheel on PYTHONPATH).
-        try:
-            pips = sorted(n for n in os.listdir(wheelhouse)
-                          if n.startswith("pip-") and n.endswith(".whl"))
-        except OSError:
-            pips = []
-        if pips:
-            paths.append(os.path.join(wheelhouse, pips[-1]))
-    if environ.get("PYTHONPATH"):
-        paths.append(environ["PYTHONPATH"])
-    environ["PYTHONPATH"] = os.pathsep.join(paths)
-
-    install_line = re.compile(
-        r"^\s*(?:%pip|!\s*pip3?|pip3?|!.*\s-m\s+pip)\s+install\s+(.*)$", re.MULTILINE
-    )
-    with_value = {"-r", "--requirement", "-c", "--constraint", "-e", "--editable", "-t",
-                  "--target", "-i", "--index-url", "--extra-index-url", "-f", "--find-links"}
-    state = {"asked": [], "command": False}
-
-    def asked(cell):
-        names, skip = [], False
-        for match in install_line.finditer(cell or ""):
-            for word in match.group(1).split():
-                if skip or word.startswith("-"):
-                    skip = not skip and word in with_value
-                    continue
-                name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", word)
-                if name and "/" not in word and not word.endswith(".whl"):
-                    names.append(name.group(0))
-        return names
-
-    def before(info):
-        cell = getattr(info, "raw_cell", "")
-        state["asked"] = asked(cell)
-        state["command"] = bool(re.search(r"^\s*!\s*pip3?\s", cell or "", re.MULTILINE))
-        if state["asked"]:
-            shell.user_ns["_exit_code"] = 0  # not an earlier cell's
-
-    def norm(name):
-        return re.sub(r"[-_.]+", "-", name).lower()
-
-    def after(result):
-        names, state["asked"] = state["asked"], []
-        if not names or not shell.user_ns.get("_exit_code"):
-            return
-        if state["command"] and shutil.which("pip", path=environ.get("PATH")) is None:
-            say([f"there is no pip command here: use %pip install {' '.join(names)}"])
-            return
-        try:
-            files = os.listdir(wheelhouse)
-        except OSError:
-            files = []
-        kinds = {}
-        for file in files:
-            kind = "wheel" if file.endswith(".whl") else "sdist"
-            kinds.setdefault(norm(file.split("-")[0]), set()).add(kind)
-        offline = " the kernel has no network." if environ.get("PIP_NO_INDEX") else ""
-        lines = []
-        for name in names:
-            found = kinds.get(norm(name), set())
-            if not found:
-                lines.append(f"{name} is not in this sandbox's wheelhouse ({wheelhouse});"
-                             f"{offline} Ask the operator to add it: "
-                             f"limited-provisioner wheelhouse add {name}")
-            elif "wheel" not in found:
-                lines.append(f"{name} is only a source distribution in this sandbox's "
-                             f"wheelhouse ({wheelhouse}): kernels install wheels only and "
-                             f"never build one. Ask the operator for a wheel: "
-                             f"limited-provisioner wheelhouse add {name}")
-        if not lines:
-            lines.append(f"pip could not install {' '.join(names)} from this sandbox's "
-                         f"wheelhouse ({wheelhouse}): a dependency, or the version asked "
-                         f"for, is not there as a wheel for this Python (pip's message "
-                         f"above says which);{offline} Ask the operator to add it: "
-                         f"limited-provisioner wheelhouse add {' '.join(names)}")
-        say(lines)
-
-    def say(lines):
-        print("\n".join(f"[limited-provisioner] {line}" for line in lines), file=sys.stderr)
-
-    shell.events.register("pre_run_cell", before)
-    shell.events.register("post_run_cell", after)
 
 
 def _give_back(namespace, before, shell):

@@ -174,6 +174,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
                     kwargs["cmd"] = await asyncio.to_thread(
                         self.connection.write_kernel_files, list(kwargs.get("cmd") or []),
                         getattr(self.parent, "kernel_name", "") or "",
+                        bool(self.wheelhouse),
                     )
             except BaseException:
                 if not restarting:

@@ -4,8 +4,8 @@ The ``wheelhouse`` setting names a directory of wheels (filled with ``limited-pr
 wheelhouse add``). Every kernel sees it read-only at the same path (process backend: the
 host as the kernel's uid sees it; docker: bound read-only) and gets pip settings
 (:func:`pip_env`) that install from it only, binary wheels only, into a directory of its
-own HOME — within its own disk limit, importable in the running kernel at once (the
-kernel's hook puts it on ``sys.path``, kernel_hook.py). A directory only, not an index
+own HOME — within its own disk limit, importable in the running kernel at once (its
+hook puts it on ``sys.path``, pip_hook.py). A directory only, not an index
 URL: a kernel with ``network=false`` has no network to reach one, even on the host.
 
 Nothing here is enforcement: what a kernel installs runs as the kernel, with its limits.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LimitConfigError
-from .kernel_hook import WHEELHOUSE_ENV, WHEELHOUSE_TARGET
+from .pip_hook import WHEELHOUSE_ENV, WHEELHOUSE_TARGET
 
 # Wheel: name-version(-build)?-python-abi-platform.whl; sdist: name-version.tar.gz|.zip.
 _WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")

@@ -115,3 +115,29 @@ async def test_world_writable_wheelhouse_refused(own_state, start_kernel):
             await start_kernel({"wheelhouse": where})
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+async def test_a_wheelhouse_behind_a_dir_kernels_cannot_enter(own_state, start_kernel, wheelhouse):
+    """A wheelhouse in root's 0700 dir: the process backend exposes it read-only, as it
+    does the interpreter's dirs (sandbox.exposures)."""
+    if os.geteuid() != 0:
+        pytest.skip("kernels run as the server's own uid: nothing to expose")
+    closed = Path(tempfile.mkdtemp(prefix="lp-closed-", dir="/var/lib"))
+    try:
+        shutil.copytree(wheelhouse, closed / "wheels")
+        (closed / "wheels").chmod(0o755)
+        closed.chmod(0o700)
+        _, kc = await start_kernel({"network": False, "mem_limit": "512M",
+                                    "wheelhouse": str(closed / "wheels")})
+        installed = await run(kc, f"%pip install {PACKAGE}\nimport {PACKAGE}\n"
+                                  "import os; print('listed:', os.listdir(os.path.dirname("
+                                  f"{str(closed / 'wheels')!r})))", timeout=120)
+        assert installed["status"] == "ok", installed
+        assert f"Successfully installed {PACKAGE}" in installed["stdout"], installed
+        # Only the wheelhouse itself was put back, not the rest of the closed dir.
+        assert "listed: ['wheels']" in installed["stdout"], installed
+        written = await run(kc, f"open({str(closed / 'wheels' / 'x.whl')!r}, 'w')")
+        assert "Read-only file system" in written["error"] or (
+            "Permission denied" in written["error"]), written
+    finally:
+        shutil.rmtree(closed, ignore_errors=True)

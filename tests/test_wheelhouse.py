@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from limited_provisioner.errors import LimitConfigError
 
 from .conftest import backends, run
+from .harness import AgentBackendService, remove_all_kernels
 
 # Pure Python, on PyPI, and in neither /opt/venv nor the kernel image (checked below).
 PACKAGE = "tabulate"
@@ -141,3 +143,30 @@ async def test_a_wheelhouse_behind_a_dir_kernels_cannot_enter(own_state, start_k
             "Permission denied" in written["error"]), written
     finally:
         shutil.rmtree(closed, ignore_errors=True)
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+def test_agent_backend_kernels_install_from_the_wheelhouse(backend, tmp_path, wheelhouse):
+    """examples/agent_backend with AGENT_BACKEND_WHEELHOUSE: a model's `pip install`."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    service = AgentBackendService(
+        state, "test-wh-" + uuid.uuid4().hex[:8], tmp_path,
+        {"BACKEND": "docker" if "docker" in backend else "process", "MEM_LIMIT": "512M",
+         "NETWORK": "false", "EXEC_TIMEOUT": "120", "WHEELHOUSE": wheelhouse},
+    )
+    try:
+        service.start()
+        installed = service.run("wh-user", "s1", f"pip install {PACKAGE}")
+        assert installed["status"] == "ok", installed
+        used = service.run("wh-user", "s1", f"import {PACKAGE}\nprint({PACKAGE}.__name__)")
+        assert used["status"] == "ok" and used["stdout"] == f"{PACKAGE}\n", used
+        missing = service.run("wh-user", "s1", "pip install lp-no-such-package")
+        assert "lp-no-such-package is not in this sandbox's wheelhouse" in missing["text"], (
+            missing)
+    except BaseException:
+        print(service.logs(8000))
+        raise
+    finally:
+        service.close()
+        remove_all_kernels(state)
+        shutil.rmtree(state, ignore_errors=True)

@@ -66,6 +66,8 @@ class Settings:
     max_kernels_per_user: int | None = 3
     rate_limit: int = 5
     reply_ceiling: float = 600.0
+    # A directory of wheels the kernels may pip-install from without network.
+    wheelhouse: str = ""
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,6 +104,7 @@ class Settings:
             max_kernels_per_user=_count("MAX_KERNELS_PER_USER", defaults.max_kernels_per_user),
             rate_limit=_count("RATE_LIMIT", defaults.rate_limit) or 0,
             reply_ceiling=float(_env("REPLY_CEILING", str(defaults.reply_ceiling))),
+            wheelhouse=_env("WHEELHOUSE", "") or "",
         )
 
     @property
@@ -134,6 +137,8 @@ class Settings:
         }
         if self.backend == "docker" and self.image:
             config["image"] = self.image
+        if self.wheelhouse:
+            config["wheelhouse"] = self.wheelhouse
         config.update(self.extra_config)
         return config
 

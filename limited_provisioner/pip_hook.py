@@ -45,8 +45,12 @@ def install(shell, environ):
     from importlib import util as import_util
 
     wheelhouse, target = environ[WHEELHOUSE_ENV], environ["PIP_TARGET"]
+    # pip builds the whole install in a temp dir first: on the kernel's disk, not in its
+    # /tmp, whose tmpfs pages count against mem_limit (pandas: 160 MB).
+    scratch = os.path.join(os.path.dirname(target), "pip-tmp")
     try:
         os.makedirs(target, exist_ok=True)
+        os.makedirs(scratch, exist_ok=True)
     except OSError:
         return  # its HOME is not writable: pip will say so
     # A dir missing when the kernel started was cached as "nothing there".
@@ -94,12 +98,19 @@ def install(shell, environ):
         state["command"] = bool(re.search(r"^\s*!\s*pip3?\s", cell or "", re.MULTILINE))
         if state["asked"]:
             shell.user_ns["_exit_code"] = 0  # not an earlier cell's
+            state["tmpdir"] = [environ.get("TMPDIR")]
+            environ["TMPDIR"] = scratch
 
     def norm(name):
         return re.sub(r"[-_.]+", "-", name).lower()
 
     def after(result):
         names, state["asked"] = state["asked"], []
+        for old in state.pop("tmpdir", ()):
+            if old is None:
+                environ.pop("TMPDIR", None)
+            else:
+                environ["TMPDIR"] = old
         if not names or not shell.user_ns.get("_exit_code"):
             return
         if state["command"] and shutil.which("pip", path=environ.get("PATH")) is None:

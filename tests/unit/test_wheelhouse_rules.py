@@ -257,3 +257,17 @@ def test_pip_hook_source_is_a_stdlib_only_python_3_8_module():
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported and imported <= set(sys.stdlib_module_names), imported
     assert len(source.splitlines()) <= 200
+
+
+def test_pip_runs_with_its_temp_dir_on_the_kernels_disk(wheel_hook, tmp_path, monkeypatch):
+    """pip's whole install goes through a temp dir: not the tmpfs /tmp (memory)."""
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    report = tmp_path / "bin" / "pip"
+    report.write_text(f"#!/bin/sh\necho \"$TMPDIR\" > {tmp_path}/seen\n")
+    _stderr_of(wheel_hook, "!pip install tabulate")
+    scratch = os.path.join(os.path.dirname(wheel_hook.target), "pip-tmp")
+    assert (tmp_path / "seen").read_text().strip() == scratch
+    assert os.path.isdir(scratch)
+    assert os.environ["TMPDIR"] == "/tmp"  # given back after the cell
+    wheel_hook.run_cell("x = 1")
+    assert os.environ["TMPDIR"] == "/tmp"

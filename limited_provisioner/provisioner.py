@@ -155,7 +155,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         if self.allow_owner_from_start_env and start_env.get("LIMITED_PROVISIONER_OWNER"):
             self.owner = start_env["LIMITED_PROVISIONER_OWNER"]
         try:
-            if self.wheelhouse:
+            if self.wheelhouse and not restarting:
+                # Not on a restart: one that raises would be retried forever.
                 await asyncio.to_thread(check_wheelhouse, self.wheelhouse, self.kernel_uid_range)
             await self._before_admission()
             if not restarting:

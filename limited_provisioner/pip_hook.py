@@ -92,7 +92,7 @@ def install(shell, environ):
                     names.append(name.group(0))
         return names
 
-    def before(info):
+    def before(info=None):  # IPython < 7 passes nothing
         cell = getattr(info, "raw_cell", "")
         state["asked"] = asked(cell)
         state["command"] = bool(re.search(r"^\s*!\s*pip3?\s", cell or "", re.MULTILINE))
@@ -104,7 +104,7 @@ def install(shell, environ):
     def norm(name):
         return re.sub(r"[-_.]+", "-", name).lower()
 
-    def after(result):
+    def after(result=None):
         names, state["asked"] = state["asked"], []
         for old in state.pop("tmpdir", ()):
             if old is None:

@@ -1,4 +1,5 @@
-"""``limited-provisioner``: install limited kernelspecs and list limited kernels."""
+"""``limited-provisioner``: install limited kernelspecs, list limited kernels, fill the
+wheelhouse kernels install packages from."""
 
 from __future__ import annotations
 
@@ -63,7 +64,14 @@ COMMANDS = {
         "Show installed kernelspecs that use a limited provisioner and the limited kernels "
         "running on this host.",
     ),
+    "wheelhouse": (
+        "fill or list the wheelhouse kernels install packages from",
+        "Fill the directory of wheels that kernels with the `wheelhouse` setting install "
+        "from without network (`wheelhouse add PKG...`: the operator's pip downloads "
+        "binary wheels of them and their dependencies, plus pip itself), or list it.",
+    ),
 }
+DEFAULT_WHEELHOUSE = "/var/lib/limited-provisioner-wheelhouse"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -73,7 +81,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    install, build, reap, lst = (
+    install, build, reap, lst, wheels = (
         sub.add_parser(name, help=text, description=description)
         for name, (text, description) in COMMANDS.items()
     )
@@ -118,6 +126,29 @@ def _build_parser() -> argparse.ArgumentParser:
 
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.add_argument("--state-dir", default=None, help="registry location (default: auto)")
+
+    wheel_commands = wheels.add_subparsers(dest="wheel_command", required=True,
+                                           metavar="ACTION")
+    add = wheel_commands.add_parser(
+        "add", help="download wheels of packages (and their dependencies) into it",
+        description="Download binary wheels of PKG... and their dependencies (and of pip) "
+        "with pip download --only-binary=:all:, for the Python of --python (default: this "
+        "one, the process backend's) or of --python-version/--platform (e.g. the docker "
+        "image's: 3.11 for the default image).",
+    )
+    add.add_argument("packages", nargs="+", metavar="PKG", help='requirement, e.g. "pandas<3"')
+    shown = wheel_commands.add_parser("list", help="list what it holds")
+    for action in (add, shown):
+        action.add_argument("--dir", default=DEFAULT_WHEELHOUSE,
+                            help=f"the wheelhouse (default: {DEFAULT_WHEELHOUSE})")
+    add.add_argument("--python", default=sys.executable,
+                     help="interpreter whose pip downloads and whose version and platform "
+                     "the wheels are for (default: this one)")
+    add.add_argument("--python-version", default=None,
+                     help='wheels for this Python version instead, e.g. "3.11"')
+    add.add_argument("--platform", action="append", default=None,
+                     help='wheels for this platform tag instead, e.g. "manylinux2014_x86_64" '
+                     "(repeatable)")
     return parser
 
 
@@ -357,8 +388,40 @@ def cmd_reap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wheelhouse(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from . import wheelhouse
+
+    where = os.path.abspath(args.dir)
+    if args.wheel_command == "add":
+        os.makedirs(where, mode=0o755, exist_ok=True)
+        cmd = wheelhouse.download_command(
+            args.packages, where, python=args.python, python_version=args.python_version,
+            platforms=args.platform,
+        )
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, check=False).returncode != 0:
+            print("limited-provisioner wheelhouse: pip download failed (a package without "
+                  "a wheel for this Python is not added: kernels build none)",
+                  file=sys.stderr)
+            return 1
+        wheelhouse.make_readable(where)
+    try:
+        wheelhouse.check_wheelhouse(where)
+    except LimitConfigError as e:
+        print(f"limited-provisioner wheelhouse: {e}", file=sys.stderr)
+        return 1
+    for dist in wheelhouse.list_wheelhouse(where):
+        note = "" if dist.kind == "wheel" else "  (source only: kernels do not install it)"
+        print(f"  {dist.name:<30} {dist.version:<14} {dist.file}{note}")
+    print(f"wheelhouse {where}: set wheelhouse={where!r} in the kernels' config")
+    return 0
+
+
 COMMAND_FUNCTIONS = {
     "install": cmd_install, "build-image": cmd_build_image, "reap": cmd_reap, "list": cmd_list,
+    "wheelhouse": cmd_wheelhouse,
 }
 
 

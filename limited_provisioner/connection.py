@@ -21,6 +21,7 @@ from .client_address import ClientAddress
 from .errors import SandboxUnavailableError
 from .kernel_dir import KernelDir
 from .kernel_hook import hook_source
+from .pip_hook import hook_source as pip_hook_source
 from .proxy import KERNEL_SOCKETS, KernelProxy
 from .traffic import Traffic
 
@@ -108,10 +109,12 @@ class KernelConnection:
         for name in PORT_NAMES:
             setattr(km, name, info[name])
 
-    def write_kernel_files(self, cmd: list[str], kernel_name: str) -> list[str]:
+    def write_kernel_files(
+        self, cmd: list[str], kernel_name: str, wheelhouse: bool = False
+    ) -> list[str]:
         """(Re)write what the kernel reads at every start — its own connection file (the
-        kernel side of the proxy) and, for IPython kernels, the hook; returns ``cmd``
-        pointed at them."""
+        kernel side of the proxy) and, for IPython kernels, the hook (and with a
+        ``wheelhouse``, pip's hook); returns ``cmd`` pointed at them."""
         info = self.proxy.kernel_connection_info()
         info["kernel_name"] = kernel_name
         self.kdir.write("connection.json", json.dumps(info, indent=1), mode=0o600, where="conn")
@@ -120,6 +123,9 @@ class KernelConnection:
         if any("ipykernel" in part for part in cmd):
             hook = self.kdir.write("hooks.py", hook_source(), mode=0o644)
             cmd.append(f"--IPKernelApp.exec_files={hook}")
+            if wheelhouse:
+                pip_hook = self.kdir.write("pip_hook.py", pip_hook_source(), mode=0o644)
+                cmd.append(f"--IPKernelApp.exec_files={pip_hook}")
         return cmd
 
     async def open_door(

@@ -60,6 +60,7 @@ from .manager_loop import ManagerLoop
 from .registry import Registry, process_identity
 from .settings import LEGACY_SECTION, LimitedSettings
 from .watchdog import KERNEL_ID_ENV, Watchdog, carried_over, dir_usage
+from .wheelhouse import check_wheelhouse, pip_env
 from .workspace import Workspace, chosen_folder, resolve_beneath, resolve_workspace
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,9 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         if self.allow_owner_from_start_env and start_env.get("LIMITED_PROVISIONER_OWNER"):
             self.owner = start_env["LIMITED_PROVISIONER_OWNER"]
         try:
+            if self.wheelhouse and not restarting:
+                # Not on a restart: one that raises would be retried forever.
+                await asyncio.to_thread(check_wheelhouse, self.wheelhouse, self.kernel_uid_range)
             await self._before_admission()
             if not restarting:
                 await asyncio.to_thread(self._admit)
@@ -171,6 +175,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
                     kwargs["cmd"] = await asyncio.to_thread(
                         self.connection.write_kernel_files, list(kwargs.get("cmd") or []),
                         getattr(self.parent, "kernel_name", "") or "",
+                        bool(self.wheelhouse),
                     )
             except BaseException:
                 if not restarting:
@@ -314,13 +319,16 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     def _kernel_env(self, env: dict[str, str] | None) -> dict[str, str]:
         """The start's env plus what every limited kernel is told about its limits, its
-        id (the watchdog and reaper find its processes by it) and its HOME (its work dir)."""
+        id (the watchdog and reaper find its processes by it), its HOME (its work dir)
+        and where its pip installs from (wheelhouse.py)."""
         assert self.kdir is not None
         notice = str(self.kdir.ctl / "notice")
         env = {
             **(env or {}), **limit_env(self.limits, self.output_limit, notice),
             KERNEL_ID_ENV: self.kernel_id, "HOME": str(self.kdir.work),
         }
+        if self.wheelhouse:
+            env.update(pip_env(self.wheelhouse, str(self.kdir.work), self.limits.network))
         if self.work_folder is not None and self.work_folder.read_only:
             env[READ_ONLY_FOLDER_ENV] = f"{self.work_folder.path}: {self.work_folder.why}"
         return env

@@ -45,6 +45,7 @@ from .limits import (
     Switch,
 )
 from .logs import follow_parent_log, get_logger
+from .wheelhouse import validate_setting as wheelhouse_setting
 from .workspace import validate_setting as workspace_setting
 
 # Settings that are one per host (host.py); the legacy section held them too.
@@ -293,6 +294,22 @@ class LimitedSettings(LoggingConfigurable):
     @validate("workspace")
     def _validate_workspace(self, proposal: dict) -> str:
         return workspace_setting(proposal["value"])
+
+    wheelhouse = Unicode(
+        "",
+        help="""A directory of wheels (filled with `limited-provisioner wheelhouse add`)
+        every kernel may install from, read-only, at the same path (docker: bound
+        read-only). Its kernels' pip installs from it only, binary wheels only (no
+        source distribution is built), into a dir of the kernel's HOME, within its disk
+        limit, importable at once: `%pip install pandas` works with network=false. With
+        network=true pip may also use its index. A directory, not a URL: a kernel
+        without network reaches no index. It must be readable by others and writable
+        by neither every user nor a kernel uid. Empty (default): none.""",
+    ).tag(config=True)
+
+    @validate("wheelhouse")
+    def _validate_wheelhouse(self, proposal: dict) -> str:
+        return wheelhouse_setting(proposal["value"])
 
     private_work_dir = Bool(
         None,

@@ -267,7 +267,7 @@ def test_another_users_session_is_not_found(service):
     resp = service.client.get(url(service, "s1", "mine.txt"), headers=service.headers(ALICE))
     assert resp.content == b"alice's"
     # No caller: refused like /exec.
-    assert service.client.get(url(service, "s1")).status_code == 422
+    assert service.client.get(url(service, "s1")).status_code == 401  # no caller: authentication first
 
 
 @pytest.mark.parametrize("backend", backends(), indirect=True)

@@ -61,7 +61,8 @@ def test_install_refuses_a_bad_limit_and_writes_nothing(tmp_path):
 
 
 def test_help_everywhere():
-    for args in ([], ["install"], ["list"]):
+    for args in ([], ["install"], ["list"], ["wheelhouse"], ["wheelhouse", "add"],
+                 ["wheelhouse", "list"]):
         result = subprocess.run([*CLI, *args, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: limited-provisioner" in result.stdout
 
@@ -182,3 +183,39 @@ def test_install_shows_every_setting_it_takes():
     from limited_provisioner.kernelspec_view import SETTINGS
 
     assert set(SETTINGS) == {name for name, _ in LIMIT_FLAGS} | {"network"}
+
+
+def test_wheelhouse_add_fills_a_dir_every_kernel_may_read(tmp_path):
+    where = tmp_path / "wheels"
+    added = subprocess.run(
+        [*CLI, "wheelhouse", "add", "tabulate", "--dir", str(where)], capture_output=True,
+        text=True, preexec_fn=lambda: os.umask(0o077),  # an operator's strict umask
+    )
+    assert added.returncode == 0, added.stderr
+    assert "--only-binary=:all:" in added.stdout
+    wheels = sorted(p.name for p in where.iterdir())
+    assert [w.split("-")[0] for w in wheels] == ["pip", "tabulate"], wheels
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in where.iterdir())
+    assert where.stat().st_mode & 0o777 == 0o755
+    listed = subprocess.run([*CLI, "wheelhouse", "list", "--dir", str(where)],
+                            capture_output=True, text=True, check=True)
+    assert re.search(r"^  tabulate +\S+ +tabulate-\S+\.whl$", listed.stdout, re.MULTILINE)
+    assert f"wheelhouse={str(where)!r}" in listed.stdout
+
+
+def test_wheelhouse_add_fails_for_a_package_pip_cannot_get(tmp_path):
+    added = subprocess.run(
+        [*CLI, "wheelhouse", "add", "lp-no-such-package-anywhere", "--dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert added.returncode == 1
+    assert "pip download failed" in added.stderr
+
+
+def test_wheelhouse_list_refuses_a_world_writable_dir(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w").chmod(0o777)
+    listed = subprocess.run([*CLI, "wheelhouse", "list", "--dir", str(tmp_path / "w")],
+                            capture_output=True, text=True)
+    assert listed.returncode == 1
+    assert "writable by every user" in listed.stderr

@@ -66,6 +66,8 @@ class Settings:
     max_kernels_per_user: int | None = 3
     rate_limit: int = 5
     reply_ceiling: float = 600.0
+    # A directory of wheels the kernels may pip-install from without network.
+    wheelhouse: str = ""
     extra_config: dict[str, Any] = field(default_factory=dict)
     # Who is calling (auth.py): API keys from this file (default
     # <state_dir>/agent-backend-keys.json), or X-User as given behind a trusted proxy.
@@ -112,6 +114,7 @@ class Settings:
             reply_ceiling=float(_env("REPLY_CEILING", str(defaults.reply_ceiling))),
             keys_file=_env("KEYS_FILE", "") or "",
             trust_x_user=(_env("TRUST_X_USER", "false") or "").lower() in ("1", "true", "yes"),
+            wheelhouse=_env("WHEELHOUSE", "") or "",
         )
 
     @property
@@ -149,6 +152,8 @@ class Settings:
         }
         if self.backend == "docker" and self.image:
             config["image"] = self.image
+        if self.wheelhouse:
+            config["wheelhouse"] = self.wheelhouse
         config.update(self.extra_config)
         return config
 

@@ -68,6 +68,8 @@ class ContainerSpec:
     # launcher's host path, bound read-only into the container.
     no_setid_files: bool = False
     launcher: str | None = None
+    # The operator's wheelhouse (wheelhouse.py), bound read-only at its own path.
+    wheelhouse: str | None = None
 
 
 def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -113,6 +115,9 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
                                          read_only=True))
         command = ["python3", "-I", "-S", LAUNCHER_IN_CONTAINER,
                    json.dumps({"no_setid_files": True}), "--", *command]
+    if spec.wheelhouse:
+        mounts.append(docker.types.Mount(spec.wheelhouse, spec.wheelhouse, type="bind",
+                                         read_only=True))
     for entry in spec.extra_mounts:
         host, target, read_only = parse_mount(entry)
         mounts.append(docker.types.Mount(target, host, type="bind", read_only=read_only))

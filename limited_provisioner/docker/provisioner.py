@@ -230,6 +230,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             ctl=str(kdir.ctl), labels=labels, extra_mounts=list(self.extra_mounts),
             tmp_size=tmp_size(lim, self.tmp_size), log_max_size=self.log_max_size,
             extra_create_kwargs=dict(self.extra_create_kwargs),
+            wheelhouse=self.wheelhouse or None,
         )
 
     async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> Any:

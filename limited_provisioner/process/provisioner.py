@@ -47,7 +47,7 @@ from ..watchdog import tree_pids
 from . import launch as _launch
 from .adopted import AdoptedProcess
 from .cgroups import KernelCgroups, entry_record
-from .interpreter import interpreter_paths
+from .interpreter import Needed, interpreter_paths
 from .kernel_log import KernelLog
 from .launch_status import LaunchStatus, exec_errno
 from .sandbox import (
@@ -241,7 +241,11 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     def _interpreter_exposures(self, cmd: list[str], env: dict[str, str]) -> dict[str, str]:
         """The interpreter's paths the isolated kernel could not see by itself
         (sandbox.exposures); what is left out is logged."""
-        expose, notes = exposures(interpreter_paths(cmd, env))
+        needed = interpreter_paths(cmd, env)
+        if self.wheelhouse:
+            # Readable by the kernel's uid wherever it lies (checked at pre_launch).
+            needed.append(Needed(self.wheelhouse, required=True))
+        expose, notes = exposures(needed)
         for note in notes:
             self.log.warning("Kernel %s: %s", self.kernel_id, note)
         return expose

@@ -22,7 +22,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from limited_provisioner import AdoptionError, adopt, list_kernels, reap_orphans
+from limited_provisioner import AdoptionError, adopt, kept_files, list_kernels, reap_orphans
 from limited_provisioner.limits import format_size
 
 from . import render
@@ -55,6 +55,7 @@ class ExecResult:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     text: str = ""
     state_lost: bool = False
+    files_kept: bool = False
     limit: str | None = None
     reason: str | None = None
     notices: list[str] = field(default_factory=list)
@@ -313,12 +314,18 @@ class KernelPool:
             session = await self._start(*key)
             self.sessions[key] = session
             ended = self._ended.pop(key, None)
-            if ended:
-                notices.append(
-                    f"this session's previous kernel was shut down ({ended}); a new kernel "
-                    f"was started and {render.STATE_LOST}"
-                )
+            # The provisioner gave the new kernel the culled one's files (keep_files_for).
+            restored = getattr(session.km.provisioner, "files_restored", None)
+            if ended or restored:
+                notices.append(render.new_kernel_notice(ended, files_kept=bool(restored)))
         return session
+
+    @staticmethod
+    def _came_back(session: Session, result: ExecResult, notices: list[str]) -> None:
+        """A session whose culled kernel was replaced: state lost, files maybe kept."""
+        if any(n.startswith(render.NEW_KERNEL) for n in notices):
+            result.state_lost = True
+            result.files_kept = bool(getattr(session.km.provisioner, "files_restored", None))
 
     async def execute(self, user: str, session_id: str, code: str) -> ExecResult:
         """Run ``code`` in the session's kernel (started on first use) and classify it.
@@ -330,18 +337,24 @@ class KernelPool:
             notices: list[str] = []
             session = await self._ensure(key, notices)
             result, chunks, sentence = await self._run(session, code)
+            self._came_back(session, result, notices)
             result.notices[:0] = notices
             result.text = render.render_text(chunks, result.notices, result.status, sentence)
             return result
 
     async def delete(self, user: str, session_id: str) -> str | None:
-        """Shut the session's kernel down; its kernel id, or None if there is none."""
+        """Shut the session's kernel down and delete the files kept from its culled
+        kernel; its kernel id (the culled one's if only kept files were left), or None
+        if there is neither."""
         key = (user, session_id)
         async with self._locked(key):
             session = self.sessions.get(key)
             self._ended.pop(key, None)
+            kept = await asyncio.to_thread(
+                kept_files.forget, self.settings.state_dir, user, SESSION_LABEL, session_id
+            )
             if session is None:
-                return None
+                return kept.get("kernel_id") if kept else None
             await self._drop(key)
             log.info("session %s of %s: kernel %s shut down", session_id, user, session.kernel_id)
             return session.kernel_id

@@ -1,0 +1,223 @@
+"""keep_files_for: an idle-culled session's files come back with its next kernel.
+
+Real kernels behind examples/agent_backend (uvicorn subprocess, private state dir):
+a session writes files, its kernel is culled for idle_timeout, the session comes back and
+its new kernel (another uid) finds the files as its own, and /exec says the variables are
+gone and the files are kept. Kept files expire through the reaper, keep_files_for=0 and
+an explicit DELETE delete them, and nothing is left behind: no kernel, no kept file, no
+loop device, no mount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from limited_provisioner import kept_files, reap_orphans, workfs
+from limited_provisioner.registry import Registry
+
+from . import test_agent_backend as ab
+from .conftest import TEST_OWNER, backends, run
+from .harness import AgentBackendService, kernel_leftovers, remove_all_kernels
+
+NOTHING = dict.fromkeys(("registry entries", "kernel dirs", "cgroups", "processes",
+                         "containers"), 0)
+WRITE = (
+    "import os\n"
+    "os.makedirs('out', exist_ok=True)\n"
+    "open('out/notes.txt', 'w').write('kept across the cull')\n"
+    "x = 41\n"
+    "print(os.getuid())"
+)
+READ = (
+    "import os\n"
+    "print(open('out/notes.txt').read(), 'x' in globals(), "
+    "os.stat('out/notes.txt').st_uid == os.getuid(), os.getuid())\n"
+    "open('out/more.txt', 'w').write('still writable')"
+)
+
+
+@pytest.fixture
+def make_service(request, tmp_path, jupyter_path):
+    """``make_service(**settings)`` -> a started agent service on a fresh state dir;
+    afterwards every service is killed by pid and its kernels and state dir removed."""
+    services: list[AgentBackendService] = []
+
+    def _make(**settings: str) -> AgentBackendService:
+        log_dir = tmp_path / f"svc{len(services)}"
+        log_dir.mkdir()
+        service = ab.new_service(log_dir, **{"IDLE_TIMEOUT": "3", "RATE_LIMIT": "0",
+                                             "DISK_LIMIT": "64M", **settings})
+        services.append(service)
+        service.start()
+        return service
+
+    yield _make
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for service in services:
+            print(service.logs(8000))
+    ab.remove_everything(services)
+
+
+def loops_and_mounts(state: Path) -> tuple[list[str], list[str]]:
+    """Loop devices backed by a file under ``state``, and mounts under it."""
+    loops = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            name = Path(backing).read_text().strip()
+        except OSError:
+            continue
+        if name.startswith(str(state) + "/"):
+            loops.append(name)
+    return loops, workfs.mounts_under(state)
+
+
+def wait_for_cull(service: AgentBackendService, timeout: float = 60) -> None:
+    """Until the provisioner culled every kernel of the service (idle_timeout) and
+    removed what it does not keep (its registry entry goes last)."""
+    deadline = time.monotonic() + timeout
+    while service.kernels() or Registry(service.state).entries():
+        assert time.monotonic() < deadline, "the kernel was not culled"
+        time.sleep(0.1)
+
+
+def kept(service: AgentBackendService) -> list[dict]:
+    return kept_files.entries(service.state)
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+def test_a_culled_sessions_files_come_back_with_its_next_kernel(
+        backend, make_service, docker_cleanup):
+    kind = "docker" if "docker" in backend else "process"
+    service = make_service(BACKEND=kind, KEEP_FILES_FOR="60")
+    user = TEST_OWNER if kind == "docker" else "u-keep"
+    first = service.run(user, "chat", WRITE)
+    assert first["status"] == "ok", first
+    old_uid = first["stdout"].strip()
+
+    t0 = time.monotonic()
+    wait_for_cull(service)
+    (meta,) = kept(service)
+    assert (meta["owner"], meta["value"], meta["kernel_id"]) == (user, "chat", first["kernel_id"])
+    # As root the files are the kernel's own ext4 image: kept unmounted, no loop device.
+    assert meta["kind"] == "image"
+    assert loops_and_mounts(service.state) == ([], [])
+    assert kernel_leftovers(service.state) == NOTHING
+
+    out = service.run(user, "chat", READ)
+    back = time.monotonic() - t0
+    assert out["status"] == "ok", out
+    assert out["kernel_id"] != first["kernel_id"]
+    text, had_x, owns_it, new_uid = out["stdout"].strip().rsplit(" ", 3)
+    assert (text, had_x, owns_it) == ("kept across the cull", "False", "True"), out
+    assert new_uid != old_uid  # handed over to another uid, not just the same one again
+    assert (out["state_lost"], out["files_kept"]) == (True, True)
+    (notice,) = out["notices"]
+    assert "previous kernel was shut down (idle for more than idle_timeout=3s" in notice
+    assert "variables from earlier cells are gone, but files in its work dir are kept" in notice
+    assert f"[limited-provisioner notice] {notice}" in out["text"]
+    assert kept(service) == []  # taken back, not copied
+    print(f"{kind}: culled and back with the files in {back:.1f}s")
+
+    # The next execution of the same kernel is an ordinary one.
+    again = service.run(user, "chat", "print(open('out/more.txt').read())")
+    assert (again["stdout"], again["files_kept"], again["notices"]) == (
+        "still writable\n", False, [])
+
+    assert service.delete(user, "chat").status_code == 200
+    assert kernel_leftovers(service.state) == NOTHING
+    assert kept(service) == []
+    assert loops_and_mounts(service.state) == ([], [])
+
+
+def test_kept_files_expire_and_the_reaper_removes_them(make_service):
+    service = make_service(KEEP_FILES_FOR="2")
+    assert service.run("u-exp", "s", WRITE)["status"] == "ok"
+    wait_for_cull(service)
+    assert len(kept(service)) == 1
+    reap_orphans(service.state, all_servers=True)  # not yet expired: kept
+    assert len(kept(service)) == 1
+    time.sleep(2.2)
+    reap_orphans(service.state, all_servers=True)
+    assert kept(service) == []
+    assert list((service.state / "kept").iterdir()) == []
+    out = service.run("u-exp", "s", "import os; print(os.path.exists('out/notes.txt'))")
+    assert (out["stdout"], out["files_kept"]) == ("False\n", False)
+    assert "a new kernel was started and variables from earlier cells are gone" in out["text"]
+    assert service.delete("u-exp", "s").status_code == 200
+    assert kernel_leftovers(service.state) == NOTHING
+    assert loops_and_mounts(service.state) == ([], [])
+
+
+def test_keep_files_for_0_deletes_at_cull_as_before(make_service):
+    service = make_service(KEEP_FILES_FOR="0")
+    assert service.run("u-zero", "s", WRITE)["status"] == "ok"
+    wait_for_cull(service)
+    assert kept(service) == []
+    assert kernel_leftovers(service.state) == NOTHING
+    assert loops_and_mounts(service.state) == ([], [])
+    out = service.run("u-zero", "s", "import os; print(os.path.exists('out/notes.txt'))")
+    assert (out["stdout"], out["files_kept"]) == ("False\n", False)
+    assert service.delete("u-zero", "s").status_code == 200
+
+
+def test_delete_removes_kept_files_at_once_and_a_plain_shutdown_keeps_none(make_service):
+    service = make_service(KEEP_FILES_FOR="60")
+    first = service.run("u-del", "s", WRITE)
+    wait_for_cull(service)
+    assert len(kept(service)) == 1
+    # The session has no kernel, only kept files: DELETE deletes them (200, not 404).
+    resp = service.delete("u-del", "s")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["kernel_id"] == first["kernel_id"]
+    assert kept(service) == []
+    assert service.delete("u-del", "s").status_code == 404
+    # A DELETE of a live session: its files go with the kernel, nothing is kept.
+    out = service.run("u-del", "s", "import os; print(os.path.exists('out/notes.txt'))")
+    assert (out["stdout"], out["files_kept"]) == ("False\n", False)
+    assert service.run("u-del", "s", WRITE)["status"] == "ok"
+    assert service.delete("u-del", "s").status_code == 200
+    assert kept(service) == []
+    assert kernel_leftovers(service.state) == NOTHING
+    assert loops_and_mounts(service.state) == ([], [])
+
+
+async def test_without_its_own_filesystem_the_work_dir_itself_is_kept(start_kernel):
+    """own_filesystem off (the work dir is on the state dir's disk): the dir is moved
+    and handed to the next kernel of the same owner and session label, directly
+    through jupyter_client (no agent service)."""
+    state = Path(tempfile.mkdtemp(prefix="lp-", dir="/var/lib"))
+    config = {"state_dir": str(state), "idle_timeout": 3, "lifecycle_interval": 0.2,
+              "keep_files_for": "1m", "own_filesystem": "off", "disk_limit": "32M",
+              "mem_limit": "256M", "owner": "u-dir"}
+    labels = {"start_kwargs": {"labels": {"session_id": "s"}}}
+    try:
+        km, kc = await start_kernel(config, **labels)
+        assert (await run(kc, WRITE))["status"] == "ok"
+        deadline = time.monotonic() + 30
+        while km.has_kernel or Registry(state).entries():  # culled, and cleaned up
+            assert time.monotonic() < deadline, "not culled"
+            await asyncio.sleep(0.1)
+        (meta,) = kept_files.entries(state)
+        assert (meta["kind"], meta["owner"], meta["kernel_id"]) == ("dir", "u-dir", km.kernel_id)
+        assert kernel_leftovers(state) == NOTHING
+
+        km2, kc2 = await start_kernel(config, **labels)
+        assert km2.provisioner.files_restored["kernel_id"] == km.kernel_id
+        out = await run(kc2, READ)
+        text, had_x, owns_it, _ = out["stdout"].strip().rsplit(" ", 3)
+        assert (text, had_x, owns_it) == ("kept across the cull", "False", "True"), out
+        assert kept_files.entries(state) == []
+        # A shutdown a client asks for keeps nothing.
+        await km2.shutdown_kernel(now=True)
+        kc2.stop_channels()
+        assert kept_files.entries(state) == []
+        assert kernel_leftovers(state) == NOTHING
+    finally:
+        remove_all_kernels(state)

@@ -12,13 +12,13 @@ kernel runs. The reaper (reaper.py) deletes what nobody took back in time::
     <state_dir>/kept/<id>/               root 0700; id = sha256 of (owner, label, value)
         meta.json                        root 0600: whose, until when, what (META_FIELDS)
         image                            the kernel's own filesystem (workfs.py),
-                                         unmounted, no loop device left on it; or
+                                         unmounted; or
         work/                            without one, its work dir, moved here as it is
 
 Nothing is copied and nothing the kernel wrote is opened: the image (or the work dir) is
-renamed on the same filesystem, beneath descriptors of root-only dirs. An image is
-mounted again only after its loop device went away (``workfs.detach``), so it is never
-mounted twice; its files are handed to the new kernel's uid by ``chown -R -P -h
+renamed on the same filesystem, beneath descriptors of root-only dirs. An image whose
+loop device is still held (a copy of its mount in another kernel's namespace) is mounted
+again through that same device, never through a second one (``workfs.detach``); its files are handed to the new kernel's uid by ``chown -R -P -h
 --from=<old uid>`` (no link followed, only what the old kernel owned; hard links cannot
 leave an ext4 image). A work dir on the host's filesystem gets the same chown.
 
@@ -153,12 +153,9 @@ def _write_meta(dir_fd: int, meta: dict[str, Any]) -> None:
 
 
 def _remove(root: int, name: str, state_dir: str | os.PathLike) -> bool:
-    """Remove the entry ``name`` of the kept dir (no link followed); never an image a
-    loop device still uses (that would be a bug: say so and keep it)."""
-    image = Path(state_dir) / KEPT / name / IMAGE
-    if workfs.loops_of(image):
-        log.error("kept files %s not removed: a loop device still uses %s", name, image)
-        return False
+    """Remove the entry ``name`` of the kept dir (no link followed). A loop device that
+    still serves its image (a mount copy in another kernel's namespace: workfs.detach)
+    goes with its last holder, as after workfs.release."""
     remove_entry(root, name)
     return True
 
@@ -246,9 +243,7 @@ def keep(
     assert root is not None
     with _opened(root), _opened(kdir._open()) as kfd:
         if workfs.is_mounted(kdir.path):
-            if not workfs.detach(kdir.path):
-                msg = "a loop device still uses its filesystem"
-                raise KeepError(msg)
+            workfs.detach(kdir.path)
             kind, src_dir, src = "image", workfs.DISK, workfs.IMAGE
             sfd = os.open(src_dir, DIR_FLAGS, dir_fd=kfd)
             st = os.stat(src, dir_fd=sfd, follow_symlinks=False)

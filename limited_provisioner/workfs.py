@@ -290,7 +290,8 @@ def create(kernel_dir: Path, kdir_fd: int, disk_limit: int, files_limit: int | N
         # nothing in them is the kernel's to change.
         if reuse is None:
             _run(["mkfs.ext4", *MKFS_OPTIONS, *geometry.mkfs_args(), str(image)], "mkfs.ext4")
-        _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(stage)], "mount")
+        if reuse is None or not _mount_still_attached(image, stage):
+            _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(stage)], "mount")
         try:
             files = os.statvfs(stage).f_files - OWN_INODES
             if reuse is not None:
@@ -467,20 +468,36 @@ def release(kernel_dir: Path) -> None:
     os.close(top)
 
 
-def detach(kernel_dir: Path, wait: float = 5.0) -> bool:
-    """Unmount the kernel's filesystem and let its loop device go, keeping the image
-    (kept_files.py moves it away); True once nothing uses the image any more, False if
-    after ``wait`` seconds a loop device still does (a lazily detached mount that
-    something holds): then it must not be mounted again, only deleted. Blocking."""
-    kernel_dir = Path(kernel_dir)
-    _unmount_all(kernel_dir)
-    image = kernel_dir / DISK / IMAGE
-    deadline = time.monotonic() + wait
-    while loops_of(image):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+def detach(kernel_dir: Path) -> None:
+    """Unmount the kernel's filesystem, keeping its image (kept_files.py moves it away).
+
+    Its loop device may outlive this: every kernel started while the filesystem was
+    mounted holds a copy of the mount in its private mount namespace until it ends. The
+    image is then still that loop device's (autoclear: it goes with the last holder),
+    and :func:`create` mounts that same device again rather than a second loop device
+    over the same image. Blocking."""
+    _unmount_all(Path(kernel_dir))
+
+
+def _mount_still_attached(image: Path, stage: Path) -> bool:
+    """Mount the loop device that still serves ``image`` (see :func:`detach`), if there
+    is one: the same superblock again, never a second one over the same image. False
+    if there is none (any more). The device is held open while it is checked and
+    mounted, so it cannot be cleared and given to another image in between."""
+    for dev in loops_of(image):
+        try:
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # cleared meanwhile
+        try:
+            if dev not in loops_of(image):
+                continue  # cleared before we opened it: maybe someone else's by now
+            mount_opts = MOUNT_OPTIONS.removeprefix("loop,")
+            _run(["mount", "-t", "ext4", "-o", mount_opts, dev, str(stage)], "mount")
+            return True
+        finally:
+            os.close(fd)
+    return False
 
 
 def _unmount_all(kernel_dir: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -65,8 +66,8 @@ def make_service(request, tmp_path, jupyter_path):
     ab.remove_everything(services)
 
 
-def loops_and_mounts(state: Path) -> tuple[list[str], list[str]]:
-    """Loop devices backed by a file under ``state``, and mounts under it."""
+def _loops_under(state: Path) -> list[str]:
+    """Loop devices (/dev/loopN) backed by a file under ``state``."""
     loops = []
     for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
         try:
@@ -74,8 +75,27 @@ def loops_and_mounts(state: Path) -> tuple[list[str], list[str]]:
         except OSError:
             continue
         if name.startswith(str(state) + "/"):
-            loops.append(name)
-    return loops, workfs.mounts_under(state)
+            loops.append("/dev/" + backing.split("/")[3])
+    return loops
+
+
+def loops_and_mounts(state: Path) -> tuple[list[str], list[str]]:
+    """Loop devices backed by a file under ``state``, and mounts under it."""
+    return _loops_under(state), workfs.mounts_under(state)
+
+
+def assert_no_mount_or_loop(state: Path, wait: float = 30) -> None:
+    """Nothing under ``state`` is mounted, and no loop device serves a file there once
+    copies of its mounts in other kernels' namespaces are gone (a kernel started while
+    another's filesystem was mounted holds one until it ends: wait for a moment)."""
+    deadline = time.monotonic() + wait
+    while True:
+        loops, mounts = loops_and_mounts(state)
+        assert mounts == []
+        if not loops:
+            return
+        assert time.monotonic() < deadline, f"loop devices left: {loops}"
+        time.sleep(0.2)
 
 
 def wait_for_cull(service: AgentBackendService, timeout: float = 60) -> None:
@@ -107,7 +127,7 @@ def test_a_culled_sessions_files_come_back_with_its_next_kernel(
     assert (meta["owner"], meta["value"], meta["kernel_id"]) == (user, "chat", first["kernel_id"])
     # As root the files are the kernel's own ext4 image: kept unmounted, no loop device.
     assert meta["kind"] == "image"
-    assert loops_and_mounts(service.state) == ([], [])
+    assert loops_and_mounts(service.state)[1] == []
     assert kernel_leftovers(service.state) == NOTHING
 
     out = service.run(user, "chat", READ)
@@ -133,7 +153,35 @@ def test_a_culled_sessions_files_come_back_with_its_next_kernel(
     assert service.delete(user, "chat").status_code == 200
     assert kernel_leftovers(service.state) == NOTHING
     assert kept(service) == []
-    assert loops_and_mounts(service.state) == ([], [])
+    assert_no_mount_or_loop(service.state)
+
+
+def test_a_kept_image_still_on_a_loop_device_is_mounted_through_that_device(make_service):
+    """The culled kernel's loop device can outlive its unmount for a moment (a copy of
+    the mount in another mount namespace holds it until the kernel dir is removed). The
+    session's next kernel must then get that same device (the same superblock), never a
+    second loop device over the same image. Simulated here with losetup."""
+    service = make_service(KEEP_FILES_FOR="60")
+    assert service.run("u-ns", "s", WRITE)["status"] == "ok"
+    wait_for_cull(service)
+    (meta,) = kept(service)
+    image = service.state / "kept" / meta["id"] / kept_files.IMAGE
+    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        out = service.run("u-ns", "s", READ)
+        assert out["stdout"].startswith("kept across the cull False True"), out
+        assert out["files_kept"]
+        (entry,) = Registry(service.state).entries()
+        moved = Path(entry["kernel_dir"]) / workfs.DISK / workfs.IMAGE
+        assert workfs.loops_of(moved) == [dev]  # the same device, no second one
+        assert service.delete("u-ns", "s").status_code == 200
+    finally:
+        # Only while it still serves a file of this test (else it may be another's now).
+        if any(d == dev for d in _loops_under(service.state)):
+            subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
+    assert kernel_leftovers(service.state) == NOTHING
+    assert_no_mount_or_loop(service.state)
 
 
 def test_kept_files_expire_and_the_reaper_removes_them(make_service):
@@ -152,7 +200,7 @@ def test_kept_files_expire_and_the_reaper_removes_them(make_service):
     assert "a new kernel was started and variables from earlier cells are gone" in out["text"]
     assert service.delete("u-exp", "s").status_code == 200
     assert kernel_leftovers(service.state) == NOTHING
-    assert loops_and_mounts(service.state) == ([], [])
+    assert_no_mount_or_loop(service.state)
 
 
 def test_keep_files_for_0_deletes_at_cull_as_before(make_service):
@@ -161,7 +209,7 @@ def test_keep_files_for_0_deletes_at_cull_as_before(make_service):
     wait_for_cull(service)
     assert kept(service) == []
     assert kernel_leftovers(service.state) == NOTHING
-    assert loops_and_mounts(service.state) == ([], [])
+    assert_no_mount_or_loop(service.state)
     out = service.run("u-zero", "s", "import os; print(os.path.exists('out/notes.txt'))")
     assert (out["stdout"], out["files_kept"]) == ("False\n", False)
     assert service.delete("u-zero", "s").status_code == 200
@@ -185,7 +233,7 @@ def test_delete_removes_kept_files_at_once_and_a_plain_shutdown_keeps_none(make_
     assert service.delete("u-del", "s").status_code == 200
     assert kept(service) == []
     assert kernel_leftovers(service.state) == NOTHING
-    assert loops_and_mounts(service.state) == ([], [])
+    assert_no_mount_or_loop(service.state)
 
 
 async def test_without_its_own_filesystem_the_work_dir_itself_is_kept(start_kernel):

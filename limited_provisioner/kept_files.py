@@ -85,6 +85,14 @@ def matches(meta: dict[str, Any], owner: str, label: str, value: str) -> bool:
     return (meta.get("owner"), meta.get("label"), meta.get("value")) == (owner, label, value)
 
 
+def kept_after(action: str, kind: str) -> bool:
+    """Whether a kernel the lifecycle timer stops (its Verdict's ``action`` and ``kind``)
+    keeps its files: only a cull for idle_timeout. Nobody asked for that end, and the
+    session may come back; a max_lifetime cull is a deliberate end, and a restart keeps
+    the kernel dir anyway."""
+    return action == "cull" and kind == "idle_timeout"
+
+
 def _step_name(what: str, now: float | None = None) -> str:
     return f".{what}-{int(now or time.time())}-{secrets.token_hex(6)}"
 

@@ -106,6 +106,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     _keep_at_release = False
     files_kept: dict[str, Any] | None = None
     files_restored: dict[str, Any] | None = None
+    _ran = False  # the kernel's process reached "running" (_record_running)
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -149,7 +150,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         self._restarting = restarting = entry is not None
         if not restarting:
             self._ended.reset()  # a manager starting this provisioner's kernel again
-            self._keep_at_release = False
+            self._keep_at_release = self._ran = False
             self.files_kept = self.files_restored = None
         # Before its registry entry exists: adoption in this process must never see
         # the entry without knowing the start is ours.
@@ -514,6 +515,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     async def _record_running(self, **backend_fields: Any) -> None:
         """The started kernel's registry entry: what adoption and the reaper need."""
+        self._ran = True
         pid = getattr(self, "pid", None)
         # With the pid, its start time: a reused pid never passes for this kernel.
         self.pid_create_time = await asyncio.to_thread(process_identity, pid) if pid else None
@@ -601,7 +603,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         # A restart follows an interrupt that was already counted as the trip.
         self.record_trip(verdict.kind, verdict.reason, count=verdict.action == "cull")
         # Idle: nobody asked for the end, so the files may be wanted back (keep_files_for).
-        self._keep_at_release = verdict.action == "cull" and verdict.kind == "idle_timeout"
+        self._keep_at_release = kept_files.kept_after(verdict.action, verdict.kind)
         km, action = self.parent, verdict.action
         try:
             if await self.manager_loop.run(
@@ -708,7 +710,9 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             await self.connection.close()
             self.connection = None
         if self.kdir is not None:
-            if self._keep_at_release:
+            # Files it got back, in a start that failed before the kernel ran: kept again.
+            failed_restore = self.files_restored is not None and not self._ran
+            if self._keep_at_release or failed_restore:
                 self._keep_at_release = False
                 await asyncio.to_thread(self._keep_files)
             await asyncio.to_thread(self.kdir.remove)

@@ -85,6 +85,38 @@ def test_keep_files_for_parses_like_the_other_durations():
     assert LimitedSettings().keep_files_label == "session_id"
 
 
+def test_only_an_idle_cull_keeps_files():
+    assert kept_files.kept_after("cull", "idle_timeout")
+    assert not kept_files.kept_after("cull", "max_lifetime")
+    assert not kept_files.kept_after("restart", "exec_timeout")
+    assert not kept_files.kept_after("interrupt", "exec_timeout")
+
+
+@pytest.mark.parametrize("where", ["kernelspec", "config"])
+def test_a_kernel_keeps_files_under_its_owner_and_label_when_keep_files_for_is_set(where):
+    from traitlets.config import Config
+
+    from limited_provisioner import LimitedHost, LimitedProcessProvisioner
+
+    LimitedHost.clear_instance()
+    settings = {"keep_files_for": "30m", "owner": "alice", "labels": {"session_id": "c1"}}
+    if where == "kernelspec":  # metadata.kernel_provisioner.config: trait values
+        prov = LimitedProcessProvisioner(kernel_id="k", kernel_spec=None, **settings)
+    else:  # c.LimitedProvisioner.keep_files_for
+        c = Config()
+        for name, value in settings.items():
+            setattr(c.LimitedProvisioner, name, value)
+        prov = LimitedProcessProvisioner(config=c, kernel_id="k", kernel_spec=None)
+    assert prov.keep_files_for == 1800.0
+    assert prov._keep_files_key() == ("alice", "session_id", "c1")
+    prov.labels = {"other": "x"}
+    assert prov._keep_files_key() is None  # no session label: nothing to come back to
+    prov.labels = {"session_id": "c1"}
+    prov.keep_files_for = 0
+    assert prov._keep_files_key() is None
+    LimitedHost.clear_instance()
+
+
 # -- keep, claim, forget, reap ---------------------------------------------------------
 
 def test_kept_files_go_to_the_same_owner_and_session_only(state):

@@ -420,12 +420,11 @@ def reap_kept(state_dir: str | os.PathLike, now: float | None = None) -> list[st
                 else:
                     with _opened(dfd):
                         meta = _read_meta(dfd)
-                if meta is None or expired(meta, now):
-                    if _discard(root, name, state_dir):
-                        removed.append(name)
-                        log.info("kept files %s (%r, %s=%s) expired; removed", name,
-                                 (meta or {}).get("owner"), (meta or {}).get("label"),
-                                 (meta or {}).get("value"))
+                if (meta is None or expired(meta, now)) and _discard(root, name, state_dir):
+                    removed.append(name)
+                    meta = meta or {}
+                    log.info("kept files %s (%r, %s=%s) expired; removed", name,
+                             meta.get("owner"), meta.get("label"), meta.get("value"))
             except Exception:  # one bad entry must not stop the round
                 log.exception("removing kept files %s failed", name)
     return removed

@@ -41,7 +41,6 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

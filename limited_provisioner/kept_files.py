@@ -398,6 +398,8 @@ def reap_kept(state_dir: str | os.PathLike, now: float | None = None) -> list[st
     """Remove expired kept files and the leftovers of cut-off steps; returns the ids
     removed. Each entry's failure is logged on its own. Blocking."""
     now = now or time.time()
+    if not os.path.lexists(Path(state_dir) / KEPT):
+        return []  # nothing was ever kept here (most state dirs)
     try:
         root = _open_root(state_dir, create=False)
     except Exception as e:  # noqa: BLE001 - a state dir we must not use: nothing to reap

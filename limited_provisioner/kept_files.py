@@ -352,6 +352,8 @@ def claim(state_dir: str | os.PathLike, owner: str, label: str, value: str,
     """Take the kept files of (owner, label, value) for a start, if there are any that
     have not expired (expired ones are removed here). Blocking."""
     now = now or time.time()
+    if not os.path.lexists(Path(state_dir) / KEPT):
+        return None
     root = _open_root(state_dir, create=False)
     if root is None:
         return None
@@ -376,6 +378,8 @@ def forget(state_dir: str | os.PathLike, owner: str, label: str,
            value: str) -> dict[str, Any] | None:
     """Delete the kept files of (owner, label, value) now (the session was deleted);
     their meta if there were any. Blocking."""
+    if not os.path.lexists(Path(state_dir) / KEPT):
+        return None
     root = _open_root(state_dir, create=False)
     if root is None:
         return None

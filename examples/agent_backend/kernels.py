@@ -350,9 +350,13 @@ class KernelPool:
         async with self._locked(key):
             session = self.sessions.get(key)
             self._ended.pop(key, None)
-            kept = await asyncio.to_thread(
-                kept_files.forget, self.settings.state_dir, user, SESSION_LABEL, session_id
-            )
+            try:
+                kept = await asyncio.to_thread(
+                    kept_files.forget, self.settings.state_dir, user, SESSION_LABEL, session_id
+                )
+            except Exception:  # the kernel's shutdown below matters more
+                log.exception("session %s of %s: kept files not deleted", session_id, user)
+                kept = None
             if session is None:
                 return kept.get("kernel_id") if kept else None
             await self._drop(key)

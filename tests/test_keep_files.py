@@ -128,7 +128,7 @@ def test_a_culled_sessions_files_come_back_with_its_next_kernel(
     t_cull = time.monotonic() - t0
     (meta,) = kept(service)
     assert (meta["owner"], meta["value"], meta["kernel_id"]) == (user, "chat", first["kernel_id"])
-    # As root the files are the kernel's own ext4 image: kept unmounted, no loop device.
+    # As root the files are the kernel's own ext4 image, kept unmounted.
     assert meta["kind"] == "image"
     assert loops_and_mounts(service.state)[1] == []
     assert kernel_leftovers(service.state) == NOTHING

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import os
 import subprocess
 import tempfile
 import time
@@ -32,6 +33,9 @@ WRITE = (
     "import os\n"
     "os.makedirs('out', exist_ok=True)\n"
     "open('out/notes.txt', 'w').write('kept across the cull')\n"
+    # What the attacker plants for the hand-over: a link to a host file, a FIFO.
+    "os.symlink('/etc/passwd', 'out/passwd')\n"
+    "os.mkfifo('out/fifo')\n"
     "x = 41\n"
     "print(os.getuid())"
 )
@@ -150,6 +154,13 @@ def test_a_culled_sessions_files_come_back_with_its_next_kernel(
     print(f"{kind}: first /exec (fresh kernel, mkfs) {t_first:.2f}s; culled and kept "
           f"{t_cull:.2f}s after the /exec; /exec that came back (new kernel, kept image "
           f"mounted and handed over) {t_back:.2f}s")
+
+    # Neither planted entry was followed or opened by the hand-over.
+    assert os.stat("/etc/passwd").st_uid == 0
+    planted = service.run(user, "chat", "import os, stat\n"
+                          "print(os.readlink('out/passwd'), "
+                          "stat.S_ISFIFO(os.lstat('out/fifo').st_mode))")
+    assert planted["stdout"] == "/etc/passwd True\n", planted
 
     # The next execution of the same kernel is an ordinary one.
     again = service.run(user, "chat", "print(open('out/more.txt').read())")

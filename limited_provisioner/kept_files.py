@@ -31,6 +31,7 @@ STALE_AFTER seconds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -291,8 +292,9 @@ def _publish(root: int, new: str, kid: str, state_dir: str | os.PathLike) -> Non
             os.rename(new, kid, src_dir_fd=root, dst_dir_fd=root)
             return
         except OSError as e:
-            if not isinstance(e, (FileExistsError, IsADirectoryError)) and e.errno != 39:
-                raise  # 39: ENOTEMPTY, an older one is there
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            # An older one of the same session is there: it is replaced.
             _discard(root, kid, state_dir)
     msg = f"kept files {kid} could not be put in place"
     raise KeepError(msg)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -209,6 +210,17 @@ def usage(state_dir: str | os.PathLike, owner: str | None = None) -> int:
                if owner is None or m.get("owner") == owner)
 
 
+@contextlib.contextmanager
+def _budget_lock(root: int) -> Iterator[None]:
+    """Keeps of the whole host one after the other, so two culls of one owner cannot
+    both fit the budget that only one fits (flock on the root-only kept dir itself)."""
+    fcntl.flock(root, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(root, fcntl.LOCK_UN)
+
+
 def _make_room(root: int, state_dir: str | os.PathLike, owner: str, need: int,
                budget: int | None, replacing: str) -> None:
     """Evict the owner's oldest kept files until ``need`` more bytes fit its budget."""
@@ -261,7 +273,7 @@ def keep(
             kind, src = "dir", "work"
             sfd = os.dup(kfd)
             used = dir_usage(f"/proc/{os.getpid()}/fd/{kfd}/work", COUNT_FILES).bytes
-        with _opened(sfd):
+        with _opened(sfd), _budget_lock(root):
             kid = kept_id(owner, label, value)
             _make_room(root, state_dir, owner, used, budget, kid)
             new = _step_name("new", now)

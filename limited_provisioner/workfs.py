@@ -22,7 +22,9 @@ ext4). Restarts find it mounted and keep it (data survives an
 auto-restart, as before); re-adoption after a server crash too: mounts outlive the
 server. :func:`release` (from :meth:`KernelDir.remove`, so at shutdown and in the
 reaper alike) unmounts both, lets the loop device go, deletes the image: nothing a
-kernel wrote is there for the next one.
+kernel wrote is there for the next one — except with ``keep_files_for``: an idle cull
+unmounts it and keeps the image (:func:`detach`, kept_files.py), and the session's next
+kernel mounts it again instead of a fresh one (:func:`create` with ``reuse``).
 
 Where the host cannot do this (not root, no ``/dev/loop-control``, no ``mkfs.ext4``),
 :func:`unavailable` says why and the watchdog keeps the limit, reported as best-effort.

@@ -118,10 +118,27 @@ def admit(
                     f"min_free_disk={format_size(policy.min_free_disk)} not available: only "
                     f"{format_size(free)} free on {path} where kernels write; free disk space "
                     f"(remove old kernels' files) before starting more kernels"
+                    f"{_kept_note(registry, owner)}"
                 )
                 raise KernelLimitError(msg, limit="min_free_disk")
     if policy.max_starts_per_minute is not None:
         _check_rate(registry, owner, policy.max_starts_per_minute)
+
+
+def _kept_note(registry: Registry, owner: str) -> str:
+    """What files kept after idle culls (keep_files_for) hold of that disk: they are
+    on the state dir's filesystem, so the free space above already counts them."""
+    from . import kept_files
+
+    try:
+        everyone = kept_files.usage(registry.state_dir)
+        if not everyone:
+            return ""
+        mine = kept_files.usage(registry.state_dir, owner)
+    except Exception:  # noqa: BLE001 - only a hint in a refusal
+        return ""
+    return (f"; files kept after idle culls hold {format_size(everyone)} of it "
+            f"({format_size(mine)} of them {owner!r}'s), until keep_files_for runs out")
 
 
 def _check_rate(registry: Registry, owner: str, per_minute: int) -> None:

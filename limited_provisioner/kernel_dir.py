@@ -158,15 +158,30 @@ class KernelDir:
             self._hand_over(fd, "conn")
             self.open_sockets()
 
-    def own_filesystem(self, disk_limit: int, files_limit: int | None) -> workfs.WorkFs:
+    def own_filesystem(self, disk_limit: int, files_limit: int | None,
+                       reuse: workfs.Reuse | None = None) -> workfs.WorkFs:
         """Put work/, conn/ and sock/ on a filesystem of their own of ``disk_limit`` bytes and
-        ``files_limit`` inodes (workfs.py); a restart finds it there and keeps it.
+        ``files_limit`` inodes (workfs.py); a restart finds it there and keeps it;
+        ``reuse``: a kept image (kept_files.py) instead of a fresh one.
         Raises :class:`~.workfs.WorkFsError`. Needs the kernel's uid (root)."""
         assert self.uid is not None, "a filesystem of its own needs a kernel uid"
         if workfs.is_mounted(self.path):
             return workfs.current(self.path, disk_limit)
         with _opened(self._open()) as fd:
-            return workfs.create(self.path, fd, disk_limit, files_limit, self.uid, self.gid)
+            return workfs.create(self.path, fd, disk_limit, files_limit, self.uid, self.gid,
+                                 reuse=reuse)
+
+    def take_work(self, src_fd: int, name: str, old: tuple[int | None, int | None]) -> None:
+        """Make the kept dir ``name`` beneath ``src_fd`` (root's, trusted) this kernel's
+        work dir, in place of the empty one a first start has (kept_files.py); what the
+        previous kernel (``old`` uid, gid) owned there becomes this kernel's
+        (workfs.hand_over_tree: no link followed). Blocking."""
+        with _opened(self._open()) as fd:
+            os.rmdir("work", dir_fd=fd)  # OSError if not empty: not a first start
+            os.rename(name, "work", src_dir_fd=src_fd, dst_dir_fd=fd)
+            if self.uid is not None and old[0] is not None and old != (self.uid, self.gid):
+                workfs.hand_over_tree(fd, "work", (old[0], old[1]), (self.uid, self.gid))
+            self._hand_over(fd, "work")
 
     def _hand_over(self, fd: int, name: str) -> None:
         """Give the kernel its own directory ``name`` (on the fd: no link is followed)."""

@@ -28,7 +28,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import default
 
 from . import _jupyter_internals as internals
-from . import held_kernels, metrics, uids, workfs
+from . import held_kernels, kept_files, metrics, uids, workfs
 from ._background import bridged, on_package_loop
 from ._tasks import Once
 from .admission import AdmissionPolicy, admit_and_record
@@ -102,6 +102,12 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     _launch_started = 0.0
     _restarting = False
     _legacy_warned = False
+    # keep_files_for: the kernel is being culled for idle_timeout, so _release keeps its
+    # files (kept_files.py); what it kept; what this kernel's first start got back.
+    _keep_at_release = False
+    files_kept: dict[str, Any] | None = None
+    files_restored: dict[str, Any] | None = None
+    _ran = False  # the kernel's process reached "running" (_record_running)
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -145,6 +151,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         self._restarting = restarting = entry is not None
         if not restarting:
             self._ended.reset()  # a manager starting this provisioner's kernel again
+            self._keep_at_release = self._ran = False
+            self.files_kept = self.files_restored = None
         # Before its registry entry exists: adoption in this process must never see
         # the entry without knowing the start is ours.
         held_kernels.hold(self)
@@ -218,12 +226,91 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             self.uid, self.gid = uid, gid if gid is not None else uid
         self.kdir = prepare_kernel_dir(self.registry, self.kernel_id, self.uid, self.gid)
         self.kernel_dir = self.kdir.path
-        self.workfs = self._own_filesystem()
+        kept = None if self._restarting else self._claim_kept_files()
+        try:
+            self.workfs = self._own_filesystem(kept)
+            if kept is not None and not kept.used:
+                self._restore_kept_dir(kept)
+        finally:
+            if kept is not None:
+                kept.settle()
         return identity_measure(self.uid, os.geteuid(), in_container=self.backend == "docker")
 
-    def _own_filesystem(self) -> workfs.WorkFs | None:
+    # -- keep_files_for (kept_files.py) ---------------------------------------------------
+
+    def _keep_files_key(self) -> tuple[str, str, str] | None:
+        """(owner, label, value) this kernel's files are kept under, if they are."""
+        value = self.labels.get(self.keep_files_label)
+        if not self.keep_files_for or not value:
+            return None
+        return self.owner, self.keep_files_label, value
+
+    def _claim_kept_files(self) -> kept_files.Claimed | None:
+        key = self._keep_files_key()
+        if key is None:
+            return None
+        try:
+            return kept_files.claim(self.state_dir, *key)
+        except Exception:  # a start never fails for files it could not get back
+            self.log.exception("Kernel %s: kept files not taken back", self.kernel_id)
+            return None
+
+    def _restored(self, kept: kept_files.Claimed) -> None:
+        kept.used = True
+        self.files_restored = {k: kept.meta.get(k) for k in ("kernel_id", "kept_at", "bytes")}
+        self.log.info("Kernel %s: the files kept from kernel %s are back in its work dir",
+                      self.kernel_id, kept.meta.get("kernel_id"))
+
+    def _kept_image(self, kept: kept_files.Claimed | None) -> workfs.Reuse | None:
+        """The kept image, if this kernel's own filesystem can be it (same limits)."""
+        if kept is None or kept.kind != "image" or self.limits.disk_limit is None:
+            return None
+        size = workfs.Geometry.of(self.limits.disk_limit, self.limits.files_limit).image_bytes
+        if kept.meta.get("image_bytes") != size:
+            self.log.warning("Kernel %s: kept files not taken back: disk_limit/files_limit "
+                             "differ from their kernel's", self.kernel_id)
+            return None
+        return kept.reuse()
+
+    def _restore_kept_dir(self, kept: kept_files.Claimed) -> None:
+        """A kept work dir becomes this kernel's, unless it has a filesystem of its own
+        (then a kept dir does not fit it: it stays kept until it expires)."""
+        assert self.kdir is not None
+        if kept.kind != "dir" or (self.workfs is not None and self.workfs.hard):
+            return
+        try:
+            self.kdir.take_work(kept.dir_fd, kept_files.WORK, kept.old_identity)
+        except (OSError, workfs.WorkFsError):
+            self.log.exception("Kernel %s: kept files not taken back", self.kernel_id)
+            return
+        self._restored(kept)
+
+    def _keep_files(self) -> None:
+        """Keep the culled kernel's files (kept_files.keep) instead of deleting them
+        with its dir; on any failure they go with it, as without keep_files_for."""
+        key = self._keep_files_key()
+        if key is None or self.kdir is None:
+            return
+        owner, label, value = key
+        lim = self.limits
+        image = (workfs.Geometry.of(lim.disk_limit, lim.files_limit).image_bytes
+                 if lim.disk_limit is not None else None)
+        try:
+            self.files_kept = kept_files.keep(
+                self.kdir, state_dir=self.state_dir, owner=owner, label=label, value=value,
+                keep_for=self.keep_files_for, budget=self.kept_files_budget, image_bytes=image,
+            )
+        except (kept_files.KeepError, OSError) as e:
+            self.log.warning("Kernel %s: files not kept, deleted with the kernel: %s",
+                             self.kernel_id, e)
+            return
+        self.log.info("Kernel %s: files kept for %gs for %r's %s=%s", self.kernel_id,
+                      self.keep_files_for, owner, label, value)
+
+    def _own_filesystem(self, kept: kept_files.Claimed | None = None) -> workfs.WorkFs | None:
         """Put the kernel's dirs on a filesystem of their own (workfs.py) if asked and
-        possible; else say why not. Blocking (mkfs, mount): called in a thread."""
+        possible; else say why not. ``kept``: kept files whose image it may be.
+        Blocking (mkfs, mount): called in a thread."""
         assert self.kdir is not None
         limits = self.limits
         if limits.disk_limit is None:
@@ -237,6 +324,18 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         if why is None and self._restarting and not workfs.is_mounted(self.kdir.path):
             # Made now, it would hide what the kernel's first process wrote there.
             why = "the kernel's first start had none"
+        reuse = self._kept_image(kept) if why is None else None
+        if reuse is not None:
+            assert kept is not None
+            try:
+                made = self.kdir.own_filesystem(limits.disk_limit, limits.files_limit, reuse)
+            except workfs.WorkFsError as e:
+                kept.used = True  # the image went with the failed attempt
+                self.log.warning("Kernel %s: kept files lost, their image could not be "
+                                 "mounted again: %s", self.kernel_id, e)
+            else:
+                self._restored(kept)
+                return made
         if why is None:
             try:
                 return self.kdir.own_filesystem(limits.disk_limit, limits.files_limit)
@@ -424,6 +523,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     async def _record_running(self, **backend_fields: Any) -> None:
         """The started kernel's registry entry: what adoption and the reaper need."""
+        self._ran = True
         pid = getattr(self, "pid", None)
         # With the pid, its start time: a reused pid never passes for this kernel.
         self.pid_create_time = await asyncio.to_thread(process_identity, pid) if pid else None
@@ -510,6 +610,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         has ended, a manager that failed) here, alone."""
         # A restart follows an interrupt that was already counted as the trip.
         self.record_trip(verdict.kind, verdict.reason, count=verdict.action == "cull")
+        # Idle: nobody asked for the end, so the files may be wanted back (keep_files_for).
+        self._keep_at_release = kept_files.kept_after(verdict.action, verdict.kind)
         km, action = self.parent, verdict.action
         try:
             if await self.manager_loop.run(
@@ -616,6 +718,11 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             await self.connection.close()
             self.connection = None
         if self.kdir is not None:
+            # Files it got back, in a start that failed before the kernel ran: kept again.
+            failed_restore = self.files_restored is not None and not self._ran
+            if self._keep_at_release or failed_restore:
+                self._keep_at_release = False
+                await asyncio.to_thread(self._keep_files)
             await asyncio.to_thread(self.kdir.remove)
         if self.uid is not None:
             # A no-op for a uid this kernel holds no lease on (a fixed container_user).

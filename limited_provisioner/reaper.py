@@ -8,7 +8,8 @@ restarted server can still adopt it, but a crashed script's kernel does not hold
 ``mem_limit`` until its idle timeout. Kernels of live servers are never touched, and only
 what carries our registry entry or our Docker label is. Each backend removes its own
 traces (``remove_traces``: cgroups and processes, containers on the daemon that runs
-them); a backend that cannot be asked keeps the entry for the next round.
+them); a backend that cannot be asked keeps the entry for the next round. Each round also
+removes the files kept after idle culls whose ``keep_files_for`` is up (kept_files.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import uids
+from . import kept_files, uids
 from .kernel_dir import KernelDir
 from .metrics import ORPHANS_REAPED
 from .registry import Registry, is_alive, server_alive
@@ -160,6 +161,8 @@ def reap(
     )
     if dry_run:
         return orphans
+    # Files kept after idle culls (keep_files_for) whose time is up.
+    kept_files.reap_kept(registry.state_dir)
     done = []
     for orphan in orphans:
         entry = registry.read(orphan.kernel_id)

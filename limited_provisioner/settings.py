@@ -163,6 +163,30 @@ class LimitedSettings(LoggingConfigurable):
         Default 3600 (1 hour).""",
     ).tag(config=True)
 
+    keep_files_for = Seconds(
+        0,
+        help="""Seconds ("1h") an idle-culled kernel's work dir is kept for the next kernel
+        with the same owner and keep_files_label value (an agent backend's session that
+        comes back): that kernel starts with the files, owned by its own uid. Only a
+        cull for idle_timeout keeps them; a shutdown a client asks for (an agent's
+        DELETE), max_lifetime and the orphan reaper delete them as before. The reaper
+        deletes kept files nobody took back in time. 0 (default): delete at cull.""",
+    ).tag(config=True)
+
+    keep_files_label = Unicode(
+        "session_id",
+        help="""The label (start_kernel(labels={...})) that, with the owner, says which
+        later kernel gets an idle-culled kernel's kept files (keep_files_for). A kernel
+        without it keeps nothing. Default "session_id".""",
+    ).tag(config=True)
+
+    kept_files_budget = ByteSize(
+        "20G",
+        help="""Disk one owner's kept files (keep_files_for) may take on the state dir's
+        filesystem; keeping more evicts that owner's oldest kept files first, and files
+        larger than the budget alone are not kept. null = no cap. Default 20G.""",
+    ).tag(config=True)
+
     max_kernels = Count(
         None,
         help="""Maximum number of limited kernels running on this host, counted across

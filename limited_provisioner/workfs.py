@@ -22,7 +22,9 @@ ext4). Restarts find it mounted and keep it (data survives an
 auto-restart, as before); re-adoption after a server crash too: mounts outlive the
 server. :func:`release` (from :meth:`KernelDir.remove`, so at shutdown and in the
 reaper alike) unmounts both, lets the loop device go, deletes the image: nothing a
-kernel wrote is there for the next one.
+kernel wrote is there for the next one — except with ``keep_files_for``: an idle cull
+unmounts it and keeps the image (:func:`detach`, kept_files.py), and the session's next
+kernel mounts it again instead of a fresh one (:func:`create` with ``reuse``).
 
 Where the host cannot do this (not root, no ``/dev/loop-control``, no ``mkfs.ext4``),
 :func:`unavailable` says why and the watchdog keeps the limit, reported as best-effort.
@@ -248,13 +250,28 @@ def current(kernel_dir: Path, disk_limit: int) -> WorkFs:
                   loop=loops[0] if loops else "")
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """A kept image (kept_files.py) to mount instead of a fresh one: the entry ``name``
+    beneath the trusted, root-only dir ``dir_fd``, made for a kernel of ``uid``/``gid``
+    (None: the server's own user)."""
+
+    dir_fd: int
+    name: str
+    uid: int | None
+    gid: int | None
+
+
 def create(kernel_dir: Path, kdir_fd: int, disk_limit: int, files_limit: int | None,
-           uid: int, gid: int) -> WorkFs:
+           uid: int, gid: int, reuse: Reuse | None = None) -> WorkFs:
     """Make, mount and hand over the kernel's filesystem (see the module docstring).
 
     ``kdir_fd`` is the trusted kernel dir's descriptor; ``work`` and ``conn`` exist in
-    it (empty: the kernel has not run yet). Blocking. On failure nothing is left
-    mounted, and a :class:`WorkFsError` says what failed.
+    it (empty: the kernel has not run yet). With ``reuse``, that image is moved in and
+    mounted instead of a fresh one (no mkfs), its files handed to ``uid``
+    (:func:`hand_over_tree`) and its connection and socket dirs emptied. Blocking. On
+    failure nothing is left mounted (and a reused image is gone), and a
+    :class:`WorkFsError` says what failed.
     """
     geometry = Geometry.of(disk_limit, files_limit)
     disk = kernel_dir / DISK
@@ -262,17 +279,24 @@ def create(kernel_dir: Path, kdir_fd: int, disk_limit: int, files_limit: int | N
     try:
         disk_fd = _disk_dir(kdir_fd)
         try:
-            _fresh_image(disk_fd, geometry.image_bytes)
+            if reuse is None:
+                _fresh_image(disk_fd, geometry.image_bytes)
+            else:
+                _reused_image(disk_fd, reuse, geometry.image_bytes)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(STAGE, 0o700, dir_fd=disk_fd)
         finally:
             os.close(disk_fd)
         # Paths from here on are beneath disk/, root's 0700 dir in root's kernel dir:
         # nothing in them is the kernel's to change.
-        _run(["mkfs.ext4", *MKFS_OPTIONS, *geometry.mkfs_args(), str(image)], "mkfs.ext4")
-        _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(stage)], "mount")
+        if reuse is None:
+            _run(["mkfs.ext4", *MKFS_OPTIONS, *geometry.mkfs_args(), str(image)], "mkfs.ext4")
+        if reuse is None or not _mount_still_attached(image, stage):
+            _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(stage)], "mount")
         try:
             files = os.statvfs(stage).f_files - OWN_INODES
+            if reuse is not None:
+                _take_over_contents(stage, reuse, uid, gid)
             _bind_dirs(kdir_fd, stage, uid, gid)
         finally:
             _umount(str(stage))
@@ -310,6 +334,63 @@ def _fresh_image(disk_fd: int, size: int) -> None:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+
+
+def _reused_image(disk_fd: int, reuse: Reuse, size: int) -> None:
+    """Move the kept image into place; it must be a regular file of ``size`` bytes (the
+    same limits as the kernel it was made for: an ext4 is not resized here)."""
+    st = os.stat(reuse.name, dir_fd=reuse.dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        msg = (f"the kept image is not a {size}-byte file ({stat.filemode(st.st_mode)}, "
+               f"{st.st_size} bytes): the kernel's limits changed")
+        raise WorkFsError(msg)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(IMAGE, dir_fd=disk_fd)
+    os.rename(reuse.name, IMAGE, src_dir_fd=reuse.dir_fd, dst_dir_fd=disk_fd)
+
+
+def _take_over_contents(stage: Path, reuse: Reuse, uid: int, gid: int) -> None:
+    """The kept filesystem's files become the new kernel's; what its previous process
+    left in its connection and socket dirs goes (the server connects to those names)."""
+    from .kernel_dir import remove_entry  # kernel_dir imports this module
+
+    root = os.open(stage, _DIR_FLAGS)
+    try:
+        for name in ("conn", "sock"):
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=root)
+            except FileNotFoundError:
+                continue
+            try:
+                for entry in os.listdir(sub):
+                    remove_entry(sub, entry)
+            finally:
+                os.close(sub)
+        if reuse.uid is not None and (reuse.uid, reuse.gid) != (uid, gid):
+            # Hard links cannot leave a filesystem: everything here is the kernel's own.
+            hand_over_tree(root, "work", (reuse.uid, reuse.gid), (uid, gid))
+    finally:
+        os.close(root)
+
+
+def hand_over_tree(parent_fd: int, name: str, old: tuple[int, int | None],
+                   new: tuple[int, int]) -> None:
+    """Give everything beneath ``parent_fd``/``name`` that ``old`` (uid, gid) owns to
+    ``new``, following no link: coreutils chown -R walks with openat and (-P, the
+    default with -R) never traverses a symlink; -h changes a link itself, never its
+    target; --from leaves alone anything not owned by the previous kernel (a hard link
+    to someone else's file). A FIFO is never opened. Blocking."""
+    old_uid, old_gid = old
+    src = f"{old_uid}:{old_gid if old_gid is not None else old_uid}"
+    result = subprocess.run(
+        ["chown", "-R", "-P", "-h", f"--from={src}", f"{new[0]}:{new[1]}", "--",
+         f"/proc/{os.getpid()}/fd/{parent_fd}/{name}"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False,
+    )
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()
+        msg = f"handing the kept files over failed: {detail[-1] if detail else result.returncode}"
+        raise WorkFsError(msg)
 
 
 def _run(argv: list[str], what: str) -> None:
@@ -366,22 +447,7 @@ def release(kernel_dir: Path) -> None:
     half-way and for an orphan whose server died.
     """
     kernel_dir = Path(kernel_dir)
-    for point in mounts_under(kernel_dir):
-        _umount(point)
-    image = kernel_dir / DISK / IMAGE
-    # A loop device goes by itself with the last unmount (mount -o loop sets autoclear);
-    # one without a mount (a start cut off between losetup and mount) is let go here.
-    # On a device still in use, LOOP_CLR_FD only sets autoclear: it goes when free.
-    for dev in loops_of(image):
-        try:
-            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue  # gone meanwhile
-        try:
-            with contextlib.suppress(OSError):  # ENXIO: detached meanwhile
-                fcntl.ioctl(fd, LOOP_CLR_FD, 0)
-        finally:
-            os.close(fd)
+    _unmount_all(kernel_dir)
     try:
         top = os.open(kernel_dir, _DIR_FLAGS)
     except OSError:
@@ -401,3 +467,55 @@ def release(kernel_dir: Path) -> None:
     with contextlib.suppress(OSError):
         os.rmdir(DISK, dir_fd=top)
     os.close(top)
+
+
+def detach(kernel_dir: Path) -> None:
+    """Unmount the kernel's filesystem, keeping its image (kept_files.py moves it away).
+
+    Its loop device may outlive this: every kernel started while the filesystem was
+    mounted holds a copy of the mount in its private mount namespace until it ends. The
+    image is then still that loop device's (autoclear: it goes with the last holder),
+    and :func:`create` mounts that same device again rather than a second loop device
+    over the same image. Blocking."""
+    _unmount_all(Path(kernel_dir))
+
+
+def _mount_still_attached(image: Path, stage: Path) -> bool:
+    """Mount the loop device that still serves ``image`` (see :func:`detach`), if there
+    is one: the same superblock again, never a second one over the same image. False
+    if there is none (any more). The device is held open while it is checked and
+    mounted, so it cannot be cleared and given to another image in between."""
+    for dev in loops_of(image):
+        try:
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # cleared meanwhile
+        try:
+            if dev not in loops_of(image):
+                continue  # cleared before we opened it: maybe someone else's by now
+            mount_opts = MOUNT_OPTIONS.removeprefix("loop,")
+            _run(["mount", "-t", "ext4", "-o", mount_opts, dev, str(stage)], "mount")
+            return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def _unmount_all(kernel_dir: Path) -> None:
+    """Every mount beneath the kernel dir, then the loop devices of its image."""
+    for point in mounts_under(kernel_dir):
+        _umount(point)
+    image = kernel_dir / DISK / IMAGE
+    # A loop device goes by itself with the last unmount (mount -o loop sets autoclear);
+    # one without a mount (a start cut off between losetup and mount) is let go here.
+    # On a device still in use, LOOP_CLR_FD only sets autoclear: it goes when free.
+    for dev in loops_of(image):
+        try:
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            with contextlib.suppress(OSError):  # ENXIO: detached meanwhile
+                fcntl.ioctl(fd, LOOP_CLR_FD, 0)
+        finally:
+            os.close(fd)

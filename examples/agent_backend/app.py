@@ -137,6 +137,10 @@ class ExecResponse(BaseModel):
     state_lost: bool = Field(
         False, description="The kernel was restarted: variables from earlier cells are gone."
     )
+    files_kept: bool = Field(
+        False, description="The session's kernel had been culled for idle_timeout and was "
+        "replaced: variables are gone, but its work dir's files were kept (keep_files_for).",
+    )
     limit: str | None = Field(None, description="The limit involved, e.g. mem_limit.")
     reason: str | None = None
     notices: list[str] = []
@@ -233,7 +237,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         session_id: Annotated[str, Path(pattern=SESSION_ID)],
         user: Annotated[str, Depends(current_user)],
     ) -> dict[str, str]:
-        """Shut the session's kernel down (its variables and files are gone)."""
+        """Shut the session's kernel down (its variables and files are gone, files kept
+        from a culled kernel of the session too)."""
         kernel_id = await pool.delete(user, session_id)
         if kernel_id is None:
             raise HTTPException(404, f"no session {session_id!r} of user {user!r}")

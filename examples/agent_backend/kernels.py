@@ -22,7 +22,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from limited_provisioner import AdoptionError, adopt, list_kernels, reap_orphans
+from limited_provisioner import AdoptionError, adopt, kept_files, list_kernels, reap_orphans
 from limited_provisioner.limits import format_size
 
 from . import render
@@ -55,6 +55,7 @@ class ExecResult:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     text: str = ""
     state_lost: bool = False
+    files_kept: bool = False
     limit: str | None = None
     reason: str | None = None
     notices: list[str] = field(default_factory=list)
@@ -67,6 +68,9 @@ class Session:
     session_id: str
     km: AsyncKernelManager
     kc: Any  # AsyncKernelClient
+    # Notices from a (re)start a file request caused, for the next execution's result
+    # (a model must learn that its variables are gone even if a download restarted it).
+    pending_notices: list[str] = field(default_factory=list)
 
     @property
     def kernel_id(self) -> str:
@@ -313,12 +317,18 @@ class KernelPool:
             session = await self._start(*key)
             self.sessions[key] = session
             ended = self._ended.pop(key, None)
-            if ended:
-                notices.append(
-                    f"this session's previous kernel was shut down ({ended}); a new kernel "
-                    f"was started and {render.STATE_LOST}"
-                )
+            # The provisioner gave the new kernel the culled one's files (keep_files_for).
+            restored = getattr(session.km.provisioner, "files_restored", None)
+            if ended or restored:
+                notices.append(render.new_kernel_notice(ended, files_kept=bool(restored)))
         return session
+
+    @staticmethod
+    def _came_back(session: Session, result: ExecResult, notices: list[str]) -> None:
+        """A session whose culled kernel was replaced: state lost, files maybe kept."""
+        if any(n.startswith(render.NEW_KERNEL) for n in notices):
+            result.state_lost = True
+            result.files_kept = bool(getattr(session.km.provisioner, "files_restored", None))
 
     async def execute(self, user: str, session_id: str, code: str) -> ExecResult:
         """Run ``code`` in the session's kernel (started on first use) and classify it.
@@ -329,7 +339,9 @@ class KernelPool:
         async with self._locked(key):
             notices: list[str] = []
             session = await self._ensure(key, notices)
+            notices[:0], session.pending_notices = session.pending_notices, []
             result, chunks, sentence = await self._run(session, code)
+            self._came_back(session, result, notices)
             result.notices[:0] = notices
             result.text = render.render_text(chunks, result.notices, result.status, sentence)
             return result
@@ -346,19 +358,29 @@ class KernelPool:
         async with self._locked(key):
             notices: list[str] = []
             if start:
+                # The caller reports ``notices`` itself (the MCP server's file tools).
                 yield await self._ensure(key, notices), notices
             else:
                 session = self.sessions.get(key)
                 yield (session if session is not None and session.km.has_kernel else None), notices
 
     async def delete(self, user: str, session_id: str) -> str | None:
-        """Shut the session's kernel down; its kernel id, or None if there is none."""
+        """Shut the session's kernel down and delete the files kept from its culled
+        kernel; its kernel id (the culled one's if only kept files were left), or None
+        if there is neither."""
         key = (user, session_id)
         async with self._locked(key):
             session = self.sessions.get(key)
             self._ended.pop(key, None)
+            try:
+                kept = await asyncio.to_thread(
+                    kept_files.forget, self.settings.state_dir, user, SESSION_LABEL, session_id
+                )
+            except Exception:  # the kernel's shutdown below matters more
+                log.exception("session %s of %s: kept files not deleted", session_id, user)
+                kept = None
             if session is None:
-                return None
+                return kept.get("kernel_id") if kept else None
             await self._drop(key)
             log.info("session %s of %s: kernel %s shut down", session_id, user, session.kernel_id)
             return session.kernel_id
@@ -369,12 +391,18 @@ class KernelPool:
         execution would (raises ``KernelLimitError`` like it)."""
         key = (user, session_id)
         async with self._locked(key):
-            if start:
-                return (await self._ensure(key, [])).km.provisioner
             session = self.sessions.get(key)
-            if session is None or not session.km.has_kernel:
-                return None
-            return session.km.provisioner
+            running = session is not None and session.km.has_kernel
+            if start or (not running and await asyncio.to_thread(
+                    kept_files.waiting, self.settings.state_dir, user, SESSION_LABEL,
+                    session_id)):
+                # A culled session's kept files come back with its next kernel: a file
+                # request starts it, as /exec would, and the next /exec says so.
+                notices: list[str] = []
+                session = await self._ensure(key, notices)
+                session.pending_notices.extend(notices)
+                return session.km.provisioner
+            return session.km.provisioner if running else None
 
     async def list_sessions(self, user: str) -> list[dict[str, Any]]:
         """The user's sessions with a running kernel, read from the registry."""

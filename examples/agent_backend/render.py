@@ -23,6 +23,8 @@ MARKER = "[limited-provisioner status={status}]"
 NOTICE = "[limited-provisioner notice]"
 STATE_KEPT = "variables from earlier cells are kept"
 STATE_LOST = "variables from earlier cells are gone"
+FILES_KEPT = "files in its work dir are kept"
+NEW_KERNEL = "this session's previous kernel was shut down"
 
 # CSI sequences (colours, cursor moves) as IPython puts them into tracebacks.
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
@@ -130,6 +132,17 @@ def render_text(chunks: list[str], notices: list[str], status: str, sentence: st
         body += "\n"
     lines = [f"{NOTICE} {notice}" for notice in notices]
     return body + "".join(line + "\n" for line in lines) + marker(status, sentence)
+
+
+def new_kernel_notice(ended: str | None, files_kept: bool) -> str:
+    """The notice of a session whose kernel was culled and replaced by a new one
+    (``ended``: why, if this process still knows; ``files_kept``: keep_files_for gave the
+    new kernel the old one's files)."""
+    why = f" ({ended})" if ended else ""
+    if files_kept:
+        return (f"{NEW_KERNEL}{why}; a new kernel was started: {STATE_LOST}, but "
+                f"{FILES_KEPT}")
+    return f"{NEW_KERNEL}{why}; a new kernel was started and {STATE_LOST}"
 
 
 # -- the marker sentences, one per outcome ------------------------------------------

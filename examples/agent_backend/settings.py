@@ -62,6 +62,8 @@ class Settings:
     exec_timeout: str = "30s"
     exec_timeout_grace: str = "5"
     idle_timeout: str = "1h"
+    # An idle-culled session's files wait this long for it to come back (0: deleted).
+    keep_files_for: str = "1h"
     max_kernels: int | None = 20
     max_kernels_per_user: int | None = 3
     rate_limit: int = 5
@@ -108,6 +110,7 @@ class Settings:
             exec_timeout=_env("EXEC_TIMEOUT", defaults.exec_timeout),
             exec_timeout_grace=_env("EXEC_TIMEOUT_GRACE", defaults.exec_timeout_grace),
             idle_timeout=_env("IDLE_TIMEOUT", defaults.idle_timeout),
+            keep_files_for=_env("KEEP_FILES_FOR", defaults.keep_files_for),
             max_kernels=_count("MAX_KERNELS", defaults.max_kernels),
             max_kernels_per_user=_count("MAX_KERNELS_PER_USER", defaults.max_kernels_per_user),
             rate_limit=_count("RATE_LIMIT", defaults.rate_limit) or 0,
@@ -142,6 +145,7 @@ class Settings:
             "exec_timeout": self.exec_timeout,
             "exec_timeout_grace": self.exec_timeout_grace,
             "idle_timeout": self.idle_timeout,
+            "keep_files_for": self.keep_files_for,
             "max_kernels": self.max_kernels,
             "max_kernels_per_user": self.max_kernels_per_user,
             # The service authenticates its callers and names the owner of each kernel

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import socket
 import time
@@ -66,6 +67,25 @@ def service(request, tmp_path):
 
 def url(svc, session_id: str, path: str = "") -> str:
     return f"{svc.base}/sessions/{session_id}/files" + (f"/{path}" if path else "")
+
+
+def read_answer(sock: socket.socket) -> str:
+    """One HTTP answer off ``sock``: its head, then its body by Content-Length (they may
+    come in separate packets)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
 
 
 def raw_request(svc, method: str, target: str, user: str = ALICE,
@@ -286,7 +306,7 @@ def test_1g_upload_against_100m_limit_is_refused_without_filling_the_disk(
                       + f"Content-Length: {1 << 30}\r\n\r\n").encode())
         with contextlib.suppress(OSError):  # the service may close before taking it all
             sock.sendall(b"\0" * (4 * MB))
-        answer = sock.recv(65536).decode(errors="replace")
+        answer = read_answer(sock)
     assert answer.startswith("HTTP/1.1 413"), answer
     assert "disk_limit=100M" in answer and f"x-disk-limit: {100 * MB}" in answer.lower()
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from . import workfs
-from .kernel_dir import DIR_FLAGS, KernelDir, open_trusted_dir, remove_entry
+from .kernel_dir import DIR_FLAGS, KernelDir, opened, open_trusted_dir, remove_entry
 from .watchdog import dir_usage
 
 log = logging.getLogger(__name__)
@@ -109,17 +109,10 @@ def stale(name: str, now: float) -> bool:
         return True
 
 
-@contextlib.contextmanager
-def _opened(fd: int) -> Iterator[int]:
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
 
 def _open_root(state_dir: str | os.PathLike, create: bool) -> int | None:
     """fd of ``<state_dir>/kept``, root's own 0700 dir; None if absent and not ``create``."""
-    with _opened(open_trusted_dir(state_dir)) as top:
+    with opened(open_trusted_dir(state_dir)) as top:
         if create:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(KEPT, 0o700, dir_fd=top)
@@ -142,7 +135,7 @@ def _read_meta(dir_fd: int) -> dict[str, Any] | None:
                      dir_fd=dir_fd)
     except OSError:
         return None
-    with _opened(fd):
+    with opened(fd):
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         raw = os.read(fd, META_MAX)
@@ -157,7 +150,7 @@ def _write_meta(dir_fd: int, meta: dict[str, Any]) -> None:
     tmp = f".{META}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600, dir_fd=dir_fd)
-    with _opened(fd):
+    with opened(fd):
         os.write(fd, json.dumps(meta).encode())
     os.replace(tmp, META, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
@@ -189,7 +182,7 @@ def entries(state_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if root is None:
         return []
     found = []
-    with _opened(root):
+    with opened(root):
         for name in os.listdir(root):
             if name.startswith("."):
                 continue
@@ -197,7 +190,7 @@ def entries(state_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 dfd = os.open(name, DIR_FLAGS, dir_fd=root)
             except OSError:
                 continue  # claimed or removed meanwhile
-            with _opened(dfd):
+            with opened(dfd):
                 meta = _read_meta(dfd)
             if meta is not None:
                 found.append({**meta, "id": name})
@@ -272,7 +265,7 @@ def keep(
     now = now or time.time()
     root = _open_root(state_dir, create=True)
     assert root is not None
-    with _opened(root), _opened(kdir._open()) as kfd:
+    with opened(root), opened(kdir._open()) as kfd:
         if workfs.is_mounted(kdir.path):
             workfs.detach(kdir.path)
             kind, src_dir, src = "image", workfs.DISK, workfs.IMAGE
@@ -283,13 +276,13 @@ def keep(
             kind, src = "dir", "work"
             sfd = os.dup(kfd)
             used = dir_usage(f"/proc/{os.getpid()}/fd/{kfd}/work", COUNT_FILES).bytes
-        with _opened(sfd), _budget_lock(root):
+        with opened(sfd), _budget_lock(root):
             kid = kept_id(owner, label, value)
             _make_room(root, state_dir, owner, used, budget, kid)
             new = _step_name("new", now)
             os.mkdir(new, 0o700, dir_fd=root)
             try:
-                with _opened(os.open(new, DIR_FLAGS, dir_fd=root)) as nfd:
+                with opened(os.open(new, DIR_FLAGS, dir_fd=root)) as nfd:
                     meta = {
                         "owner": owner, "label": label, "value": value,
                         "kernel_id": kdir.kernel_id, "kind": kind, "kept_at": now,
@@ -407,14 +400,14 @@ def forget(state_dir: str | os.PathLike, owner: str, label: str,
     root = _open_root(state_dir, create=False)
     if root is None:
         return None
-    with _opened(root):
+    with opened(root):
         gone = _step_name("gone")
         try:
             os.rename(kept_id(owner, label, value), gone, src_dir_fd=root, dst_dir_fd=root)
         except FileNotFoundError:
             return None  # none, or claimed by a start meanwhile
         try:
-            with _opened(os.open(gone, DIR_FLAGS, dir_fd=root)) as dfd:
+            with opened(os.open(gone, DIR_FLAGS, dir_fd=root)) as dfd:
                 meta = _read_meta(dfd) or {}
         except OSError:
             meta = {}
@@ -436,7 +429,7 @@ def reap_kept(state_dir: str | os.PathLike, now: float | None = None) -> list[st
     if root is None:
         return []
     removed = []
-    with _opened(root):
+    with opened(root):
         for name in os.listdir(root):
             try:
                 if name.startswith("."):
@@ -448,7 +441,7 @@ def reap_kept(state_dir: str | os.PathLike, now: float | None = None) -> list[st
                 except OSError:
                     meta = None  # claimed meanwhile, or not a dir: not ours to keep
                 else:
-                    with _opened(dfd):
+                    with opened(dfd):
                         meta = _read_meta(dfd)
                 if (meta is None or expired(meta, now)) and _discard(root, name, state_dir):
                     removed.append(name)

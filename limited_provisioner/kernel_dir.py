@@ -77,7 +77,8 @@ def _ours_alone(fd: int, path: str | os.PathLike, fix: str) -> int:
 
 
 @contextlib.contextmanager
-def _opened(fd: int) -> Iterator[int]:
+def opened(fd: int) -> Iterator[int]:
+    """Close ``fd`` when the block ends (an fd-based walk opens many)."""
     try:
         yield fd
     finally:
@@ -132,7 +133,7 @@ class KernelDir:
 
     def _open(self) -> int:
         """fd of the kernel dir; refuses one the kernel (or anyone else) could change."""
-        with _opened(open_trusted_dir(self.kernels_dir)) as parent:
+        with opened(open_trusted_dir(self.kernels_dir)) as parent:
             try:
                 fd = _open_subdir(parent, self.kernel_id)
             except OSError as e:
@@ -144,15 +145,15 @@ class KernelDir:
 
     def create(self) -> None:
         """Create (or, on restart, re-check) the layout; idempotent."""
-        with _opened(open_trusted_dir(self.kernels_dir)) as parent:
+        with opened(open_trusted_dir(self.kernels_dir)) as parent:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(self.kernel_id, 0o711, dir_fd=parent)
-        with _opened(self._open()) as fd:
+        with opened(self._open()) as fd:
             os.fchmod(fd, 0o711)
             for name in ("work", "sock", "ctl", "conn"):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(name, 0o700, dir_fd=fd)
-            with _opened(_open_subdir(fd, "ctl")) as ctl:
+            with opened(_open_subdir(fd, "ctl")) as ctl:
                 os.fchmod(ctl, 0o711)
             self._hand_over(fd, "work")
             self._hand_over(fd, "conn")
@@ -167,7 +168,7 @@ class KernelDir:
         assert self.uid is not None, "a filesystem of its own needs a kernel uid"
         if workfs.is_mounted(self.path):
             return workfs.current(self.path, disk_limit)
-        with _opened(self._open()) as fd:
+        with opened(self._open()) as fd:
             return workfs.create(self.path, fd, disk_limit, files_limit, self.uid, self.gid,
                                  reuse=reuse)
 
@@ -176,7 +177,7 @@ class KernelDir:
         work dir, in place of the empty one a first start has (kept_files.py); what the
         previous kernel (``old`` uid, gid) owned there becomes this kernel's
         (workfs.hand_over_tree: no link followed). Blocking."""
-        with _opened(self._open()) as fd:
+        with opened(self._open()) as fd:
             os.rmdir("work", dir_fd=fd)  # OSError if not empty: not a first start
             os.rename(name, "work", src_dir_fd=src_fd, dst_dir_fd=fd)
             if self.uid is not None and old[0] is not None and old != (self.uid, self.gid):
@@ -185,7 +186,7 @@ class KernelDir:
 
     def _hand_over(self, fd: int, name: str) -> None:
         """Give the kernel its own directory ``name`` (on the fd: no link is followed)."""
-        with _opened(_open_subdir(fd, name)) as sub:
+        with opened(_open_subdir(fd, name)) as sub:
             if self.uid is not None:
                 os.fchown(sub, self.uid, self.gid)
             os.fchmod(sub, 0o700)
@@ -196,8 +197,8 @@ class KernelDir:
         What a previous process left there (its sockets, or anything it planted) is
         removed first: the server connects to these names once they are frozen again.
         """
-        with _opened(self._open()) as fd:
-            with _opened(_open_subdir(fd, "sock")) as sock:
+        with opened(self._open()) as fd:
+            with opened(_open_subdir(fd, "sock")) as sock:
                 # Take it back before emptying it, so nothing new appears meanwhile.
                 if self.uid is not None:
                     os.fchown(sock, os.geteuid(), os.getegid())
@@ -208,14 +209,14 @@ class KernelDir:
 
     def empty(self, name: str) -> None:
         """Remove everything in the kernel's dir ``name`` (the dir itself stays its)."""
-        with _opened(self._open()) as fd, _opened(_open_subdir(fd, name)) as sub:
+        with opened(self._open()) as fd, opened(_open_subdir(fd, name)) as sub:
             for entry in os.listdir(sub):
                 remove_entry(sub, entry)
 
     def sockets_present(self, names: list[str]) -> bool:
         """Whether an entry exists for every name (lstat only: never opens anything)."""
         try:
-            with _opened(os.open(self.sock, DIR_FLAGS)) as sock:
+            with opened(os.open(self.sock, DIR_FLAGS)) as sock:
                 for name in names:
                     os.stat(name, dir_fd=sock, follow_symlinks=False)
         except OSError:
@@ -230,7 +231,7 @@ class KernelDir:
         socket owned by the kernel's uid, not a link to someone else's socket.
         """
         problems = []
-        with _opened(self._open()) as fd, _opened(_open_subdir(fd, "sock")) as sock:
+        with opened(self._open()) as fd, opened(_open_subdir(fd, "sock")) as sock:
             if self.uid is not None:
                 os.fchown(sock, os.geteuid(), os.getegid())
             os.fchmod(sock, 0o700)
@@ -258,7 +259,7 @@ class KernelDir:
         """
         raw = data.encode() if isinstance(data, str) else data
         give = where == "conn" and self.uid is not None
-        with _opened(self._open()) as kfd, _opened(_open_subdir(kfd, where)) as fd:
+        with opened(self._open()) as kfd, opened(_open_subdir(kfd, where)) as fd:
             tmp = f".{name}.{secrets.token_hex(6)}"
             tfd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -277,13 +278,13 @@ class KernelDir:
 
     def remove_file(self, name: str) -> None:
         """Remove ``ctl/name`` if it is there."""
-        with _opened(self._open()) as kfd, _opened(_open_subdir(kfd, "ctl")) as fd:
+        with opened(self._open()) as kfd, opened(_open_subdir(kfd, "ctl")) as fd:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=fd)
 
     def open_log(self, name: str = "kernel.log") -> int:
         """A write fd of a fresh root-only log file (the kernel never gets this fd)."""
-        with _opened(self._open()) as fd:
+        with opened(self._open()) as fd:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=fd)
             return os.open(
@@ -302,7 +303,7 @@ class KernelDir:
             return
         # A container kernel's workspace bind (workspace.py), outside this dir.
         release_host_mount(host_mount_point(Path(self.kernels_dir).parent, self.kernel_id))
-        with _opened(parent):
+        with opened(parent):
             # Its own filesystem first: rm --one-file-system does not enter a mount.
             workfs.release(self.path)
             # A container that was just removed may still be letting go of its bind

@@ -98,6 +98,19 @@ class RateLimiter:
         recent.append(now)
         return None
 
+    def refusal(self, user: str, did: str) -> tuple[str, int] | None:
+        """:meth:`admit`, as the refusal's message and the seconds to Retry-After (None:
+        admitted). ``did``: what the user did that many times ("ran ... executions")."""
+        wait = self.admit(user)
+        if wait is None:
+            return None
+        retry = max(1, math.ceil(wait))
+        message = (
+            f"rate_limit={self.per_minute}/min reached: user {user!r} "
+            f"{did.format(n=self.per_minute)} in the last 60 s; retry in {retry} s"
+        )
+        return message, retry
+
 
 # -- request and response bodies ---------------------------------------------------------
 
@@ -201,13 +214,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request: ExecRequest, user: Annotated[str, Depends(current_user)]
     ) -> JSONResponse:
         """Run code in the caller's session; the result's ``text`` is what a model reads."""
-        wait = limiter.admit(user)
-        if wait is not None:
-            retry = max(1, math.ceil(wait))
-            message = (
-                f"rate_limit={limiter.per_minute}/min reached: user {user!r} ran "
-                f"{limiter.per_minute} executions in the last 60 s; retry in {retry} s"
-            )
+        refusal = limiter.refusal(user, "ran {n} executions")
+        if refusal is not None:
+            message, retry = refusal
             return _answer(
                 refused(request.session_id, "rate_limit", message), 429, **{"Retry-After": str(retry)}
             )

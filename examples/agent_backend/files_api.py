@@ -8,7 +8,6 @@ caller, ownership and rate limit of ``POST /exec``. The work is done by
 the kernel's own code is never asked to serve anything (it is the attacker).
 """
 
-import math
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -59,13 +58,9 @@ def files_router(pool: Any, limiter: Any, current_user: Callable[..., str]) -> A
     FilePath = Annotated[str, Path(description="Relative to the session's work dir.")]
 
     def admit(user: str) -> None:
-        wait = limiter.admit(user)
-        if wait is not None:
-            retry = max(1, math.ceil(wait))
-            msg = (
-                f"rate_limit={limiter.per_minute}/min reached: user {user!r} made "
-                f"{limiter.per_minute} file requests in the last 60 s; retry in {retry} s"
-            )
+        refusal = limiter.refusal(user, "made {n} file requests")
+        if refusal is not None:
+            msg, retry = refusal
             raise HTTPException(429, msg, headers={"Retry-After": str(retry)})
 
     async def work_dir(user: str, session_id: str, *, start: bool = False) -> WorkDir:

@@ -72,13 +72,16 @@ def admit(
     kernel_id: str,
     owner: str,
     mem_limit: int | None,
+    replacing: str | None = None,
 ) -> None:
     """Raise :class:`KernelLimitError` if starting ``kernel_id`` would break a cap.
 
+    ``replacing``: the pooled kernel a claim turns into (pool.py), not counted twice.
     The caller holds ``registry.lock()``; on success it records the start (the rate
     window) so the next caller sees it.
     """
-    live = [e for e in registry.live_entries() if e.get("kernel_id") != kernel_id]
+    live = [e for e in registry.live_entries()
+            if e.get("kernel_id") not in (kernel_id, replacing)]
     mine = [e for e in live if e.get("owner") == owner]
     counted = (
         ("max_kernels", policy.max_kernels, live,

@@ -318,13 +318,15 @@ class KernelDir:
 
 
 def prepare_kernel_dir(
-    registry: Registry, kernel_id: str, uid: int | None, gid: int | None
+    registry: Registry, kernel_id: str, uid: int | None, gid: int | None,
+    sandbox_id: str | None = None,
 ) -> KernelDir:
-    """Create (or, on a restart, reuse) a kernel's dir for one start of its process."""
+    """Create (or, on a restart, reuse) a kernel's dir for one start of its process;
+    named by its ``sandbox_id`` (its id unless it came from the warm pool)."""
     registry.ensure()
     if uid is not None:
         registry.update(kernel_id, uid=uid)
-    kdir = KernelDir(registry.kernels_dir, kernel_id, uid, gid)
+    kdir = KernelDir(registry.kernels_dir, sandbox_id or kernel_id, uid, gid)
     kdir.create()
     # A notice is for one execution of one process: none survives into the next; and
     # nothing the previous process left in its connection dir does either.

@@ -29,9 +29,10 @@ from traitlets import default
 
 from . import _jupyter_internals as internals
 from . import held_kernels, kept_files, metrics, uids, workfs
+from . import pool as warm_pool
 from ._background import bridged, on_package_loop
 from ._tasks import Once
-from .admission import AdmissionPolicy, admit_and_record
+from .admission import AdmissionPolicy, admit, admit_and_record
 from .client_address import requested_address
 from .connection import KernelConnection, client_curve_secretkey, door_refusal
 from .enforcement import (
@@ -54,6 +55,7 @@ from .host import LimitedHost
 from .kernel_dir import KernelDir, prepare_kernel_dir
 from .kernel_env import keep_allowed, limit_env, supplied_names
 from .kernel_hook import READ_ONLY_FOLDER_ENV
+from .pool import POOL_OWNER, NotClaimable, Pooled
 from .lifecycle import LifecycleTimer, Verdict
 from .limits import Limits
 from .manager_loop import ManagerLoop
@@ -108,6 +110,22 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     files_kept: dict[str, Any] | None = None
     files_restored: dict[str, Any] | None = None
     _ran = False  # the kernel's process reached "running" (_record_running)
+    # Set when the kernel came from the warm pool (pool.py): its sandbox was made under
+    # the pooled kernel's id, which keeps naming it (see sandbox_id).
+    _sandbox_id: str | None = None
+    # The warm pool (pool.py) this provisioner's kernel was started for (``_pooled``:
+    # nobody's yet) or claimed from (``_claimed``); a cold start of a pooled kernelspec
+    # holds its pool's refills back while it runs (``_cold_pool``).
+    _pool: Any = None
+    _pooled = False
+    _claimed = False
+    _claim_launch = False
+    _cold_pool: Any = None
+    pool_fp: str | None = None
+    # The env the kernel's process was started with (the claim compares it).
+    _launch_env: dict[str, str] | None = None
+    # Bytes and files of the dirs at the start that disk_limit does not count.
+    _baseline: tuple[int, int] = (0, 0)
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -129,6 +147,14 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         return LimitedHost.instance(config=self.config)
 
     @property
+    def sandbox_id(self) -> str:
+        """What names the kernel's sandbox — its dir, uid lease, cgroups, container and
+        the env tag of its processes: its kernel id, unless the kernel was started for
+        the warm pool and claimed since (then the pooled kernel's id; the registry
+        entry's ``sandbox_id`` maps one to the other)."""
+        return self._sandbox_id or self.kernel_id
+
+    @property
     def enforcement(self) -> dict[str, str]:
         """How each limit is enforced for the running kernel (the plan's report)."""
         return self.plan.report()
@@ -144,6 +170,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         reserved (registry entry, dirs, cgroups) is released before the error propagates.
         """
         start_labels = kwargs.pop("labels", None)
+        # A start by the warm pool (pool.py): a kernel for nobody yet.
+        filling = kwargs.pop("limited_pool", None)
         if start_labels:
             self.labels = {**self.labels, **{str(k): str(v) for k, v in start_labels.items()}}
         self._launch_started = time.monotonic()
@@ -162,13 +190,20 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         )
         if self.allow_owner_from_start_env and start_env.get("LIMITED_PROVISIONER_OWNER"):
             self.owner = start_env["LIMITED_PROVISIONER_OWNER"]
+        if filling is not None:
+            self._pool, self._pooled, self.owner, self.labels = filling, True, POOL_OWNER, {}
         try:
+            if not restarting and filling is None and self.pool_size > 0:
+                if await self._claim_pooled(kwargs):
+                    return {**kwargs, "cmd": []}
             if self.wheelhouse and not restarting:
                 # Not on a restart: one that raises would be retried forever.
                 await asyncio.to_thread(check_wheelhouse, self.wheelhouse, self.kernel_uid_range)
             await self._before_admission()
+            if filling is not None:
+                self.pool_fp = await self.pool_fingerprint()
             if not restarting:
-                await asyncio.to_thread(self._admit)
+                await self._admit_or_evict()
             try:
                 await self._prepare_sandbox(kwargs)
                 self._connect_clients()
@@ -190,18 +225,40 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
                     await self._release()
                 raise
         except BaseException as e:
-            if isinstance(e, KernelLimitError):
+            if isinstance(e, KernelLimitError) and filling is None:
                 metrics.STARTS_REFUSED.labels(limit=e.limit).inc()
             if not restarting:
                 held_kernels.let_go(self)  # refused before anything was reserved
+                self._cold_start_over()
             raise
         return kwargs
+
+    async def _admit_or_evict(self) -> None:
+        """Admit this start; a user's start refused by a cap pooled kernels hold
+        (max_kernels, mem_budget) shuts one down and tries again."""
+        while True:
+            try:
+                await asyncio.to_thread(self._admit)
+                return
+            except KernelLimitError as e:
+                if self._pooled or not await warm_pool.evict_for(e.limit):
+                    raise
+
+    def _policy(self) -> AdmissionPolicy:
+        policy = AdmissionPolicy.of(
+            self, disk_paths=[self.registry.kernels_dir, *self._disk_paths]
+        )
+        if self._pooled:
+            # A pooled kernel is nobody's start: per-user caps and start rates apply
+            # when it is claimed.
+            policy.max_kernels_per_user = policy.max_starts_per_minute = None
+        return policy
 
     def _admit(self) -> None:
         self.created = time.time()
         admit_and_record(
             self.registry,
-            AdmissionPolicy.of(self, disk_paths=[self.registry.kernels_dir, *self._disk_paths]),
+            self._policy(),
             {
                 "kernel_id": self.kernel_id, "backend": self.backend, "state": "starting",
                 "owner": self.owner, "server_id": self.server_id,
@@ -215,16 +272,175 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     _disk_paths: tuple[Path, ...] = ()
 
+    # -- the warm pool (pool.py) ------------------------------------------------------
+
+    # What a claim takes over from the pooled kernel's provisioner: its sandbox, its
+    # process or container, its proxy. Backends add theirs.
+    _sandbox_fields: tuple[str, ...] = (
+        "uid", "gid", "kdir", "kernel_dir", "work_dir", "connection", "plan", "workfs",
+        "pid", "pid_create_time", "connection_info", "_baseline", "_disk_paths",
+        "_launch_env",
+    )
+
+    async def pool_fingerprint(self) -> str:
+        """What a pooled kernel must share with a start to be claimed by it: backend,
+        kernelspec, the settings that shape the sandbox, the limits (and the image)."""
+        spec = self.kernel_spec
+        return warm_pool.fingerprint({
+            "class": type(self).__name__,
+            "kernelspec": spec.to_dict() if spec is not None else None,
+            "settings": warm_pool.settings_of(self),
+            "limits": self.limits.to_dict(),
+            **await self._fingerprint_extra(),
+        })
+
+    async def _fingerprint_extra(self) -> dict[str, Any]:
+        """What else decides what a kernel is (Docker: the image's id)."""
+        return {}
+
+    def _check_claimable(self, kwargs: dict[str, Any]) -> None:
+        """Raise NotClaimable if this start needs what a pooled kernel cannot be given."""
+        km = self.parent
+        if km is None:
+            raise NotClaimable("no manager")
+        if not requested_address(km, "").private:
+            raise NotClaimable("client address")  # the proxy's were bound at fill
+        if self._keep_files_key() is not None:
+            raise NotClaimable("kept files")  # they go into a new kernel's dir
+        folder = chosen_folder(self.workspace, kwargs.get("cwd"))
+        if folder is not None and (self.backend != "process" or os.geteuid() == 0):
+            # A folder mapped into the kernel's mount namespace (root) is made at launch.
+            raise NotClaimable("workspace")
+
+    async def _claim_pooled(self, kwargs: dict[str, Any]) -> bool:
+        """Serve this start from the warm pool if a pooled kernel fits; False: a cold
+        start (its refills wait for it). Raises what admission raises for the claimer."""
+        pool = warm_pool.pool_for(self)
+        pool.note_start()
+        started = time.monotonic()
+        try:
+            self._check_claimable(kwargs)
+            slot = await pool.take(await self.pool_fingerprint())
+            try:
+                await asyncio.to_thread(self._admit_claim, slot)
+            except NotClaimable:
+                raise
+            except BaseException:
+                pool.put_back(slot)  # refused for the claimer: still a good kernel
+                raise
+        except NotClaimable as e:
+            warm_pool.POOL_CLAIMS.labels(
+                kernel_name=pool.kernel_name, result="miss", reason=str(e)).inc()
+            pool.cold_starts += 1
+            self._cold_pool = pool
+            return False
+        try:
+            await self._take_over(slot, kwargs)
+        except Exception as e:
+            reason = f"the pooled kernel {slot.kernel_id} could not be claimed: {e}"
+            self.record_trip("sandbox", reason)
+            self._claim_launch = False
+            await self._abandon_start()
+            raise SandboxStartError(f"Kernel {self.kernel_id}: {reason}", reason=reason) from e
+        warm_pool.POOL_CLAIMS.labels(kernel_name=pool.kernel_name, result="hit",
+                                     reason="").inc()
+        warm_pool.POOL_CLAIM_SECONDS.labels(kernel_name=pool.kernel_name).observe(
+            time.monotonic() - started)
+        self.log.info("Kernel %s: claimed pooled kernel %s for %r", self.kernel_id,
+                      slot.kernel_id, self.owner)
+        return True
+
+    def _admit_claim(self, slot: Pooled) -> None:
+        """Under the registry's lock: admit the claimer (the pooled kernel it becomes
+        does not count twice) and turn the pooled entry into the claimer's."""
+        sid = slot.kernel_id
+        self._disk_paths = slot.prov._disk_paths
+        with self.registry.lock():
+            pooled = self.registry.read(sid)
+            if pooled is None or pooled.get("state") != "pooled":
+                raise NotClaimable("taken")
+            admit(self.registry, self._policy(), kernel_id=self.kernel_id, owner=self.owner,
+                  mem_limit=self.limits.mem_limit, replacing=sid)
+            self.created = now = time.time()
+            entry = {
+                **pooled, "kernel_id": self.kernel_id, "sandbox_id": sid, "state": "running",
+                "owner": self.owner, "server_id": self.server_id,
+                "kernel_name": getattr(self.parent, "kernel_name", ""), "created": now,
+                "last_activity": now, "pooled_at": pooled.get("created"), "claimed": now,
+                "server_pid": os.getpid(),
+                "server_pid_create_time": process_identity(os.getpid()),
+                "limits": self.limits.to_dict(), "max_lifetime": self.max_lifetime,
+                "labels": dict(self.labels),
+            }
+            # The claimer's entry first: a crash in between leaves two entries naming
+            # one sandbox (the reaper removes both: their server is gone), never none.
+            self.registry.write(self.kernel_id, entry)
+            self.registry.remove(sid)
+
+    async def _take_over(self, slot: Pooled, kwargs: dict[str, Any]) -> None:
+        """Make the pooled kernel this provisioner's: its sandbox, process and proxy,
+        then the caller's env and folder inside it."""
+        src = slot.prov
+        await src._stop_watching()
+        held_kernels.let_go(src)
+        for name in self._sandbox_fields:
+            setattr(self, name, getattr(src, name))
+        self._sandbox_id, self._pool, self._claimed = src.sandbox_id, src._pool, True
+        self._ran = self._claim_launch = True
+        # The pooled kernel's manager goes away without touching what is now ours.
+        slot.km._connection_file_written = False
+        src.connection = src.kdir = None
+        km = self.parent
+        km.load_connection_info(slot.km.get_connection_info())
+        assert self.connection is not None
+        self.connection.point_clients(km)
+        km._connection_file_written = True
+        self.connection.traffic.last_activity = time.time()
+        where = await asyncio.to_thread(self._choose_work_folder, kwargs.get("cwd"), None)
+        self.plan.measures["workspace"] = where
+        cwd = None
+        if self.work_folder is not None:
+            cwd = self.work_dir = self.work_folder.path
+        finalized = (await KernelProvisionerBase.pre_launch(
+            self, env=kwargs.get("env", os.environ)))["env"]
+        mine = self._kernel_env(finalized)
+        before = self._launch_env or {}
+        changed = {k: v for k, v in mine.items() if before.get(k) != v}
+        gone = sorted(set(before) - set(mine))
+        if changed or gone or cwd:
+            await warm_pool.run_in_kernel(
+                self.connection.proxy, warm_pool.claim_code(changed, gone, cwd)
+            )
+            self._launch_env = {**{k: v for k, v in before.items() if k not in gone},
+                                **changed}
+        if cwd:
+            await asyncio.to_thread(self.registry.update, self.kernel_id, work_dir=cwd,
+                                    launch_cwd=cwd)
+
+    def _cold_start_over(self) -> None:
+        """A cold start of a pooled kernelspec ended (either way): its refills may go."""
+        pool, self._cold_pool = self._cold_pool, None
+        if pool is not None:
+            pool.cold_starts -= 1
+            pool.note_start()
+            pool.wake()
+
+    def _watch_sandbox(self) -> None:
+        """Start the watchdog of a claimed kernel (the pooled one's was stopped)."""
+        self._start_watchdog(self._baseline)
+
     def _prepare_kernel_dir(self, uid: int | None = None, gid: int | None = None) -> Measure:
         """Create the kernel dir with its uid (kernel_dir.prepare); returns how the
         kernel's identity is enforced."""
         if uid is None and self.uid is None and os.geteuid() == 0:
             uid = gid = uids.allocate(
-                self.kernel_id, str(self.registry.state_dir), self.kernel_uid_range
+                self.sandbox_id, str(self.registry.state_dir), self.kernel_uid_range
             )
         if uid is not None:
             self.uid, self.gid = uid, gid if gid is not None else uid
-        self.kdir = prepare_kernel_dir(self.registry, self.kernel_id, self.uid, self.gid)
+        self.kdir = prepare_kernel_dir(
+            self.registry, self.kernel_id, self.uid, self.gid, sandbox_id=self.sandbox_id
+        )
         self.kernel_dir = self.kdir.path
         kept = None if self._restarting else self._claim_kept_files()
         try:
@@ -360,7 +576,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         if km is None or self.kdir is None:
             return
         if self.connection is None:
-            client_dir = self.registry.clients_dir / self.kernel_id
+            client_dir = self.registry.clients_dir / self.sandbox_id
             address = requested_address(km, str(client_dir / "c"))
             if not address.private:
                 self.log.info("Kernel %s: clients connect as the manager was configured: %s",
@@ -424,7 +640,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         notice = str(self.kdir.ctl / "notice")
         env = {
             **(env or {}), **limit_env(self.limits, self.output_limit, notice),
-            KERNEL_ID_ENV: self.kernel_id, "HOME": str(self.kdir.work),
+            KERNEL_ID_ENV: self.sandbox_id, "HOME": str(self.kdir.work),
         }
         if self.wheelhouse:
             env.update(pip_env(self.wheelhouse, str(self.kdir.work), self.limits.network))
@@ -504,11 +720,18 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         first (``_abandon_start``). A restart that fails so returns a kernel that died at
         once, for the restarter to count.
         """
+        if self._claim_launch:
+            # Claimed from the warm pool: it runs already (pre_launch took it over).
+            self._claim_launch = False
+            self._watch_sandbox()
+            return self.connection_info
         try:
             return await self._launch(cmd, kwargs)
         except BaseException:
             await self._abandon_start()
             raise
+        finally:
+            self._cold_start_over()
 
     async def _abandon_start(self) -> None:
         """Stop what a failed ``launch_kernel`` started, then release what pre_launch
@@ -528,7 +751,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         # With the pid, its start time: a reused pid never passes for this kernel.
         self.pid_create_time = await asyncio.to_thread(process_identity, pid) if pid else None
         await asyncio.to_thread(
-            self.registry.update, self.kernel_id, state="running", pid=pid,
+            self.registry.update, self.kernel_id,
+            state="pooled" if self._pooled else "running", pid=pid,
             pid_create_time=self.pid_create_time, uid=self.uid,
             gid=self.gid, kernel_dir=str(self.kernel_dir), work_dir=self.work_dir,
             connection_file=getattr(self.parent, "connection_file", None),
@@ -575,10 +799,19 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     async def _post_launch(self, **kwargs: Any) -> None:
         await super().post_launch(**kwargs)
+        if self._pooled:
+            # Nobody's kernel: never idle-culled, not counted as anyone's.
+            self.host.start_reaper(self.state_dir, self.reap_interval)
+            return
         self._start_watching()
         metrics.START_SECONDS.labels(backend=self.backend).observe(
             time.monotonic() - self._launch_started
         )
+        if self._pool is not None or self.pool_size > 0:
+            # The start someone waited for is done: the pool may refill behind it.
+            pool = warm_pool.pool_for(self)
+            pool.note_start()
+            pool.wake()
 
     def _start_watching(self) -> None:
         if self.connection is not None:
@@ -726,7 +959,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             await asyncio.to_thread(self.kdir.remove)
         if self.uid is not None:
             # A no-op for a uid this kernel holds no lease on (a fixed container_user).
-            await asyncio.to_thread(uids.release, self.uid, self.kernel_id)
+            await asyncio.to_thread(uids.release, self.uid, self.sandbox_id)
         await asyncio.to_thread(self.registry.remove, self.kernel_id)
         held_kernels.let_go(self)
         if not metrics.LIVE_KERNELS.kernels:

@@ -25,7 +25,7 @@ from typing import Any
 from . import kept_files, uids
 from .kernel_dir import KernelDir
 from .metrics import ORPHANS_REAPED
-from .registry import Registry, is_alive, server_alive
+from .registry import Registry, is_alive, sandbox_of, server_alive
 
 log = logging.getLogger(__name__)
 # Seconds a live kernel of a gone server waits to be adopted before it is reaped.
@@ -75,6 +75,10 @@ def find_orphans(
         kid = entry.get("kernel_id", "")
         base = {"kernel_id": kid, "backend": entry.get("backend", "?"),
                 "server_id": entry.get("server_id", ""), "owner": entry.get("owner", "")}
+        if entry.get("state") == "pooled":
+            # Nobody's kernel, and nobody adopts a pool: drained with its server.
+            found.append(Orphan(why="server gone, its pooled kernel drained", **base))
+            continue
         if entry.get("state") == "starting":
             # Its server died mid-start: nobody will finish the start or ever adopt a
             # kernel that never reached "running", but its process/container may exist.
@@ -134,14 +138,14 @@ def remove_kernel(registry: Registry, entry: dict[str, Any]) -> None:
     Raises if its backend cannot remove its traces (e.g. its Docker daemon is
     unreachable): then the entry stays, so the kernel is not forgotten while it runs.
     """
-    kid = entry["kernel_id"]
+    kid, sid = entry["kernel_id"], sandbox_of(entry)
     provisioner_class(entry.get("backend", "process")).remove_traces(registry, entry)
     # Only ever <state_dir>/kernels/<id> and <state_dir>/clients/<id>, whatever the entry
     # says, removed without following a link the kernel planted in its dirs.
-    KernelDir(registry.kernels_dir, kid, None, None).remove()
-    shutil.rmtree(registry.clients_dir / kid, ignore_errors=True)
+    KernelDir(registry.kernels_dir, sid, None, None).remove()
+    shutil.rmtree(registry.clients_dir / sid, ignore_errors=True)
     if entry.get("uid") is not None:
-        uids.release(entry["uid"], kid)
+        uids.release(entry["uid"], sid)
     registry.remove(kid)
 
 

@@ -27,7 +27,14 @@ from .enforcement import EnforcementPlan
 from .errors import AdoptionError
 from .kernel_dir import KernelDir
 from .reaper import Orphan, provisioner_class, reap, remove_kernel
-from .registry import Registry, is_alive, list_kernels, process_identity, server_alive
+from .registry import (
+    Registry,
+    is_alive,
+    list_kernels,
+    process_identity,
+    sandbox_of,
+    server_alive,
+)
 from .workfs import WorkFs
 
 __all__ = ["TRAIT_KEYS", "adopt", "list_kernels", "reap_orphans"]
@@ -169,7 +176,9 @@ async def _resume(prov: Any, entry: dict[str, Any]) -> None:
     prov.plan = EnforcementPlan.from_report(
         entry.get("enforcement") or {}, entry.get("mechanisms") or {}
     )
-    prov.kdir = KernelDir(prov.registry.kernels_dir, prov.kernel_id, prov.uid, prov.gid)
+    if sandbox_of(entry) != prov.kernel_id:
+        prov._sandbox_id = sandbox_of(entry)  # a kernel claimed from the warm pool
+    prov.kdir = KernelDir(prov.registry.kernels_dir, prov.sandbox_id, prov.uid, prov.gid)
     # Its own filesystem stays mounted across the server's death; the watchdog must
     # know it is there (it then leaves the dirs on it alone).
     prov.workfs = WorkFs.from_record(entry.get("workfs"))

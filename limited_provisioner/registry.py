@@ -159,6 +159,12 @@ class Registry:
         return [e for e in self.entries() if is_alive(e)]
 
 
+def sandbox_of(entry: dict[str, Any]) -> str:
+    """The id that names an entry's sandbox (dir, uid lease, cgroups, container): its
+    ``sandbox_id`` if the kernel came from the warm pool, else its kernel id."""
+    return str(entry.get("sandbox_id") or entry.get("kernel_id", ""))
+
+
 def process_identity(pid: int) -> float | None:
     """The create time of ``pid`` (seconds since epoch), or None if it is gone.
 

@@ -404,3 +404,23 @@ class LimitedSettings(LoggingConfigurable):
         1.0,
         help="Seconds between two checks of idle_timeout, max_lifetime and exec_timeout.",
     ).tag(config=True)
+
+    pool_size = Int(
+        0,
+        min=0,
+        help="""Kernels of this kernelspec kept started and ready (a warm pool, pool.py):
+        a start claims one instead of launching, and takes its identity then (kernel id,
+        owner, labels, admission, the caller's env and folder). A replacement starts
+        pool_refill_delay seconds after the claim, one at a time. Pooled kernels count
+        against max_kernels and mem_budget, but a user's start evicts one rather than
+        being refused; a change of the kernelspec, its config or the image drains the
+        pool. 0 (default): no pool.""",
+    ).tag(config=True)
+
+    pool_refill_delay = Float(
+        0.5,
+        min=0,
+        help="""Seconds after the last start (claimed or cold) of a kernelspec before its
+        pool starts a replacement: refills never compete with a start someone waits
+        for. Default 0.5.""",
+    ).tag(config=True)

@@ -73,10 +73,11 @@ def _groups(entry: dict[str, Any]) -> Any:
     """The kernel's groups: its container's (docker backend) or ours (process backend),
     or None if it has none (no cgroups on this host, the kernel is gone)."""
     from .process.cgroups import KernelCgroups, entry_record
+    from .registry import sandbox_of
 
     if entry.get("backend") == "docker":
         return ContainerGroups(entry["container_id"]) if entry.get("container_id") else None
-    groups = KernelCgroups.attach(entry["kernel_id"], entry_record(entry, default=None))
+    groups = KernelCgroups.attach(sandbox_of(entry), entry_record(entry, default=None))
     return groups or None
 
 

@@ -34,7 +34,7 @@ from ..kernel_env import CONTAINER_ENV_KEEP, HOST_PATH_ENV
 from ..limits import format_size
 from ..process import launch as _launch
 from ..provisioner import LimitedProvisioner
-from ..registry import Registry
+from ..registry import Registry, sandbox_of
 from ..workspace import host_mount_point, mount_on_host
 from .client import GONE, LABEL_PREFIX, DockerSession, container_name
 from .container import (
@@ -131,6 +131,11 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             parse_mount(spec)
         return proposal["value"]
 
+    _sandbox_fields = (
+        *LimitedProvisioner._sandbox_fields, "container_id", "exit_code", "_session",
+        "_workspace_source",
+    )
+
     container_id: str | None = None
     exit_code: int | None = None
     _shutting_down = False
@@ -163,10 +168,20 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             root = info.get("DockerRootDir")
             self._disk_paths = (Path(root),) if root else ()
 
+    async def _fingerprint_extra(self) -> dict[str, Any]:
+        # A tag moved to another image must not hand out kernels of the old one.
+        import docker.errors
+
+        try:
+            attrs = await self.docker.acall("inspect_image", self.image)
+        except docker.errors.ImageNotFound:
+            return {"image_id": None}  # no claim; the cold start says what is missing
+        return {"image_id": attrs.get("Id")}
+
     async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
         """Free the container name, make the kernel dir, decide the plan."""
         # A restart reuses the kernel id, so the old container's name must be free.
-        await self.docker.run(self.docker.remove_container, container_name(self.kernel_id))
+        await self.docker.run(self.docker.remove_container, container_name(self.sandbox_id))
         uid = gid = None
         if self.container_user:
             uid, gid = (int(part) for part in self.container_user.split(":"))
@@ -178,7 +193,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         )
         self._workspace_source = None
         if self.work_folder is not None and os.geteuid() == 0:
-            target = host_mount_point(self.state_dir, self.kernel_id)
+            target = host_mount_point(self.state_dir, self.sandbox_id)
             await asyncio.to_thread(mount_on_host, self.work_folder, target)
             self._workspace_source = str(target)
         self.plan = container_plan(
@@ -213,7 +228,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             f"{uid}:{uid}" if self.uid is not None else f"{os.getuid()}:{os.getgid()}"
         )
         labels = kernel_labels(
-            kernel_id=self.kernel_id, owner=self.owner, server_id=self.server_id,
+            kernel_id=self.sandbox_id, owner=self.owner, server_id=self.server_id,
             kernelspec=getattr(self.parent, "kernel_name", "") or "",
             state_dir=str(self.state_dir), kernel_dir=str(self.kernel_dir),
             connection_file=getattr(self.parent, "connection_file", "") or "",
@@ -221,7 +236,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         )
         folder = self.work_folder
         return ContainerSpec(
-            kernel_id=self.kernel_id, image=self.image, command=cmd, env=env, user=user,
+            kernel_id=self.sandbox_id, image=self.image, command=cmd, env=env, user=user,
             limits=lim, work=folder.path if folder else str(kdir.work), home=str(kdir.work),
             workspace_source=self._workspace_source or (folder.path if folder else None),
             workspace_read_only=bool(folder and folder.read_only),
@@ -243,10 +258,11 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         if self.refused_restart:
             # As a container that could not start on a restart (below): died at once.
             self.record_trip("sandbox", f"sandbox setup failed: {self.refused_restart}")
-            self.container_id, self.exit_code = container_name(self.kernel_id), None
+            self.container_id, self.exit_code = container_name(self.sandbox_id), None
             return self.connection_info
         work = str(self.kdir.work)
         env = self._kernel_env(kwargs.get("env"))
+        self._launch_env = dict(env)
         create = create_kwargs(self._container_spec(cmd, env))
         try:
             self.container_id = await self.docker.run(self.docker.start_container, create)
@@ -278,9 +294,9 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         self.pid = attrs["State"].get("Pid") or None
         self.work_dir = self.work_folder.path if self.work_folder else work
         await self._record_running(container_id=self.container_id, docker_host=self.docker_host)
-        baseline = await self._disk_baseline()
+        self._baseline = await self._disk_baseline()
         await self._open_kernel_door()
-        self._start_watchdog(baseline)
+        self._start_watchdog(self._baseline)
         self.log.info(
             "Kernel %s started in container %s (%s) with %s [%s]", self.kernel_id,
             create["name"], self.image, self.limits.describe(), self.describe_enforcement(),
@@ -303,7 +319,9 @@ class LimitedDockerProvisioner(LimitedProvisioner):
     def remove_traces(cls, registry: Registry, entry: dict[str, Any]) -> None:
         """The reaper's part for a container kernel: remove its containers, on the daemon
         that runs them. Raises if that daemon cannot be asked (the entry must stay)."""
-        DockerSession(entry.get("docker_host") or "").remove_kernel_containers(entry["kernel_id"])
+        DockerSession(entry.get("docker_host") or "").remove_kernel_containers(
+            sandbox_of(entry)
+        )
 
     # -- running --------------------------------------------------------------------
 

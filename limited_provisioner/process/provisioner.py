@@ -42,7 +42,7 @@ from ..errors import LimitConfigError, SandboxStartError, kernel_command_error
 from ..kernel_env import BLAS_THREADS
 from ..limits import format_size
 from ..provisioner import LimitedProvisioner
-from ..registry import Registry, is_alive
+from ..registry import Registry, is_alive, sandbox_of
 from ..watchdog import tree_pids
 from . import launch as _launch
 from .adopted import AdoptedProcess
@@ -86,6 +86,12 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         Never written to the server's streams. Default 1 MiB.""",
     ).tag(config=True)
 
+    _sandbox_fields = (
+        *LimitedProvisioner._sandbox_fields,
+        "process", "pgid", "ip", "ports_cached", "cgroups", "kernel_log", "_netns",
+        "_cpu_task",
+    )
+
     cgroups: KernelCgroups | None = None
     kernel_log: KernelLog | None = None
     _cpu_task: asyncio.Task | None = None
@@ -112,7 +118,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         identity = self._prepare_kernel_dir()
         where = self._choose_work_folder(cwd, self.uid if self._isolate else None)
         self.cgroups = KernelCgroups.create(
-            self.kernel_id, self.limits, defer_cpu=self.cpu_startup_grace > 0
+            self.sandbox_id, self.limits, defer_cpu=self.cpu_startup_grace > 0
         )
         self._netns = can_unshare_net()
         self.plan = process_plan(
@@ -137,6 +143,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         kwargs["cwd"] = self.work_folder.path if self.work_folder else work
         self.work_dir = kwargs["cwd"]
         env = self._kernel_env(kwargs.get("env"))
+        self._launch_env = dict(env)
         env.setdefault("IPYTHONDIR", os.path.join(work, ".ipython"))
         if self.limits.cpu_limit is not None:
             # BLAS/OpenMP pools sized to the host's cores only thrash under a CPU quota.
@@ -212,8 +219,6 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         )
         return connection_info
 
-    _baseline: tuple[int, int] = (0, 0)
-
     async def _start_launcher(self, wrapped: list[str], kwargs: dict[str, Any]) -> Any:
         """Popen the launcher (LocalProvisioner.launch_kernel), its output to kernel.log."""
         assert self.kdir is not None
@@ -269,6 +274,9 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
             self.log.exception("Kernel %s: stopping a failed start", self.kernel_id)
         await self.cleanup(restart=self._restarting)
 
+    def _watch_sandbox(self) -> None:
+        self._start_process_watchdog(self._baseline)
+
     def _start_process_watchdog(self, baseline: tuple[int, int]) -> None:
         self._start_watchdog(
             baseline, get_pids=self._tree_pids,
@@ -285,7 +293,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         except OSError:
             self.pgid = None  # gone meanwhile: poll() will say so
         self.cgroups = await asyncio.to_thread(
-            KernelCgroups.attach, self.kernel_id, entry_record(entry)
+            KernelCgroups.attach, self.sandbox_id, entry_record(entry)
         )
         self._netns = can_unshare_net()
         self._start_process_watchdog(tuple(entry.get("disk_baseline") or (0, 0)))
@@ -294,7 +302,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
     @classmethod
     def remove_traces(cls, registry: Registry, entry: dict[str, Any]) -> None:
         """The reaper's part for a process kernel: kill its tree, remove its cgroups."""
-        groups = KernelCgroups.attach(entry["kernel_id"], entry_record(entry, default=None))
+        groups = KernelCgroups.attach(sandbox_of(entry), entry_record(entry, default=None))
         if groups:
             groups.kill_all()
             groups.remove()
@@ -427,7 +435,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         # No cgroup: descendants, then anything still carrying our env marker
         # (double-forked daemons re-parented to init), until nothing is left.
         for _ in range(20):
-            pids = tree_pids(self.pid, self.kernel_id, scan_env=True) if self.pid else set()
+            pids = tree_pids(self.pid, self.sandbox_id, scan_env=True) if self.pid else set()
             if not pids:
                 return
             for pid in pids:
@@ -483,5 +491,5 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         await super().load_provisioner_info(provisioner_info)
         self.pid_create_time = provisioner_info.get("pid_create_time")
         self.cgroups = await asyncio.to_thread(
-            KernelCgroups.attach, self.kernel_id, entry_record(provisioner_info)
+            KernelCgroups.attach, self.sandbox_id, entry_record(provisioner_info)
         )

@@ -12,6 +12,8 @@ stays right across automatic restarts (see the manager). Turn it off with
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 from typing import Any
 
@@ -86,10 +88,18 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     serverapp.web_app.add_handlers(".*$", handlers(serverapp.base_url))
 
     km = serverapp.kernel_manager
-    if not isinstance(km, LimitedMappingKernelManager) or not km.adopt_on_start:
+    if not isinstance(km, LimitedMappingKernelManager):
         return
+
+    async def adopt_then_warm() -> None:
+        if km.adopt_on_start:
+            await km.adopt_kernels()
+        # In the background: pooled kernels need not be ready before the first request
+        # (a start that finds none is a cold start).
+        km._warming = asyncio.ensure_future(km.warm_pools())
+
     loop = serverapp.io_loop.asyncio_loop
     if loop.is_running():  # embedded in a running loop (tests): adopt in the background
-        loop.create_task(km.adopt_kernels())
+        loop.create_task(adopt_then_warm())
     else:
-        loop.run_until_complete(km.adopt_kernels())
+        loop.run_until_complete(adopt_then_warm())

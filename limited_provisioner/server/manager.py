@@ -17,6 +17,7 @@ from tornado import web
 from traitlets import Bool
 
 from .. import _jupyter_internals as internals
+from .. import pool as warm_pool
 from ..errors import (
     AdoptionError,
     KernelLimitError,
@@ -217,7 +218,25 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         self.add_restart_callback(kernel_id, lambda: self._handle_kernel_died(kernel_id), "dead")
         self._watch_auto_restarts(kernel_id)
 
+    async def warm_pools(self) -> list[str]:
+        """Fill the warm pool of every kernelspec that has one (pool_size > 0) before
+        anybody asks for a kernel; returns their names."""
+        names = []
+        specs = await asyncio.to_thread(self.kernel_spec_manager.find_kernel_specs)
+        for name in sorted(specs):
+            try:
+                km = self.kernel_manager_factory(parent=self, log=self.log, kernel_name=name)
+                if await warm_pool.warm(km) is not None:
+                    names.append(name)
+            except Exception:  # a broken kernelspec must not stop the others' pools
+                self.log.exception("Warm pool of kernelspec %s not started", name)
+        if names:
+            self.log.info("Warm pools filling for: %s", ", ".join(names))
+        return names
+
     async def shutdown_all(self, now: bool = False) -> None:
+        # Pooled kernels are nobody's: they go whatever happens to the others.
+        await warm_pool.drain_all()
         if not self.keep_kernels_on_exit:
             await super().shutdown_all(now=now)
             return

@@ -312,7 +312,7 @@ class KernelPool:
 async def _shut_down(slot: Pooled, reason: str) -> None:
     try:
         await slot.km.shutdown_kernel(now=True)
-    except Exception:  # noqa: BLE001 - the reaper removes what is left
+    except Exception:
         log.exception("Pooled kernel %s: shutdown (%s) failed", slot.kernel_id, reason)
 
 

@@ -55,10 +55,10 @@ from .host import LimitedHost
 from .kernel_dir import KernelDir, prepare_kernel_dir
 from .kernel_env import keep_allowed, limit_env, supplied_names
 from .kernel_hook import READ_ONLY_FOLDER_ENV
-from .pool import POOL_OWNER, NotClaimable, Pooled
 from .lifecycle import LifecycleTimer, Verdict
 from .limits import Limits
 from .manager_loop import ManagerLoop
+from .pool import POOL_OWNER, NotClaimable, Pooled
 from .registry import Registry, process_identity
 from .settings import LEGACY_SECTION, LimitedSettings
 from .watchdog import KERNEL_ID_ENV, Watchdog, carried_over, dir_usage
@@ -193,9 +193,9 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         if filling is not None:
             self._pool, self._pooled, self.owner, self.labels = filling, True, POOL_OWNER, {}
         try:
-            if not restarting and filling is None and self.pool_size > 0:
-                if await self._claim_pooled(kwargs):
-                    return {**kwargs, "cmd": []}
+            claimable = not restarting and filling is None and self.pool_size > 0
+            if claimable and await self._claim_pooled(kwargs):
+                return {**kwargs, "cmd": []}
             if self.wheelhouse and not restarting:
                 # Not on a restart: one that raises would be retried forever.
                 await asyncio.to_thread(check_wheelhouse, self.wheelhouse, self.kernel_uid_range)

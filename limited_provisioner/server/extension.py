@@ -13,7 +13,6 @@ stays right across automatic restarts (see the manager). Turn it off with
 from __future__ import annotations
 
 import asyncio
-
 import os
 from typing import Any
 

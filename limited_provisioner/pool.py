@@ -268,6 +268,15 @@ class KernelPool:
         km.stop_restarter()
         km._close_control_socket()
         slot = Pooled(km, km.provisioner, km.provisioner.pool_fp)
+        try:
+            # IPython's first execution costs ~25 ms (compiler, hooks): paid now, not by
+            # the claim that runs its env and folder in the kernel, nor the first cell.
+            await run_in_kernel(slot.prov.connection.proxy, "None")
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run it is no good
+            log.warning("Pool of %s: pooled kernel %s dropped: %s", self.kernel_name,
+                        slot.kernel_id, e)
+            self._discard(slot, "broken")
+            return
         self._backoff = 0.0
         POOL_REFILLS.labels(kernel_name=self.kernel_name, result="ok").inc()
         if self._closed or slot.fingerprint != self.fingerprint:

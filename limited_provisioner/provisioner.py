@@ -307,10 +307,13 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             raise NotClaimable("client address")  # the proxy's were bound at fill
         if self._keep_files_key() is not None:
             raise NotClaimable("kept files")  # they go into a new kernel's dir
-        folder = chosen_folder(self.workspace, kwargs.get("cwd"))
-        if folder is not None and (self.backend != "process" or os.geteuid() == 0):
-            # A folder mapped into the kernel's mount namespace (root) is made at launch.
+
+    async def _claim_folder(self, slot: Pooled, kwargs: dict[str, Any]) -> Workspace | None:
+        """The host folder the claimed kernel works in (None: its private dir), made
+        visible in it. NotClaimable where the backend cannot do that after launch."""
+        if chosen_folder(self.workspace, kwargs.get("cwd")) is not None:
             raise NotClaimable("workspace")
+        return None
 
     async def _claim_pooled(self, kwargs: dict[str, Any]) -> bool:
         """Serve this start from the warm pool if a pooled kernel fits; False: a cold
@@ -322,11 +325,20 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             self._check_claimable(kwargs)
             slot = await pool.take(await self.pool_fingerprint())
             try:
-                await asyncio.to_thread(self._admit_claim, slot)
-            except NotClaimable:
+                folder = await self._claim_folder(slot, kwargs)
+            except (NotClaimable, WorkspaceError):
+                pool.put_back(slot)  # nothing of the claimer's reached it
                 raise
             except BaseException:
-                pool.put_back(slot)  # refused for the claimer: still a good kernel
+                pool._discard(slot, "folder")  # it may hold half a bind of it
+                raise
+            try:
+                await asyncio.to_thread(self._admit_claim, slot)
+            except BaseException as e:
+                if folder is None and not isinstance(e, NotClaimable):
+                    pool.put_back(slot)  # refused for the claimer: still a good kernel
+                else:
+                    pool._discard(slot, "refused")  # it holds the claimer's folder
                 raise
         except NotClaimable as e:
             warm_pool.POOL_CLAIMS.labels(
@@ -335,7 +347,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             self._cold_pool = pool
             return False
         try:
-            await self._take_over(slot, kwargs)
+            await self._take_over(slot, kwargs, folder)
         except Exception as e:
             reason = f"the pooled kernel {slot.kernel_id} could not be claimed: {e}"
             self.record_trip("sandbox", reason)
@@ -377,7 +389,9 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             self.registry.write(self.kernel_id, entry)
             self.registry.remove(sid)
 
-    async def _take_over(self, slot: Pooled, kwargs: dict[str, Any]) -> None:
+    async def _take_over(
+        self, slot: Pooled, kwargs: dict[str, Any], folder: Workspace | None
+    ) -> None:
         """Make the pooled kernel this provisioner's: its sandbox, process and proxy,
         then the caller's env and folder inside it."""
         src = slot.prov
@@ -396,11 +410,13 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         self.connection.point_clients(km)
         km._connection_file_written = True
         self.connection.traffic.last_activity = time.time()
-        where = await asyncio.to_thread(self._choose_work_folder, kwargs.get("cwd"), None)
-        self.plan.measures["workspace"] = where
         cwd = None
-        if self.work_folder is not None:
-            cwd = self.work_dir = self.work_folder.path
+        self.work_folder = folder
+        if folder is not None:
+            cwd = self.work_dir = folder.path
+            self.plan.measures["workspace"] = Measure(
+                NAMESPACE if folder.uid_map or folder.read_only else NONE, folder.describe())
+            self._baseline = await self._disk_baseline()
         finalized = (await KernelProvisionerBase.pre_launch(
             self, env=kwargs.get("env", os.environ)))["env"]
         mine = self._kernel_env(finalized)

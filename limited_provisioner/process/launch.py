@@ -427,6 +427,40 @@ def mount_workspace(ws: dict, target: str) -> None:
     _attach_tree(libc, target, tree, where, "")
 
 
+def attach_workspace(pid: int, ws: dict) -> None:
+    """A pooled kernel's folder, bound at its claim (``launch.py --attach``; root, on the
+    host): the workspace's bind, made as the launcher makes it, attached at the folder's
+    own path inside the mount namespace of the kernel ``pid``. The kernel ran no code of
+    anyone's yet; it never sees the folder before the bind is complete."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    # ``pid`` is the kernel's supervisor, outside its namespaces; its child (the init of
+    # the kernel's pid namespace) is in the kernel's mount namespace.
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pid = int(f.read().split()[0])
+    except (OSError, IndexError, ValueError) as e:
+        _fail(f"the kernel's init (child of {pid}) not found: {e}")
+    if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+        _fail(f"process {pid} shares the host's mount namespace: not binding the folder there")
+    with open(f"/proc/{pid}/mountinfo") as f:
+        mounted = [line.split()[4] for line in f]
+    hidden = [m for m in mounted if m != ws["path"] and _is_under(m, ws["path"])]
+    if ws["path"] in mounted or hidden:
+        _fail(f"folder {ws['path']} would hide {hidden[0] if hidden else 'a mount'} "
+              f"of the kernel")
+    ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    source = _open_exact(libc, ws["path"], "workspace")
+    attr_set, attr_clr, userns = _workspace_attrs(libc, ws)
+    tree = _clone_tree(libc, ws["path"], source, "", AT_EMPTY_PATH)
+    _mount_setattr(libc, ws["path"], tree, "", AT_EMPTY_PATH, attr_set=attr_set,
+                   attr_clr=attr_clr, userns_fd=userns)
+    # A detached tree can be attached in another mount namespace (what `systemctl bind`
+    # does); from here on, paths are the kernel's view (its read-only host).
+    _check(libc.setns(ns, CLONE_NEWNS), "setns(mount) into the kernel")
+    where = _open_exact(libc, ws["path"], "the folder in the kernel's view")
+    _attach_tree(libc, ws["path"], tree, where, "")
+
+
 def _forbid_setid_files(libc: ctypes.CDLL) -> None:
     """A seccomp filter: no call may give a file the set-user-ID or set-group-ID bit.
 
@@ -755,6 +789,9 @@ def _die_of(signo: int) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) == 3 and argv[0] == "--workspace":
         mount_workspace(json.loads(argv[1]), argv[2])
+        return
+    if len(argv) == 3 and argv[0] == "--attach":
+        attach_workspace(int(argv[1]), json.loads(argv[2]))
         return
     if len(argv) < 3 or argv[1] != "--":
         _fail("usage: launch.py SPEC_JSON -- CMD...")

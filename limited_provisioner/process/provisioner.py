@@ -41,9 +41,11 @@ from ..enforcement import CGROUP, process_plan
 from ..errors import LimitConfigError, SandboxStartError, kernel_command_error
 from ..kernel_env import BLAS_THREADS
 from ..limits import format_size
+from ..pool import NotClaimable
 from ..provisioner import LimitedProvisioner
 from ..registry import Registry, is_alive, sandbox_of
 from ..watchdog import tree_pids
+from ..workspace import Workspace, chosen_folder, resolve_workspace
 from . import launch as _launch
 from .adopted import AdoptedProcess
 from .cgroups import KernelCgroups, entry_record
@@ -57,6 +59,7 @@ from .sandbox import (
     host_scratch_dirs,
     launch_spec,
     scratch_parent,
+    untraversable_ancestor,
 )
 
 
@@ -273,6 +276,37 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         except Exception:  # releasing the rest matters more
             self.log.exception("Kernel %s: stopping a failed start", self.kernel_id)
         await self.cleanup(restart=self._restarting)
+
+    async def _claim_folder(self, slot: Any, kwargs: dict[str, Any]) -> Workspace | None:
+        """The folder a claim asks for: bound into the pooled kernel's mount namespace
+        (root: ``launch.py --attach``, idmapped as at launch), or, for a kernel that runs
+        as the server's user and sees the host, merely its cwd (the claim's chdir)."""
+        folder = chosen_folder(self.workspace, kwargs.get("cwd"))
+        if folder is None:
+            return None
+        src = slot.prov
+        isolated = os.geteuid() == 0 and src.uid is not None
+        ws = await asyncio.to_thread(
+            resolve_workspace, folder, server_uid=os.geteuid(),
+            kernel_uid=src.uid if isolated else None, kernel_gid=src.gid if isolated else None,
+        )
+        if not isolated:
+            return ws
+        if scratch_parent(ws.path) or untraversable_ancestor(ws.path):
+            # Its path is hidden in the kernel's view: only a launch can lay it out.
+            raise NotClaimable("workspace")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", _launch.__file__, "--attach", str(src.pid),
+            json.dumps(ws.to_spec()), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            said = err.decode(errors="replace").strip()
+            self.log.warning("Kernel %s: the pooled kernel cannot take folder %s (%s); "
+                             "starting a new one", self.kernel_id, ws.path, said)
+            raise NotClaimable("workspace")
+        return ws
 
     def _watch_sandbox(self) -> None:
         self._start_process_watchdog(self._baseline)

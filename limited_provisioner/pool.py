@@ -47,6 +47,8 @@ EVICTABLE = ("max_kernels", "mem_budget")
 CHECK_INTERVAL = 2.0
 # Longest wait after a failed refill (it doubles from 1 s).
 MAX_BACKOFF = 60.0
+# Seconds a pool does not refill after one of its kernels was evicted for a user.
+EVICTION_HOLD = 10.0
 # Settings that say who a kernel is for or how many there may be, not what it is: the
 # claim sets them, so they are not part of a pool's fingerprint.
 NOT_FINGERPRINTED = frozenset({
@@ -305,7 +307,10 @@ class KernelPool:
         await asyncio.gather(*(self._discard(s, reason) for s in slots))
 
     async def evict_one(self) -> bool:
-        """Shut one pooled kernel down to make room for a user's start."""
+        """Shut one pooled kernel down to make room for a user's start (and hold the
+        refills back: the room is the user's)."""
+        self._backoff = max(self._backoff, EVICTION_HOLD)
+        self.note_start()
         if not self.ready:
             return False
         await self._discard(self.ready.pop(), "evicted")

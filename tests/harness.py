@@ -47,7 +47,7 @@ from limited_provisioner import list_kernels
 from limited_provisioner.docker import DEFAULT_IMAGE, LABEL_PREFIX
 from limited_provisioner.process.cgroups import kernel_group_dirs
 from limited_provisioner.reaper import remove_kernel
-from limited_provisioner.registry import Registry, is_alive
+from limited_provisioner.registry import Registry, is_alive, sandbox_of
 from limited_provisioner.watchdog import KERNEL_ID_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -309,7 +309,8 @@ def remove_all_kernels(state_dir: Path) -> None:
             registry.remove(kernel_id)
         finally:
             if kernel_id:
-                kill_kernel_leftovers(kernel_id, alive(pids))
+                # Its cgroups are named by its sandbox (a claimed pooled kernel's id).
+                kill_kernel_leftovers(sandbox_of(entry), alive(pids))
     remove_containers_with_label("state-dir", str(state_dir))
     shutil.rmtree(state_dir, ignore_errors=True)
 

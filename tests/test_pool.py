@@ -1,0 +1,331 @@
+"""The warm pool (pool.py): real pooled kernels claimed by real starts, both backends.
+
+A claim must give the kernel the claimer's identity (kernel id, owner, labels, registry
+entry, env, folder), never a trace of an earlier tenant (canaries: tests/pool_canaries.py),
+never a kernel of a changed kernelspec or image; a full pool never blocks a user's start;
+a server killed with -9 keeps its claimed kernels (adopted) and drains its pool. Every
+test runs on a private state dir and removes everything of it afterwards, pooled kernels
+included (by registry entry and by the state-dir label of containers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager, KernelManager
+
+from limited_provisioner import KernelLimitError, list_kernels
+from limited_provisioner import pool as warm_pool
+from limited_provisioner.registry import Registry, sandbox_of
+
+from .conftest import NOTHING_LEFT, backends, run
+from .harness import (
+    KERNEL_IMAGE,
+    JupyterServer,
+    kernel_leftovers,
+    remove_all_kernels,
+    replied,
+    server_env,
+    write_kernelspec,
+    ws_execute_text,
+    ws_request,
+)
+from .pool_canaries import plant_and_check
+
+POOLED = {"pool_size": 2, "mem_limit": "512M", "allow_owner_from_start_env": True,
+          "pool_refill_delay": 0.1}
+
+
+@pytest.fixture
+def pool_state(monkeypatch):
+    """A private state dir; afterwards every pool of this process is drained and every
+    kernel of the dir removed (pooled ones included), whatever the test did."""
+    state = Path(tempfile.mkdtemp(prefix="lp-pool-", dir="/var/lib"))
+    monkeypatch.setenv("LIMITED_PROVISIONER_STATE_DIR", str(state))
+    yield state
+    try:
+        asyncio.run(warm_pool.drain_all())
+    finally:
+        remove_all_kernels(state)
+
+
+@pytest.fixture
+async def managers(pool_state):
+    """``await start(name, **start_kwargs)`` -> (km, kc); all shut down afterwards, then
+    the pools drained."""
+    started: list[tuple[AsyncKernelManager, object]] = []
+
+    async def start(name: str, **kwargs):
+        km = AsyncKernelManager(kernel_name=name)
+        await km.start_kernel(**kwargs)
+        kc = km.client()
+        kc.start_channels()
+        started.append((km, kc))
+        await kc.wait_for_ready(timeout=60)
+        return km, kc
+
+    yield start
+    for km, kc in started:
+        kc.stop_channels()
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+    await warm_pool.drain_all()
+
+
+def pooled_entries(state: Path, name: str | None = None) -> list[dict]:
+    return [e for e in Registry(state).entries() if e.get("state") == "pooled"
+            and name in (None, e.get("kernel_name"))]
+
+
+async def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def owner_env(owner: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, "LIMITED_PROVISIONER_OWNER": owner, **extra}
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_a_claim_takes_the_claimers_identity(backend, jupyter_path, pool_state, managers):
+    write_kernelspec(jupyter_path, "warm", POOLED, backend)
+    km0, _ = await managers("warm")
+    assert km0.provisioner.sandbox_id == km0.kernel_id  # the first start creates the pool
+    await warm_pool.ready("warm")
+    pooled = {e["kernel_id"] for e in pooled_entries(pool_state)}
+    assert len(pooled) == 2
+    assert all(e["owner"] == warm_pool.POOL_OWNER for e in pooled_entries(pool_state))
+    # Pooled kernels are nobody's: not listed as running kernels.
+    assert pooled.isdisjoint(k["kernel_id"] for k in list_kernels(pool_state))
+
+    t0 = time.perf_counter()
+    km, kc = await managers("warm", env=owner_env("alice", FOO="from-the-caller"),
+                           labels={"session": "s-1"})
+    claimed_in = time.perf_counter() - t0
+    sandbox = km.provisioner.sandbox_id
+    assert sandbox in pooled and sandbox != km.kernel_id
+    entry = Registry(pool_state).read(km.kernel_id)
+    assert entry["owner"] == "alice" and entry["labels"] == {"session": "s-1"}
+    assert entry["state"] == "running" and sandbox_of(entry) == sandbox
+    assert Registry(pool_state).read(sandbox) is None  # the pooled entry became alice's
+    assert [k["kernel_id"] for k in list_kernels(pool_state, owner="alice")] == [km.kernel_id]
+    out = await run(kc, "import os; print(os.environ['FOO'], os.environ['HOME'])")
+    assert out["stdout"].split() == ["from-the-caller", entry["work_dir"]], out
+    assert claimed_in < 5, claimed_in  # a claim, not a cold start on a loaded machine
+
+    # `limited-provisioner list --json` shows the pool's replacements as pooled.
+    await warm_pool.ready("warm")
+    listed = json.loads(subprocess.run(
+        [sys.executable, "-m", "limited_provisioner.cli", "list", "--json",
+         "--state-dir", str(pool_state)], capture_output=True, text=True, check=True).stdout)
+    states = {k["kernel_id"]: k["state"] for k in listed["kernels"]}
+    assert states[km.kernel_id] == "running"
+    assert sorted(states.values()).count("pooled") == 2, states
+
+    await km.shutdown_kernel(now=True)
+    assert Registry(pool_state).read(km.kernel_id) is None
+    assert not (pool_state / "kernels" / sandbox).exists()
+    await km0.shutdown_kernel(now=True)
+    await warm_pool.drain_all()
+    assert kernel_leftovers(pool_state, [km0.kernel_id, sandbox]) == NOTHING_LEFT
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_no_claim_sees_an_earlier_tenant(backend, jupyter_path, pool_state, managers):
+    """Canaries (files in home, /tmp and /dev/shm, env, a global, a process) of each claim,
+    looked for by the next one while the earlier tenant still runs: 0 seen."""
+    write_kernelspec(jupyter_path, "warm", POOLED, backend)
+    await managers("warm")
+    owners = ["alice", "bob", "carol", "dave"]
+    seen: list[str] = []
+    homes: list[str] = []
+    hits = 0
+    for i in range(8):
+        await warm_pool.ready("warm")
+        owner = owners[i % 4]
+        km, kc = await managers("warm", env=owner_env(owner))
+        hits += km.provisioner.sandbox_id != km.kernel_id
+        assert Registry(pool_state).read(km.kernel_id)["owner"] == owner
+        got = await plant_and_check(kc, f"{i}-{owner}", homes[-1] if homes else None)
+        seen += [f"claim {i}: {s}" for s in got["seen"]]
+        homes.append(got["home"])
+    assert seen == []
+    assert hits == 8
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+async def test_a_changed_kernelspec_drains_the_pool(backend, jupyter_path, pool_state, managers):
+    write_kernelspec(jupyter_path, "warm", POOLED, backend)
+    await managers("warm")
+    await warm_pool.ready("warm")
+    old = {e["kernel_id"] for e in pooled_entries(pool_state)}
+    write_kernelspec(jupyter_path, "warm", {**POOLED, "mem_limit": "256M"}, backend)
+    # The next start never gets a kernel of the old spec, and the old ones go.
+    km, _ = await managers("warm")
+    assert km.provisioner.sandbox_id not in old
+    assert km.provisioner.limits.mem_limit == 256 * 2**20
+    await wait_for(lambda: not old & {e["kernel_id"] for e in Registry(pool_state).entries()},
+                   what="the old pooled kernels to be shut down")
+    await warm_pool.ready("warm")
+    assert all(e["limits"]["mem_limit"] == 256 * 2**20 for e in pooled_entries(pool_state))
+    # Without any start, the pool notices a change by itself (every CHECK_INTERVAL s).
+    old = {e["kernel_id"] for e in pooled_entries(pool_state)}
+    write_kernelspec(jupyter_path, "warm", {**POOLED, "mem_limit": "384M"}, backend)
+    await wait_for(lambda: not old & {e["kernel_id"] for e in Registry(pool_state).entries()},
+                   timeout=30, what="the pool to drain by itself")
+    km, _ = await managers("warm")
+    assert km.provisioner.limits.mem_limit == 384 * 2**20
+
+
+@pytest.mark.docker
+async def test_a_retagged_image_drains_the_pool(jupyter_path, pool_state, managers,
+                                                docker_client):
+    tag = f"lp-pool-test:{uuid.uuid4().hex[:8]}"
+    docker_client.images.get(KERNEL_IMAGE).tag(tag)
+    try:
+        write_kernelspec(jupyter_path, "warm", {**POOLED, "image": tag},
+                         "limited-docker-provisioner")
+        await managers("warm")
+        await warm_pool.ready("warm")
+        old = {e["kernel_id"] for e in pooled_entries(pool_state)}
+        # Another image under the same tag: one more label on top of the kernel image.
+        build = subprocess.run(
+            ["docker", "build", "-q", "-t", tag, "-"], check=True, capture_output=True,
+            text=True, input=f"FROM {KERNEL_IMAGE}\nLABEL lp-pool-test={uuid.uuid4().hex}\n")
+        new_id = build.stdout.strip()
+        km, _ = await managers("warm")
+        assert km.provisioner.sandbox_id not in old
+        image = docker_client.containers.get(km.provisioner.container_id).image.id
+        assert image == new_id
+        await wait_for(lambda: not old & {e["kernel_id"] for e in Registry(pool_state).entries()},
+                       what="the old image's pooled kernels to be shut down")
+    finally:
+        await warm_pool.drain_all()
+        remove_all_kernels(pool_state)
+        pool_state.mkdir(exist_ok=True)
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, check=False)
+
+
+async def test_a_full_pool_never_blocks_a_users_start(jupyter_path, pool_state, managers):
+    """max_kernels=3: a start (cold) and 2 pooled fill it; the next two users' starts of
+    another kernelspec each evict a pooled kernel; only then is a start refused."""
+    capped = {"max_kernels": 3}
+    write_kernelspec(jupyter_path, "warm", {**POOLED, **capped})
+    write_kernelspec(jupyter_path, "plain", {"mem_limit": "512M", **capped})
+    await managers("warm")
+    await warm_pool.ready("warm")
+    assert len(pooled_entries(pool_state)) == 2
+    await managers("plain")
+    await managers("plain")
+    assert pooled_entries(pool_state) == []
+    with pytest.raises(KernelLimitError) as refused:
+        await managers("plain")
+    assert refused.value.limit == "max_kernels"
+    # The refills are refused too while the cap is reached: no pooled kernel crept back.
+    await asyncio.sleep(1.5)
+    assert pooled_entries(pool_state) == []
+
+
+async def test_the_blocking_manager_claims_too(jupyter_path, pool_state, managers):
+    write_kernelspec(jupyter_path, "warm", POOLED)
+    await managers("warm")
+    await warm_pool.ready("warm")
+    pooled = {e["kernel_id"] for e in pooled_entries(pool_state)}
+
+    def blocking() -> str:
+        km = KernelManager(kernel_name="warm")
+        km.start_kernel()
+        try:
+            kc = km.client()
+            kc.start_channels()
+            try:
+                kc.wait_for_ready(timeout=60)
+                return km.provisioner.sandbox_id
+            finally:
+                kc.stop_channels()
+        finally:
+            km.shutdown_kernel(now=True)
+
+    assert await asyncio.to_thread(blocking) in pooled
+
+
+async def test_a_server_claims_binds_the_notebooks_folder_and_drains_its_pool_when_killed(
+    tmp_path, jupyter_path, pool_state
+):
+    """Through jupyter_server: the pool warms at start; POST /api/kernels and
+    POST /api/sessions (a notebook's folder, as root bound into the pooled kernel) claim;
+    after kill -9 the claimed kernels are adopted and the dead server's pool drained."""
+    write_kernelspec(jupyter_path, "warm", POOLED)
+    # Not under /tmp: a folder there is hidden in the kernel's view (its own /tmp), so
+    # only a cold start could lay it out.
+    root_dir = Path(tempfile.mkdtemp(prefix="lp-pool-nb-", dir="/var/lib"))
+    root_dir.chmod(0o755)
+    server = JupyterServer(tmp_path, server_env(pool_state, "pool-" + uuid.uuid4().hex[:6],
+                                                jupyter_path=jupyter_path), root_dir=root_dir)
+    folder = root_dir / "project"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        os.chown(folder, 1000, 1000)
+    try:
+        await server.start()
+        await wait_for(lambda: len(pooled_entries(pool_state, "warm")) == 2,
+                       what="the server to warm its pool")
+        await asyncio.sleep(0.3)  # the second one handed to the pool
+        pooled = {e["kernel_id"] for e in pooled_entries(pool_state)}
+        kid = (await server.api("POST", "/api/kernels", {"name": "warm"}))["id"]
+        assert sandbox_of(Registry(pool_state).read(kid)) in pooled
+        msg_id, seen = await ws_request(server.base, kid, "kernel_info_request", {})
+        assert replied(msg_id, seen)
+
+        await wait_for(lambda: len(pooled_entries(pool_state, "warm")) == 2,
+                       what="the refill")
+        await asyncio.sleep(0.3)
+        pooled = {e["kernel_id"] for e in pooled_entries(pool_state)}
+        session = await server.api("POST", "/api/sessions", {
+            "path": "project/a.ipynb", "type": "notebook", "name": "a.ipynb",
+            "kernel": {"name": "warm"}})
+        nb_kid = session["kernel"]["id"]
+        assert sandbox_of(Registry(pool_state).read(nb_kid)) in pooled
+        text = await ws_execute_text(
+            server.base, nb_kid,
+            "import os; open('made.txt', 'w').write('x'); print(os.getcwd(), __session__)")
+        assert text.split() == [str(folder), str(folder / "a.ipynb")], text
+        if os.geteuid() == 0:
+            assert (folder / "made.txt").stat().st_uid == 1000  # the folder's owner
+
+        await wait_for(lambda: len(pooled_entries(pool_state, "warm")) == 2,
+                       what="the refill")
+        old_pool = {e["kernel_id"] for e in pooled_entries(pool_state)}
+        server.kill9()
+        await server.start()
+        listed = {k["id"] for k in await server.api("GET", "/api/kernels")}
+        assert {kid, nb_kid} <= listed
+        for k in (kid, nb_kid):
+            msg_id, seen = await ws_request(server.base, k, "kernel_info_request", {})
+            assert replied(msg_id, seen)
+        await wait_for(lambda: not old_pool & {e["kernel_id"]
+                                               for e in Registry(pool_state).entries()},
+                       what="the dead server's pooled kernels to be reaped")
+        await wait_for(lambda: len(pooled_entries(pool_state, "warm")) == 2,
+                       what="the new server's pool")
+        for k in (kid, nb_kid):
+            await server.api("DELETE", f"/api/kernels/{k}")
+    finally:
+        await server.stop(timeout=60)
+        shutil.rmtree(root_dir, ignore_errors=True)
+    # A clean stop drains the pool: nothing of the state dir is left running.
+    assert pooled_entries(pool_state) == []
+    assert kernel_leftovers(pool_state) == NOTHING_LEFT

@@ -135,6 +135,14 @@ async def test_a_claim_takes_the_claimers_identity(backend, jupyter_path, pool_s
     assert states[km.kernel_id] == "running"
     assert sorted(states.values()).count("pooled") == 2, states
 
+    # A restart starts a new process in the same sandbox, under the claimer's identity.
+    await km.restart_kernel(now=True)
+    await kc.wait_for_ready(timeout=60)
+    out = await run(kc, "import os; print(os.environ['FOO'], os.environ['HOME'])")
+    assert out["stdout"].split() == ["from-the-caller", entry["work_dir"]], out
+    assert km.provisioner.sandbox_id == sandbox
+    assert Registry(pool_state).read(km.kernel_id)["owner"] == "alice"
+
     await km.shutdown_kernel(now=True)
     assert Registry(pool_state).read(km.kernel_id) is None
     assert not (pool_state / "kernels" / sandbox).exists()

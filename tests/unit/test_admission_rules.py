@@ -64,13 +64,15 @@ def registry(tmp_path):
     return Registry(tmp_path / "state")
 
 
-def check(registry, entries, policy, *, kernel_id="new", owner="alice", mem_limit=G):
+def check(registry, entries, policy, *, kernel_id="new", owner="alice", mem_limit=G,
+          replacing=None):
     for e in entries:
         e = dict(e)
         e["created"] = time.time() - e.pop("_age", 0)
         registry.write(e["kernel_id"], e)
     try:
-        admit(registry, policy, kernel_id=kernel_id, owner=owner, mem_limit=mem_limit)
+        admit(registry, policy, kernel_id=kernel_id, owner=owner, mem_limit=mem_limit,
+              replacing=replacing)
     except KernelLimitError as err:
         return err
     return None
@@ -97,6 +99,17 @@ ROWS = {
     "a start older than 120 s no longer counts": (
         [entry("a"), entry("b", kind="stale-starting")], AdmissionPolicy(max_kernels=2), {},
         None, ()),
+    "a claim does not count the pooled kernel it turns into": (
+        [entry("a"), entry("pooled-1", owner="(pool)")], AdmissionPolicy(max_kernels=2),
+        {"replacing": "pooled-1"}, None, ()),
+    "a claim counts the other pooled kernels": (
+        [entry("pooled-2", owner="(pool)"), entry("pooled-1", owner="(pool)")],
+        AdmissionPolicy(max_kernels=1), {"replacing": "pooled-1"}, "max_kernels",
+        ("max_kernels=1",)),
+    "a claim counts toward the claimer's per-user cap": (
+        [entry("a", owner="alice"), entry("pooled-1", owner="(pool)")],
+        AdmissionPolicy(max_kernels_per_user=1), {"replacing": "pooled-1"},
+        "max_kernels_per_user", ("'alice' already runs 1",)),
     "a restart is not counted against its own kernel": (
         [entry("a"), entry("new", owner="alice")], AdmissionPolicy(max_kernels=2), {},
         None, ()),

@@ -113,6 +113,12 @@ ROWS = {
         ("nobody adopted", "orphan_grace 300s")),
     "a live server's kernel is never reaped, whatever orphaned_at says": (
         entry(server="live", kernel="live", orphaned=10**6), False, ()),
+    # -- the warm pool: nobody's kernels, nobody adopts them ------------------------------
+    "a live server's pooled kernel is never reaped": (
+        entry(server="live", kernel="live", state="pooled"), False, ()),
+    "a gone server's pooled kernel is drained at once": (
+        entry(server="gone", kernel="live", state="pooled", idle_timeout=3600), True,
+        ("server gone", "pooled kernel drained")),
 }
 
 

@@ -298,15 +298,16 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         """What else decides what a kernel is (Docker: the image's id)."""
         return {}
 
-    def _check_claimable(self, kwargs: dict[str, Any]) -> None:
+    async def _check_claimable(self) -> None:
         """Raise NotClaimable if this start needs what a pooled kernel cannot be given."""
         km = self.parent
         if km is None:
             raise NotClaimable("no manager")
         if not requested_address(km, "").private:
             raise NotClaimable("client address")  # the proxy's were bound at fill
-        if self._keep_files_key() is not None:
-            raise NotClaimable("kept files")  # they go into a new kernel's dir
+        key = self._keep_files_key()
+        if key is not None and await asyncio.to_thread(kept_files.waiting, self.state_dir, *key):
+            raise NotClaimable("kept files")  # they go into a new kernel's own dirs
 
     async def _claim_folder(self, slot: Pooled, kwargs: dict[str, Any]) -> Workspace | None:
         """The host folder the claimed kernel works in (None: its private dir), made
@@ -322,7 +323,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         pool.note_start()
         started = time.monotonic()
         try:
-            self._check_claimable(kwargs)
+            await self._check_claimable()
             slot = await pool.take(await self.pool_fingerprint())
             try:
                 folder = await self._claim_folder(slot, kwargs)

@@ -31,6 +31,7 @@ from limited_provisioner.registry import Registry, sandbox_of
 from .conftest import NOTHING_LEFT, backends, run
 from .harness import (
     KERNEL_IMAGE,
+    TOKEN,
     JupyterServer,
     kernel_leftovers,
     remove_all_kernels,
@@ -331,9 +332,43 @@ async def test_a_server_claims_binds_the_notebooks_folder_and_drains_its_pool_wh
                        what="the new server's pool")
         for k in (kid, nb_kid):
             await server.api("DELETE", f"/api/kernels/{k}")
+        metrics = (await server.client.fetch(f"{server.base}/metrics?token={TOKEN}")).body
+        assert b'limited_provisioner_pool_kernels{kernel_name="warm"} 2.0' in metrics
+        assert b'limited_provisioner_pool_refills_total{kernel_name="warm",result="ok"}' \
+            in metrics
     finally:
         await server.stop(timeout=60)
         shutil.rmtree(root_dir, ignore_errors=True)
     # A clean stop drains the pool: nothing of the state dir is left running.
     assert pooled_entries(pool_state) == []
     assert kernel_leftovers(pool_state) == NOTHING_LEFT
+
+
+def test_the_agent_backend_claims_for_its_sessions(tmp_path, jupyter_path):
+    """AGENT_BACKEND_POOL_SIZE: sessions start from the pool (their kernels' sandboxes
+    are pooled ones), each user's owner and session label bound at the claim."""
+    from . import test_agent_backend as ab
+
+    service = ab.new_service(tmp_path, POOL_SIZE="2", KEEP_FILES_FOR="0")
+    try:
+        service.start()
+        registry = Registry(service.state)
+
+        async def full() -> None:
+            await wait_for(lambda: len(pooled_entries(service.state)) == 2,
+                           what="the service's pool")
+
+        for user in ("u-pool-a", "u-pool-b"):
+            asyncio.run(full())
+            time.sleep(0.3)  # the second one handed to the pool
+            pooled = {e["kernel_id"] for e in pooled_entries(service.state)}
+            out = service.run(user, "s1", "import os; print(os.environ['HOME'])")
+            assert out["status"] == "ok", out
+            (entry,) = [e for e in registry.entries() if e.get("owner") == user]
+            assert sandbox_of(entry) in pooled and entry["kernel_id"] not in pooled
+            assert entry["labels"]["session_id"] == "s1"
+            assert out["stdout"].strip() == entry["work_dir"]
+            service.delete(user, "s1")
+    finally:
+        print(service.logs(8000))
+        ab.remove_everything([service])

@@ -23,6 +23,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from limited_provisioner import AdoptionError, adopt, kept_files, list_kernels, reap_orphans
+from limited_provisioner import pool as warm_pool
 from limited_provisioner.limits import format_size
 
 from . import render
@@ -124,6 +125,9 @@ class KernelPool:
         await asyncio.to_thread(self._write_kernelspec)
         await self.recover()
         self._sweeper = asyncio.ensure_future(self._sweep_periodically())
+        if self.settings.pool_size:
+            # Sessions to come claim a started kernel (pool.py); filled in the background.
+            await warm_pool.warm(self._manager(kernel_name=self.settings.kernel_name))
 
     def _write_kernelspec(self) -> None:
         s = self.settings
@@ -212,6 +216,7 @@ class KernelPool:
         """Leave every kernel running for the next start of the service to re-adopt."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await warm_pool.drain_all()  # pooled kernels are nobody's: not left for adoption
         for session in self.sessions.values():
             session.kc.stop_channels()
             if session.km.provisioner is not None:

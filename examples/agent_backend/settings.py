@@ -66,6 +66,8 @@ class Settings:
     keep_files_for: str = "1h"
     max_kernels: int | None = 20
     max_kernels_per_user: int | None = 3
+    # Kernels kept started for the next sessions to claim (limited_provisioner's pool).
+    pool_size: int = 0
     rate_limit: int = 5
     reply_ceiling: float = 600.0
     # A directory of wheels the kernels may pip-install from without network.
@@ -113,6 +115,7 @@ class Settings:
             keep_files_for=_env("KEEP_FILES_FOR", defaults.keep_files_for),
             max_kernels=_count("MAX_KERNELS", defaults.max_kernels),
             max_kernels_per_user=_count("MAX_KERNELS_PER_USER", defaults.max_kernels_per_user),
+            pool_size=_count("POOL_SIZE", defaults.pool_size) or 0,
             rate_limit=_count("RATE_LIMIT", defaults.rate_limit) or 0,
             reply_ceiling=float(_env("REPLY_CEILING", str(defaults.reply_ceiling))),
             keys_file=_env("KEYS_FILE", "") or "",
@@ -148,6 +151,7 @@ class Settings:
             "keep_files_for": self.keep_files_for,
             "max_kernels": self.max_kernels,
             "max_kernels_per_user": self.max_kernels_per_user,
+            "pool_size": self.pool_size,
             # The service authenticates its callers and names the owner of each kernel
             # in start_kernel(env=...), so per-user caps count per caller.
             "allow_owner_from_start_env": True,

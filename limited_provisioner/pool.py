@@ -143,6 +143,7 @@ class KernelPool:
         self._wake = asyncio.Event()
         self._backoff = 0.0
         self._closed = False
+        self._drain_task: asyncio.Task | None = None
 
     # -- claims --------------------------------------------------------------------------
 
@@ -153,7 +154,8 @@ class KernelPool:
         """A live pooled kernel with fingerprint ``wanted``; raises NotClaimable."""
         if self.fingerprint is not None and wanted != self.fingerprint:
             self.fingerprint = wanted
-            await self.drain("changed")
+            # In the background: the start that noticed is a cold start, now.
+            self._drain_task = asyncio.ensure_future(self.drain("changed"))
             raise NotClaimable("changed")
         self.fingerprint = wanted
         while self.ready:
@@ -187,6 +189,16 @@ class KernelPool:
         self._wake.set()
 
     async def _keep_filled(self) -> None:
+        while not self._closed:
+            try:
+                await self._fill_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the next round may do better; never end the loop
+                log.exception("Pool of %s: refill round failed", self.kernel_name)
+                await asyncio.sleep(CHECK_INTERVAL)
+
+    async def _fill_round(self) -> None:
         next_check = 0.0
         while not self._closed:
             loop_now = time.monotonic()

@@ -298,11 +298,16 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         """What else decides what a kernel is (Docker: the image's id)."""
         return {}
 
-    async def _check_claimable(self) -> None:
+    async def _check_claimable(self, kwargs: dict[str, Any]) -> None:
         """Raise NotClaimable if this start needs what a pooled kernel cannot be given."""
         km = self.parent
         if km is None:
             raise NotClaimable("no manager")
+        spec = self.kernel_spec
+        ipykernel = spec is not None and any("ipykernel" in part for part in spec.argv)
+        if not ipykernel and (kwargs.get("env") is not None or kwargs.get("cwd")):
+            # The claim's env and folder are set by Python code in the kernel.
+            raise NotClaimable("not ipykernel")
         if not requested_address(km, "").private:
             raise NotClaimable("client address")  # the proxy's were bound at fill
         key = self._keep_files_key()
@@ -323,7 +328,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         pool.note_start()
         started = time.monotonic()
         try:
-            await self._check_claimable()
+            await self._check_claimable(kwargs)
             slot = await pool.take(await self.pool_fingerprint())
             try:
                 folder = await self._claim_folder(slot, kwargs)

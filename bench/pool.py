@@ -63,10 +63,15 @@ def write_specs(root: Path, backends: list[str]) -> None:
         write_kernelspec(root, f"burst-{b}", {**LIMITS, "pool_size": 4}, PROVISIONERS[b])
 
 
-async def programmatic(name: str, owner: str = "bench") -> tuple[float, AsyncKernelManager]:
+async def programmatic(name: str, owner: str | None = None) -> tuple[float, AsyncKernelManager]:
+    """start_kernel() to a client's first kernel_info reply; with ``owner``, the start
+    passes an env of its own (which a claim sets in the kernel: one execution more)."""
     km = AsyncKernelManager(kernel_name=name)
     t0 = time.perf_counter()
-    await km.start_kernel(env={**os.environ, "LIMITED_PROVISIONER_OWNER": owner})
+    if owner is None:
+        await km.start_kernel()
+    else:
+        await km.start_kernel(env={**os.environ, "LIMITED_PROVISIONER_OWNER": owner})
     kc = km.client()
     kc.start_channels()
     try:
@@ -78,7 +83,8 @@ async def programmatic(name: str, owner: str = "bench") -> tuple[float, AsyncKer
 
 async def pooled_count(state: Path, name: str) -> int:
     entries = await asyncio.to_thread(Registry(state).entries)
-    return sum(1 for e in entries if e.get("state") == "pooled" and e.get("kernel_name") == name)
+    return sum(1 for e in entries if e.get("state") == "pooled" and e.get("pool_ready")
+               and e.get("kernel_name") == name)
 
 
 async def wait_pooled(state: Path, name: str, n: int, timeout: float = 120) -> None:
@@ -90,17 +96,19 @@ async def wait_pooled(state: Path, name: str, n: int, timeout: float = 120) -> N
 
 
 async def latency_programmatic(backend: str, runs: int, state: Path) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"cold": [], "claimed": []}
+    times: dict[str, list[float]] = {"cold": [], "claimed": [], "claimed+env": []}
     pool_name, cold_name = f"pool-{backend}", f"cold-{backend}"
     # Warm the page cache and the pool (the first start of a pooled spec is a miss).
     for name in (cold_name, pool_name):
         _, km = await programmatic(name)
         await km.shutdown_kernel(now=True)
     for _ in range(runs):
-        await wait_pooled(state, pool_name, 2)
-        await asyncio.sleep(0.2)  # the refill's own start settled
-        for kind, name in (("claimed", pool_name), ("cold", cold_name)):
-            dt, km = await programmatic(name)
+        for kind, name, owner in (("claimed", pool_name, None), ("cold", cold_name, None),
+                                  ("claimed+env", pool_name, "alice")):
+            if name == pool_name:
+                await warm_pool.ready(pool_name, timeout=120)
+                await asyncio.sleep(0.2)  # the refill's own start settled
+            dt, km = await programmatic(name, owner)
             times[kind].append(dt)
             await km.shutdown_kernel(now=True)
     return times
@@ -111,16 +119,23 @@ async def latency_server(backend: str, runs: int, root: Path) -> dict[str, list[
     workdir = Path(tempfile.mkdtemp(prefix="lp-bench-nb-"))
     server = JupyterServer(workdir, server_env(state, "bench-" + uuid.uuid4().hex[:6],
                                                jupyter_path=root))
-    times: dict[str, list[float]] = {"cold": [], "claimed": []}
+    times: dict[str, list[float]] = {"cold": [], "claimed": [], "floor": []}
     pool_name, cold_name = f"pool-{backend}", f"cold-{backend}"
+
+    async def kernel_info(kid: str) -> None:
+        msg_id, seen = await ws_request(server.base, kid, "kernel_info_request", {})
+        if not replied(msg_id, seen):
+            raise RuntimeError(f"kernel {kid} did not answer kernel_info")
 
     async def one(name: str) -> float:
         t0 = time.perf_counter()
         kid = (await server.api("POST", "/api/kernels", {"name": name}))["id"]
-        msg_id, seen = await ws_request(server.base, kid, "kernel_info_request", {})
+        await kernel_info(kid)
         dt = time.perf_counter() - t0
-        if not replied(msg_id, seen):
-            raise RuntimeError(f"kernel {kid} did not answer kernel_info")
+        # jupyter_server's own floor: the same request on a kernel that already runs.
+        t0 = time.perf_counter()
+        await kernel_info(kid)
+        times["floor"].append(time.perf_counter() - t0)
         await server.api("DELETE", f"/api/kernels/{kid}")
         return dt
 
@@ -129,7 +144,7 @@ async def latency_server(backend: str, runs: int, root: Path) -> dict[str, list[
         await one(cold_name)
         for _ in range(runs):
             await wait_pooled(state, pool_name, 2)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the refill's own start settled
             times["claimed"].append(await one(pool_name))
             times["cold"].append(await one(cold_name))
     finally:
@@ -143,7 +158,7 @@ async def burst(backend: str, n: int, state: Path) -> dict[str, list[float]]:
     name = f"burst-{backend}"
     _, km = await programmatic(name)  # creates the pool (a miss)
     await km.shutdown_kernel(now=True)
-    await wait_pooled(state, name, 4)
+    await warm_pool.ready(name, timeout=120)
     await asyncio.sleep(0.2)
     before = {e["kernel_id"] for e in Registry(state).entries() if e.get("state") == "pooled"}
     results = await asyncio.gather(*(programmatic(name) for _ in range(n)),
@@ -172,7 +187,7 @@ async def hygiene(backend: str, claims: int, state: Path) -> tuple[int, int, lis
     await km.shutdown_kernel(now=True)
     for i in range(claims):
         owner = OWNERS[i % len(OWNERS)]
-        await wait_pooled(state, name, 1)
+        await warm_pool.ready(name, timeout=120)
         km = AsyncKernelManager(kernel_name=name)
         await km.start_kernel(env={**os.environ, "LIMITED_PROVISIONER_OWNER": owner})
         hits += km.provisioner.sandbox_id != km.kernel_id
@@ -233,9 +248,13 @@ async def main() -> None:
                 lines += [row(f"{b}: cold, start_kernel()", prog["cold"]),
                           row(f"{b}: **claimed**, start_kernel() (target p50 ≤ 30)",
                               prog["claimed"]),
+                          row(f"{b}: claimed, start_kernel(env=…) (env set in the kernel)",
+                              prog["claimed+env"]),
                           row(f"{b}: cold, REST + WebSocket", srv["cold"]),
                           row(f"{b}: **claimed**, REST + WebSocket (target p50 ≤ 50, "
-                              f"p99 ≤ 150)", srv["claimed"])]
+                              f"p99 ≤ 150)", srv["claimed"]),
+                          row(f"{b}: jupyter_server's floor: a new WebSocket + kernel_info "
+                              f"to a running kernel", srv["floor"])]
             if args.burst:
                 out = await burst(b, args.burst, state)
                 lines += [row(f"{b}: burst of {args.burst}, pool_size=4: hits", out["hit"]),

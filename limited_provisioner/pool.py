@@ -286,6 +286,9 @@ class KernelPool:
             # IPython's first execution costs ~25 ms (compiler, hooks): paid now, not by
             # the claim that runs its env and folder in the kernel, nor the first cell.
             await run_in_kernel(slot.prov.connection.proxy, "None")
+            # What `limited-provisioner list` and outside waiters go by: claimable now.
+            await asyncio.to_thread(slot.prov.registry.update, slot.kernel_id,
+                                    pool_ready=time.time())
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run it is no good
             log.warning("Pool of %s: pooled kernel %s dropped: %s", self.kernel_name,
                         slot.kernel_id, e)

@@ -32,7 +32,8 @@ from . import held_kernels, kept_files, metrics, uids, workfs
 from . import pool as warm_pool
 from ._background import bridged, on_package_loop
 from ._tasks import Once
-from .admission import AdmissionPolicy, admit, admit_and_record
+from .admission import AdmissionPolicy, admit_and_record
+from .claim import claim_pooled
 from .client_address import requested_address
 from .connection import KernelConnection, client_curve_secretkey, door_refusal
 from .enforcement import (
@@ -298,22 +299,6 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         """What else decides what a kernel is (Docker: the image's id)."""
         return {}
 
-    async def _check_claimable(self, kwargs: dict[str, Any]) -> None:
-        """Raise NotClaimable if this start needs what a pooled kernel cannot be given."""
-        km = self.parent
-        if km is None:
-            raise NotClaimable("no manager")
-        spec = self.kernel_spec
-        ipykernel = spec is not None and any("ipykernel" in part for part in spec.argv)
-        if not ipykernel and (kwargs.get("env") is not None or kwargs.get("cwd")):
-            # The claim's env and folder are set by Python code in the kernel.
-            raise NotClaimable("not ipykernel")
-        if not requested_address(km, "").private:
-            raise NotClaimable("client address")  # the proxy's were bound at fill
-        key = self._keep_files_key()
-        if key is not None and await asyncio.to_thread(kept_files.waiting, self.state_dir, *key):
-            raise NotClaimable("kept files")  # they go into a new kernel's own dirs
-
     async def _claim_folder(self, slot: Pooled, kwargs: dict[str, Any]) -> Workspace | None:
         """The host folder the claimed kernel works in (None: its private dir), made
         visible in it. NotClaimable where the backend cannot do that after launch."""
@@ -322,122 +307,9 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         return None
 
     async def _claim_pooled(self, kwargs: dict[str, Any]) -> bool:
-        """Serve this start from the warm pool if a pooled kernel fits; False: a cold
-        start (its refills wait for it). Raises what admission raises for the claimer."""
-        pool = warm_pool.pool_for(self)
-        pool.note_start()
-        started = time.monotonic()
-        try:
-            await self._check_claimable(kwargs)
-            slot = await pool.take(await self.pool_fingerprint())
-            try:
-                folder = await self._claim_folder(slot, kwargs)
-            except (NotClaimable, WorkspaceError):
-                pool.put_back(slot)  # nothing of the claimer's reached it
-                raise
-            except BaseException:
-                pool._discard(slot, "folder")  # it may hold half a bind of it
-                raise
-            try:
-                await asyncio.to_thread(self._admit_claim, slot)
-            except BaseException as e:
-                if folder is None and not isinstance(e, NotClaimable):
-                    pool.put_back(slot)  # refused for the claimer: still a good kernel
-                else:
-                    pool._discard(slot, "refused")  # it holds the claimer's folder
-                raise
-        except NotClaimable as e:
-            warm_pool.POOL_CLAIMS.labels(
-                kernel_name=pool.kernel_name, result="miss", reason=str(e)).inc()
-            pool.cold_starts += 1
-            self._cold_pool = pool
-            return False
-        try:
-            await self._take_over(slot, kwargs, folder)
-        except Exception as e:
-            reason = f"the pooled kernel {slot.kernel_id} could not be claimed: {e}"
-            self.record_trip("sandbox", reason)
-            self._claim_launch = False
-            await self._abandon_start()
-            raise SandboxStartError(f"Kernel {self.kernel_id}: {reason}", reason=reason) from e
-        warm_pool.POOL_CLAIMS.labels(kernel_name=pool.kernel_name, result="hit",
-                                     reason="").inc()
-        warm_pool.POOL_CLAIM_SECONDS.labels(kernel_name=pool.kernel_name).observe(
-            time.monotonic() - started)
-        self.log.info("Kernel %s: claimed pooled kernel %s for %r", self.kernel_id,
-                      slot.kernel_id, self.owner)
-        return True
-
-    def _admit_claim(self, slot: Pooled) -> None:
-        """Under the registry's lock: admit the claimer (the pooled kernel it becomes
-        does not count twice) and turn the pooled entry into the claimer's."""
-        sid = slot.kernel_id
-        self._disk_paths = slot.prov._disk_paths
-        with self.registry.lock():
-            pooled = self.registry.read(sid)
-            if pooled is None or pooled.get("state") != "pooled":
-                raise NotClaimable("taken")
-            admit(self.registry, self._policy(), kernel_id=self.kernel_id, owner=self.owner,
-                  mem_limit=self.limits.mem_limit, replacing=sid)
-            self.created = now = time.time()
-            entry = {
-                **pooled, "kernel_id": self.kernel_id, "sandbox_id": sid, "state": "running",
-                "owner": self.owner, "server_id": self.server_id,
-                "kernel_name": getattr(self.parent, "kernel_name", ""), "created": now,
-                "last_activity": now, "pooled_at": pooled.get("created"), "claimed": now,
-                "server_pid": os.getpid(),
-                "server_pid_create_time": process_identity(os.getpid()),
-                "limits": self.limits.to_dict(), "max_lifetime": self.max_lifetime,
-                "labels": dict(self.labels),
-            }
-            # The claimer's entry first: a crash in between leaves two entries naming
-            # one sandbox (the reaper removes both: their server is gone), never none.
-            self.registry.write(self.kernel_id, entry)
-            self.registry.remove(sid)
-
-    async def _take_over(
-        self, slot: Pooled, kwargs: dict[str, Any], folder: Workspace | None
-    ) -> None:
-        """Make the pooled kernel this provisioner's: its sandbox, process and proxy,
-        then the caller's env and folder inside it."""
-        src = slot.prov
-        await src._stop_watching()
-        held_kernels.let_go(src)
-        for name in self._sandbox_fields:
-            setattr(self, name, getattr(src, name))
-        self._sandbox_id, self._pool, self._claimed = src.sandbox_id, src._pool, True
-        self._ran = self._claim_launch = True
-        # The pooled kernel's manager goes away without touching what is now ours.
-        slot.km._connection_file_written = False
-        src.connection = src.kdir = None
-        km = self.parent
-        km.load_connection_info(slot.km.get_connection_info())
-        assert self.connection is not None
-        self.connection.point_clients(km)
-        km._connection_file_written = True
-        self.connection.traffic.last_activity = time.time()
-        cwd = None
-        self.work_folder = folder
-        if folder is not None:
-            cwd = self.work_dir = folder.path
-            self.plan.measures["workspace"] = Measure(
-                NAMESPACE if folder.uid_map or folder.read_only else NONE, folder.describe())
-            self._baseline = await self._disk_baseline()
-        finalized = (await KernelProvisionerBase.pre_launch(
-            self, env=kwargs.get("env", os.environ)))["env"]
-        mine = self._kernel_env(finalized)
-        before = self._launch_env or {}
-        changed = {k: v for k, v in mine.items() if before.get(k) != v}
-        gone = sorted(set(before) - set(mine))
-        if changed or gone or cwd:
-            await warm_pool.run_in_kernel(
-                self.connection.proxy, warm_pool.claim_code(changed, gone, cwd)
-            )
-            self._launch_env = {**{k: v for k, v in before.items() if k not in gone},
-                                **changed}
-        if cwd:
-            await asyncio.to_thread(self.registry.update, self.kernel_id, work_dir=cwd,
-                                    launch_cwd=cwd)
+        """Serve this start from the warm pool if a pooled kernel fits (claim.py); False:
+        a cold start."""
+        return await claim_pooled(self, kwargs)
 
     def _cold_start_over(self) -> None:
         """A cold start of a pooled kernelspec ended (either way): its refills may go."""

@@ -672,6 +672,10 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     def _start_watchdog(
         self, baseline: tuple[int, int], get_pids: Any = list, check_events: Any = None
     ) -> None:
+        if self._pooled:
+            # A pooled kernel runs no one's code: nothing to watch (and nothing to poll
+            # for each kernel the pool holds) until a claim starts its watchdog.
+            return
         self.watchdog = Watchdog.for_kernel(
             self.kernel_id, self.limits, self.plan, self.kdir, self.work_dir,
             interval=self.watchdog_interval, on_trip=self._on_trip, get_pids=get_pids,

@@ -39,6 +39,7 @@ from tests.harness import (  # noqa: E402
     PROVISIONERS,
     JupyterServer,
     docker_available,
+    kernel_leftovers,
     remove_all_kernels,
     replied,
     server_env,
@@ -269,6 +270,9 @@ async def main() -> None:
                     extra.append(f"  {v}")
     finally:
         await warm_pool.drain_all()
+        left = {k: v for k, v in kernel_leftovers(state).items() if v}
+        extra.append(f"left behind after the last shutdown and the pools' drain: "
+                     f"{left or 'nothing'}")
         remove_all_kernels(state)
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)

@@ -144,6 +144,7 @@ class KernelPool:
         self._backoff = 0.0
         self._closed = False
         self._drain_task: asyncio.Task | None = None
+        self._shutting: set[asyncio.Task] = set()
 
     # -- claims --------------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class KernelPool:
             if slot.fingerprint != wanted:
                 self._discard(slot, "changed")
                 continue
-            if await slot.prov.poll() is not None:
+            if not await slot.prov.pooled_alive():
                 self._discard(slot, "died")
                 continue
             return slot
@@ -213,6 +214,8 @@ class KernelPool:
                     continue
                 wait = max(0.05, min(wait, quiet if quiet > 0 else 0.1))
             self._wake.clear()
+            if self._closed:
+                return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
@@ -297,7 +300,7 @@ class KernelPool:
         self._backoff = 0.0
         POOL_REFILLS.labels(kernel_name=self.kernel_name, result="ok").inc()
         if self._closed or slot.fingerprint != self.fingerprint:
-            self._discard(slot, "changed")
+            self._discard(slot, "stopped" if self._closed else "changed")
             return
         self.ready.append(slot)
         self._gauge()
@@ -309,7 +312,11 @@ class KernelPool:
 
     def _discard(self, slot: Pooled, reason: str) -> asyncio.Task:
         POOL_DRAINS.labels(kernel_name=self.kernel_name, reason=reason).inc()
-        return asyncio.ensure_future(_shut_down(slot, reason))
+        task = asyncio.ensure_future(_shut_down(slot, reason))
+        # Kept until done: stop() waits for every shutdown it started.
+        self._shutting.add(task)
+        task.add_done_callback(self._shutting.discard)
+        return task
 
     async def drain(self, reason: str) -> None:
         """Shut every pooled kernel down (they are nobody's: nothing is lost)."""
@@ -333,9 +340,21 @@ class KernelPool:
         return True
 
     def close(self) -> None:
+        """No more refills (one being started finishes, then is shut down)."""
         self._closed = True
+        self._wake.set()
+
+    async def stop(self, reason: str) -> None:
+        """Close the pool and shut down every kernel it holds or is starting; returns
+        once they are gone. Never cancels a start midway (that would leave a kernel
+        nobody holds)."""
+        self.close()
         if self._task is not None:
-            self._task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._task
+        await self.drain(reason)
+        if self._shutting:
+            await asyncio.gather(*self._shutting, return_exceptions=True)
 
 
 async def _shut_down(slot: Pooled, reason: str) -> None:
@@ -390,10 +409,9 @@ async def drain_all(reason: str = "stopped") -> None:
 
 
 async def _drain_all(reason: str) -> None:
-    for pool in pools():
-        pool.close()
-        await pool.drain(reason)
+    stopping = list(_pools.values())
     _pools.clear()
+    await asyncio.gather(*(pool.stop(reason) for pool in stopping))
 
 
 async def warm(km: Any) -> KernelPool | None:

@@ -299,6 +299,10 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         """What else decides what a kernel is (Docker: the image's id)."""
         return {}
 
+    async def pooled_alive(self) -> bool:
+        """Whether this pooled kernel still runs (asked at each claim)."""
+        return await self.poll() is None
+
     async def _claim_folder(self, slot: Pooled, kwargs: dict[str, Any]) -> Workspace | None:
         """The host folder the claimed kernel works in (None: its private dir), made
         visible in it. NotClaimable where the backend cannot do that after launch."""

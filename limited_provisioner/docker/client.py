@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -49,6 +50,20 @@ class DockerUnavailableError(SandboxUnavailableError):
     """The daemon could not be reached (or answered with an error we cannot read)."""
 
 
+_CLIENTS: dict[tuple[str, str], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _forget_clients_after_fork() -> None:
+    global _CLIENTS_LOCK
+    _CLIENTS.clear()  # their connections are the parent's
+    _CLIENTS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
 class DockerSession:
     """A Docker client for one daemon, created on first use."""
 
@@ -65,7 +80,15 @@ class DockerSession:
 
     def client(self) -> Any:
         if self._client is None:
-            self._client = self._guarded(self._connect)
+            # One connected client per daemon and settings in the process: connecting
+            # (version negotiation, ping) costs ~10 ms, which every start — and a warm
+            # pool's claim — would pay again.
+            key = (self.docker_host, repr(sorted(self.client_kwargs.items())))
+            with _CLIENTS_LOCK:
+                client = _CLIENTS.get(key)
+                if client is None:
+                    client = _CLIENTS[key] = self._guarded(self._connect)
+            self._client = client
         return self._client
 
     def _connect(self) -> Any:

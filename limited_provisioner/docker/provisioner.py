@@ -34,7 +34,7 @@ from ..kernel_env import CONTAINER_ENV_KEEP, HOST_PATH_ENV
 from ..limits import format_size
 from ..process import launch as _launch
 from ..provisioner import LimitedProvisioner
-from ..registry import Registry, sandbox_of
+from ..registry import Registry, same_process, sandbox_of
 from ..workspace import host_mount_point, mount_on_host
 from .client import GONE, LABEL_PREFIX, DockerSession, container_name
 from .container import (
@@ -177,6 +177,14 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         except docker.errors.ImageNotFound:
             return {"image_id": None}  # no claim; the cold start says what is missing
         return {"image_id": attrs.get("Id")}
+
+    async def pooled_alive(self) -> bool:
+        # Its init's pid and start time where the daemon is this host's: no API call in
+        # the claim's path (the pool's periodic check asks the daemon).
+        if not self.docker_host or self.docker_host.startswith("unix://"):
+            if self.pid and self.pid_create_time:
+                return same_process(self.pid, self.pid_create_time)
+        return await super().pooled_alive()
 
     async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
         """Free the container name, make the kernel dir, decide the plan."""

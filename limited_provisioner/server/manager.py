@@ -80,6 +80,11 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(503, str(e), reason="Kernel sandbox unavailable") from e
         if not existing:
             self._watch_auto_restarts(kernel_id)
+            km = internals.managed_kernels(self).get(kernel_id)
+            if getattr(getattr(km, "provisioner", None), "_claimed", False):
+                # A claimed pooled kernel started long ago: it will say "starting" on
+                # IOPub no more, and a client's first connection would wait for it.
+                km.execution_state = "idle"
         return kernel_id
 
     def _watch_auto_restarts(self, kernel_id: str) -> None:

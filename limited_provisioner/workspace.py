@@ -252,6 +252,30 @@ def mount_on_host(ws: Workspace, target: Path) -> None:
         raise WorkspaceError(msg, reason=msg)
 
 
+async def attach_in_kernel(pid: int, ws: Workspace, container_root: str | None = None
+                           ) -> str | None:
+    """Bind ``ws`` into the mount namespace of the running kernel ``pid`` (a pooled
+    kernel being claimed; launch.py ``--attach``, root only); None, or why it could not.
+    A fresh interpreter: setns into a mount namespace needs a single-threaded caller."""
+    import asyncio
+    import json
+    import sys
+
+    from .process import launch
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", "-S", launch.__file__, "--attach", str(pid),
+        json.dumps(ws.to_spec()), *([container_root] if container_root else []),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode == 0:
+        return None
+    said = err.decode(errors="replace").strip()
+    return said.removeprefix("limited-provisioner: cannot start kernel: ")[:500]
+
+
 def release_host_mount(target: Path) -> None:
     """Detach whatever is mounted at ``target`` and remove the (then empty) mount point.
     Idempotent. Never removes anything beneath it: rmdir refuses a dir that is not empty

@@ -277,10 +277,9 @@ async def test_a_server_claims_binds_the_notebooks_folder_and_drains_its_pool_wh
     backend, tmp_path, jupyter_path, pool_state
 ):
     """Through jupyter_server: the pool warms at start; POST /api/kernels and
-    POST /api/sessions (a notebook's folder, as root bound into the pooled process
-    kernel; a container's is made at its launch: a cold start) claim; after kill -9 the
-    claimed kernels are adopted (a container's by its claim record) and the dead
-    server's pool drained."""
+    POST /api/sessions (a notebook's folder, as root bound into the pooled kernel's mount
+    namespace at the folder's own path) claim; after kill -9 the claimed kernels are
+    adopted (a container's by its claim record) and the dead server's pool drained."""
     write_kernelspec(jupyter_path, "warm", POOLED, backend)
     # Not under /tmp: a folder there is hidden in the kernel's view (its own /tmp), so
     # only a cold start could lay it out.
@@ -309,17 +308,18 @@ async def test_a_server_claims_binds_the_notebooks_folder_and_drains_its_pool_wh
             "path": "project/a.ipynb", "type": "notebook", "name": "a.ipynb",
             "kernel": {"name": "warm"}})
         nb_kid = session["kernel"]["id"]
-        nb_sandbox = sandbox_of(Registry(pool_state).read(nb_kid))
-        if "docker" in backend:
-            assert nb_sandbox == nb_kid  # cold, in its folder all the same
-        else:
-            assert nb_sandbox in pooled
+        assert sandbox_of(Registry(pool_state).read(nb_kid)) in pooled
         text = await ws_execute_text(
             server.base, nb_kid,
-            "import os; open('made.txt', 'w').write('x'); print(os.getcwd(), __session__)")
-        assert text.split() == [str(folder), str(folder / "a.ipynb")], text
+            "import os; open('made.txt', 'w').write('x')\n"
+            "try:\n    os.chmod('made.txt', 0o6755); print('set-id allowed')\n"
+            "except OSError: print('set-id refused')\n"
+            "print(os.getcwd(), __session__)")
+        assert text.split() == ["set-id", "refused", str(folder), str(folder / "a.ipynb")], text
         if os.geteuid() == 0:
-            assert (folder / "made.txt").stat().st_uid == 1000  # the folder's owner
+            made = (folder / "made.txt").stat()
+            assert made.st_uid == 1000  # the folder's owner
+            assert not made.st_mode & 0o6000  # never a set-id file of theirs
 
         await wait_for(lambda: len(pooled_entries(pool_state, "warm")) == 2,
                        what="the refill")

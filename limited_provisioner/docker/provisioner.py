@@ -32,10 +32,19 @@ from ..errors import (
 )
 from ..kernel_env import CONTAINER_ENV_KEEP, HOST_PATH_ENV
 from ..limits import format_size
+from ..pool import NotClaimable
 from ..process import launch as _launch
+from ..process.sandbox import scratch_parent
 from ..provisioner import LimitedProvisioner
 from ..registry import Registry, same_process, sandbox_of
-from ..workspace import host_mount_point, mount_on_host
+from ..workspace import (
+    Workspace,
+    attach_in_kernel,
+    chosen_folder,
+    host_mount_point,
+    mount_on_host,
+    resolve_workspace,
+)
 from .client import GONE, LABEL_PREFIX, DockerSession, container_name
 from .container import (
     ContainerSpec,
@@ -178,12 +187,39 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             return {"image_id": None}  # no claim; the cold start says what is missing
         return {"image_id": attrs.get("Id")}
 
+    async def _claim_folder(self, slot: Any, kwargs: dict[str, Any]) -> Workspace | None:
+        """The folder a claim asks for, bound into the pooled container at its own path
+        (root, a local daemon): its mount point made in the container's root filesystem
+        from the host's side, then the same idmapped bind a launch makes, attached in the
+        container's mount namespace (workspace.attach_in_kernel)."""
+        folder = chosen_folder(self.workspace, kwargs.get("cwd"))
+        if folder is None:
+            return None
+        src = slot.prov
+        local = not self.docker_host or self.docker_host.startswith("unix://")
+        if os.geteuid() != 0 or not local or src.uid is None:
+            raise NotClaimable("workspace")
+        ws = await asyncio.to_thread(
+            resolve_workspace, folder, server_uid=0, kernel_uid=src.uid, kernel_gid=src.gid
+        )
+        attrs = await src._inspect()
+        merged = ((attrs or {}).get("GraphDriver") or {}).get("Data", {}).get("MergedDir")
+        pid = ((attrs or {}).get("State") or {}).get("Pid")
+        if not merged or not pid or scratch_parent(ws.path):
+            raise NotClaimable("workspace")  # its path is a tmpfs of the container's
+        failed = await attach_in_kernel(pid, ws, merged)
+        if failed:
+            self.log.warning("Kernel %s: the pooled container cannot take folder %s (%s); "
+                             "starting a new one", self.kernel_id, ws.path, failed)
+            raise NotClaimable("workspace")
+        return ws
+
     async def pooled_alive(self) -> bool:
         # Its init's pid and start time where the daemon is this host's: no API call in
         # the claim's path (the pool's periodic check asks the daemon).
-        if not self.docker_host or self.docker_host.startswith("unix://"):
-            if self.pid and self.pid_create_time:
-                return same_process(self.pid, self.pid_create_time)
+        local = not self.docker_host or self.docker_host.startswith("unix://")
+        if local and self.pid and self.pid_create_time:
+            return same_process(self.pid, self.pid_create_time)
         return await super().pooled_alive()
 
     async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
@@ -248,7 +284,10 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             limits=lim, work=folder.path if folder else str(kdir.work), home=str(kdir.work),
             workspace_source=self._workspace_source or (folder.path if folder else None),
             workspace_read_only=bool(folder and folder.read_only),
-            no_setid_files=bool(folder and folder.uid_map), launcher=_launch.__file__,
+            # A pooled kernel too: the folder a claim maps into it (_claim_folder) must
+            # never receive a set-id file.
+            no_setid_files=bool(folder and folder.uid_map) or self._pooled,
+            launcher=_launch.__file__,
             sock=str(kdir.sock), conn=str(kdir.conn),
             ctl=str(kdir.ctl), labels=labels, extra_mounts=list(self.extra_mounts),
             tmp_size=tmp_size(lim, self.tmp_size), log_max_size=self.log_max_size,

@@ -427,19 +427,46 @@ def mount_workspace(ws: dict, target: str) -> None:
     _attach_tree(libc, target, tree, where, "")
 
 
-def attach_workspace(pid: int, ws: dict) -> None:
+def _make_mount_point(root: str, path: str) -> None:
+    """Create ``path`` (absolute, in a container's view) beneath ``root`` (the host's view
+    of the container's root filesystem), following no symlink: the directories a bind
+    at ``path`` needs in a container whose image lacks them."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in [p for p in path.split("/") if p]:
+            if part in (".", ".."):
+                _fail(f"folder path {path} is not normalized")
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            child = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except OSError as e:
+        _fail(f"cannot make the folder's mount point {path} in the container: {e}")
+    finally:
+        os.close(fd)
+
+
+def attach_workspace(pid: int, ws: dict, container_root: str | None = None) -> None:
     """A pooled kernel's folder, bound at its claim (``launch.py --attach``; root, on the
     host): the workspace's bind, made as the launcher makes it, attached at the folder's
     own path inside the mount namespace of the kernel ``pid``. The kernel ran no code of
-    anyone's yet; it never sees the folder before the bind is complete."""
+    anyone's yet; it never sees the folder before the bind is complete.
+
+    A process kernel: ``pid`` is its supervisor, outside its namespaces, whose child (the
+    init of its pid namespace) is in its mount namespace. A container (``container_root``:
+    the host's view of its root filesystem, where the mount point is made): ``pid`` is
+    its init."""
     libc = ctypes.CDLL(None, use_errno=True)
-    # ``pid`` is the kernel's supervisor, outside its namespaces; its child (the init of
-    # the kernel's pid namespace) is in the kernel's mount namespace.
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            pid = int(f.read().split()[0])
-    except (OSError, IndexError, ValueError) as e:
-        _fail(f"the kernel's init (child of {pid}) not found: {e}")
+    if container_root is None:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                pid = int(f.read().split()[0])
+        except (OSError, IndexError, ValueError) as e:
+            _fail(f"the kernel's init (child of {pid}) not found: {e}")
     if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
         _fail(f"process {pid} shares the host's mount namespace: not binding the folder there")
     with open(f"/proc/{pid}/mountinfo") as f:
@@ -449,6 +476,8 @@ def attach_workspace(pid: int, ws: dict) -> None:
         _fail(f"folder {ws['path']} would hide {hidden[0] if hidden else 'a mount'} "
               f"of the kernel")
     ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    if container_root is not None:
+        _make_mount_point(container_root, ws["path"])
     source = _open_exact(libc, ws["path"], "workspace")
     attr_set, attr_clr, userns = _workspace_attrs(libc, ws)
     tree = _clone_tree(libc, ws["path"], source, "", AT_EMPTY_PATH)
@@ -790,8 +819,8 @@ def main(argv: list[str]) -> None:
     if len(argv) == 3 and argv[0] == "--workspace":
         mount_workspace(json.loads(argv[1]), argv[2])
         return
-    if len(argv) == 3 and argv[0] == "--attach":
-        attach_workspace(int(argv[1]), json.loads(argv[2]))
+    if len(argv) in (3, 4) and argv[0] == "--attach":
+        attach_workspace(int(argv[1]), json.loads(argv[2]), *argv[3:])
         return
     if len(argv) < 3 or argv[1] != "--":
         _fail("usage: launch.py SPEC_JSON -- CMD...")

@@ -45,7 +45,7 @@ from ..pool import NotClaimable
 from ..provisioner import LimitedProvisioner
 from ..registry import Registry, is_alive, sandbox_of
 from ..watchdog import tree_pids
-from ..workspace import Workspace, chosen_folder, resolve_workspace
+from ..workspace import Workspace, attach_in_kernel, chosen_folder, resolve_workspace
 from . import launch as _launch
 from .adopted import AdoptedProcess
 from .cgroups import KernelCgroups, entry_record
@@ -295,16 +295,10 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         if scratch_parent(ws.path) or untraversable_ancestor(ws.path):
             # Its path is hidden in the kernel's view: only a launch can lay it out.
             raise NotClaimable("workspace")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", _launch.__file__, "--attach", str(src.pid),
-            json.dumps(ws.to_spec()), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await proc.communicate()
-        if proc.returncode != 0:
-            said = err.decode(errors="replace").strip()
+        failed = await attach_in_kernel(src.pid, ws)
+        if failed:
             self.log.warning("Kernel %s: the pooled kernel cannot take folder %s (%s); "
-                             "starting a new one", self.kernel_id, ws.path, said)
+                             "starting a new one", self.kernel_id, ws.path, failed)
             raise NotClaimable("workspace")
         return ws
 

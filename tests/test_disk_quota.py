@@ -63,7 +63,7 @@ for name in os.listdir("."):
         os.unlink(name)
 runs.append(fill("big", 200 * 2**20))
 st = os.statvfs(".")
-print("RESULT", json.dumps({"runs": runs, "free": st.f_bavail * st.f_frsize}))
+print("RESULT " + json.dumps({"runs": runs, "free": st.f_bavail * st.f_frsize}))
 '''
 
 MANY_FILES = r'''
@@ -76,7 +76,7 @@ try:
         made += 1
 except OSError as e:
     err = e.errno
-print("RESULT", json.dumps({"made": made, "errno": err}))
+print("RESULT " + json.dumps({"made": made, "errno": err}))
 '''
 
 
@@ -105,7 +105,8 @@ async def run_json(kc, code: str) -> dict:
     out = await run(kc, code, timeout=120)
     assert out["status"] == "ok", out
     # Found by its marker: IPython's history thread may print into the same stream,
-    # even on the same line, once the inodes run out.
+    # even on the same line, once the inodes run out (one write per result, so never
+    # between the marker and its JSON).
     text = out["stdout"]
     assert "RESULT " in text, out
     return json.JSONDecoder().raw_decode(text[text.rindex("RESULT ") + len("RESULT "):])[0]

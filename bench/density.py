@@ -47,8 +47,9 @@ from tests.harness import (
 )
 
 # The limits of a warm pool's kernels: the defaults (2G... 10G disk on a filesystem of
-# its own, idle_timeout 1h, so the lifecycle timer runs) but a smaller memory limit.
-LIMITS = {"mem_limit": "256M", "owner": "lp-bench"}
+# its own, idle_timeout 1h, so the lifecycle timer runs) but a memory limit small enough
+# for 100 under the default mem_budget (0.8 of host memory: 23G here).
+LIMITS = {"mem_limit": "160M", "owner": "lp-bench"}
 START_CONCURRENCY = 4  # two cores: more parallel starts only queue
 
 

@@ -76,7 +76,8 @@ async def main() -> None:
     rows = []
     try:
         for backend in args.backends.split(","):
-            write_kernelspec(root, f"b-{backend}", {"mem_limit": "256M", "owner": "lp-bench"},
+            # 160M: 100 of them fit the default mem_budget (0.8 of host memory) on 23G.
+            write_kernelspec(root, f"b-{backend}", {"mem_limit": "160M", "owner": "lp-bench"},
                              PROVISIONERS[backend])
             results = [await one_round(backend, args.kernels, root) for _ in range(args.rounds)]
             floors = [r[0] for r in results]

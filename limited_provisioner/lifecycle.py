@@ -118,7 +118,10 @@ class LifecycleTimer:
         self.log = log
         self.interrupted: str | None = None
         self.interrupted_at: float | None = None
-        self._saved = 0.0
+        # The activity clock as the registry has it: what the timer started from (a
+        # restarted server's from the registry, a new kernel's its start, which the
+        # reaper reads from "created"), so adopting 100 kernels writes no 100 entries.
+        self._saved = traffic.last_activity
         self._cancel: Callable[[], None] | None = None
         # The round that had something to await (save, interrupt), while it runs.
         self._step: asyncio.Future | None = None

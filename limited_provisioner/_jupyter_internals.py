@@ -20,6 +20,7 @@ PRIVATE_NAMES = [
     ("jupyter_client.manager:AsyncKernelManager", "_connect_control_socket"),
     ("jupyter_client.manager:AsyncKernelManager", "_connection_file_written"),
     ("jupyter_client.manager:AsyncKernelManager", "_restarter"),
+    ("jupyter_client.manager:AsyncKernelManager", "_kernel_spec"),
     ("jupyter_client.manager:KernelManager", "_async_restart_kernel"),
     ("jupyter_client.restarter:KernelRestarter", "_fire_callbacks"),
     ("jupyter_client.provisioning.provisioner_base:KernelProvisionerBase", "_finalize_env"),
@@ -54,6 +55,12 @@ def keep_connection_file(km: Any) -> None:
     """``KernelManager.__del__`` deletes a connection file it wrote; a detached kernel
     without one could never be adopted again."""
     km._connection_file_written = False
+
+
+def preset_kernel_spec(km: Any, spec: Any) -> None:
+    """Give a new manager its kernelspec, so ``km.kernel_spec`` does not search every
+    Jupyter path again (adopting 100 kernels of one spec searched 100 times)."""
+    km._kernel_spec = spec
 
 
 def mark_started(km: Any, launch_cwd: str | None) -> None:

@@ -11,12 +11,13 @@ the kernel writes or publishes can keep it alive or stretch an execution.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ._tasks import BackgroundTask
+from . import ticker
 from .limits import Limits
 from .traffic import Traffic
 
@@ -87,7 +88,8 @@ class LifecycleTimer:
     provisioner's callbacks: ``interrupt(verdict, msg_id)`` for an execution past
     exec_timeout, ``stop(verdict)`` to cull or restart the kernel (after which it ends).
     It runs on the package's loop (``_background.py``), so it fires while a blocking
-    manager's caller sleeps.
+    manager's caller sleeps; every kernel's timer of the same interval shares one clock
+    (ticker.py): a round where nothing is due costs one arithmetic check, no task.
     """
 
     def __init__(
@@ -116,8 +118,13 @@ class LifecycleTimer:
         self.log = log
         self.interrupted: str | None = None
         self.interrupted_at: float | None = None
-        self._saved = 0.0
-        self._task = BackgroundTask()
+        # The activity clock as the registry has it: what the timer started from (a
+        # restarted server's from the registry, a new kernel's its start, which the
+        # reaper reads from "created"), so adopting 100 kernels writes no 100 entries.
+        self._saved = traffic.last_activity
+        self._cancel: Callable[[], None] | None = None
+        # The round that had something to await (save, interrupt), while it runs.
+        self._step: asyncio.Future | None = None
         self._stopping: asyncio.Future | None = None  # held: the loop keeps only weak refs
 
     @property
@@ -126,27 +133,40 @@ class LifecycleTimer:
         return bool(lim.idle_timeout or lim.exec_timeout or self.max_lifetime)
 
     def start(self) -> None:
-        if self.needed:
-            self._task.start(self._run)
+        if self.needed and self._cancel is None:
+            self._cancel = ticker.every(self.interval, self._tick)
 
     async def stop(self) -> None:
-        await self._task.stop()
+        self._end()
+        step, self._step = self._step, None
+        if step is not None and step is not asyncio.current_task():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                if await self.check_once():
-                    return
-            except Exception:  # one bad round must not end the timer of this kernel
-                self.log.exception("Kernel %s: lifecycle check failed", self.kernel_id)
+    def _end(self) -> None:
+        if self._cancel is not None:
+            self._cancel()
+            self._cancel = None
 
-    async def check_once(self, now: float | None = None) -> bool:
-        """One round; True once the kernel is being culled or restarted."""
-        traffic = self.traffic
-        await self._save_activity(traffic)
-        verdict = check_lifecycle(
-            traffic,
+    def _tick(self) -> None:
+        """One round on the shared clock: a task only when there is something to do."""
+        if self._step is not None and not self._step.done():
+            return  # the previous round is still saving or interrupting
+        if not (self._save_due() or self._verdict().action != "none"):
+            return
+        self._step = asyncio.ensure_future(self._round())
+
+    async def _round(self) -> None:
+        try:
+            if await self.check_once():
+                self._end()
+        except Exception:  # one bad round must not end the timer of this kernel
+            self.log.exception("Kernel %s: lifecycle check failed", self.kernel_id)
+
+    def _verdict(self, now: float | None = None) -> Verdict:
+        return check_lifecycle(
+            self.traffic,
             created=self.created,
             idle_timeout=self.limits.idle_timeout,
             max_lifetime=self.max_lifetime,
@@ -156,19 +176,28 @@ class LifecycleTimer:
             interrupted_at=self.interrupted_at,
             now=now,
         )
+
+    async def check_once(self, now: float | None = None) -> bool:
+        """One round; True once the kernel is being culled or restarted."""
+        traffic = self.traffic
+        await self._save_activity(traffic)
+        verdict = self._verdict(now)
         if verdict.action == "interrupt":
             self.interrupted = traffic.executing
             self.interrupted_at = time.time()
             await self._interrupt(verdict, traffic.executing or "")
         elif verdict.action in ("cull", "restart"):
-            # Shutting down cancels this timer: act from a task of its own.
-            self._task.release()
+            # Shutting down stops this timer: act from a task of its own.
+            self._end()
             self._stopping = asyncio.ensure_future(self._stop(verdict))
             return True
         return False
 
+    def _save_due(self) -> bool:
+        return self.traffic.last_activity > self._saved and time.time() - self._saved > 5
+
     async def _save_activity(self, traffic: Traffic) -> None:
         """Save last_activity (at most every 5 s) so a restart continues the idle clock."""
-        if traffic.last_activity > self._saved and time.time() - self._saved > 5:
+        if self._save_due():
             self._saved = time.time()
             await self._persist(traffic.last_activity)

@@ -674,19 +674,32 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         return await asyncio.to_thread(carried_over, str(self.kdir.work), self.limits)
 
     def _start_watchdog(
-        self, baseline: tuple[int, int], get_pids: Any = list, check_events: Any = None
+        self, baseline: tuple[int, int], get_pids: Any = list, check_events: Any = None,
+        events_back_off: bool = True,
     ) -> None:
+        """``events_back_off``: ``check_events`` only reports, so an idle kernel's may
+        wait watchdog_idle_interval (False when it also enforces, e.g. puts back limits)."""
         if self._pooled:
             # A pooled kernel runs no one's code: nothing to watch (and nothing to poll
             # for each kernel the pool holds) until a claim starts its watchdog.
             return
+        back_off = events_back_off and self.watchdog_idle_interval > self.watchdog_interval
         self.watchdog = Watchdog.for_kernel(
             self.kernel_id, self.limits, self.plan, self.kdir, self.work_dir,
             interval=self.watchdog_interval, on_trip=self._on_trip, get_pids=get_pids,
             check_events=check_events, baseline=baseline,
             own_fs=self.workfs is not None and self.workfs.hard,
+            events_idle_interval=self.watchdog_idle_interval if back_off else None,
+            busy=self._recently_busy,
         )
         self.watchdog.start()
+
+    def _recently_busy(self) -> bool:
+        """An execution runs, or a client asked something within watchdog_idle_interval."""
+        if self.connection is None:
+            return True  # no traffic to tell: treat as busy
+        traffic = self.connection.traffic
+        return traffic.busy or traffic.idle_for() < self.watchdog_idle_interval
 
     async def _on_trip(self, kind: str, reason: str) -> None:
         """The watchdog found a limit exceeded: say why, then stop the kernel."""

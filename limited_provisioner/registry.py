@@ -20,6 +20,8 @@ from typing import Any
 
 import psutil
 
+from . import procstat
+
 STATE_DIR_ENV = "LIMITED_PROVISIONER_STATE_DIR"
 
 
@@ -170,6 +172,10 @@ def process_identity(pid: int) -> float | None:
 
     A zombie counts as gone: it has exited, only its exit status is left to collect.
     """
+    try:
+        return procstat.create_time(pid)  # one read instead of psutil's four
+    except procstat.Unreadable:
+        pass
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:

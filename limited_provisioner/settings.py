@@ -368,6 +368,16 @@ class LimitedSettings(LoggingConfigurable):
         help="Seconds between two watchdog checks of memory (disk is checked every 4th).",
     ).tag(config=True)
 
+    watchdog_idle_interval = Float(
+        5.0,
+        help="""Seconds between two checks of an idle kernel's cgroup events (a process of
+        its tree OOM-killed, forks refused by pids_limit). The cgroup enforced those
+        limits already; only their report (log, metrics, status endpoint) waits this
+        long while the kernel runs no execution and got no request for that long. Memory
+        and disk checks, and putting back limits a kernel raised in a delegated cgroup,
+        keep watchdog_interval. 0: every watchdog_interval, as for a busy kernel.""",
+    ).tag(config=True)
+
     state_dir = Unicode(
         help="""Directory of the registry, locks and kernel dirs for kernels of this
         kernelspec. Default: LimitedHost.state_dir (the host's). Point an agent

@@ -5,11 +5,16 @@ memory cgroup is available) and measures the kernel's work dir (bytes on disk an
 number of entries) where it is not a filesystem of its own (workfs.py: that refuses
 writes past the limits itself, and the walk is skipped). When a limit trips it calls
 ``on_trip(reason)`` once; the provisioner then kills the tree and reports the reason.
+
+Every kernel's watchdog of the same interval runs on one shared clock (ticker.py); a
+round with nothing to measure in a thread (memory and disk left to the kernel's cgroup
+and filesystem) is a plain call, no task and no thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
@@ -19,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from ._tasks import BackgroundTask
+from . import ticker
 from .enforcement import WATCHDOG, EnforcementPlan
 from .limits import Limits, format_size
 
@@ -180,6 +185,8 @@ class Watchdog:
         files_baseline: int = 0,
         interval: float = 0.5,
         disk_interval: float = 2.0,
+        events_idle_interval: float | None = None,
+        busy: Callable[[], bool] | None = None,
     ):
         self.kernel_id = kernel_id
         self.get_pids = get_pids
@@ -198,13 +205,22 @@ class Watchdog:
         self.files_baseline = files_baseline
         self.interval = interval
         self.disk_interval = disk_interval
+        # ``check_events`` only reports what the OS already enforced (an OOM kill, a
+        # refused fork): while the kernel is not ``busy()`` (no execution running, no
+        # recent request) that report may wait this long. None: every round.
+        self.events_idle_interval = events_idle_interval
+        self.busy = busy
         self.tripped: str | None = None
         # Walks of the kernel's dirs so far (evidence for tests and debugging).
         self.disk_checks = 0
         # What the last walk found over the baseline (bytes, files): the status endpoint
         # shows it rather than walking the kernel's dirs a second time.
         self.last_disk: tuple[int, int] | None = None
-        self._task = BackgroundTask()
+        self._cancel: Callable[[], None] | None = None
+        # The round's measurement in a thread (memory, disk) or its trip, while it runs.
+        self._step: asyncio.Future | None = None
+        self._next_disk = 0.0
+        self._next_events = 0.0
 
     @classmethod
     def for_kernel(
@@ -221,6 +237,8 @@ class Watchdog:
         check_events: Callable[[], None] | None = None,
         baseline: tuple[int, int] = (0, 0),
         own_fs: bool = False,
+        events_idle_interval: float | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> Watchdog:
         """The watchdog of one kernel: memory where the plan leaves it to the watchdog
         (no cgroup), the size and file count of every dir the kernel can write — except
@@ -245,6 +263,8 @@ class Watchdog:
             files_baseline=baseline[1],
             interval=interval,
             disk_interval=interval * 4,
+            events_idle_interval=events_idle_interval,
+            busy=busy,
         )
 
     @property
@@ -255,11 +275,21 @@ class Watchdog:
         )
 
     def start(self) -> None:
-        if self.watches_anything:
-            self._task.start(self._run)
+        if self.watches_anything and self._cancel is None and self.tripped is None:
+            self._cancel = ticker.every(self.interval, self._tick)
 
     async def stop(self) -> None:
-        await self._task.stop()
+        self._end()
+        step, self._step = self._step, None
+        if step is not None and step is not asyncio.current_task():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
+
+    def _end(self) -> None:
+        if self._cancel is not None:
+            self._cancel()
+            self._cancel = None
 
     def check_memory(self) -> tuple[str, str] | None:
         if self.mem_limit is None:
@@ -308,24 +338,42 @@ class Watchdog:
             )
         return None
 
-    async def _run(self) -> None:
+    def _tick(self) -> None:
+        """One round on the shared clock: the event check here (a few small reads of the
+        kernel's cgroup files), memory and disk in a thread of a task of their own."""
+        if self._step is not None and not self._step.done():
+            return  # the previous round is still measuring (a big dir) or tripping
         loop = asyncio.get_running_loop()
-        next_disk = 0.0
-        while True:
+        now = loop.time()
+        busy = self.events_idle_interval is None or self.busy is None or self.busy()
+        if self.check_events is not None and (busy or now >= self._next_events):
+            if not busy:
+                self._next_events = now + self.events_idle_interval
             try:
-                if self.check_events is not None:
-                    self.check_events()
-                found = await asyncio.to_thread(self.check_memory)
-                if found is None and loop.time() >= next_disk:
-                    found = await asyncio.to_thread(self.check_disk)
-                    next_disk = loop.time() + self.disk_interval
+                self.check_events()
             except Exception:  # one bad read must not end the watch
                 log.exception("watchdog check failed for kernel %s", self.kernel_id)
-                found = None
-            if found is not None:
-                kind, reason = found
-                self.tripped = reason
-                self._task.release()
-                await self.on_trip(kind, reason)
-                return
-            await asyncio.sleep(self.interval)
+        disk = self.work_dir is not None and now >= self._next_disk
+        if self.mem_limit is None and not disk:
+            return
+        if disk:
+            self._next_disk = now + self.disk_interval
+        self._step = asyncio.ensure_future(self._measure(disk))
+
+    async def _measure(self, disk: bool) -> None:
+        try:
+            found = None
+            if self.mem_limit is not None:
+                found = await asyncio.to_thread(self.check_memory)
+            if found is None and disk:
+                found = await asyncio.to_thread(self.check_disk)
+        except Exception:  # one bad read must not end the watch
+            log.exception("watchdog check failed for kernel %s", self.kernel_id)
+            return
+        if found is not None and self.tripped is None:
+            kind, reason = found
+            self.tripped = reason
+            self._end()
+            # Stopping the kernel stops this watchdog: not from the task it would cancel.
+            self._step = None
+            await self.on_trip(kind, reason)

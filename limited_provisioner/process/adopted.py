@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 
@@ -22,11 +23,47 @@ class AdoptedProcess:
         self.pid = pid
         self.create_time = create_time
         self.returncode: int | None = None
+        # A pidfd of the process once it was found to be ours: it becomes readable when
+        # the process exits and never refers to a reused pid, so the restarter's poll
+        # every few seconds is one select() instead of reading /proc (and /proc/stat).
+        self._pidfd: int | None = None
 
     def poll(self) -> int | None:
-        if self.returncode is None and not same_process(self.pid, self.create_time):
-            self.returncode = -1
+        if self.returncode is not None:
+            return self.returncode
+        if self._pidfd is not None:
+            # poll(), not select(): a server with hundreds of kernels has fds past 1024.
+            watch = select.poll()
+            watch.register(self._pidfd, select.POLLIN)
+            if watch.poll(0):
+                self._exited()
+            return self.returncode
+        if not same_process(self.pid, self.create_time):
+            self._exited()
+            return self.returncode
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            return None  # no pidfds here (or it just exited): /proc again next time
+        if same_process(self.pid, self.create_time):  # still ours now the fd pins it
+            self._pidfd = pidfd
+        else:
+            os.close(pidfd)
+            self._exited()
         return self.returncode
+
+    def _exited(self) -> None:
+        self.returncode = -1
+        self.close()
+
+    def close(self) -> None:
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_pidfd", None) is not None:  # not left to the process's exit
+            self.close()
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout

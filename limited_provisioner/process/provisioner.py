@@ -309,6 +309,8 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
         self._start_watchdog(
             baseline, get_pids=self._tree_pids,
             check_events=self._check_cgroup_events if self.cgroups else None,
+            # A delegated group's limits are the kernel's to raise: put back every round.
+            events_back_off=not (self.cgroups and self.cgroups.delegated),
         )
 
     async def _restore(self, entry: dict[str, Any]) -> None:

@@ -9,9 +9,11 @@ activity state right across automatic restarts (which limit kills make routine).
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from typing import Any, ClassVar
 
+from jupyter_client.kernelspec import NoSuchKernel
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
 from traitlets import Bool
@@ -29,6 +31,30 @@ from ..host import LimitedHost
 from ..provisioner import LimitedProvisioner
 from ..reaper import reap
 from ..recovery import adopt
+
+
+class KernelSpecs:
+    """The kernelspecs one adoption sweep has looked up, by name: each is searched for
+    once, and every manager gets its own copy (as a fresh lookup would give it)."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, Any] = {}
+
+    def preset(self, km: Any) -> None:
+        name = km.kernel_name
+        if not name:
+            return
+        spec = self._found.get(name)
+        if spec is None:
+            try:
+                spec = self._found[name] = km.kernel_spec
+            except (NoSuchKernel, OSError, ValueError):  # removed or broken since: adopt()
+                # goes on without it, as before
+                return
+        else:
+            internals.preset_kernel_spec(km, type(spec)(
+                resource_dir=spec.resource_dir, **copy.deepcopy(spec.to_dict())
+            ))
 
 
 class LimitedMappingKernelManager(AsyncMappingKernelManager):
@@ -183,12 +209,14 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             if self.adopt_all or e.get("server_id") == server_id
         ]
 
+        specs = KernelSpecs()
+
         async def one(entry: dict[str, Any]) -> str | None:
             kid = entry.get("kernel_id", "")
             if kid in internals.managed_kernels(self):
                 return None
             try:
-                await self._adopt(kid, entry)
+                await self._adopt(kid, entry, specs)
             except AdoptionError as e:
                 if e.reason == "dead":
                     self.log.info("Kernel %s died while the server was down; removed", kid)
@@ -205,11 +233,21 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             self.log.info("Adopted %d running limited kernel(s): %s", len(adopted), adopted)
         return adopted
 
-    async def _adopt(self, kernel_id: str, entry: dict[str, Any]) -> None:
+    async def _adopt(
+        self, kernel_id: str, entry: dict[str, Any], specs: KernelSpecs | None = None
+    ) -> None:
         from jupyter_server._tz import utcnow
 
+        specs = specs or KernelSpecs()
+
         def factory(**kwargs: Any) -> Any:
-            return self.kernel_manager_factory(parent=self, log=self.log, **kwargs)
+            # The server's kernelspec manager, as for the kernels it starts itself.
+            km = self.kernel_manager_factory(
+                parent=self, log=self.log, kernel_spec_manager=self.kernel_spec_manager,
+                **kwargs,
+            )
+            specs.preset(km)
+            return km
 
         km = await adopt(
             kernel_id, state_dir=self.host.resolved_state_dir, factory=factory, entry=entry,

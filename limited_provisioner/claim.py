@@ -128,11 +128,12 @@ async def _take_over(
     """Make the pooled kernel this provisioner's: its sandbox, process and proxy,
     then the caller's env and folder inside it."""
     src = slot.prov
-    await src._stop_watching()
-    held_kernels.let_go(src)
+    # First: whatever fails from here on, the claimer's abandoned start ends the kernel.
     for name in prov._sandbox_fields:
         setattr(prov, name, getattr(src, name))
     prov._sandbox_id, prov._pool, prov._claimed = src.sandbox_id, src._pool, True
+    held_kernels.let_go(src)
+    await src._stop_watching()
     prov._ran = prov._claim_launch = True
     # The pooled kernel's manager goes away without touching what is now ours.
     slot.km._connection_file_written = False

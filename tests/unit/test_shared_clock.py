@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import subprocess
 import time
+
+import pytest
 
 from limited_provisioner import _background, ticker
 from limited_provisioner.lifecycle import LifecycleTimer
@@ -136,9 +139,18 @@ def test_memory_past_the_limit_still_trips_at_the_watchdog_interval():
 
 
 def test_an_adopted_process_is_polled_through_a_pidfd_even_past_fd_1024():
-    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1030)]
-    proc = subprocess.Popen(["sleep", "30"])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1100
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {wanted}: fds past 1024 not possible")
+    # A soft limit of 1024 (a VM's, systemd's default) would stop the fillers short.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    fillers: list[int] = []
+    proc = None
     try:
+        for _ in range(1030):
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        proc = subprocess.Popen(["sleep", "30"])
         adopted = AdoptedProcess(proc.pid, process_identity(proc.pid))
         assert adopted.poll() is None
         assert adopted._pidfd is not None and adopted._pidfd > 1024
@@ -147,10 +159,12 @@ def test_an_adopted_process_is_polled_through_a_pidfd_even_past_fd_1024():
         proc.wait()
         assert adopted.poll() == -1 and adopted._pidfd is None
     finally:
-        proc.kill()
-        proc.wait()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         for fd in fillers:
             os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_an_adopted_pid_reused_by_another_process_reads_as_exited():

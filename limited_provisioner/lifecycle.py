@@ -11,7 +11,6 @@ the kernel writes or publishes can keep it alive or stretch an execution.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -80,7 +79,7 @@ def check_lifecycle(
     return Verdict("none")
 
 
-class LifecycleTimer:
+class LifecycleTimer(ticker.Ticked):
     """The per-kernel timer of idle_timeout, max_lifetime and exec_timeout.
 
     Every ``interval`` seconds it saves the activity clock (``persist``, so a restarted
@@ -122,9 +121,8 @@ class LifecycleTimer:
         # restarted server's from the registry, a new kernel's its start, which the
         # reaper reads from "created"), so adopting 100 kernels writes no 100 entries.
         self._saved = traffic.last_activity
-        self._cancel: Callable[[], None] | None = None
-        # The round that had something to await (save, interrupt), while it runs.
-        self._step: asyncio.Future | None = None
+        # _step (ticker.Ticked): the round that had something to await (save,
+        # interrupt), while it runs.
         self._stopping: asyncio.Future | None = None  # held: the loop keeps only weak refs
 
     @property
@@ -133,21 +131,8 @@ class LifecycleTimer:
         return bool(lim.idle_timeout or lim.exec_timeout or self.max_lifetime)
 
     def start(self) -> None:
-        if self.needed and self._cancel is None:
-            self._cancel = ticker.every(self.interval, self._tick)
-
-    async def stop(self) -> None:
-        self._end()
-        step, self._step = self._step, None
-        if step is not None and step is not asyncio.current_task():
-            step.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await step
-
-    def _end(self) -> None:
-        if self._cancel is not None:
-            self._cancel()
-            self._cancel = None
+        if self.needed:
+            self._start_ticking(self.interval)
 
     def _tick(self) -> None:
         """One round on the shared clock: a task only when there is something to do."""

@@ -14,6 +14,7 @@ Jobs run on the package's loop (``_background.py``): :func:`every` must be calle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -76,6 +77,35 @@ def every(interval: float, tick: Callable[[], None]) -> Callable[[], None]:
 def jobs() -> int:
     """How many jobs are registered (tests, debugging)."""
     return sum(len(r.jobs) for r in _rounds.values())
+
+
+class Ticked:
+    """A kernel's periodic check on the shared clock (its lifecycle timer, its watchdog):
+    the subscription, and the one slow step (a task) a round may have started."""
+
+    _cancel: Callable[[], None] | None = None
+    _step: asyncio.Future | None = None
+
+    def _tick(self) -> None:
+        raise NotImplementedError
+
+    def _start_ticking(self, interval: float) -> None:
+        if self._cancel is None:
+            self._cancel = every(interval, self._tick)
+
+    async def stop(self) -> None:
+        """No more rounds; a step still running is cancelled (unless it is the caller)."""
+        self._end()
+        step, self._step = self._step, None
+        if step is not None and step is not asyncio.current_task():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
+
+    def _end(self) -> None:
+        if self._cancel is not None:
+            self._cancel()
+            self._cancel = None
 
 
 def _forget_after_fork() -> None:

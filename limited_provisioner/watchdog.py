@@ -14,7 +14,6 @@ and filesystem) is a plain call, no task and no thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import stat
@@ -166,7 +165,7 @@ def tree_rss(pids: set[int] | list[int]) -> int:
     return total
 
 
-class Watchdog:
+class Watchdog(ticker.Ticked):
     """Polls one kernel's tree and work dir; calls ``on_trip(reason)`` at most once."""
 
     def __init__(
@@ -216,9 +215,8 @@ class Watchdog:
         # What the last walk found over the baseline (bytes, files): the status endpoint
         # shows it rather than walking the kernel's dirs a second time.
         self.last_disk: tuple[int, int] | None = None
-        self._cancel: Callable[[], None] | None = None
-        # The round's measurement in a thread (memory, disk) or its trip, while it runs.
-        self._step: asyncio.Future | None = None
+        # _step (ticker.Ticked): the round's measurement in a thread (memory, disk) or
+        # its trip, while it runs.
         self._next_disk = 0.0
         self._next_events = 0.0
 
@@ -275,21 +273,8 @@ class Watchdog:
         )
 
     def start(self) -> None:
-        if self.watches_anything and self._cancel is None and self.tripped is None:
-            self._cancel = ticker.every(self.interval, self._tick)
-
-    async def stop(self) -> None:
-        self._end()
-        step, self._step = self._step, None
-        if step is not None and step is not asyncio.current_task():
-            step.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await step
-
-    def _end(self) -> None:
-        if self._cancel is not None:
-            self._cancel()
-            self._cancel = None
+        if self.watches_anything and self.tripped is None:
+            self._start_ticking(self.interval)
 
     def check_memory(self) -> tuple[str, str] | None:
         if self.mem_limit is None:

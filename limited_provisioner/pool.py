@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -115,7 +115,6 @@ class Pooled:
     km: Any
     prov: Any
     fingerprint: str
-    ready_at: float = field(default_factory=time.time)
 
     @property
     def kernel_id(self) -> str:
@@ -127,7 +126,6 @@ class KernelPool:
 
     def __init__(self, key: tuple[str, str, str], template: dict[str, Any], size: int,
                  refill_delay: float):
-        self.key = key
         self.kernel_name = key[1]
         # What a manager of a pooled kernel is made of: the first claimer's kernel
         # name, kernelspec manager and config.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Provision Docker for the docker backend's tests on a fresh Debian (bookworm) machine, as root.
 #
-#   1. install docker.io + debootstrap from apt (only if missing),
+#   1. install docker.io + debootstrap + runsc (gVisor) from apt (only if missing), and
+#      register runsc as the daemon's runtime "runsc" in /etc/docker/daemon.json,
 #   2. start dockerd in the background (only if `docker info` fails) and wait for it,
 #   3. build the kernel image limited-provisioner-kernel:latest OFFLINE from a debootstrap
 #      rootfs (only if it does not exist yet, or has another version label) -- no image
@@ -32,6 +33,7 @@ IMAGE_VERSION=3
 SUITE=bookworm
 FALLBACK_MIRROR=http://deb.debian.org/debian
 DOCKERD_LOG=/var/log/dockerd.log
+DAEMON_JSON=/etc/docker/daemon.json
 DOCKERD_PIDFILE=/run/limited-provisioner-dockerd.pid
 DOCKERD_WAIT=60
 WORK_PREFIX=/var/tmp/limited-provisioner-rootfs.
@@ -69,6 +71,7 @@ flock -w 1800 9 || die "another setup-docker.sh run held /run/limited-provisione
 missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v runsc >/dev/null 2>&1 || missing+=(runsc)
 if [ ${#missing[@]} -gt 0 ]; then
     # Keep the package scripts from starting services (docker.io would start its own
     # dockerd with other flags): a policy-rc.d that denies everything, if there is none.
@@ -84,11 +87,36 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
     command -v dockerd >/dev/null 2>&1 || die "dockerd still missing after installing docker.io"
     command -v debootstrap >/dev/null 2>&1 || die "debootstrap still missing after installing it"
+    command -v runsc >/dev/null 2>&1 || die "runsc still missing after installing it"
     step_done "1/3 packages" "installed ${missing[*]}"
 else
     step_done "1/3 packages" "dockerd and debootstrap already present"
 fi
 command -v docker >/dev/null 2>&1 || die "no docker client on PATH"
+
+# gVisor as the daemon's runtime "runsc" (the runtime trait), in daemon.json before the
+# daemon starts (an already running one reloads it below). --host-uds=create: the server
+# reaches the kernel's ipc sockets in its bind-mounted dir; --network=none: this runsc
+# build (2022) takes every network namespace for the host's on Linux >= 6 and refuses to
+# start with a network; --platform=ptrace: its KVM platform hangs in this VM.
+RUNSC_CHANGED=$(python3 - "$DAEMON_JSON" "$(command -v runsc)" <<'PY'
+import json, os, sys
+path, runsc = sys.argv[1], sys.argv[2]
+try:
+    with open(path) as f:
+        config = json.load(f)
+except FileNotFoundError:
+    config = {}
+want = {"path": runsc, "runtimeArgs": ["--platform=ptrace", "--host-uds=create", "--network=none"]}
+if config.setdefault("runtimes", {}).get("runsc") != want:
+    config["runtimes"]["runsc"] = want
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print("changed")
+PY
+)
 
 # ---------------------------------------------------------------- step 2: daemon
 docker_ok() { timeout 20 docker info >/dev/null 2>&1; }
@@ -147,6 +175,17 @@ else
         step_done "2/3 daemon" "started dockerd pid $pid with flags '${flags}'"
     fi
 fi
+runsc_listed() { docker info --format '{{json .Runtimes.runsc}}' 2>/dev/null | grep -q -- '--host-uds=create'; }
+if [ -n "$RUNSC_CHANGED" ]; then
+    # daemon.json changed under a running daemon: reload its configuration (SIGHUP
+    # re-reads runtimes; running containers are not touched).
+    pid=$(cat "$DOCKERD_PIDFILE" 2>/dev/null || pidof dockerd || true)
+    is_dockerd "$pid" || die "runsc registered in $DAEMON_JSON, but no dockerd pid to reload it"
+    kill -HUP "$pid"
+    for _ in $(seq 50); do runsc_listed && break; sleep 0.2; done
+fi
+runsc_listed || die "dockerd does not list runsc with --host-uds=create after reading $DAEMON_JSON; see $DOCKERD_LOG"
+log "runtimes: $(docker info --format '{{json .Runtimes}}')"
 log "docker: server $(docker version --format '{{.Server.Version}}' 2>/dev/null || echo '?'), storage driver $(docker info --format '{{.Driver}}' 2>/dev/null || echo '?')"
 
 # ---------------------------------------------------------------- step 3: kernel image

@@ -12,6 +12,10 @@
    contained (the test passed), with its run time.
 
     python bench/attacks.py [--markdown] [-k EXPR | --disk] [--own-filesystem off] [--security]
+                            [--by-runtime]
+
+``--by-runtime``: one row per attack, one column per backend and runtime (process; docker
+under runc; docker under gVisor, ``runsc``): how it was stopped and how fast.
 
 Rows that are not contained are printed as they are: the suite then also fails.
 """
@@ -127,6 +131,33 @@ def beyond_limit(row: dict) -> str:
     return f"{text} ({row['disk']})"
 
 
+RUNTIME_COLUMNS = (("process", "process backend"), ("docker", "docker, runc"),
+                   ("runsc", "docker, gVisor (runsc)"))
+
+
+def by_runtime_table(rows: list[dict]) -> None:
+    """Markdown: each attack once, each backend/runtime a column ("how, seconds")."""
+    cells: dict[str, dict[str, dict]] = {}
+    titles: dict[str, str] = {}
+    for r in rows:
+        cells.setdefault(r["attack"], {})[r["backend"]] = r
+        titles[r["attack"]] = r["title"]
+    print("| # | attack | " + " | ".join(label for _, label in RUNTIME_COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(RUNTIME_COLUMNS))
+    for attack in sorted(cells):
+        row = []
+        for key, _ in RUNTIME_COLUMNS:
+            r = cells[attack].get(key)
+            row.append("not run" if r is None else
+                       f"{'' if r['stopped'] else '**NOT STOPPED** '}{r['how']}, {r['seconds']} s")
+        print(f"| {attack} | {titles[attack]} | " + " | ".join(row) + " |")
+    stopped = {key: sum(1 for c in cells.values() if c.get(key, {}).get("stopped"))
+               for key, _ in RUNTIME_COLUMNS}
+    print("| | **stopped** | " + " | ".join(
+        f"**{stopped[key]} / {sum(1 for c in cells.values() if key in c)}**"
+        for key, _ in RUNTIME_COLUMNS) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true")
@@ -139,6 +170,8 @@ def main() -> int:
                              "disk limits, as on a host without loop devices)")
     parser.add_argument("--security", action="store_true",
                         help="the escape classes of tests/security instead")
+    parser.add_argument("--by-runtime", action="store_true",
+                        help="a row per attack, a column per backend/runtime")
     args = parser.parse_args()
     if args.disk:
         # "[3.1-process]": the attack id, then the backend.
@@ -161,7 +194,9 @@ def main() -> int:
         r["beyond"] = beyond_limit(r)
     cols = ["attack", "title", "backend", "stopped", "seconds", "how", "reason", "probe_s",
             "host_mem_drop_mb", "loop_stall_s", "beyond"]
-    if args.markdown:
+    if args.by_runtime:
+        by_runtime_table(rows)
+    elif args.markdown:
         print("| # | attack | backend | stopped | time to stop s | how | reason shown to the user "
               "| 2nd kernel answered in s | host MemAvailable drop MB | server loop stall s "
               "| beyond limit |")

@@ -7,7 +7,9 @@ interleaved (stock, limited, docker, floor, stock, ...) so machine noise hits al
 * ``LimitedProcessProvisioner`` (mem 1G, cpu 1);
 * ``LimitedDockerProvisioner`` (mem 1G, cpu 1, no network) — if Docker and the image exist;
 * the docker floor: ``docker run --rm IMAGE python3 -c "import ipykernel.kernelapp"``,
-  the least any container kernel can cost (target docker/floor <= 1.3).
+  the least any container kernel can cost (target docker/floor <= 1.3);
+* the same two under gVisor (``runtime="runsc"``, ``docker run --runtime=runsc``), if the
+  daemon has runsc registered (.ci/setup-docker.sh): what the stronger sandbox costs.
 
     python bench/start_latency.py [--runs 20] [--markdown] [--no-docker]
 """
@@ -38,6 +40,14 @@ def write_specs(root: Path, with_docker: bool) -> None:
     write_kernelspec(root, "bench-limited", LIMITS, PROVISIONERS["process"])
     if with_docker:
         write_kernelspec(root, "bench-docker", LIMITS, PROVISIONERS["docker"])
+        write_kernelspec(root, "bench-gvisor", {**LIMITS, "runtime": "runsc"},
+                         PROVISIONERS["docker"])
+
+
+def gvisor_available() -> bool:
+    import docker
+
+    return "runsc" in (docker.from_env().info().get("Runtimes") or {})
 
 
 async def kernel_start(kernel_name: str) -> float:
@@ -54,11 +64,11 @@ async def kernel_start(kernel_name: str) -> float:
         await km.shutdown_kernel(now=True)
 
 
-async def docker_floor() -> float:
+async def docker_floor(runtime: str = "runc") -> float:
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
-        "docker", "run", "--rm", "--network=none", KERNEL_IMAGE, "python3", "-c",
-        "import ipykernel.kernelapp",
+        "docker", "run", "--rm", "--network=none", f"--runtime={runtime}", KERNEL_IMAGE,
+        "python3", "-c", "import ipykernel.kernelapp",
     )
     if await proc.wait() != 0:
         raise RuntimeError("docker floor run failed")
@@ -88,6 +98,10 @@ async def run_bench(root: Path, args: argparse.Namespace, with_docker: bool) -> 
     if with_docker:
         kinds["docker floor (run + import ipykernel)"] = docker_floor
         kinds["LimitedDockerProvisioner"] = lambda: kernel_start("bench-docker")
+        if gvisor_available():
+            kinds["gVisor floor (run --runtime=runsc + import)"] = lambda: docker_floor("runsc")
+            kinds["LimitedDockerProvisioner, runtime=runsc"] = (
+                lambda: kernel_start("bench-gvisor"))
     for start in kinds.values():  # warm page cache / image layers for every kind
         await start()
     times: dict[str, list[float]] = {label: [] for label in kinds}
@@ -104,6 +118,13 @@ async def run_bench(root: Path, args: argparse.Namespace, with_docker: bool) -> 
     if with_docker:
         ratios.append(("limited docker / docker floor (target <= 1.3)",
                        ratio("LimitedDockerProvisioner", "docker floor (run + import ipykernel)")))
+        if "LimitedDockerProvisioner, runtime=runsc" in times:
+            ratios.append(("limited gVisor / gVisor floor",
+                           ratio("LimitedDockerProvisioner, runtime=runsc",
+                                 "gVisor floor (run --runtime=runsc + import)")))
+            ratios.append(("limited gVisor / limited docker (runc)",
+                           ratio("LimitedDockerProvisioner, runtime=runsc",
+                                 "LimitedDockerProvisioner")))
     if args.markdown:
         print(f"| start → first kernel_info ({args.runs} runs each) | median s | p90 s |")
         print("|---|---:|---:|")

@@ -101,6 +101,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="allow network access (default false)",
     )
     install.add_argument("--image", default=None, help="container image (docker backend)")
+    install.add_argument(
+        "--runtime", default=None,
+        help='OCI runtime of the container, as the Docker daemon has it registered: "runc" '
+        '(default) or "runsc" for gVisor (docker backend)',
+    )
     where = install.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for the current user")
     where.add_argument(
@@ -162,6 +167,8 @@ def _kernel_config(args: argparse.Namespace) -> dict[str, Any]:
         config["network"] = args.network == "true"
     if args.image is not None:
         config["image"] = args.image
+    if args.runtime is not None:
+        config["runtime"] = args.runtime
     # Validate now, so a typo fails at install time instead of at the first kernel start.
     Limits.from_config(**{k: v for k, v in config.items() if k in Limits.__dataclass_fields__})
     for cap in ("max_kernels", "max_kernels_per_user"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .limits import Limits, format_size
 
@@ -286,17 +286,27 @@ def process_plan(
 
 def container_plan(
     limits: Limits, *, log_max_size: str, workfs: WorkFs | None = None,
-    disk_interval: float = 2.0, host_folder: bool = False,
+    disk_interval: float = 2.0, host_folder: bool = False, runtime: Any = None,
 ) -> EnforcementPlan:
     """The plan of a kernel container: the runtime enforces the resource limits; disk and
-    files the kernel's own filesystem (bind-mounted) where the host allows it."""
+    files the kernel's own filesystem (bind-mounted) where the host allows it.
+    ``runtime``: the daemon's runtime (docker/runtime.py), None for the default."""
     plan = EnforcementPlan()
+    gvisor = runtime is not None and runtime.gvisor
     hard = {
         "mem_limit": "hard (container memory, memswap = memory: no swap)",
         "cpu_limit": "hard (container nano_cpus)",
         "pids_limit": "hard (container pids_limit)",
         "nofile_limit": "hard (ulimit nofile)",
     }
+    if gvisor:
+        # Measured under runsc: RLIMIT_DATA is not applied, so an allocation past the
+        # limit is an OOM kill of the sandbox, reported as such, never a MemoryError.
+        hard["mem_limit"] = ("hard (container memory around the whole gVisor sandbox; "
+                             "an overrun ends the kernel: no MemoryError)")
+        hard["pids_limit"] = ("hard (RLIMIT_NPROC inside the gVisor sandbox: processes "
+                              "and threads; the host's pids cgroup bounds gVisor's own)")
+        hard["nofile_limit"] = "hard (ulimit nofile, applied by gVisor)"
     for name, text in hard.items():
         if getattr(limits, name) is not None:
             plan.set(name, CONTAINER, text)
@@ -313,7 +323,9 @@ def container_plan(
              "kernel's work, socket and connection dirs (and, read-only, the control dir) "
              "mounted")
     plan.set("isolation", CONTAINER,
-             "container: private PID and IPC namespaces; private size-capped tmpfs /tmp, "
+             (f"gVisor ({runtime.describe()}): the kernel's system calls served by a "
+              "user-space kernel; " if gvisor else "")
+             + "container: private PID and IPC namespaces; private size-capped tmpfs /tmp, "
              "/var/tmp, /run/lock and Docker's /dev/shm (64M unless shm_size); json log capped at "
              f"{log_max_size}")
     return plan

@@ -22,7 +22,7 @@ def format_value(name: str, value: Any) -> str:
     """A parsed setting as users write it: "1G", "0.5 cores", "30s", "off", "no cap"."""
     if name == "network":
         return "on" if value else "off"
-    if name == "image":
+    if name in ("image", "runtime"):
         return str(value)
     if value is None:
         return "no cap" if name.startswith("max_kernels") else "unlimited"
@@ -62,6 +62,7 @@ def effective_settings(backend: str, config: dict[str, Any]) -> list[tuple[str, 
                      given))
     if backend == "docker":
         rows.append(("image", config.get("image", DEFAULT_IMAGE), "image" in config))
+        rows.append(("runtime", config.get("runtime", "runc"), "runtime" in config))
     return rows
 
 
@@ -111,6 +112,6 @@ def _given_or_default(config: dict[str, Any], name: str) -> str:
 
 
 def _parse_setting(name: str, value: Any) -> Any:
-    if name == "image":
+    if name in ("image", "runtime"):
         return value
     return LimitedSettings.class_traits()[name].parse(name, value)

@@ -131,7 +131,9 @@ async def start_kernel(jupyter_path):
                      start_kwargs: dict | None = None, metadata: dict | None = None,
                      km_config=None, **km_kwargs):
         name = f"lim{next(counter)}"
-        write_kernelspec(jupyter_path, name, config or {}, provisioner, argv=argv, env=env,
+        provisioner, runtime = split_backend(provisioner)
+        config = {**(config or {}), **runtime}
+        write_kernelspec(jupyter_path, name, config, provisioner, argv=argv, env=env,
                          metadata=metadata)
         if km_config is not None:
             km_kwargs["config"] = km_config  # the manager's traitlets config
@@ -232,17 +234,47 @@ def docker_cleanup():
         remove_containers_with_label("owner", TEST_OWNER)
 
 
-def backends():
+def backends(runtimes: bool = False):
     """Parametrize over both backends: ``@pytest.mark.parametrize("backend", backends(),
-    indirect=True)``; the docker case needs (or, in CI, requires) Docker."""
-    return [
+    indirect=True)``; the docker case needs (or, in CI, requires) Docker. ``runtimes``:
+    also the docker backend under gVisor, ``"limited-docker-provisioner+runsc"`` (the
+    ``start_kernel`` fixture sets ``runtime``), which needs runsc registered with the
+    daemon (.ci/setup-docker.sh)."""
+    params = [
         pytest.param("limited-process-provisioner", id="process"),
         pytest.param("limited-docker-provisioner", id="docker", marks=pytest.mark.docker),
     ]
+    if runtimes:
+        params.append(pytest.param(f"limited-docker-provisioner+{GVISOR}", id=GVISOR,
+                                   marks=[pytest.mark.docker, pytest.mark.runsc]))
+    return params
+
+
+GVISOR = "runsc"
+
+
+def split_backend(backend: str) -> tuple[str, dict]:
+    """("limited-docker-provisioner+runsc") -> the provisioner and its runtime config."""
+    name, _, runtime = backend.partition("+")
+    return name, ({"runtime": runtime} if runtime else {})
+
+
+def _require_runtime(client, runtime: str) -> None:
+    """Skip (fail under LIMITED_PROVISIONER_REQUIRE_DOCKER=1) unless the daemon has
+    ``runtime``."""
+    if runtime in (client.info().get("Runtimes") or {}):
+        return
+    msg = f"the Docker daemon has no runtime {runtime!r} (.ci/setup-docker.sh registers runsc)"
+    if os.environ.get("LIMITED_PROVISIONER_REQUIRE_DOCKER") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
 
 
 @pytest.fixture
 def backend(request):
     if "docker" in request.param:
-        request.getfixturevalue("docker_client")
+        client = request.getfixturevalue("docker_client")
+        runtime = split_backend(request.param)[1].get("runtime")
+        if runtime:
+            _require_runtime(client, runtime)
     return request.param

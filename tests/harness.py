@@ -252,11 +252,25 @@ def kernel_pids(km) -> set[int]:
     if not prov.container_id:
         return set()
     try:
-        top = docker.from_env().api.top(prov.container_id)
+        attrs = docker.from_env().api.inspect_container(prov.container_id)
     except docker.errors.DockerException:  # the container is gone
         return set()
-    column = top["Titles"].index("PID")
-    return {int(row[column]) for row in top.get("Processes") or []}
+    full_id = attrs["Id"]
+    # The container's cgroup, not `docker top`: under gVisor that lists the sandbox's own
+    # pids (1, 2, ...), which are not the host's.
+    for group in (f"/sys/fs/cgroup/pids/docker/{full_id}", f"/sys/fs/cgroup/docker/{full_id}",
+                  f"/sys/fs/cgroup/system.slice/docker-{full_id}.scope"):
+        try:
+            return {int(p) for p in Path(group, "cgroup.procs").read_text().split()}
+        except FileNotFoundError:
+            continue
+    try:
+        running = docker.from_env().api.inspect_container(full_id)["State"].get("Running")
+    except docker.errors.DockerException:
+        running = False
+    if not running:
+        return set()  # exited (not removed yet): its cgroup went with its processes
+    raise RuntimeError(f"no cgroup found for running container {full_id}")
 
 
 def kill_kernel_leftovers(kernel_id: str, pids: Iterable[int] = ()) -> None:
@@ -777,3 +791,17 @@ class AgentBackendService:
     def kernels(self, **filters: Any) -> list[dict]:
         """This service's running kernels (``list_kernels`` of its state dir and id)."""
         return list_kernels(self.state, server_id=self.server_id, **filters)
+
+
+def pooled_entries(state: Path, name: str | None = None, *, ready: bool = True) -> list[dict]:
+    """The pooled kernels of ``state`` (``ready``: only those ready to be claimed)."""
+    return [e for e in Registry(state).entries() if e.get("state") == "pooled"
+            and (e.get("pool_ready") or not ready) and name in (None, e.get("kernel_name"))]
+
+
+async def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.05)

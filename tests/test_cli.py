@@ -128,6 +128,11 @@ def test_install_prints_the_limits_it_wrote_and_the_defaults_that_apply(tmp_path
     from limited_provisioner.docker import DEFAULT_IMAGE
 
     assert _settings_shown(docker.stdout)["image"] == (DEFAULT_IMAGE, "default")
+    assert _settings_shown(docker.stdout)["runtime"] == ("runc", "default")
+    gvisor = _install(tmp_path / "g", "--backend", "docker", "--runtime", "runsc")
+    assert _settings_shown(gvisor.stdout)["runtime"] == ("runsc", "given")
+    spec = json.loads(next((tmp_path / "g").rglob("kernel.json")).read_text())
+    assert spec["metadata"]["kernel_provisioner"]["config"]["runtime"] == "runsc"
 
 
 def test_install_does_not_silently_replace_a_kernelspec_with_other_limits(tmp_path):

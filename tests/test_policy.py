@@ -229,7 +229,7 @@ def test_reaper_removes_orphans_of_a_killed_server_and_nothing_else(
             bystander.remove(force=True)
 
 
-async def test_sixth_kernel_through_jupyter_server_is_429(tmp_path, jupyter_path, state_dir):
+async def test_sixth_kernel_through_jupyter_server_is_429_for_kernels_and_sessions(tmp_path, jupyter_path, state_dir):
     from .test_server import running_server
 
     write_kernelspec(jupyter_path, "capped", {**SMALL, "max_kernels": 5}, PROCESS)
@@ -249,6 +249,16 @@ async def test_sixth_kernel_through_jupyter_server_is_429(tmp_path, jupyter_path
         assert info.value.code == 429
         body = json.loads(info.value.response.body)
         assert "max_kernels=5 reached: 5 limited kernels" in body["message"]
+        # How JupyterLab opens a notebook: the same 429, not jupyter_server's 500.
+        with pytest.raises(HTTPClientError) as info:
+            await client.fetch(HTTPRequest(
+                f"{base}/api/sessions?token={TOKEN}", method="POST",
+                body=json.dumps({"path": "a.ipynb", "type": "notebook", "name": "a.ipynb",
+                                 "kernel": {"name": "capped"}})))
+        assert info.value.code == 429
+        assert "max_kernels=5 reached" in json.loads(info.value.response.body)["message"]
+        sessions = json.loads((await client.fetch(f"{base}/api/sessions?token={TOKEN}")).body)
+        assert sessions == []
         listed = json.loads((await client.fetch(f"{base}/api/kernels?token={TOKEN}")).body)
         assert len(listed) == 5
         assert len(Registry(state_dir).entries()) == 5

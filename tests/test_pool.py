@@ -30,6 +30,8 @@ from limited_provisioner.registry import Registry, sandbox_of
 
 from .conftest import NOTHING_LEFT, backends, run
 from .harness import (
+    pooled_entries,
+    wait_for,
     KERNEL_IMAGE,
     TOKEN,
     JupyterServer,
@@ -81,20 +83,6 @@ async def managers(pool_state):
         if km.has_kernel:
             await km.shutdown_kernel(now=True)
     await warm_pool.drain_all()
-
-
-def pooled_entries(state: Path, name: str | None = None, *, ready: bool = True) -> list[dict]:
-    """The pooled kernels of ``state`` (``ready``: only those ready to be claimed)."""
-    return [e for e in Registry(state).entries() if e.get("state") == "pooled"
-            and (e.get("pool_ready") or not ready) and name in (None, e.get("kernel_name"))]
-
-
-async def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def owner_env(owner: str, **extra: str) -> dict[str, str]:

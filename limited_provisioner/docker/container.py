@@ -17,17 +17,19 @@ from typing import Any
 from ..errors import LimitConfigError
 from ..limits import DATA_RLIMIT_HEADROOM, Limits
 from .client import container_name, label
+from .runtime import Runtime, pids_settings
 
 # Private scratch dirs of every container (Docker gives /dev/shm its own private 64M).
 SCRATCH_TMPFS = ("/tmp", "/var/tmp", "/run/lock")
 # Where launch.py is bound when the kernel starts through its seccomp filter.
 LAUNCHER_IN_CONTAINER = "/opt/limited-provisioner/launch.py"
 # What extra_create_kwargs may add: settings that cannot widen what the kernel reaches
-# (a sandboxing runtime, CPU pinning, names, DNS, GPUs handed out by the operator).
+# (CPU pinning, names, DNS, GPUs handed out by the operator). The runtime is a trait of
+# its own: it changes how limits are applied (runtime.py).
 # Anything else — volumes, cap_add, pid_mode, devices, sysctls... — is refused, not
 # merely the keys this module sets itself.
 EXTRA_ALLOWED = frozenset({
-    "runtime", "cpuset_cpus", "cpuset_mems", "hostname", "domainname", "dns", "dns_opt",
+    "cpuset_cpus", "cpuset_mems", "hostname", "domainname", "dns", "dns_opt",
     "dns_search", "extra_hosts", "platform", "stop_timeout", "healthcheck",
     "device_requests", "shm_size",
 })
@@ -70,6 +72,8 @@ class ContainerSpec:
     launcher: str | None = None
     # The operator's wheelhouse (wheelhouse.py), bound read-only at its own path.
     wheelhouse: str | None = None
+    # The OCI runtime, as the daemon has it registered (None: the daemon's default).
+    runtime: Runtime | None = None
 
 
 def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -84,6 +88,13 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
             f"container's limits and sandbox; use the matching limit traits instead"
         )
         raise LimitConfigError(msg)
+    if "runtime" in spec.extra_create_kwargs:
+        msg = (
+            "extra_create_kwargs may not set 'runtime': set the runtime trait instead "
+            f"(runtime={spec.extra_create_kwargs['runtime']!r}), which also applies the "
+            "limits the way that runtime needs"
+        )
+        raise LimitConfigError(msg)
     unknown = sorted(set(spec.extra_create_kwargs) - EXTRA_ALLOWED)
     if unknown:
         msg = (
@@ -93,7 +104,8 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         )
         raise LimitConfigError(msg)
     ulimits = [docker.types.Ulimit(name="core", soft=0, hard=0)]
-    rlimits = {"nofile": lim.nofile_limit, "fsize": lim.disk_limit}
+    pids = pids_settings(spec.runtime, lim.pids_limit)
+    rlimits = {"nofile": lim.nofile_limit, "fsize": lim.disk_limit, "nproc": pids.get("nproc")}
     if lim.mem_limit is not None:
         # As on the process backend: one runaway allocation becomes a MemoryError the
         # kernel survives, instead of an OOM kill of the whole container.
@@ -149,8 +161,10 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         kwargs["mem_limit"] = kwargs["memswap_limit"] = lim.mem_limit
     if lim.cpu_limit is not None:
         kwargs["nano_cpus"] = round(lim.cpu_limit * 1e9)
-    if lim.pids_limit is not None:
-        kwargs["pids_limit"] = lim.pids_limit
+    if "pids_limit" in pids:
+        kwargs["pids_limit"] = pids["pids_limit"]
+    if spec.runtime is not None:
+        kwargs["runtime"] = spec.runtime.name
     kwargs.update(spec.extra_create_kwargs)
     return kwargs
 

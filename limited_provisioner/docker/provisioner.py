@@ -54,6 +54,8 @@ from .container import (
     parse_mount,
     tmp_size,
 )
+from .runtime import Runtime, check_folder
+from .runtime import resolve as resolve_runtime
 
 DEFAULT_IMAGE = "limited-provisioner-kernel:latest"
 BUILD_HINT = "build it with `limited-provisioner build-image` (or set `image` to one you have)"
@@ -114,8 +116,19 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         mem_limit, since tmpfs pages are memory.""",
     ).tag(config=True)
 
+    runtime = Unicode(
+        "runc",
+        help="""OCI runtime the kernel's container runs under, by the name the Docker
+        daemon has it registered (`docker info`: Runtimes): "runc" (default), "runsc"
+        for gVisor (its system calls served by a user-space kernel), or any other. Checked
+        before anything is reserved; a gVisor runtime must be registered with
+        --host-uds=create (the server reaches the kernel's ipc sockets through it). Under
+        gVisor pids_limit is applied inside the sandbox (RLIMIT_NPROC) and a memory
+        overrun ends the kernel (no MemoryError): see get_provisioner_info()["enforcement"].""",
+    ).tag(config=True)
+
     extra_create_kwargs = Dict(
-        help="""Extra docker create arguments (e.g. {"runtime": "runsc"}, "cpuset_cpus",
+        help="""Extra docker create arguments (e.g. "cpuset_cpus",
         "device_requests", "shm_size"). Only settings that cannot widen what the kernel
         reaches are accepted; the sandbox's own settings and anything else (volumes,
         cap_add, pid_mode, devices...) are refused with the list of what is allowed.""",
@@ -142,11 +155,13 @@ class LimitedDockerProvisioner(LimitedProvisioner):
 
     _sandbox_fields = (
         *LimitedProvisioner._sandbox_fields, "container_id", "exit_code", "_session",
-        "_workspace_source",
+        "_workspace_source", "_runtime",
     )
 
     container_id: str | None = None
     exit_code: int | None = None
+    # The runtime as the daemon has it registered (runtime.resolve), at admission.
+    _runtime: Runtime | None = None
     _shutting_down = False
     _session: DockerSession | None = None
 
@@ -172,8 +187,9 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         except docker.errors.ImageNotFound:
             msg = f"image {self.image!r} not found on the Docker host; {BUILD_HINT}"
             raise SandboxUnavailableError(msg) from None
+        info = await self.docker.acall("info")
+        self._runtime = resolve_runtime(self.runtime, info, network=self.limits.network)
         if not self._disk_paths:
-            info = await self.docker.acall("info")
             root = info.get("DockerRootDir")
             self._disk_paths = (Path(root),) if root else ()
 
@@ -199,6 +215,8 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         local = not self.docker_host or self.docker_host.startswith("unix://")
         if os.geteuid() != 0 or not local or src.uid is None:
             raise NotClaimable("workspace")
+        if src._runtime is not None and not src._runtime.host_mounts:
+            raise NotClaimable("workspace")  # gVisor would never see the bind
         ws = await asyncio.to_thread(
             resolve_workspace, folder, server_uid=0, kernel_uid=src.uid, kernel_gid=src.gid
         )
@@ -235,6 +253,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             self._choose_work_folder, kwargs.get("cwd"),
             self.uid if os.geteuid() == 0 else None,
         )
+        check_folder(self._runtime, self.work_folder)
         self._workspace_source = None
         if self.work_folder is not None and os.geteuid() == 0:
             target = host_mount_point(self.state_dir, self.sandbox_id)
@@ -243,6 +262,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
         self.plan = container_plan(
             self.limits, log_max_size=self.log_max_size, workfs=self.workfs,
             disk_interval=self.watchdog_interval * 4, host_folder=self.work_folder is not None,
+            runtime=self._runtime,
         )
         self.plan.measures["identity"] = identity
         self.plan.measures["workspace"] = where
@@ -292,7 +312,7 @@ class LimitedDockerProvisioner(LimitedProvisioner):
             ctl=str(kdir.ctl), labels=labels, extra_mounts=list(self.extra_mounts),
             tmp_size=tmp_size(lim, self.tmp_size), log_max_size=self.log_max_size,
             extra_create_kwargs=dict(self.extra_create_kwargs),
-            wheelhouse=self.wheelhouse or None,
+            wheelhouse=self.wheelhouse or None, runtime=self._runtime,
         )
 
     async def _launch(self, cmd: list[str], kwargs: dict[str, Any]) -> Any:

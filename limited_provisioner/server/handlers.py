@@ -7,6 +7,9 @@ kernel exists, it just has no limits); an unknown id is 404. :func:`kernel_statu
 the JSON from plain values, so it is tested without kernels; the handler gathers them:
 attributes of the provisioner (cheap, on the loop) and the usage (cgroup files, psutil,
 a short CPU sample: usage.py, in a thread).
+
+``POST /api/sessions`` keeps the status of a refused start (429/403/503) instead of
+jupyter_server's 500 (:class:`LimitedSessionRootHandler`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
+from jupyter_server.services.sessions.handlers import SessionRootHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 
@@ -190,6 +194,25 @@ class LimitedKernelHandler(APIHandler):
         self.finish(json.dumps(status))
 
 
+class LimitedSessionRootHandler(SessionRootHandler):
+    """``POST /api/sessions`` (how JupyterLab opens a notebook) answering a refused start
+    as ``POST /api/kernels`` does: 429/403/503 with the reason. jupyter_server's handler
+    turns any error of a session's kernel start into a 500 (``HTTPError(500, str(e))
+    from e``); the status our manager chose is that error's cause."""
+
+    async def post(self) -> None:
+        try:
+            await super().post()
+        except web.HTTPError as e:
+            cause = e.__cause__
+            if (e.status_code == 500 and isinstance(cause, web.HTTPError)
+                    and cause.status_code != 500):
+                raise cause from None
+            raise
+
+
 def handlers(base_url: str) -> list[tuple[str, type]]:
+    # Ahead of jupyter_server's own routes (tornado tries an extension's first).
     return [(url_path_join(base_url, rf"/api/limited-provisioner/kernels/{KERNEL_ID}"),
-             LimitedKernelHandler)]
+             LimitedKernelHandler),
+            (url_path_join(base_url, r"/api/sessions"), LimitedSessionRootHandler)]

@@ -56,7 +56,7 @@ class LimitedWebsocketConnection(ZMQChannelsWebsocketConnection):
         # on every request of every notebook. Tornado leaves it on by default.
         try:
             self.websocket_handler.set_nodelay(True)
-        except Exception:  # a closed or odd transport: the connection works without it
+        except (AssertionError, OSError):  # closed already (tornado asserts), or no TCP
             self.log.debug("Kernel %s: could not set TCP_NODELAY", self.kernel_id)
         return super().connect()
 

@@ -144,7 +144,7 @@ CATALOGUE = [
            "    try:\n        socket.create_connection(addr, timeout=3).close()\n"
            "        print('ALLOWED: connect', addr)\n"
            "    except OSError as e:\n        print(f'refused: connect {addr}: {e}')",
-           {EACH_REFUSED: r"Network is unreachable"}, attempts=3),
+           {EACH_REFUSED: r"Network is unreachable|No route to host"}, attempts=3),
     Attack("x.6", "writing outside the work dir",
            "for path in ['/etc/limited-pwned', '/usr/limited-pwned', '/var/lib/limited-pwned',"
            " '/root/limited-pwned']:\n    try:\n        open(path, 'w').write('x')\n"

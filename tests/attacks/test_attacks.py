@@ -163,7 +163,7 @@ def shown_reason(evidence: str, expected: str | None) -> str:
     return (matching or lines)[0].strip()[:100]
 
 
-@pytest.mark.parametrize("backend", backends(), indirect=True)
+@pytest.mark.parametrize("backend", backends(runtimes=True), indirect=True)
 @pytest.mark.parametrize("attack", CATALOGUE, ids=[a.id for a in CATALOGUE])
 async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
     attack: Attack, backend, start_kernel, docker_cleanup
@@ -209,7 +209,8 @@ async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
         with open(report, "a") as f:
             f.write(json.dumps({
                 "attack": attack.id, "title": attack.title,
-                "backend": "docker" if "docker" in backend else "process",
+                "backend": (backend.partition("+")[2]
+                            or ("docker" if "docker" in backend else "process")),
                 "stopped": contained, "seconds": round(outcome.seconds, 2),
                 "how": mechanism or "not stopped",
                 "reason": shown_reason(evidence, expected),
@@ -266,7 +267,7 @@ async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
     assert shutil.disk_usage("/var/lib").free > disk_before - 20 * 2**20, "disk not given back"
 
 
-@pytest.mark.parametrize("backend", backends(), indirect=True)
+@pytest.mark.parametrize("backend", backends(runtimes=True), indirect=True)
 async def test_setsid_double_forked_sigterm_ignoring_daemon_dies_with_kernel(
     backend, start_kernel, docker_cleanup
 ):

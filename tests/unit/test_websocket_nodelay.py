@@ -18,7 +18,7 @@ class RecordingHandler:
 
     def set_nodelay(self, value: bool) -> None:
         if self.fail:
-            raise AssertionError("stream already closed")
+            raise OSError(9, "Bad file descriptor")
         self.nodelay.append(value)
 
 

@@ -221,7 +221,12 @@ def flip():
             time.sleep(0.0005)
             os.unlink('race')
         except OSError:
-            pass
+            # An upload landed in race/ while rmtree ran: clear whatever race is now, or
+            # every later mkdir fails and race stays a plain directory (no race at all).
+            try:
+                os.unlink('race') if os.path.islink('race') else shutil.rmtree('race')
+            except OSError:
+                pass
 threading.Thread(target=flip, daemon=True).start()
 """
 

@@ -255,22 +255,25 @@ def kernel_pids(km) -> set[int]:
         attrs = docker.from_env().api.inspect_container(prov.container_id)
     except docker.errors.DockerException:  # the container is gone
         return set()
-    full_id = attrs["Id"]
-    # The container's cgroup, not `docker top`: under gVisor that lists the sandbox's own
-    # pids (1, 2, ...), which are not the host's.
-    for group in (f"/sys/fs/cgroup/pids/docker/{full_id}", f"/sys/fs/cgroup/docker/{full_id}",
-                  f"/sys/fs/cgroup/system.slice/docker-{full_id}.scope"):
-        try:
-            return {int(p) for p in Path(group, "cgroup.procs").read_text().split()}
-        except FileNotFoundError:
-            continue
+    # The members of its init's cgroup, not `docker top`: under gVisor that lists the
+    # sandbox's own pids (1, 2, ...), which are not the host's. Found from the init's
+    # /proc/<pid>/cgroup, whatever the cgroup driver and version.
+    pid = attrs["State"].get("Pid")
+    if not pid:
+        return set()  # not running
     try:
-        running = docker.from_env().api.inspect_container(full_id)["State"].get("Running")
-    except docker.errors.DockerException:
-        running = False
-    if not running:
-        return set()  # exited (not removed yet): its cgroup went with its processes
-    raise RuntimeError(f"no cgroup found for running container {full_id}")
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return set()  # it has just exited: its processes with it
+    paths = dict(line.split(":", 2)[1:] for line in lines)
+    v1 = next((path for names, path in paths.items() if "pids" in names.split(",")), None)
+    group = f"/sys/fs/cgroup/pids{v1}" if v1 is not None else f"/sys/fs/cgroup{paths.get('', '/')}"
+    if attrs["Id"] not in group:
+        return set()  # that pid is someone else's by now: never report (or kill) theirs
+    try:
+        return {int(p) for p in Path(group, "cgroup.procs").read_text().split()}
+    except FileNotFoundError:
+        return set()  # removed between the two reads: the container has stopped
 
 
 def kill_kernel_leftovers(kernel_id: str, pids: Iterable[int] = ()) -> None:

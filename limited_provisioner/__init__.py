@@ -3,6 +3,7 @@
 from .errors import (
     AdoptionError,
     KernelCommandError,
+    KernelEndedError,
     KernelLimitError,
     LimitConfigError,
     SandboxStartError,
@@ -32,6 +33,7 @@ def _jupyter_labextension_paths() -> list[dict[str, str]]:
 __all__ = [
     "AdoptionError",
     "KernelCommandError",
+    "KernelEndedError",
     "KernelLimitError",
     "LimitConfigError",
     "LimitedHost",

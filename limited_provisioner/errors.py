@@ -89,6 +89,11 @@ def kernel_command_error(message: str, *, reason: str, errno: int) -> KernelComm
     return cls(message, reason=reason, errno=errno)
 
 
+class KernelEndedError(RuntimeError):
+    """A (re)start was dropped because the kernel was shut down while it ran (a restart
+    for exec_timeout while the server deleted the kernel, say). Nothing of it runs."""
+
+
 class AdoptionError(RuntimeError):
     """A running kernel could not be re-adopted.
 

@@ -167,7 +167,7 @@ class KernelDir:
         Raises :class:`~.workfs.WorkFsError`. Needs the kernel's uid (root)."""
         assert self.uid is not None, "a filesystem of its own needs a kernel uid"
         if workfs.is_mounted(self.path):
-            return workfs.current(self.path, disk_limit)
+            return workfs.current(self.path, disk_limit, files_limit)
         with opened(self._open()) as fd:
             return workfs.create(self.path, fd, disk_limit, files_limit, self.uid, self.gid,
                                  reuse=reuse)

@@ -46,6 +46,7 @@ from .enforcement import (
     shared_measures,
 )
 from .errors import (
+    KernelEndedError,
     KernelLimitError,
     SandboxStartError,
     SandboxUnavailableError,
@@ -70,6 +71,9 @@ log = logging.getLogger(__name__)
 
 # The most of a kernel's output quoted in the error of a start it died in.
 START_OUTPUT_LIMIT = 1500
+# How long a shutdown waits for a (re)start it overlaps before it removes the kernel's
+# traces anyway; every step of a start has a bound of its own well below this.
+START_SETTLE_TIMEOUT = 300.0
 
 
 class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
@@ -122,6 +126,14 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     _claimed = False
     _claim_launch = False
     _cold_pool: Any = None
+    # Set by a restart's stop (cleanup(restart=True)), taken by its start (pre_launch): a
+    # start that finds it, and the kernel ended in between, was a restart overlapping a
+    # shutdown and starts nothing.
+    _restart_due = False
+    # While a (re)start runs, from pre_launch to the end of launch_kernel: unset. A
+    # shutdown's cleanup waits for it (``_end_requested`` tells the start to give up).
+    _start_over: asyncio.Event | None = None
+    _end_requested = False
     pool_fp: str | None = None
     # The env the kernel's process was started with (the claim compares it).
     _launch_env: dict[str, str] | None = None
@@ -176,12 +188,21 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         if start_labels:
             self.labels = {**self.labels, **{str(k): str(v) for k, v in start_labels.items()}}
         self._launch_started = time.monotonic()
+        restart_due, self._restart_due = self._restart_due, False
+        if restart_due and self.ended:
+            # Its manager's restart stopped the kernel, then a shutdown ended it before
+            # this start: starting now would run a kernel nobody holds.
+            raise KernelEndedError(
+                f"Kernel {self.kernel_id} was shut down while it restarted: the restart "
+                "was dropped. Start a new kernel to go on."
+            )
         entry = await asyncio.to_thread(self.registry.read, self.kernel_id)
         self._restarting = restarting = entry is not None
         if not restarting:
             self._ended.reset()  # a manager starting this provisioner's kernel again
-            self._keep_at_release = self._ran = False
+            self._keep_at_release = self._ran = self._end_requested = False
             self.files_kept = self.files_restored = None
+        self._start_over = asyncio.Event()
         # Before its registry entry exists: adoption in this process must never see
         # the entry without knowing the start is ours.
         held_kernels.hold(self)
@@ -231,6 +252,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             if not restarting:
                 held_kernels.let_go(self)  # refused before anything was reserved
                 self._cold_start_over()
+            self._start_settled()
             raise
         return kwargs
 
@@ -618,18 +640,38 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         first (``_abandon_start``). A restart that fails so returns a kernel that died at
         once, for the restarter to count.
         """
-        if self._claim_launch:
-            # Claimed from the warm pool: it runs already (pre_launch took it over).
-            self._claim_launch = False
-            self._watch_sandbox()
-            return self.connection_info
         try:
-            return await self._launch(cmd, kwargs)
-        except BaseException:
-            await self._abandon_start()
-            raise
+            if self._claim_launch:
+                # Claimed from the warm pool: it runs already (pre_launch took it over).
+                self._claim_launch = False
+                self._watch_sandbox()
+                return self.connection_info
+            try:
+                self._give_up_if_ended()
+                info = await self._launch(cmd, kwargs)
+                self._give_up_if_ended()
+                return info
+            except BaseException:
+                await self._abandon_start()
+                raise
+            finally:
+                self._cold_start_over()
         finally:
-            self._cold_start_over()
+            self._start_settled()
+
+    def _give_up_if_ended(self) -> None:
+        """A shutdown waits for this start (``cleanup``): stop it here rather than hand
+        jupyter_client a kernel it has just shut down."""
+        if self._end_requested:
+            raise KernelEndedError(
+                f"Kernel {self.kernel_id} was shut down while it started: the start was "
+                "abandoned. Start a new kernel to go on."
+            )
+
+    def _start_settled(self) -> None:
+        if self._start_over is not None:
+            self._start_over.set()
+            self._start_over = None
 
     async def _abandon_start(self) -> None:
         """Stop what a failed ``launch_kernel`` started, then release what pre_launch
@@ -640,7 +682,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
             await self.kill()
         except Exception:  # releasing the rest matters more
             self.log.exception("Kernel %s: stopping a failed start", self.kernel_id)
-        await self.cleanup(restart=self._restarting)
+        await self._cleanup_now(restart=self._restarting)
 
     async def _record_running(self, **backend_fields: Any) -> None:
         """The started kernel's registry entry: what adoption and the reaper need."""
@@ -714,6 +756,8 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
 
     async def _post_launch(self, **kwargs: Any) -> None:
         await super().post_launch(**kwargs)
+        if self.ended:
+            return  # shut down since its launch: no timers for a kernel that is gone
         if self._pooled:
             # Nobody's kernel: never idle-culled, not counted as anyone's.
             self.host.start_reaper(self.state_dir, self.reap_interval)
@@ -766,10 +810,17 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
                 lambda: internals.cull_or_restart(km, self.kernel_id, action)
             ):
                 return
-        except Exception:
+        except Exception as e:
+            if self.ended:
+                # Shut down meanwhile (the restart found it ended): nothing left to do.
+                self.log.info("Kernel %s: %s dropped, the kernel was shut down (%s)",
+                              self.kernel_id, action, e)
+                return
             self.log.exception(
                 "Kernel %s: %s through its manager failed; doing it here", self.kernel_id, action
             )
+        if self.ended:
+            return
         try:
             if action == "cull" or km is None:
                 await self._end_alone()
@@ -849,6 +900,22 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         goes, once: a second call (the manager's shutdown after a timer's cull, from any
         thread) waits for the first and returns.
         """
+        if restart:
+            self._restart_due = True
+        elif self._start_over is not None:
+            # A (re)start overlaps this shutdown: removing its dir, uid and container
+            # under it would leave what it still creates to nobody. It gives up at its
+            # next step (_give_up_if_ended) and releases what it made; then this runs.
+            self._end_requested = True
+            try:
+                await asyncio.wait_for(self._start_over.wait(), START_SETTLE_TIMEOUT)
+            except asyncio.TimeoutError:
+                self.log.warning("Kernel %s: a start still runs after %gs; removing the "
+                                 "kernel anyway", self.kernel_id, START_SETTLE_TIMEOUT)
+        await self._cleanup_now(restart)
+
+    async def _cleanup_now(self, restart: bool) -> None:
+        """``cleanup`` without waiting for a start (called by a start that failed)."""
         if restart:
             await self._cleanup(restart=True)
         else:

@@ -9,7 +9,8 @@ At the kernel's first start (both backends; blocking, run off the event loop)::
 
     <kernel dir>/disk/          root 0700: the kernel cannot even look in
     <kernel dir>/disk/image     sparse file of disk_limit bytes + the inode tables
-                                (mkfs.ext4 -N files_limit, no journal)
+                                (mkfs.ext4 -N files_limit, no journal; the inodes
+                                ext4 adds to fill its tables are taken by held/)
     <kernel dir>/disk/mnt       where it is loop-mounted (nosuid, nodev) for a moment:
     <kernel dir>/work           its work/, conn/ and sock/ are bind-mounted onto these
     <kernel dir>/conn           (the kernel's HOME, connection and socket dirs, same
@@ -59,6 +60,10 @@ BLOCK = 4096
 INODE_SIZE = 256
 # Inodes ext4 keeps for itself (1-10 reserved, 11 lost+found), and work/, conn/, sock/.
 OWN_INODES = 14
+# Root's dir at the filesystem's top (never bound into the kernel's view) holding empty
+# files that take the inodes mkfs adds past files_limit: ext4 fills whole inode-table
+# blocks (16 inodes each, per group), so -N 514 gives 528 -- 14 more files than allowed.
+HELD = "held"
 # When files_limit is unset: one inode per 16K, mke2fs's own default ratio.
 INODE_RATIO = 16384
 # ext4 blocks per group at 4K blocks; every group has a whole number of inode-table
@@ -238,12 +243,12 @@ def is_mounted(kernel_dir: Path) -> bool:
     return stat.S_ISDIR(work.st_mode) and work.st_dev != top.st_dev
 
 
-def current(kernel_dir: Path, disk_limit: int) -> WorkFs:
+def current(kernel_dir: Path, disk_limit: int, files_limit: int | None = None) -> WorkFs:
     """The filesystem a restarted or adopted kernel already has."""
     image = kernel_dir / DISK / IMAGE
     loops = loops_of(image)
     try:
-        files = os.statvfs(kernel_dir / "work").f_files - OWN_INODES
+        files = _files_of(kernel_dir / "work", files_limit)
     except OSError:
         files = None
     return WorkFs(size=disk_limit, files=files, image=str(image),
@@ -294,7 +299,9 @@ def create(kernel_dir: Path, kdir_fd: int, disk_limit: int, files_limit: int | N
         if reuse is None or not _mount_still_attached(image, stage):
             _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(stage)], "mount")
         try:
-            files = os.statvfs(stage).f_files - OWN_INODES
+            if reuse is None and files_limit is not None:
+                _hold_extra_inodes(stage, os.statvfs(stage).f_files - OWN_INODES - files_limit)
+            files = _files_of(stage, files_limit)
             if reuse is not None:
                 _take_over_contents(stage, reuse, uid, gid)
             _bind_dirs(kdir_fd, stage, uid, gid)
@@ -308,6 +315,32 @@ def create(kernel_dir: Path, kdir_fd: int, disk_limit: int, files_limit: int | N
         raise WorkFsError(msg) from None
     loops = loops_of(image)
     return WorkFs(size=disk_limit, files=files, image=str(image), loop=loops[0] if loops else "")
+
+
+def _hold_extra_inodes(stage: Path, extra: int) -> None:
+    """Take ``extra`` inodes (the dir itself is one) so the kernel can make exactly
+    files_limit files and dirs. Empty files: no data blocks."""
+    if extra <= 0:
+        return
+    root = os.open(stage, _DIR_FLAGS)
+    try:
+        os.mkdir(HELD, 0o700, dir_fd=root)
+        held = os.open(HELD, _DIR_FLAGS, dir_fd=root)
+        try:
+            for i in range(extra - 1):
+                os.close(os.open(str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600, dir_fd=held))
+        finally:
+            os.close(held)
+    finally:
+        os.close(root)
+
+
+def _files_of(mounted: Path, files_limit: int | None) -> int:
+    """Files and dirs the kernel may make on its filesystem (mounted anywhere): its
+    inodes less ext4's and ours; at most files_limit (the rest is held)."""
+    files = os.statvfs(mounted).f_files - OWN_INODES
+    return files if files_limit is None else min(files, files_limit)
 
 
 def _disk_dir(kdir_fd: int) -> int:

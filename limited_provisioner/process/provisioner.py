@@ -275,7 +275,7 @@ class LimitedProcessProvisioner(LimitedProvisioner, LocalProvisioner):
                 await asyncio.wait_for(self.wait(), 10)
         except Exception:  # releasing the rest matters more
             self.log.exception("Kernel %s: stopping a failed start", self.kernel_id)
-        await self.cleanup(restart=self._restarting)
+        await self._cleanup_now(restart=self._restarting)
 
     async def _claim_folder(self, slot: Any, kwargs: dict[str, Any]) -> Workspace | None:
         """The folder a claim asks for: bound into the pooled kernel's mount namespace

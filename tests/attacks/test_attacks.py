@@ -146,14 +146,14 @@ def how_stopped(outcome: Outcome) -> tuple[str | None, str]:
     return None, f"the cell ended with status {outcome.status!r}"
 
 
-def beyond_limits(kernel_dir) -> tuple[int, int]:
+def beyond_limits(kernel_dir, files_limit: int = FILES_LIMIT) -> tuple[int, int]:
     """(bytes, files) the kernel's dirs hold beyond disk_limit / files_limit, measured
     from the host (0 when within). Blocking."""
     used = files = 0
     for name in ("work", "conn"):
         usage = dir_usage(str(kernel_dir / name), 500_000)
         used, files = used + usage.bytes, files + usage.files
-    return max(0, used - DISK_LIMIT), max(0, files - FILES_LIMIT)
+    return max(0, used - DISK_LIMIT), max(0, files - files_limit)
 
 
 def shown_reason(evidence: str, expected: str | None) -> str:
@@ -174,7 +174,7 @@ async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
         if backend.startswith("limited-process"):
             pytest.importorskip(attack.needs)
     probe_km, probe_kc = await start_kernel(LIMITS, provisioner=backend)
-    km, kc = await start_kernel(LIMITS, provisioner=backend)
+    km, kc = await start_kernel({**LIMITS, **attack.limits}, provisioner=backend)
     prov = km.provisioner
     kernel_dir = prov.kernel_dir
     code = (attack.code
@@ -200,7 +200,8 @@ async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
     own_fs = prov.plan.uses("disk_limit", FILESYSTEM)
     stopped_by = attack.expected(own_fs)
     expected = stopped_by.get(mechanism) if mechanism else None
-    beyond = await asyncio.to_thread(beyond_limits, kernel_dir)
+    beyond = await asyncio.to_thread(
+        beyond_limits, kernel_dir, int(attack.limits.get("files_limit", FILES_LIMIT)))
     contained = (expected is not None and outcome.seconds <= STOP_BOUND
                  and re.search(expected, evidence) is not None)
 

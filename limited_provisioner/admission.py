@@ -84,18 +84,12 @@ def admit(
             if e.get("kernel_id") not in (kernel_id, replacing)]
     mine = [e for e in live if e.get("owner") == owner]
     counted = (
-        ("max_kernels", policy.max_kernels, live,
-         "{n} limited kernels are running on this host (owner {owner!r} asked for one more)"),
-        ("max_kernels_per_user", policy.max_kernels_per_user, mine,
-         "{owner!r} already runs {n} kernels"),
+        ("max_kernels", policy.max_kernels, live),
+        ("max_kernels_per_user", policy.max_kernels_per_user, mine),
     )
-    for limit, cap, entries, what in counted:
+    for limit, cap, entries in counted:
         if cap is not None and len(entries) >= cap:
-            msg = (
-                f"{limit}={cap} reached: {what.format(n=len(entries), owner=owner)}; shut "
-                f"one down (or raise {limit}) and try again"
-            )
-            raise KernelLimitError(msg, limit=limit)
+            raise cap_reached(limit, cap, len(entries), owner)
     if policy.mem_budget is not None:
         # A kernel without mem_limit may use everything: it counts as the whole budget.
         used = sum(
@@ -126,6 +120,22 @@ def admit(
                 raise KernelLimitError(msg, limit="min_free_disk")
     if policy.max_starts_per_minute is not None:
         _check_rate(registry, owner, policy.max_starts_per_minute)
+
+
+# What a count cap's refusal says was counted.
+_COUNTED = {
+    "max_kernels": "{n} limited kernels are running {where} (owner {owner!r} asked for one more)",
+    "max_kernels_per_user": "{owner!r} already runs {n} kernels",
+}
+
+
+def cap_reached(limit: str, cap: int, n: int, owner: str,
+                where: str = "on this host") -> KernelLimitError:
+    """The refusal of a start past ``max_kernels`` / ``max_kernels_per_user`` (here or
+    swarm-wide: swarm/slots.py), with the way out."""
+    what = _COUNTED[limit].format(n=n, owner=owner, where=where)
+    msg = f"{limit}={cap} reached: {what}; shut one down (or raise {limit}) and try again"
+    return KernelLimitError(msg, limit=limit)
 
 
 def _kept_note(registry: Registry, owner: str) -> str:

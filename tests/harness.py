@@ -40,6 +40,7 @@ import docker
 import docker.errors
 import httpx
 import psutil
+import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -174,6 +175,24 @@ def docker_available(image: str = KERNEL_IMAGE) -> bool:
         return True
     except DockerUnavailable:
         return False
+
+
+def swarm_manager() -> docker.DockerClient:
+    """A client of a daemon that manages a swarm; else skip (fail under
+    LIMITED_PROVISIONER_REQUIRE_SWARM=1, set by .ci/run once .ci/setup-swarm.sh ran)."""
+    try:
+        client = docker.from_env()
+        swarm = client.info().get("Swarm") or {}
+    except docker.errors.DockerException as e:
+        swarm, client = {"Error": str(e)}, None
+    if client is not None and swarm.get("ControlAvailable"):
+        return client
+    why = (f"no swarm manager here (docker info: LocalNodeState="
+           f"{swarm.get('LocalNodeState')!r}{', ' + swarm['Error'] if swarm.get('Error') else ''}"
+           f"); run .ci/setup-swarm.sh")
+    if os.environ.get("LIMITED_PROVISIONER_REQUIRE_SWARM") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
 
 
 def containers_with_label(name: str, value: str) -> list[Any]:

@@ -103,16 +103,9 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
             f"host paths with extra_mounts)"
         )
         raise LimitConfigError(msg)
-    ulimits = [docker.types.Ulimit(name="core", soft=0, hard=0)]
     pids = pids_settings(spec.runtime, lim.pids_limit)
-    rlimits = {"nofile": lim.nofile_limit, "fsize": lim.disk_limit, "nproc": pids.get("nproc")}
-    if lim.mem_limit is not None:
-        # As on the process backend: one runaway allocation becomes a MemoryError the
-        # kernel survives, instead of an OOM kill of the whole container.
-        rlimits["data"] = lim.mem_limit + DATA_RLIMIT_HEADROOM
-    for name, value in rlimits.items():
-        if value is not None:
-            ulimits.append(docker.types.Ulimit(name=name, soft=value, hard=value))
+    ulimits = [docker.types.Ulimit(name=name, soft=value, hard=value)
+               for name, value in kernel_rlimits(lim, pids.get("nproc")).items()]
     # Only the kernel's own dirs, at the same paths (ipc socket names stay valid).
     own = (spec.home or spec.work, spec.sock, spec.conn)
     mounts = [docker.types.Mount(path, path, type="bind") for path in own]
@@ -167,6 +160,18 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         kwargs["runtime"] = spec.runtime.name
     kwargs.update(spec.extra_create_kwargs)
     return kwargs
+
+
+def kernel_rlimits(limits: Limits, nproc: int | None = None) -> dict[str, int]:
+    """The container's ulimits (soft = hard): no core dumps, and the kernel's limits
+    that rlimits carry; ``nproc`` where the runtime bounds tasks that way."""
+    rlimits = {"core": 0, "nofile": limits.nofile_limit, "fsize": limits.disk_limit,
+               "nproc": nproc}
+    if limits.mem_limit is not None:
+        # As on the process backend: one runaway allocation becomes a MemoryError the
+        # kernel survives, instead of an OOM kill of the whole container.
+        rlimits["data"] = limits.mem_limit + DATA_RLIMIT_HEADROOM
+    return {name: value for name, value in rlimits.items() if value is not None}
 
 
 def kernel_labels(

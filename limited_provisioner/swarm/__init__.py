@@ -1,0 +1,1 @@
+"""The Docker Swarm backend: one service per kernel, anywhere on a cluster."""

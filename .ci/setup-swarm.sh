@@ -45,16 +45,30 @@ docker info >/dev/null 2>&1 || die "no Docker daemon: run .ci/setup-docker.sh fi
 exec 9>/run/limited-provisioner-setup-swarm.lock
 flock -w 1800 9 || die "another setup-swarm.sh run held the lock for 30 min"
 
+# Capabilities (names as docker takes them) missing from this process's bounding set.
+missing_caps() {
+    python3 - <<'PY'
+names = ("CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP "
+         "LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER "
+         "SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE "
+         "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
+         "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ").split()
+status = open("/proc/self/status").read()
+bounding = int(status.split("CapBnd:")[1].split()[0], 16)
+print(" ".join(n for i, n in enumerate(names) if not bounding >> i & 1))
+PY
+}
+
 worker_names() { docker ps -a --filter "label=$WORKER_LABEL" --format '{{.Names}}' | sort; }
 worker_ip() { docker inspect -f '{{.NetworkSettings.IPAddress}}' "$1"; }
 
 if [ "$DOWN" = 1 ]; then
     for name in $(worker_names); do
-        node=$(docker inspect -f "{{index .Config.Labels \"$WORKER_LABEL\"}}" "$name")
+        node=$(docker exec "$name" docker info --format '{{.Swarm.NodeID}}' 2>/dev/null || true)
         docker exec "$name" docker swarm leave --force >/dev/null 2>&1 || true
         docker rm -f -v "$name" >/dev/null
-        # Its node entry, once the manager sees it down.
-        [ -n "$node" ] && [ "$node" != "1" ] && docker node rm --force "$node" >/dev/null 2>&1 || true
+        # Its node entry in the manager's list (forced: it may not look down yet).
+        [ -z "$node" ] || docker node rm --force "$node" >/dev/null 2>&1 || true
         log "removed worker $name"
     done
     for node in $(docker node ls --filter role=worker -q 2>/dev/null); do
@@ -128,18 +142,34 @@ TOKEN=$(docker swarm join-token -q worker)
 for i in $(seq 1 "$WORKERS"); do
     name=$WORKER_PREFIX$i
     if docker inspect "$name" >/dev/null 2>&1; then
-        node=$(docker exec "$name" docker info --format '{{.Swarm.NodeID}}' 2>/dev/null || true)
+        # A stopped worker (a test stopped it) comes back with its swarm state.
+        [ "$(docker inspect -f '{{.State.Running}}' "$name")" = true ] || docker start "$name" >/dev/null
+        node=
+        for _ in $(seq 120); do
+            node=$(docker exec "$name" docker info --format '{{.Swarm.NodeID}}' 2>/dev/null || true)
+            [ -n "$node" ] && [ "$(docker node inspect -f '{{.Status.State}}' "$node" 2>/dev/null)" = ready ] && break
+            sleep 0.5
+        done
         if [ -n "$node" ] && [ "$(docker node inspect -f '{{.Status.State}}' "$node" 2>/dev/null)" = ready ]; then
             echo "worker $name $(worker_ip "$name") $node"
             continue
         fi
+        log "worker $name did not come back ready: replacing it"
         docker rm -f -v "$name" >/dev/null
+        [ -z "$node" ] || docker node rm --force "$node" >/dev/null 2>&1 || true
     fi
     # Its own /var/lib/docker (a volume: overlay2 cannot stack on the host's overlay2);
-    # privileged, as any dockerd that makes cgroups, namespaces and overlay networks.
-    docker run -d --privileged --name "$name" --hostname "$name" \
-        --label "$WORKER_LABEL=1" -v /var/lib/docker -v /lib/modules:/lib/modules:ro \
-        "$NODE_IMAGE" >/dev/null
+    # every capability this host has (--privileged asks for all, and a host that is
+    # itself a container may lack some: CAP_SYS_RESOURCE here), no seccomp or AppArmor
+    # profile, every device, and the host's cgroup hierarchies writable: what a dockerd
+    # that makes cgroups, namespaces and overlay networks needs.
+    caps=()
+    for cap in $(missing_caps); do caps+=(--cap-drop "$cap"); done
+    docker run -d --name "$name" --hostname "$name" --label "$WORKER_LABEL=1" \
+        --cap-add ALL "${caps[@]}" --security-opt seccomp=unconfined \
+        --security-opt apparmor=unconfined --security-opt systempaths=unconfined \
+        --device-cgroup-rule 'a *:* rwm' -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
+        -v /var/lib/docker -v /lib/modules:/lib/modules:ro "$NODE_IMAGE" >/dev/null
     ip=$(worker_ip "$name")
     # Driven through `docker exec` only: a worker's dockerd listens on no TCP port (a
     # kernel with network=True must find no unauthenticated daemon on the host's bridge).

@@ -22,7 +22,7 @@ from .errors import SandboxUnavailableError
 from .kernel_dir import KernelDir
 from .kernel_hook import hook_source
 from .pip_hook import hook_source as pip_hook_source
-from .proxy import KERNEL_SOCKETS, KernelProxy
+from .proxy import KERNEL_SOCKETS, KernelEndpoint, KernelProxy
 from .traffic import Traffic
 
 # Longest path a unix socket can bind to (sun_path is 108 bytes with the NUL).
@@ -57,7 +57,9 @@ class KernelConnection:
         last_activity: float | None = None,
         curve_secretkey: bytes | None = None,
         client_address: ClientAddress | None = None,
+        kernel: KernelEndpoint | None = None,
     ):
+        """``kernel``: where the kernel's sockets are; default ipc in its socket dir."""
         self.kdir = kdir
         kernel_prefix = str(kdir.sock / "k")
         configured = client_address.prefix if client_address is not None else None
@@ -67,7 +69,10 @@ class KernelConnection:
                 f"sockets; set KernelManager.ip to a shorter path, or leave it unset"
             )
             raise SandboxUnavailableError(msg)
-        for prefix in (str(client_dir / "c"), kernel_prefix):
+        self.kernel = kernel or KernelEndpoint.ipc(kernel_prefix)
+        for prefix in (str(client_dir / "c"), self.kernel.prefix):
+            if not prefix:
+                continue
             if len(prefix) + IPC_SUFFIX > MAX_IPC_PATH:
                 msg = (
                     f"state_dir {str(client_dir.parent.parent)!r} is too long for ipc "
@@ -80,7 +85,7 @@ class KernelConnection:
         self.proxy = KernelProxy(
             kernel_id=kernel_id,
             client_dir=client_dir,
-            kernel_prefix=kernel_prefix,
+            kernel=self.kernel,
             key=session.key,
             signature_scheme=session.signature_scheme,
             traffic=self.traffic,
@@ -137,6 +142,11 @@ class KernelConnection:
         Returns the problems found (none: connected). A kernel that dies meanwhile
         stops the wait early; the caller asks ``poll()`` what happened.
         """
+        if self.kernel.transport == "tcp":
+            # Nothing on this host to check: its sockets serve CurveZMQ (proxy.py), and
+            # whether it answers is the client's kernel_info to find out.
+            self.proxy.connect_kernel()
+            return []
         deadline = time.monotonic() + bind_wait
         rounds = 0
         while not self.kdir.sockets_present(KERNEL_SOCKETS):

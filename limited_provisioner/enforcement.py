@@ -329,3 +329,45 @@ def container_plan(
              "/var/tmp, /run/lock and Docker's /dev/shm (64M unless shm_size); json log capped at "
              f"{log_max_size}")
     return plan
+
+
+def swarm_plan(limits: Limits, *, log_max_size: str) -> EnforcementPlan:
+    """The plan of a kernel running as a Swarm service (swarm/service.py): the node's
+    container runtime enforces what the task template asks; what the Engine API 1.41 a
+    task template cannot ask is reported, never claimed."""
+    plan = EnforcementPlan()
+    hard = {
+        # Swarm sets no memswap: the node's swap, if it has any, is not counted.
+        "mem_limit": ("hard (task memory limit, and the same reservation: the scheduler "
+                      "places the kernel where it fits; swap is the node's setting)"),
+        "cpu_limit": "hard (task NanoCPUs, and the same reservation)",
+        "pids_limit": "hard (task pids limit)",
+        "nofile_limit": "hard (ulimit nofile)",
+    }
+    for name, text in hard.items():
+        if getattr(limits, name) is not None:
+            plan.set(name, CONTAINER, text)
+    if limits.disk_limit is not None:
+        plan.set("disk_limit", CONTAINER,
+                 f"hard (home and work dir /tmp: a tmpfs of {format_size(limits.disk_limit)}, "
+                 "counted in the kernel's memory; per file: ulimit fsize; /var/tmp, "
+                 "/run/lock: size-capped tmpfs)")
+    if limits.files_limit is not None:
+        plan.set("files_limit", NONE,
+                 "NOT enforced (a task's tmpfs takes no inode count before Engine API "
+                 "1.46; its size bounds what files can hold)")
+    if limits.network:
+        plan.set("network", NONE, "allowed (the kernels' overlay network with a way out)")
+    else:
+        plan.set("network", CONTAINER,
+                 "hard (an --internal overlay network: no route out; its peers need the "
+                 "kernel's CurveZMQ key to talk to it)")
+    plan.set("filesystem", CONTAINER,
+             "read-only root, cap_drop ALL, init process; no host path mounted (the "
+             "connection file is a Swarm secret); no-new-privileges NOT available to "
+             "services (Engine API 1.41): a set-id file of the image gains no capability")
+    plan.set("isolation", CONTAINER,
+             "a Swarm task on a node the scheduler picked: private PID and IPC namespaces; "
+             f"private size-capped tmpfs /tmp, /var/tmp, /run/lock; json log capped at "
+             f"{log_max_size}")
+    return plan

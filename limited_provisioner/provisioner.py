@@ -61,6 +61,7 @@ from .lifecycle import LifecycleTimer, Verdict
 from .limits import Limits
 from .manager_loop import ManagerLoop
 from .pool import POOL_OWNER, NotClaimable, Pooled
+from .proxy import KernelEndpoint
 from .registry import Registry, process_identity
 from .settings import LEGACY_SECTION, LimitedSettings
 from .watchdog import KERNEL_ID_ENV, Watchdog, carried_over, dir_usage
@@ -511,8 +512,13 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
                 max_message_size=self.max_message_size,
                 last_activity=last_activity,
                 curve_secretkey=client_curve_secretkey(km),
+                kernel=self._kernel_endpoint(),
             )
         self.connection.point_clients(km)
+
+    def _kernel_endpoint(self) -> KernelEndpoint | None:
+        """Where the proxy reaches the kernel's sockets; None: ipc in its socket dir."""
+        return None
 
     # The host folder this start works in (workspace.py); None: its private work dir.
     work_folder: Workspace | None = None

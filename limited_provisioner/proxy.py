@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,70 @@ KERNEL_RCVHWM = 8
 TRANSPORT_CAP_FACTOR = 4
 
 _context: zmq.asyncio.Context | None = None
+
+
+@dataclass
+class KernelEndpoint:
+    """Where the proxy reaches the kernel's five sockets.
+
+    ``ipc``: a prefix in the kernel's socket dir on this host (process and docker
+    backends), checked by the kernel dir before the proxy connects. ``tcp``: the
+    kernel's address on a network others share (the swarm backend's overlay network),
+    where a check of the socket's owner is impossible; the kernel's sockets are then
+    CurveZMQ servers whose keypair only the kernel and this endpoint hold, so nobody else
+    on that network completes a handshake with them, and the session key's HMAC is never
+    the only secret on the wire. ``host`` is known once the kernel's task runs.
+    """
+
+    prefix: str = ""
+    host: str = ""
+    ports: dict[str, int] = field(default_factory=lambda: dict(PORTS))
+    curve_publickey: bytes | None = None
+    curve_secretkey: bytes | None = None
+
+    @classmethod
+    def ipc(cls, prefix: str) -> KernelEndpoint:
+        return cls(prefix=prefix)
+
+    @classmethod
+    def tcp(cls, ports: dict[str, int]) -> KernelEndpoint:
+        public, secret = zmq.curve_keypair()
+        return cls(ports=dict(ports), curve_publickey=public, curve_secretkey=secret)
+
+    @property
+    def transport(self) -> str:
+        return "ipc" if self.prefix else "tcp"
+
+    def url(self, channel: str) -> str:
+        port = self.ports[channel]
+        if self.transport == "ipc":
+            return f"ipc://{self.prefix}-{port}"
+        if not self.host:
+            msg = "the kernel's address is not known yet (its task has not started)"
+            raise RuntimeError(msg)
+        return f"tcp://{self.host}:{port}"
+
+    def kernel_connection_info(self) -> dict[str, Any]:
+        """What the kernel's own connection file says about its sockets."""
+        if self.transport == "ipc":
+            info: dict[str, Any] = {"transport": "ipc", "ip": self.prefix}
+        else:
+            assert self.curve_publickey is not None and self.curve_secretkey is not None
+            # Every address of its own container: the overlay's is only known there.
+            info = {"transport": "tcp", "ip": "0.0.0.0",
+                    "curve_publickey": self.curve_publickey.decode("ascii"),
+                    "curve_secretkey": self.curve_secretkey.decode("ascii")}
+        info.update({f"{channel}_port": port for channel, port in self.ports.items()})
+        return info
+
+    def secure(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CurveZMQ client of the kernel's sockets (tcp); as jupyter_client
+        does with a manager-provisioned keypair, the kernel's own keypair is the client's."""
+        if self.curve_publickey is None:
+            return
+        sock.curve_serverkey = self.curve_publickey
+        sock.curve_publickey = self.curve_publickey
+        sock.curve_secretkey = self.curve_secretkey
 
 
 def zmq_context() -> zmq.asyncio.Context:
@@ -87,7 +152,7 @@ class KernelProxy:
     ``client_dir``: a directory only the server's user can enter, where the client-facing
     sockets are bound (``s-<port>``) and linked under the names clients connect to
     (``c-<port>``: jupyter_client removes those on restart, :meth:`relink` restores
-    them). ``kernel_prefix``: the kernel's ipc prefix (``<kernel dir>/sock/k``).
+    them). ``kernel``: where the kernel's own sockets are (:class:`KernelEndpoint`).
     """
 
     def __init__(
@@ -95,7 +160,7 @@ class KernelProxy:
         *,
         kernel_id: str,
         client_dir: Path,
-        kernel_prefix: str,
+        kernel: KernelEndpoint,
         key: bytes,
         signature_scheme: str,
         traffic: Traffic,
@@ -111,7 +176,7 @@ class KernelProxy:
         # With it the client-facing sockets are CurveZMQ servers (transport encryption).
         self.curve_secretkey = curve_secretkey
         self.client_dir = Path(client_dir)
-        self.kernel_prefix = kernel_prefix
+        self.kernel = kernel
         self.key = key
         self.signature_scheme = signature_scheme
         self.traffic = traffic
@@ -145,12 +210,15 @@ class KernelProxy:
             **{f"{channel}_port": port for channel, port in self._client_ports.items()},
         }
 
+    @property
+    def kernel_prefix(self) -> str:
+        """The kernel's ipc prefix (``<kernel dir>/sock/k``; "" for a tcp kernel)."""
+        return self.kernel.prefix
+
     def kernel_connection_info(self) -> dict[str, Any]:
         """What the kernel is told (its own connection file)."""
         return {
-            "transport": "ipc",
-            "ip": self.kernel_prefix,
-            **{f"{channel}_port": port for channel, port in PORTS.items()},
+            **self.kernel.kernel_connection_info(),
             "key": self.key.decode(),
             "signature_scheme": self.signature_scheme,
         }
@@ -223,7 +291,7 @@ class KernelProxy:
         # The kernel answers stdin requests to the identity that sent the execute_request
         # on shell: both sockets must carry the same identity, as jupyter_client's do.
         identity = secrets.token_bytes(8)
-        for channel, port in PORTS.items():
+        for channel in PORTS:
             sock = ctx.socket(zmq.SUB if channel == "iopub" else zmq.DEALER)
             sock.linger = 0
             sock.rcvhwm = KERNEL_RCVHWM
@@ -233,7 +301,8 @@ class KernelProxy:
                 sock.setsockopt(zmq.IDENTITY, identity)
             if channel == "iopub":
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
-            sock.connect(f"ipc://{self.kernel_prefix}-{port}")
+            self.kernel.secure(sock)
+            sock.connect(self.kernel.url(channel))
             self._kernel[channel] = sock
         for channel in ("shell", "control", "stdin"):
             self._spawn(self._up(channel), channel)
@@ -426,8 +495,7 @@ class KernelProxy:
                 self.kernel_id, why, self.dropped,
             )
 
-    def _notice(self, parent: dict[str, Any], text: str | None = None) -> list[bytes]:
-        """A stderr stream message, signed with the session key, for the capped cell."""
+    def _signer(self) -> Any:
         from jupyter_client.session import Session
 
         if self._session is None:
@@ -435,9 +503,35 @@ class KernelProxy:
                 key=self.key, signature_scheme=self.signature_scheme,
                 username="limited-provisioner",
             )
+        return self._session
+
+    def _notice(self, parent: dict[str, Any], text: str | None = None) -> list[bytes]:
+        """A stderr stream message, signed with the session key, for the capped cell."""
+        session = self._signer()
         text = text or OUTPUT_NOTICE.format(limit=self.budget.limit)
-        msg = self._session.msg("stream", {"name": "stderr", "text": text}, parent=parent)
-        return self._session.serialize(msg, ident=[b"stream.stderr"])
+        msg = session.msg("stream", {"name": "stderr", "text": text}, parent=parent)
+        return session.serialize(msg, ident=[b"stream.stderr"])
+
+    async def announce(self, msg_id: str, text: str) -> None:
+        """Tell the clients of execution ``msg_id`` why it is being stopped (a stderr
+        stream message on IOPub, signed as the kernel's are): where the kernel cannot
+        read the server's notice file (a task on another node)."""
+        iopub = self._clients.get("iopub")
+        if iopub is not None:
+            parent = {"msg_id": msg_id, "msg_type": "execute_request"}
+            await iopub.send_multipart(self._notice(parent, text))
+
+    async def interrupt(self) -> bool:
+        """Ask the kernel to interrupt its execution (``interrupt_request`` on control):
+        SIGINT where no signal reaches it (a task on another node). Its reply answers no
+        client and is dropped. False if the kernel is not connected."""
+        control = self._kernel.get("control")
+        if control is None:
+            return False
+        session = self._signer()
+        msg = session.msg("interrupt_request", {})
+        await control.send_multipart(session.serialize(msg))
+        return True
 
 
 def _header_of(frames: list[bytes]) -> dict[str, Any] | None:

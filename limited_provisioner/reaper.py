@@ -34,6 +34,7 @@ ORPHAN_GRACE = 300.0
 BACKENDS = {
     "process": "limited_provisioner.process:LimitedProcessProvisioner",
     "docker": "limited_provisioner.docker:LimitedDockerProvisioner",
+    "swarm": "limited_provisioner.swarm:LimitedSwarmProvisioner",
 }
 
 

@@ -77,6 +77,8 @@ def _groups(entry: dict[str, Any]) -> Any:
 
     if entry.get("backend") == "docker":
         return ContainerGroups(entry["container_id"]) if entry.get("container_id") else None
+    if entry.get("backend") == "swarm":
+        return None  # its cgroups are on another node
     groups = KernelCgroups.attach(sandbox_of(entry), entry_record(entry, default=None))
     return groups or None
 

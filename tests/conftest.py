@@ -155,7 +155,9 @@ async def start_kernel(jupyter_path):
             kc.stop_channels()
         kernel_id = km.kernel_id
         try:
-            if km.has_kernel:
+            # Also when its process is gone (a limit killed it, no restarter): the
+            # shutdown's cleanup is what removes its registry entry and kernel dir.
+            if km.provisioner is not None:
                 await km.shutdown_kernel(now=True)
         finally:
             kill_kernel_leftovers(kernel_id, pids)

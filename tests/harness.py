@@ -71,7 +71,8 @@ KERNEL_IMAGE = (os.environ.get("LIMITED_PROVISIONER_TEST_IMAGE")
 KERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 # Inside the kernel image the interpreter is the image's own, not this one.
 CONTAINER_KERNEL_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-PROVISIONERS = {"process": "limited-process-provisioner", "docker": "limited-docker-provisioner"}
+PROVISIONERS = {"process": "limited-process-provisioner", "docker": "limited-docker-provisioner",
+                "swarm": "limited-swarm-provisioner"}
 
 
 def write_kernelspec(
@@ -88,7 +89,7 @@ def write_kernelspec(
     ``metadata`` more of its metadata. A docker kernel runs :data:`KERNEL_IMAGE` unless
     ``config`` names an image.
     """
-    docker_kernel = bool(provisioner and "docker" in provisioner)
+    docker_kernel = bool(provisioner and ("docker" in provisioner or "swarm" in provisioner))
     if docker_kernel and KERNEL_IMAGE != DEFAULT_IMAGE and "image" not in (config or {}):
         config = {**(config or {}), "image": KERNEL_IMAGE}
     spec: dict[str, Any] = {

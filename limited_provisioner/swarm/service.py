@@ -23,13 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import LimitConfigError
 from ..docker.client import container_name
 from ..docker.container import SCRATCH_TMPFS, ContainerSpec, kernel_rlimits
+from ..errors import LimitConfigError
 
 # The kernel's ports on its own address (each task has one on the overlay network).
-KERNEL_PORTS = {"shell_port": 50001, "iopub_port": 50002, "stdin_port": 50003,
-                "control_port": 50004, "hb_port": 50005}
+KERNEL_PORTS = {"shell": 50001, "iopub": 50002, "stdin": 50003, "control": 50004,
+                "hb": 50005}
 # Where the kernel finds its connection file (the secret's target, under /run/secrets).
 CONNECTION_SECRET_TARGET = "kernel-connection.json"
 # Seconds Swarm waits after SIGTERM before SIGKILL when the service is removed.
@@ -114,9 +114,14 @@ def service_plan(
     lim = spec.limits
     uid, _, gid = spec.user.partition(":")
     tmpfs_size = spec.tmp_size if isinstance(spec.tmp_size, int) else None
-    mounts = [_tmpfs(path, tmpfs_size, 0o1777) for path in SCRATCH_TMPFS]
     # Its home and working dir: what disk_limit bounds (a tmpfs: hard, and in memory).
-    mounts.append(_tmpfs(spec.work, lim.disk_limit or tmpfs_size, 0o1777))
+    # Docker 20.10 drops a swarm tmpfs's Mode: the mount point keeps the image's owner
+    # and mode, so the home is best one of the scratch dirs (1777 in every image).
+    home_size = lim.disk_limit or tmpfs_size
+    mounts = [_tmpfs(path, home_size if path == spec.work else tmpfs_size, 0o1777)
+              for path in SCRATCH_TMPFS]
+    if spec.work not in SCRATCH_TMPFS:
+        mounts.append(_tmpfs(spec.work, home_size, 0o1777))
     container: dict[str, Any] = {
         "Image": spec.image,
         "Command": list(spec.command),

@@ -138,7 +138,7 @@ async def lp_kernels(lp_state_dirs, start_kernel):
         with contextlib.suppress(Exception):
             kc.stop_channels()
         with contextlib.suppress(Exception):
-            if km.has_kernel:
+            if km.provisioner is not None:  # its process may be gone: cleanup still due
                 await km.shutdown_kernel(now=True)
         if "docker" in backend and km.kernel_id:
             import docker

@@ -68,9 +68,14 @@ def test_the_sandbox_matches_the_docker_backends_container():
     assert all(m["Type"] == "tmpfs" for m in container["Mounts"]), container["Mounts"]
 
 
-def test_home_is_a_tmpfs_of_disk_limit():
-    mounts = {m["Target"]: m for m in plan().task_template["ContainerSpec"]["Mounts"]}
-    assert mounts["/home/kernel"]["TmpfsOptions"] == {"SizeBytes": 200 * M, "Mode": 0o1777}
+@pytest.mark.parametrize("home", ["/home/kernel", "/tmp"])
+def test_home_is_a_tmpfs_of_disk_limit(home):
+    container = plan(make_spec(work=home)).task_template["ContainerSpec"]
+    targets = [m["Target"] for m in container["Mounts"]]
+    assert len(targets) == len(set(targets)), targets
+    mounts = {m["Target"]: m for m in container["Mounts"]}
+    assert mounts[home]["TmpfsOptions"] == {"SizeBytes": 200 * M, "Mode": 0o1777}
+    assert container["Dir"] == home
 
 
 def test_connection_file_is_a_secret_only_the_kernels_uid_reads():

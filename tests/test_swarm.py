@@ -1,0 +1,359 @@
+"""The swarm backend on a real multi-node swarm on this machine: the host's dockerd is the
+manager, two privileged containers running their own dockerd are the workers
+(.ci/setup-swarm.sh --workers 2), and the Jupyter server runs where a cluster's server
+runs -- in a container attached to the kernels' overlay networks -- with this checkout
+and this interpreter mounted at their own paths. Everything goes through its REST API and
+kernel WebSockets.
+
+Skipped without a swarm manager (failed under LIMITED_PROVISIONER_REQUIRE_SWARM=1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import docker
+import docker.errors
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from limited_provisioner.docker.client import label
+
+from .harness import (
+    JUPYTER_CONFIG,
+    KERNEL_IMAGE,
+    REPO,
+    TOKEN,
+    free_port,
+    swarm_manager,
+    wait_for,
+    write_kernelspec,
+    ws_execute,
+    ws_execute_text,
+)
+
+NETWORK = "lp-test-kernels"
+SPEC = {
+    "mem_limit": "256M", "cpu_limit": 0.5, "pids_limit": 64, "nofile_limit": 256,
+    "disk_limit": "64M", "image": KERNEL_IMAGE, "kernels_network": NETWORK,
+    "placement_constraints": ["node.labels.limited-provisioner.role==kernels"],
+}
+WORKERS = 2
+# Children that wait, until fork fails; then they go.
+FORKS = """import os, signal, time
+kids = []
+try:
+    for _ in range(1000):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        kids.append(pid)
+except OSError as e:
+    print('fork refused after', len(kids), 'children:', e.strerror)
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+"""
+
+
+def _run(*cmd: str, timeout: float = 900) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True,
+                          timeout=timeout).stdout
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The manager's client and the workers' node ids (setup-swarm.sh, idempotent)."""
+    client = swarm_manager()
+    out = _run("bash", str(REPO / ".ci" / "setup-swarm.sh"), "--workers", str(WORKERS))
+    workers = {line.split()[3]: line.split()[1] for line in out.splitlines()
+               if line.startswith("worker ")}
+    assert len(workers) == WORKERS, out
+    yield client, workers
+    # The workers are this module's: they leave the swarm and go (the manager stays).
+    _run("bash", str(REPO / ".ci" / "setup-swarm.sh"), "--down")
+
+
+class SwarmServer:
+    """jupyter_server with our extension in a container on the kernels' networks."""
+
+    def __init__(self, client: docker.DockerClient, jupyter_path: Path, server_id: str):
+        self.client = client
+        self.jupyter_path = jupyter_path
+        self.server_id = server_id
+        self.container = None
+        self.base = ""
+        self.http = AsyncHTTPClient()
+        self.networks: list[str] = []  # the ones it made
+
+    def start(self) -> None:
+        for name, internal in ((NETWORK, False), (NETWORK + "-internal", True)):
+            if not self.client.networks.list(names=[name]):
+                self.client.networks.create(name, driver="overlay", attachable=True,
+                                            internal=internal)
+                self.networks.append(name)
+        port = free_port()
+        mounts = {p: {"bind": p, "mode": "ro"} for p in {
+            sys.prefix, sys.base_prefix, str(REPO), str(self.jupyter_path),
+            str(JUPYTER_CONFIG)}}
+        mounts["/var/run/docker.sock"] = {"bind": "/var/run/docker.sock", "mode": "rw"}
+        self.container = self.client.containers.run(
+            KERNEL_IMAGE, user="0:0", detach=True, network=NETWORK + "-internal",
+            name=f"lp-test-swarm-server-{self.server_id}",
+            labels={label("test-server"): self.server_id},
+            ports={"8888/tcp": ("127.0.0.1", port)}, volumes=mounts,
+            environment={
+                "JUPYTER_PATH": str(self.jupyter_path),
+                "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
+                "LIMITED_PROVISIONER_SERVER_ID": self.server_id,
+                "LIMITED_PROVISIONER_OWNER": "lp-pytest",
+                "HOME": "/root",
+            },
+            command=[sys.executable, "-m", "jupyter_server", "--ip=0.0.0.0", "--port=8888",
+                     f"--IdentityProvider.token={TOKEN}", "--allow-root", "--no-browser",
+                     "--ServerApp.root_dir=/tmp"],
+        )
+        self.client.networks.get(NETWORK).connect(self.container)
+        self.base = f"http://127.0.0.1:{port}"
+
+    def ready(self, timeout: float = 90) -> None:
+        """Blocking: until /api/status answers (the fixture is module-scoped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/api/status?token={TOKEN}", timeout=5):
+                    return
+            except OSError:
+                self.container.reload()
+                if self.container.status != "running" or time.monotonic() > deadline:
+                    raise RuntimeError(self.logs()) from None
+                time.sleep(0.2)
+
+    def logs(self) -> str:
+        return self.container.logs(tail=80).decode(errors="replace")
+
+    async def api(self, method: str, path: str, body: dict | None = None) -> dict | None:
+        resp = await self.http.fetch(HTTPRequest(
+            f"{self.base}{path}?token={TOKEN}", method=method,
+            body=json.dumps(body) if body is not None else None,
+            allow_nonstandard_methods=True), raise_error=False)
+        if resp.code >= 400:
+            raise HTTPClientError(resp.code, resp.body.decode(errors="replace"))
+        return json.loads(resp.body) if resp.body else None
+
+    def stop(self) -> None:
+        if self.container is not None:
+            self.container.remove(force=True)
+
+    def leftovers(self) -> dict[str, int]:
+        """This server's services, secrets and slots still in the swarm."""
+        wanted = {"label": f"{label('server-id')}={self.server_id}"}
+        api = self.client.api
+        kernels = {s["Spec"]["Labels"][label("kernel-id")] for s in api.services(filters=wanted)}
+        return {
+            "services": len(api.services(filters=wanted)),
+            "secrets": len(api.secrets(filters=wanted)),
+            "slots": len([c for c in api.configs(filters={"label": label("slot")})
+                          if c["Spec"]["Labels"].get(label("kernel-id")) in kernels]),
+        }
+
+    def remove_all(self) -> None:
+        wanted = {"label": f"{label('server-id')}={self.server_id}"}
+        for service in self.client.api.services(filters=wanted):
+            self.client.api.remove_service(service["ID"])
+        for _ in range(50):
+            left = self.client.api.secrets(filters=wanted)
+            if not left:
+                break
+            for secret in left:
+                try:
+                    self.client.api.remove_secret(secret["ID"])
+                except docker.errors.APIError:
+                    pass  # still used by a task that is going away
+            time.sleep(0.2)
+        for name in self.networks:
+            for _ in range(50):
+                try:
+                    self.client.api.remove_network(name)
+                    break
+                except docker.errors.NotFound:
+                    break
+                except docker.errors.APIError:
+                    time.sleep(0.2)  # a task's endpoint is still on it
+
+
+@pytest.fixture(scope="module")
+def server(cluster, tmp_path_factory):
+    client, _ = cluster
+    jupyter_path = tmp_path_factory.mktemp("swarm-jupyter")
+    write_kernelspec(jupyter_path, "swarm-small", SPEC, "limited-swarm-provisioner")
+    write_kernelspec(jupyter_path, "swarm-timeout",
+                     {**SPEC, "exec_timeout": 3, "exec_timeout_grace": 3},
+                     "limited-swarm-provisioner")
+    srv = SwarmServer(client, jupyter_path, f"swarm-test-{uuid.uuid4().hex[:8]}")
+    srv.start()
+    try:
+        srv.ready()
+        yield srv
+    finally:
+        # The whole log beside the test's other artifacts; its tail in the report.
+        log = srv.container.logs().decode(errors="replace")
+        (tmp_path_factory.getbasetemp() / "swarm-server.log").write_text(log)
+        print(log[-6000:])
+        srv.stop()
+        srv.remove_all()
+
+
+def task_of(client: docker.DockerClient, kernel_id: str) -> dict:
+    services = client.api.services(filters={"label": f"{label('kernel-id')}={kernel_id}"})
+    assert len(services) == 1, services
+    tasks = client.api.tasks(filters={"service": services[0]["ID"]})
+    return max(tasks, key=lambda t: t["CreatedAt"])
+
+
+async def test_kernels_land_on_the_workers_with_their_limits(cluster, server):
+    client, workers = cluster
+    started = [await server.api("POST", "/api/kernels", {"name": "swarm-small"})
+               for _ in range(2)]
+    try:
+        for kernel in started:
+            kid = kernel["id"]
+            assert (await ws_execute_text(server.base, kid, "print(6 * 7)", 90)).strip() == "42"
+            task = task_of(client, kid)
+            assert task["NodeID"] in workers, (task["NodeID"], workers)
+            text = await ws_execute_text(server.base, kid, (
+                "import os, resource\n"
+                "mem = open('/sys/fs/cgroup/memory/memory.limit_in_bytes').read().strip()\n"
+                "pids = open('/sys/fs/cgroup/pids/pids.max').read().strip()\n"
+                "print(mem, pids, resource.getrlimit(resource.RLIMIT_NOFILE)[1], os.getuid())"
+            ))
+            assert text.split() == [str(256 * 2**20), "64", "256", "1000"], text
+            status = await server.api("GET", f"/api/limited-provisioner/kernels/{kid}")
+            assert status["backend"] == "swarm"
+            assert "NOT enforced" in status["enforcement"]["files_limit"]
+            assert "files_limit" in status["not_enforced"]
+    finally:
+        for kernel in started:
+            await server.api("DELETE", f"/api/kernels/{kernel['id']}")
+    assert server.leftovers() == {"services": 0, "secrets": 0, "slots": 0}
+
+
+async def test_limits_hold_on_a_worker(cluster, server):
+    kernel = await server.api("POST", "/api/kernels", {"name": "swarm-small"})
+    kid = kernel["id"]
+    try:
+        out = await ws_execute_text(server.base, kid, FORKS, 90)
+        assert "children: Resource temporarily unavailable" in out, out
+        assert int(out.split("after ")[1].split()[0]) < 64, out
+        out = await ws_execute_text(server.base, kid, (
+            "try:\n    open('big', 'wb').write(b'x' * 100 * 2**20)\n"
+            "except OSError as e:\n    print('disk refused:', e.strerror)"))
+        assert "disk refused: No space left on device" in out or "File too large" in out, out
+        out = await ws_execute_text(server.base, kid, "print('still here')")
+        assert out.strip() == "still here", out
+    finally:
+        await server.api("DELETE", f"/api/kernels/{kid}")
+
+
+async def last_exit_reason(server: SwarmServer, kid: str, within: float = 90) -> str:
+    """The reason the kernel's last process died, once the server knows it."""
+    deadline = time.monotonic() + within
+    while True:
+        status = await server.api("GET", f"/api/limited-provisioner/kernels/{kid}")
+        if status.get("last_exit_reason") or time.monotonic() > deadline:
+            return status.get("last_exit_reason") or ""
+        await asyncio.sleep(0.5)
+
+
+async def test_exec_timeout_interrupts_a_cell_on_a_worker_and_says_why(cluster, server):
+    kernel = await server.api("POST", "/api/kernels", {"name": "swarm-timeout"})
+    kid = kernel["id"]
+    try:
+        out = await ws_execute_text(server.base, kid, "while True:\n    pass", 60)
+        assert "exec_timeout=3s" in out and "KeyboardInterrupt" in out, out
+        assert (await ws_execute_text(server.base, kid, "print('after')")).strip() == "after"
+    finally:
+        await server.api("DELETE", f"/api/kernels/{kid}")
+
+
+async def test_a_memory_bomb_is_killed_with_the_reason_and_the_kernel_comes_back(
+    cluster, server
+):
+    kernel = await server.api("POST", "/api/kernels", {"name": "swarm-small"})
+    kid = kernel["id"]
+    try:
+        # Small touched chunks: resident memory reaches the cgroup limit before the data
+        # rlimit (128M above it) refuses an allocation.
+        await ws_execute(server.base, kid,
+                         "chunks = []\nwhile True:\n    chunks.append(b'x' * (8 * 2**20))", 120)
+        reason = await last_exit_reason(server, kid)
+        assert "memory limit 268435456 exceeded" in reason, reason
+        out = ""
+        for _ in range(30):  # the restarter starts a new task
+            try:
+                out = await ws_execute_text(server.base, kid, "print('back')", 30)
+                break
+            except (TimeoutError, ConnectionError, HTTPClientError):
+                await asyncio.sleep(1)
+        assert out.strip() == "back", out
+    finally:
+        await server.api("DELETE", f"/api/kernels/{kid}")
+
+
+async def test_a_worker_that_leaves_takes_its_kernel_with_a_reason(cluster, server):
+    """A node stops (its dockerd and every container on it): the kernel is reported lost
+    with the node, and the restarter starts it again on the other worker."""
+    client, workers = cluster
+    kernel = await server.api("POST", "/api/kernels", {"name": "swarm-small"})
+    kid = kernel["id"]
+    worker = None
+    try:
+        assert (await ws_execute_text(server.base, kid, "print(1)", 90)).strip() == "1"
+        node = task_of(client, kid)["NodeID"]
+        worker = client.containers.get(workers[node])
+        worker.stop(timeout=1)
+        reason = await last_exit_reason(server, kid, within=120)
+        assert f"node {node} is down" in reason, reason
+        await wait_for(lambda: task_of(client, kid)["NodeID"] not in ("", node), 120,
+                       "a task on another node")
+        out = await ws_execute_text(server.base, kid, "print('moved')", 90)
+        assert out.strip() == "moved", out
+    finally:
+        await server.api("DELETE", f"/api/kernels/{kid}")
+        if worker is not None:
+            worker.start()
+            _run("bash", str(REPO / ".ci" / "setup-swarm.sh"), "--workers", str(WORKERS))
+    assert server.leftovers() == {"services": 0, "secrets": 0, "slots": 0}
+
+
+async def test_session_churn_leaves_nothing_in_the_swarm(cluster, server):
+    """Many short sessions, some at once: no service, secret, slot or container left."""
+
+    async def session() -> None:
+        kernel = await server.api("POST", "/api/kernels", {"name": "swarm-small"})
+        try:
+            out = await ws_execute_text(server.base, kernel["id"], "print('hi')", 90)
+            assert out.strip() == "hi", out
+        finally:
+            await server.api("DELETE", f"/api/kernels/{kernel['id']}")
+
+    sessions = int(os.environ.get("LP_SWARM_CHURN", "30"))
+    for start in range(0, sessions, 5):
+        await asyncio.gather(*(session() for _ in range(min(5, sessions - start))))
+    assert server.leftovers() == {"services": 0, "secrets": 0, "slots": 0}
+    # Task containers go with their services, on the workers too, a moment later.
+    def containers_left() -> int:
+        return sum(
+            int(_run("docker", "exec", name, "docker", "ps", "-aq", "--filter",
+                     f"label={label('server-id')}={server.server_id}").count("\n"))
+            for name in cluster[1].values())
+    await wait_for(lambda: containers_left() == 0, 60, "no task container on the workers")

@@ -25,6 +25,7 @@ from .usage import sample_usage
 PROVISIONERS = {
     "process": "limited-process-provisioner",
     "docker": "limited-docker-provisioner",
+    "swarm": "limited-swarm-provisioner",
 }
 LIMIT_FLAGS = [
     ("mem_limit", 'memory for the kernel\'s process tree, e.g. "512M", "2G"'),
@@ -168,6 +169,10 @@ def _kernel_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.image is not None:
         config["image"] = args.image
     if args.runtime is not None:
+        if args.backend == "swarm" and args.runtime != "runc":
+            msg = (f"--runtime {args.runtime}: a Swarm service runs under each node's "
+                   "default runtime; use --backend docker for gVisor")
+            raise LimitConfigError(msg)
         config["runtime"] = args.runtime
     # Validate now, so a typo fails at install time instead of at the first kernel start.
     Limits.from_config(**{k: v for k, v in config.items() if k in Limits.__dataclass_fields__})
@@ -209,7 +214,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         print(f"limited-provisioner install: {e}", file=sys.stderr)
         return 2
     # In a container the interpreter is the image's; on the host it is this one.
-    python = "python3" if args.backend == "docker" else sys.executable
+    python = "python3" if args.backend in ("docker", "swarm") else sys.executable
     spec = {
         "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": args.display_name or "Python (limited)",

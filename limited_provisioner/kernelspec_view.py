@@ -60,8 +60,9 @@ def effective_settings(backend: str, config: dict[str, Any]) -> list[tuple[str, 
         given = name in config
         rows.append((name, trait.parse(name, config[name] if given else trait.default_value),
                      given))
-    if backend == "docker":
+    if backend in ("docker", "swarm"):
         rows.append(("image", config.get("image", DEFAULT_IMAGE), "image" in config))
+    if backend == "docker":
         rows.append(("runtime", config.get("runtime", "runc"), "runtime" in config))
     return rows
 

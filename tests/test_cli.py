@@ -1,8 +1,8 @@
 """The ``limited-provisioner`` command, run as a real subprocess."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +48,32 @@ def test_install_into_prefix_is_found_by_jupyter(tmp_path):
         [*CLI, "list", "--json"], capture_output=True, text=True, check=True, env=_env(share)
     )
     assert "tiny" in [s["name"] for s in json.loads(ours.stdout)["kernelspecs"]]
+
+
+def test_install_a_swarm_kernelspec(tmp_path):
+    """--backend swarm: the image's python3 (not this interpreter, whose path means
+    nothing on a node), the image in its settings; a runtime a service cannot pick is
+    refused, nothing written."""
+    prefix = tmp_path / "prefix"
+    result = subprocess.run(
+        [*CLI, "install", "--prefix", str(prefix), "--name", "onswarm", "--backend", "swarm",
+         "--image", "my/kernel:1", "--mem-limit", "1G"],
+        capture_output=True, text=True, check=True,
+    )
+    assert re.search(r"image\s+my/kernel:1\s+\(given\)", result.stdout), result.stdout
+    spec = KernelSpecManager(
+        kernel_dirs=[str(prefix / "share" / "jupyter" / "kernels")]).get_kernel_spec("onswarm")
+    assert spec.argv[0] == "python3"
+    prov = spec.metadata["kernel_provisioner"]
+    assert prov["provisioner_name"] == "limited-swarm-provisioner"
+    assert prov["config"] == {"mem_limit": "1G", "image": "my/kernel:1"}
+    refused = subprocess.run(
+        [*CLI, "install", "--prefix", str(tmp_path / "other"), "--name", "g", "--backend",
+         "swarm", "--runtime", "runsc"], capture_output=True, text=True, check=False,
+    )
+    assert refused.returncode == 2
+    assert "runs under each node's default runtime" in refused.stderr, refused.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def test_install_refuses_a_bad_limit_and_writes_nothing(tmp_path):

@@ -131,15 +131,7 @@ class DockerSession:
 
     def remove_container(self, name_or_id: str) -> bool:
         """Force-remove one container; False if it was already gone (blocking)."""
-        import docker.errors
-
-        try:
-            self.call("remove_container", name_or_id, force=True)
-        except docker.errors.APIError as e:
-            if e.status_code in GONE:
-                return False
-            raise
-        return True
+        return remove(self.call, "container", name_or_id, force=True)
 
     def remove_kernel_containers(self, kernel_id: str) -> int:
         """Remove every container labelled with ``kernel_id``; how many (blocking).
@@ -160,6 +152,20 @@ class DockerSession:
     async def acall(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``client.api.<method>(...)`` in the pool."""
         return await self.run(self.call, method, *args, **kwargs)
+
+
+def remove(call: Callable[..., Any], kind: str, name_or_id: str, **kwargs: Any) -> bool:
+    """``call("remove_<kind>", name_or_id)`` (container, service, secret, config...);
+    False if it was already gone or going (blocking)."""
+    import docker.errors
+
+    try:
+        call(f"remove_{kind}", name_or_id, **kwargs)
+    except docker.errors.APIError as e:
+        if e.status_code in GONE:
+            return False
+        raise
+    return True
 
 
 def is_connection_error(error: BaseException) -> bool:

@@ -31,7 +31,7 @@ from traitlets import Float, List, Unicode
 
 from .._background import on_package_loop
 from ..admission import AdmissionPolicy
-from ..docker.client import GONE, label
+from ..docker.client import label, remove
 from ..docker.provisioner import LimitedDockerProvisioner
 from ..enforcement import NONE, swarm_plan
 from ..errors import LimitConfigError, SandboxStartError, SandboxUnavailableError
@@ -440,15 +440,7 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
     # -- stop ---------------------------------------------------------------------------
 
     def _remove_service(self, name_or_id: str) -> bool:
-        import docker.errors
-
-        try:
-            self.docker.call("remove_service", name_or_id)
-        except docker.errors.APIError as e:
-            if e.status_code in GONE:
-                return False
-            raise
-        return True
+        return remove(self.docker.call, "service", name_or_id)
 
     def _remove_secret(self, secret: SecretRef) -> None:
         import docker.errors
@@ -513,16 +505,7 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
 def remove_swarm_traces(call: Any, kernel_id: str) -> int:
     """Remove every service and secret labelled with ``kernel_id``, and its slots; how
     many objects went (blocking)."""
-    import docker.errors
-
     wanted = {"label": f"{label('kernel-id')}={kernel_id}"}
-    removed = 0
-    for kind in ("service", "secret"):
-        for obj in call(f"{kind}s", filters=wanted):
-            try:
-                call(f"remove_{kind}", obj["ID"])
-                removed += 1
-            except docker.errors.APIError as e:
-                if e.status_code not in GONE:
-                    raise
+    removed = sum(remove(call, kind, obj["ID"])
+                  for kind in ("service", "secret") for obj in call(f"{kind}s", filters=wanted))
     return removed + slots.release(call, kernel_id)

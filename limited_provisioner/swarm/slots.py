@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from ..admission import cap_reached
-from ..docker.client import GONE, label
+from ..docker.client import label, remove
 
 SLOT_PREFIX = "limited-provisioner.slot"
 ALL = "all"
@@ -130,15 +130,7 @@ def _slots(call: Call, scope: str | None) -> list[dict[str, Any]]:
 
 
 def _remove(call: Call, name_or_id: str) -> bool:
-    import docker.errors
-
-    try:
-        call("remove_config", name_or_id)
-    except docker.errors.APIError as e:
-        if e.status_code in GONE:
-            return False
-        raise
-    return True
+    return remove(call, "config", name_or_id)
 
 
 def _created(config: dict[str, Any]) -> float:

@@ -29,6 +29,7 @@ from .harness import (
     private_runtime_dir,
     real_runtime_dir,
     remove_containers_with_label,
+    shutdown_settled,
     write_kernelspec,
 )
 from .harness import (
@@ -155,10 +156,7 @@ async def start_kernel(jupyter_path):
             kc.stop_channels()
         kernel_id = km.kernel_id
         try:
-            # Also when its process is gone (a limit killed it, no restarter): the
-            # shutdown's cleanup is what removes its registry entry and kernel dir.
-            if km.provisioner is not None:
-                await km.shutdown_kernel(now=True)
+            await shutdown_settled(km)
         finally:
             kill_kernel_leftovers(kernel_id, pids)
 

@@ -822,6 +822,20 @@ def pooled_entries(state: Path, name: str | None = None, *, ready: bool = True) 
             and (e.get("pool_ready") or not ready) and name in (None, e.get("kernel_name"))]
 
 
+async def shutdown_settled(km, timeout: float = 60) -> None:
+    """``km.shutdown_kernel(now=True)`` once the manager's pending start, restart or
+    shutdown (a limit's restart or cull on the package's loop) has settled: jupyter_client
+    lets one of them at a time settle its ``ready`` future, and a second call while one
+    runs fails with InvalidStateError -- its own race, which jupyter_server's manager
+    (server/manager.py) waits out the same way. The shutdown also runs when a limit already
+    ended the process: its cleanup removes the registry entry and the kernel dir."""
+    if km.provisioner is None:
+        return
+    with contextlib.suppress(Exception):  # a failed restart is settled too
+        await asyncio.wait_for(asyncio.shield(km.ready), timeout)
+    await km.shutdown_kernel(now=True)
+
+
 async def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

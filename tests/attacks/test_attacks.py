@@ -36,7 +36,7 @@ from limited_provisioner.registry import Registry
 from limited_provisioner.watchdog import dir_usage
 
 from ..conftest import backends, run
-from ..harness import HostWatch, alive, kernel_pids
+from ..harness import HostWatch, alive, kernel_pids, shutdown_settled
 from .catalogue import CAPPED, CATALOGUE, EACH_REFUSED, INTERRUPTED, KILLED, REFUSED, Attack
 
 LIMITS = {
@@ -252,8 +252,7 @@ async def test_attack_is_stopped_by_its_limit_without_hurting_the_host(
         f"this process (client and proxy of the kernel) grew by "
         f"{server_rss_growth / 2**20:.0f} MiB: it holds what the kernel produced")
 
-    if km.has_kernel:
-        await km.shutdown_kernel(now=True)
+    await shutdown_settled(km)
     await asyncio.sleep(0.3)
     assert alive(pids_seen) == [], "processes of the kernel's tree survived"
     assert not kernel_dir.exists(), "kernel dir left behind"

@@ -19,6 +19,7 @@ import pytest
 from limited_provisioner.docker import LABEL_PREFIX
 
 from ..conftest import _docker_client
+from ..harness import shutdown_settled
 from .containment import OWNER, Inotify, stat_record
 
 
@@ -138,8 +139,7 @@ async def lp_kernels(lp_state_dirs, start_kernel):
         with contextlib.suppress(Exception):
             kc.stop_channels()
         with contextlib.suppress(Exception):
-            if km.provisioner is not None:  # its process may be gone: cleanup still due
-                await km.shutdown_kernel(now=True)
+            await shutdown_settled(km)
         if "docker" in backend and km.kernel_id:
             import docker
 

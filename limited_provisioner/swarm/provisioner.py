@@ -102,6 +102,8 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
     _secret: SecretRef | None = None
     _endpoint: KernelEndpoint | None = None
     _slots: list[str] | None = None
+    # The kernels' network this start uses (made or checked before admission).
+    _network_id: str | None = None
 
     @property
     def has_process(self) -> bool:
@@ -126,7 +128,7 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
             raise SandboxUnavailableError(msg)
         self._runtime = None
         self._refuse_host_settings()
-        await self.docker.run(self._ensure_network)
+        self._network_id = await self.docker.run(self._ensure_network)
 
     def _refuse_host_settings(self) -> None:
         """Settings that name this host's files: a kernel on another node has none."""
@@ -204,9 +206,9 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
         return self._endpoint
 
     async def _prepare_sandbox(self, kwargs: dict[str, Any]) -> None:
-        """The kernel dir on this host (its connection file and hooks before they become
-        the task's secret and configs), the plan; no uid lease: the kernel runs as the
-        image's user on another machine."""
+        """The kernel dir on this host (its connection file, before it becomes the task's
+        secret), the plan; no uid lease: the kernel runs as the image's user on another
+        machine."""
         await self.docker.run(self._remove_service, service_name(self.sandbox_id))
         self.kdir = None
         user = self.container_user or DEFAULT_USER
@@ -254,7 +256,7 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
         spec.user, spec.work, spec.home = user, HOME, None
         contents = await asyncio.to_thread(self._read_kernel_file, conn_file)
         self._secret = await self.docker.run(self._create_secret, contents, spec.labels)
-        network = await self.docker.run(self._ensure_network)
+        network = self._network_id or await self.docker.run(self._ensure_network)
         plan = service_plan(
             spec, secret=self._secret, networks=[network],
             placement=Placement(tuple(self.placement_constraints),

@@ -79,6 +79,22 @@ def check_lifecycle(
     return Verdict("none")
 
 
+def with_limits_hit(reason: str, trips: list[dict], since: float | None) -> str:
+    """``reason`` (an execution restarted for ignoring its interrupt), followed by the
+    other limits the kernel hit since that execution began, latest per kind. Such an
+    execution usually hung at another limit (a fork bomb at pids_limit, a tree
+    OOM-killed piece by piece): the user learns the cause, not only the timeout."""
+    if since is None:
+        return reason
+    latest: dict[str, str] = {}
+    for trip in trips:
+        if trip["time"] >= since and trip["kind"] != "exec_timeout":
+            latest[trip["kind"]] = trip["reason"]
+    if not latest:
+        return reason
+    return f"{reason}; while it ran: {'; '.join(latest.values())}"
+
+
 class LifecycleTimer(ticker.Ticked):
     """The per-kernel timer of idle_timeout, max_lifetime and exec_timeout.
 

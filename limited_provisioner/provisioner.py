@@ -57,7 +57,7 @@ from .host import LimitedHost
 from .kernel_dir import KernelDir, prepare_kernel_dir
 from .kernel_env import keep_allowed, limit_env, supplied_names
 from .kernel_hook import READ_ONLY_FOLDER_ENV
-from .lifecycle import LifecycleTimer, Verdict
+from .lifecycle import LifecycleTimer, Verdict, with_limits_hit
 from .limits import Limits
 from .manager_loop import ManagerLoop
 from .pool import POOL_OWNER, NotClaimable, Pooled
@@ -807,7 +807,10 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
         on its own loop, so its books stay true; else (a blocking manager, a loop that
         has ended, a manager that failed) here, alone."""
         # A restart follows an interrupt that was already counted as the trip.
-        self.record_trip(verdict.kind, verdict.reason, count=verdict.action == "cull")
+        reason = verdict.reason
+        if verdict.action == "restart":
+            reason = self._with_limits_hit(reason)
+        self.record_trip(verdict.kind, reason, count=verdict.action == "cull")
         # Idle: nobody asked for the end, so the files may be wanted back (keep_files_for).
         self._keep_at_release = kept_files.kept_after(verdict.action, verdict.kind)
         km, action = self.parent, verdict.action
@@ -834,6 +837,11 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
                 await internals.restart_here(km)
         except Exception:
             self.log.exception("Kernel %s: %s failed", self.kernel_id, action)
+
+    def _with_limits_hit(self, reason: str) -> str:
+        traffic = self.connection.traffic if self.connection is not None else None
+        since = traffic.executing_since if traffic is not None else None
+        return with_limits_hit(reason, self.limit_trips, since)
 
     async def _end_alone(self) -> None:
         """Stop the kernel and remove every trace without the manager's help (nobody

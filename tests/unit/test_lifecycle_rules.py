@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from limited_provisioner.lifecycle import check_lifecycle
+from limited_provisioner.lifecycle import check_lifecycle, with_limits_hit
 
 try:  # Traffic may move out of proxy.py
     from limited_provisioner.traffic import Traffic
@@ -210,3 +210,29 @@ def test_check_lifecycle(case: Case):
         assert word in verdict.reason
     if case.expect == "none":
         assert verdict.reason == ""
+
+
+def trip(kind, at, reason=None):
+    return {"kind": kind, "reason": reason or f"{kind} hit at {at}", "time": at}
+
+
+def test_a_restart_for_exec_timeout_names_the_limits_hit_while_the_execution_ran():
+    reason = "execution exceeded exec_timeout=3s and ignored the interrupt for 3s"
+    trips = [
+        trip("pids_limit", T0 - 10, "pids limit 64 reached (3 forks refused)"),  # before
+        trip("pids_limit", T0 + 1, "pids limit 64 reached (51 forks refused)"),
+        trip("mem_limit", T0 + 2, "memory limit 256M exceeded"),
+        trip("pids_limit", T0 + 3, "pids limit 64 reached (80 forks refused)"),
+        trip("exec_timeout", T0 + 3, "execution exceeded exec_timeout=3s and was interrupted"),
+    ]
+    assert with_limits_hit(reason, trips, since=T0) == (
+        f"{reason}; while it ran: pids limit 64 reached (80 forks refused); "
+        "memory limit 256M exceeded"
+    )
+
+
+@pytest.mark.parametrize("since", [None, T0 + 100])
+def test_a_restart_with_no_other_limit_hit_keeps_its_reason(since):
+    reason = "execution exceeded exec_timeout=3s and ignored the interrupt for 3s"
+    trips = [trip("pids_limit", T0), trip("exec_timeout", T0 + 101)]
+    assert with_limits_hit(reason, trips, since=since) == reason

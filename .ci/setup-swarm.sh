@@ -83,6 +83,12 @@ state=$(docker info --format '{{.Swarm.LocalNodeState}}')
 if [ "$state" != active ]; then
     addr=$(docker network inspect bridge -f '{{range .IPAM.Config}}{{.Gateway}} {{end}}' \
         | awk '{ print $1 }')
+    if [ -z "$addr" ]; then
+        # A daemon restored from an earlier state may list the subnet without its
+        # gateway: the bridge device has it.
+        addr=$(ip -4 -o addr show dev docker0 2>/dev/null \
+            | awk '{ split($4, a, "/"); print a[1]; exit }')
+    fi
     [ -n "$addr" ] || die "the default bridge has no gateway address to advertise the manager on"
     docker swarm init --advertise-addr "$addr" >/dev/null
     log "swarm initialized, manager advertised on $addr:2377"

@@ -80,8 +80,9 @@ def admit(
     The caller holds ``registry.lock()``; on success it records the start (the rate
     window) so the next caller sees it.
     """
+    # A swarm kernel runs on some node, counted by the swarm's slots (swarm/slots.py).
     live = [e for e in registry.live_entries()
-            if e.get("kernel_id") not in (kernel_id, replacing)]
+            if e.get("kernel_id") not in (kernel_id, replacing) and e.get("backend") != "swarm"]
     mine = [e for e in live if e.get("owner") == owner]
     counted = (
         ("max_kernels", policy.max_kernels, live),

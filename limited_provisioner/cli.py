@@ -295,7 +295,9 @@ def _limited_specs() -> list[dict[str, Any]]:
     return result
 
 
-def _running(state_dir: str | None) -> list[dict[str, Any]]:
+def _running(state_dir: str | None, swarm_daemons: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """This host's registered kernels, then the swarm kernels of every server (on any
+    node) that this host's registry does not hold, as the swarm has them."""
     rows = []
     now = time.time()
     for entry in Registry(state_dir).entries():
@@ -305,6 +307,26 @@ def _running(state_dir: str | None) -> list[dict[str, Any]]:
         entry["idle_s"] = round(now - entry.get("last_activity", entry.get("created", now)), 1)
         rows.append(entry)
     sample_usage(rows)
+    known = {row.get("kernel_id") for row in rows}
+    for row in _swarm_rows(swarm_daemons):
+        if row.get("kernel_id") not in known:
+            row.update(alive=row["state"] == "running", mem_used=0, cpu_cores=0.0, pids=[],
+                       age_s=round(now - row.get("created", now), 1), idle_s=None)
+            rows.append(row)
+    return rows
+
+
+def _swarm_rows(daemons: set[str]) -> list[dict[str, Any]]:
+    from .docker.client import DockerSession
+    from .swarm import records
+
+    rows = []
+    for docker_host in sorted(daemons):
+        session = DockerSession(docker_host)
+        try:
+            rows += records.swarm_kernels(session.call)
+        except Exception as e:  # noqa: BLE001 - an unreachable manager must not hide the rest
+            print(f"warning: swarm kernels at {session.where} not listed: {e}", file=sys.stderr)
     return rows
 
 
@@ -319,7 +341,9 @@ def _duration(seconds: float) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     specs = _limited_specs()
-    kernels = _running(args.state_dir)
+    swarm = {str(s["config"].get("docker_host") or "") for s in specs
+             if s["provisioner"] == PROVISIONERS["swarm"]}
+    kernels = _running(args.state_dir, swarm)
     if args.json:
         json.dump({"kernelspecs": specs, "kernels": kernels}, sys.stdout, indent=1)
         print()
@@ -351,7 +375,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"  {k.get('kernel_id', '?'):<36}  {k.get('backend', '?'):<7}  "
             f"{str(k.get('owner', '?'))[:10]:<10}  {k.get('pid') or '-':>7}  {mem:>16}  "
             f"{mem_pct:>6}  {cpu:>11}  {pids:>9}  {_duration(k['age_s']):>6}  "
-            f"{_duration(k['idle_s']):>6}  {state}"
+            f"{_duration(k['idle_s']) if k['idle_s'] is not None else '-':>6}  {state}"
         )
     return 0
 

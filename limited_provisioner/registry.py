@@ -201,6 +201,11 @@ def is_alive(entry: dict[str, Any]) -> bool:
     if entry.get("state") == "starting":
         # A start in progress counts against caps until it finishes or goes stale.
         return time.time() - (entry.get("created") or 0) < 120
+    if entry.get("backend") == "swarm":
+        # Its task runs on some node of the swarm, not as a process here: only the swarm
+        # can say (adoption asks it and removes a dead one; the reaper gives a kernel of a
+        # gone server orphan_grace).
+        return entry.get("state") in ("running", "pooled")
     return same_process(entry.get("pid"), entry.get("pid_create_time"))
 
 

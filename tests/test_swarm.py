@@ -47,6 +47,8 @@ SPEC = {
     "placement_constraints": ["node.labels.limited-provisioner.role==kernels"],
 }
 WORKERS = 2
+# What a server's kernels may leave in the swarm once they are shut down.
+NOTHING_LEFT = {"services": 0, "secrets": 0, "slots": 0, "records": 0}
 # Children that wait, until fork fails; then they go.
 FORKS = """import os, signal, time
 kids = []
@@ -65,9 +67,10 @@ for pid in kids:
 """
 
 
-def _run(*cmd: str, timeout: float = 900) -> str:
+def _run(*cmd: str, timeout: float = 900, env_jupyter_path: str | None = None) -> str:
+    env = {**os.environ, "JUPYTER_PATH": env_jupyter_path} if env_jupyter_path else None
     return subprocess.run(cmd, check=True, capture_output=True, text=True,
-                          timeout=timeout).stdout
+                          timeout=timeout, env=env).stdout
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,7 @@ class SwarmServer:
         self.base = ""
         self.http = AsyncHTTPClient()
         self.networks: list[str] = []  # the ones it made
+        self.earlier_logs: list[str] = []  # of the servers kill() ended
 
     def start(self) -> None:
         for name, internal in ((NETWORK, False), (NETWORK + "-internal", True)):
@@ -153,9 +157,18 @@ class SwarmServer:
     def stop(self) -> None:
         if self.container is not None:
             self.container.remove(force=True)
+            self.container = None
+
+    def kill(self) -> None:
+        """SIGKILL to the server (its container's first process): the container and the
+        registry, kernel dirs and client sockets in it go; the kernels stay."""
+        self.earlier_logs.append(self.logs())
+        self.container.kill(signal="SIGKILL")
+        self.container.remove(force=True)
+        self.container = None
 
     def leftovers(self) -> dict[str, int]:
-        """This server's services, secrets and slots still in the swarm."""
+        """This server's services, secrets, slots and recovery records in the swarm."""
         wanted = {"label": f"{label('server-id')}={self.server_id}"}
         api = self.client.api
         kernels = {s["Spec"]["Labels"][label("kernel-id")] for s in api.services(filters=wanted)}
@@ -164,12 +177,16 @@ class SwarmServer:
             "secrets": len(api.secrets(filters=wanted)),
             "slots": len([c for c in api.configs(filters={"label": label("slot")})
                           if c["Spec"]["Labels"].get(label("kernel-id")) in kernels]),
+            "records": len(api.configs(filters={"label": [f"{label('record')}=1",
+                                                          wanted["label"]]})),
         }
 
     def remove_all(self) -> None:
         wanted = {"label": f"{label('server-id')}={self.server_id}"}
         for service in self.client.api.services(filters=wanted):
             self.client.api.remove_service(service["ID"])
+        for config in self.client.api.configs(filters=wanted):
+            self.client.api.remove_config(config["ID"])
         for _ in range(50):
             left = self.client.api.secrets(filters=wanted)
             if not left:
@@ -206,11 +223,19 @@ def server(cluster, tmp_path_factory):
         yield srv
     finally:
         # The whole log beside the test's other artifacts; its tail in the report.
-        log = srv.container.logs().decode(errors="replace")
+        log = "\n".join([*srv.earlier_logs, srv.container.logs().decode(errors="replace")
+                         if srv.container is not None else ""])
         (tmp_path_factory.getbasetemp() / "swarm-server.log").write_text(log)
         print(log[-6000:])
         srv.stop()
         srv.remove_all()
+
+
+def node_of(client: docker.DockerClient, kernel_id: str) -> str | None:
+    """The node of the kernel's newest task; None between two services (a restart)."""
+    services = client.api.services(filters={"label": f"{label('kernel-id')}={kernel_id}"})
+    tasks = [t for s in services for t in client.api.tasks(filters={"service": s["ID"]})]
+    return max(tasks, key=lambda t: t["CreatedAt"]).get("NodeID") if tasks else None
 
 
 def task_of(client: docker.DockerClient, kernel_id: str) -> dict:
@@ -244,7 +269,7 @@ async def test_kernels_land_on_the_workers_with_their_limits(cluster, server):
     finally:
         for kernel in started:
             await server.api("DELETE", f"/api/kernels/{kernel['id']}")
-    assert server.leftovers() == {"services": 0, "secrets": 0, "slots": 0}
+    assert server.leftovers() == NOTHING_LEFT
 
 
 async def test_limits_hold_on_a_worker(cluster, server):
@@ -323,7 +348,7 @@ async def test_a_worker_that_leaves_takes_its_kernel_with_a_reason(cluster, serv
         worker.stop(timeout=1)
         reason = await last_exit_reason(server, kid, within=120)
         assert f"node {node} is down" in reason, reason
-        await wait_for(lambda: task_of(client, kid)["NodeID"] not in ("", node), 120,
+        await wait_for(lambda: node_of(client, kid) not in (None, "", node), 120,
                        "a task on another node")
         out = await ws_execute_text(server.base, kid, "print('moved')", 90)
         assert out.strip() == "moved", out
@@ -332,7 +357,53 @@ async def test_a_worker_that_leaves_takes_its_kernel_with_a_reason(cluster, serv
         if worker is not None:
             worker.start()
             _run("bash", str(REPO / ".ci" / "setup-swarm.sh"), "--workers", str(WORKERS))
-    assert server.leftovers() == {"services": 0, "secrets": 0, "slots": 0}
+    assert server.leftovers() == NOTHING_LEFT
+
+
+async def test_a_server_killed_and_started_anew_adopts_its_kernels_from_the_swarm(
+    cluster, server
+):
+    """kill -9 of the server, and a new container in its place: nothing of the old
+    registry survives, yet its kernels are adopted -- same services, same Python state --
+    from their records in the swarm; a kernel that died meanwhile is cleaned up."""
+    client, _ = cluster
+    kept, lost = [await server.api("POST", "/api/kernels", {"name": "swarm-small"})
+                  for _ in range(2)]
+    try:
+        for kernel in (kept, lost):
+            out = await ws_execute_text(server.base, kernel["id"], "x = 41\nprint('set')", 90)
+            assert out.strip() == "set", out
+        services = {k["id"]: task_of(client, k["id"])["ServiceID"] for k in (kept, lost)}
+        await asyncio.to_thread(server.kill)
+        # Dies while nobody manages it: the new server must not adopt a ghost.
+        client.api.remove_service(services[lost["id"]])
+        # No server runs, and this host's registry never held them: the swarm says.
+        listed = {k["kernel_id"]: k for k in json.loads(_run(
+            str(Path(sys.executable).parent / "limited-provisioner"), "list", "--json",
+            env_jupyter_path=str(server.jupyter_path)))["kernels"]}
+        assert (listed[kept["id"]]["state"], listed[lost["id"]]["state"]) == (
+            "running", "dead"), listed
+        assert listed[kept["id"]]["where"] == "swarm"
+        assert listed[kept["id"]]["service_id"] == services[kept["id"]]
+        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(server.ready)
+        listed = [k["id"] for k in await server.api("GET", "/api/kernels")]
+        assert listed == [kept["id"]], (listed, server.logs())
+        out = await ws_execute_text(server.base, kept["id"], "print(x + 1)", 90)
+        assert out.strip() == "42", out
+        assert task_of(client, kept["id"])["ServiceID"] == services[kept["id"]]
+        status = await server.api("GET", f"/api/limited-provisioner/kernels/{kept['id']}")
+        assert status["backend"] == "swarm" and status["limits"]["mem_limit"] == 256 * 2**20
+        # The dead one's secret, slot and record went with it.
+        left = client.api.configs(filters={"label": f"{label('kernel-id')}={lost['id']}"})
+        assert left == [], left
+    finally:
+        for kernel in (kept, lost):
+            try:
+                await server.api("DELETE", f"/api/kernels/{kernel['id']}")
+            except HTTPClientError as e:
+                assert e.code == 404, e
+    assert server.leftovers() == NOTHING_LEFT
 
 
 async def test_session_churn_leaves_nothing_in_the_swarm(cluster, server):
@@ -349,7 +420,7 @@ async def test_session_churn_leaves_nothing_in_the_swarm(cluster, server):
     sessions = int(os.environ.get("LP_SWARM_CHURN", "30"))
     for start in range(0, sessions, 5):
         await asyncio.gather(*(session() for _ in range(min(5, sessions - start))))
-    assert server.leftovers() == {"services": 0, "secrets": 0, "slots": 0}
+    assert server.leftovers() == NOTHING_LEFT
     # Task containers go with their services, on the workers too, a moment later.
     def containers_left() -> int:
         return sum(

@@ -131,8 +131,9 @@ def _measure(entry: dict[str, Any] | None, kernel_dir: str | None, own_fs: bool,
              walked: tuple[int, int] | None) -> dict[str, Any] | None:
     """Sample one kernel's usage (blocking: run in a thread); None if it has no live
     process (between a death and its restart, or gone)."""
-    if entry is None or entry.get("state") != "running" or not is_alive(entry):
-        return None
+    if (entry is None or entry.get("state") != "running" or not entry.get("pid")
+            or not is_alive(entry)):
+        return None  # no process of it on this host (a swarm kernel's is on a node)
     row = {**entry, "alive": True}
     sample_usage([row], interval=CPU_SAMPLE_SECONDS)
     disk = own_filesystem_usage(kernel_dir) if own_fs and kernel_dir else walked

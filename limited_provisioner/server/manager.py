@@ -204,6 +204,7 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
             self.log.exception("Reaping orphans at start failed")
         host.start_reaper(lasting=True)
         server_id = host.resolved_server_id
+        await self._restore_swarm_entries(server_id)
         entries = [
             e for e in await asyncio.to_thread(registry.entries)
             if self.adopt_all or e.get("server_id") == server_id
@@ -232,6 +233,26 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         if adopted:
             self.log.info("Adopted %d running limited kernel(s): %s", len(adopted), adopted)
         return adopted
+
+    async def _restore_swarm_entries(self, server_id: str) -> None:
+        """Registry entries for this server's swarm kernels that this host's registry
+        lacks (restarted in a new container or on another node): from their records in
+        the swarm (swarm/records.py)."""
+        from ..swarm import records
+
+        try:
+            specs = await asyncio.to_thread(self.kernel_spec_manager.get_all_specs)
+            daemons = records.swarm_daemons(specs)
+            if not daemons:
+                return
+            restored = await asyncio.to_thread(
+                records.restore_from_swarm, self.host.registry, server_id, daemons)
+        except Exception:  # the kernels stay in the swarm: a later start may succeed
+            self.log.exception("Reading this server's swarm kernels from the swarm failed")
+            return
+        if restored:
+            self.log.info("Found %d swarm kernel(s) of this server in the swarm: %s",
+                          len(restored), restored)
 
     async def _adopt(
         self, kernel_id: str, entry: dict[str, Any], specs: KernelSpecs | None = None

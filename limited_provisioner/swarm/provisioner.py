@@ -17,11 +17,14 @@ The docker backend's sandbox (container.py), placed by the swarm's scheduler
   ``interrupt_request`` on the control channel, a kill the service's removal.
 * **Deaths** are read from the task's status (exit code, the swarm's error) and the
   node's: a node that left the swarm is reported as such.
+* **Recovery**: each kernel's record in the swarm (records.py) lets a server restarted
+  anywhere -- a new container, another node -- adopt it without this host's registry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import signal
 import time
@@ -34,11 +37,17 @@ from ..admission import AdmissionPolicy
 from ..docker.client import label, remove
 from ..docker.provisioner import LimitedDockerProvisioner
 from ..enforcement import NONE, swarm_plan
-from ..errors import LimitConfigError, SandboxStartError, SandboxUnavailableError
+from ..errors import (
+    AdoptionError,
+    LimitConfigError,
+    SandboxStartError,
+    SandboxUnavailableError,
+)
 from ..kernel_hook import NOTICE_ENV
 from ..provisioner import START_OUTPUT_LIMIT
 from ..proxy import KernelEndpoint
-from . import slots
+from ..registry import sandbox_of
+from . import records, slots
 from .service import (
     CONNECTION_SECRET_TARGET,
     KERNEL_PORTS,
@@ -93,7 +102,7 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
 
     _sandbox_fields = (
         *LimitedDockerProvisioner._sandbox_fields, "service_id", "task_id", "node_id",
-        "_secret", "_endpoint", "_slots",
+        "_secret", "_endpoint", "_slots", "_recorded",
     )
 
     service_id: str | None = None
@@ -102,6 +111,8 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
     _secret: SecretRef | None = None
     _endpoint: KernelEndpoint | None = None
     _slots: list[str] | None = None
+    # Its recovery record is in the swarm (written at the first start, or adopted).
+    _recorded = False
     # The kernels' network this start uses (made or checked before admission).
     _network_id: str | None = None
 
@@ -276,12 +287,66 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
         self.work_dir = spec.work
         await self._record_running(service_id=self.service_id, node_id=self.node_id,
                                    docker_host=self.docker_host)
+        if not self._recorded:
+            self._recorded = True
+            await self.docker.run(self._write_record)
         await self._open_kernel_door()
         self.log.info(
             "Kernel %s started as service %s on node %s with %s [%s]", self.kernel_id,
             plan.name, self.node_id, self.limits.describe(), self.describe_enforcement(),
         )
         return self.connection_info
+
+    def _write_record(self) -> None:
+        """The kernel's recovery record in the swarm (records.py), once per kernel: its
+        connection and keys stay the same across restarts."""
+        entry = self.registry.read(self.kernel_id)
+        if entry is None or self.connection is None:
+            return
+        client, kernel = (json.loads(self._read_kernel_file(path)) for path in (
+            self.connection.client_connection_file, self.connection.kernel_connection_file))
+        records.write(self.docker.call, entry, client, kernel)
+
+    async def _restore(self, entry: dict[str, Any]) -> None:
+        """Take over a kernel a previous server started (recovery.adopt): its service's
+        running task and its secret from the swarm; its sockets' keys from the kernel's
+        connection file (the server's, in the kernel dir), their address from the task."""
+        self._recorded = True  # a kernel adopted has its record already
+        self._network_id = await self.docker.run(self._ensure_network)
+        found = await self.docker.run(self._running_task, sandbox_of(entry))
+        if found is None:
+            msg = f"kernel {self.kernel_id}: its service has no running task in the swarm"
+            raise AdoptionError(msg, reason="dead")
+        service, task, self._secret = found
+        self.service_id, self.task_id, self.node_id = service["ID"], task["ID"], task.get("NodeID")
+        self.container_id = (task.get("Status", {}).get("ContainerStatus") or {}).get(
+            "ContainerID")
+        self.exit_code = None
+        assert self.connection is not None
+        info = json.loads(await asyncio.to_thread(
+            self._read_kernel_file, self.connection.kernel_connection_file))
+        # The endpoint the proxy was made with (_connect_clients): the kernel's keys.
+        endpoint = self._kernel_endpoint()
+        endpoint.curve_publickey = info["curve_publickey"].encode("ascii")
+        endpoint.curve_secretkey = info["curve_secretkey"].encode("ascii")
+        endpoint.ports = {channel: int(info[f"{channel}_port"]) for channel in endpoint.ports}
+        endpoint.host = self._task_address(task, self._network_id)
+        await asyncio.to_thread(self.registry.update, self.kernel_id,
+                                service_id=self.service_id, node_id=self.node_id)
+        self.log.info("Kernel %s adopted (service %s on node %s)", self.kernel_id,
+                      self.service_id[:12], self.node_id)
+
+    def _running_task(self, sandbox_id: str) -> tuple[dict, dict, SecretRef | None] | None:
+        """The kernel's service, its running task and its connection secret (blocking)."""
+        wanted = {"label": f"{label('kernel-id')}={sandbox_id}"}
+        for service in self.docker.call("services", filters=wanted):
+            tasks = self.docker.call("tasks", filters={"service": service["ID"]})
+            running = [t for t in tasks if t.get("Status", {}).get("State") == "running"]
+            if running:
+                secret = next((SecretRef(s["ID"], s["Spec"]["Name"])
+                               for s in self.docker.call("secrets", filters=wanted)), None)
+                return service, max(running, key=lambda t: t.get("CreatedAt", "")), secret
+        return None
 
     def _read_kernel_file(self, path: str) -> bytes:
         with open(path, "rb") as f:
@@ -476,9 +541,10 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
             await self._release()
 
     async def _release(self) -> None:
-        if self._slots:
-            await self.docker.run(slots.release, self.docker.call, self.sandbox_id)
-            self._slots = None
+        # Slots by the kernel's id (an adopted kernel holds them too, unknown here).
+        await self.docker.run(slots.release, self.docker.call, self.sandbox_id)
+        await self.docker.run(records.remove_record, self.docker.call, self.sandbox_id)
+        self._slots = None
         await super()._release()
 
     @classmethod
@@ -510,4 +576,4 @@ def remove_swarm_traces(call: Any, kernel_id: str) -> int:
     wanted = {"label": f"{label('kernel-id')}={kernel_id}"}
     removed = sum(remove(call, kind, obj["ID"])
                   for kind in ("service", "secret") for obj in call(f"{kind}s", filters=wanted))
-    return removed + slots.release(call, kernel_id)
+    return removed + slots.release(call, kernel_id) + records.remove_record(call, kernel_id)

@@ -213,6 +213,9 @@ def server(cluster, tmp_path_factory):
     client, _ = cluster
     jupyter_path = tmp_path_factory.mktemp("swarm-jupyter")
     write_kernelspec(jupyter_path, "swarm-small", SPEC, "limited-swarm-provisioner")
+    # A reservation no worker has: the scheduler finds no node for it.
+    write_kernelspec(jupyter_path, "swarm-huge", {**SPEC, "mem_limit": "4096G"},
+                     "limited-swarm-provisioner")
     write_kernelspec(jupyter_path, "swarm-timeout",
                      {**SPEC, "exec_timeout": 3, "exec_timeout_grace": 3},
                      "limited-swarm-provisioner")
@@ -270,6 +273,22 @@ async def test_kernels_land_on_the_workers_with_their_limits(cluster, server):
         for kernel in started:
             await server.api("DELETE", f"/api/kernels/{kernel['id']}")
     assert server.leftovers() == NOTHING_LEFT
+
+
+async def test_a_kernel_no_node_can_take_is_refused_with_the_schedulers_reason(
+    cluster, server
+):
+    t0 = time.monotonic()
+    with pytest.raises(HTTPClientError) as refused:
+        await server.api("POST", "/api/kernels", {"name": "swarm-huge"})
+    waited = time.monotonic() - t0
+    assert refused.value.code == 503, refused.value
+    text = str(refused.value)
+    assert "no node can take it" in text and "insufficient resources" in text, text
+    # Refused after placement_timeout (10 s), not task_start_timeout (120 s).
+    assert "for 10s" in text and waited < 100, (waited, text)
+    assert server.leftovers() == NOTHING_LEFT
+    assert await server.api("GET", "/api/kernels") == []
 
 
 async def test_limits_hold_on_a_worker(cluster, server):

@@ -100,6 +100,14 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
         scheduler's reason (e.g. no node with enough free memory): HTTP 503.""",
     ).tag(config=True)
 
+    placement_timeout = Float(
+        10.0,
+        help="""Seconds a kernel's task may wait while the scheduler finds no node that fits
+        it ("no suitable node": not enough free memory or CPU for its reservation, no
+        node matching the constraints). Past it the start is refused with that reason
+        (HTTP 503) instead of waiting task_start_timeout for a kernel to end elsewhere.""",
+    ).tag(config=True)
+
     _sandbox_fields = (
         *LimitedDockerProvisioner._sandbox_fields, "service_id", "task_id", "node_id",
         "_secret", "_endpoint", "_slots", "_recorded",
@@ -362,18 +370,31 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
         takes within task_start_timeout, is a start that failed, with the swarm's words."""
         deadline = time.monotonic() + self.task_start_timeout
         task: dict[str, Any] | None = None
+        unplaced_since: float | None = None
         while True:
             tasks = await self.docker.acall("tasks", filters={"service": self.service_id})
             task = max(tasks, key=lambda t: t.get("CreatedAt", ""), default=None)
-            state = (task or {}).get("Status", {}).get("State", "new")
+            status = (task or {}).get("Status", {})
+            state = status.get("State", "new")
             if state == "running" and task is not None:
                 return task
-            if state in ENDED or time.monotonic() > deadline:
-                status = (task or {}).get("Status", {})
+            now = time.monotonic()
+            if state == "pending" and "no suitable node" in str(status.get("Err", "")):
+                unplaced_since = unplaced_since or now
+            else:
+                unplaced_since = None
+            unplaceable = (unplaced_since is not None
+                           and now - unplaced_since > self.placement_timeout)
+            if state in ENDED or now > deadline or unplaceable:
                 why = status.get("Err") or status.get("Message") or state
-                reason = (f"its task is {state} after "
-                          f"{self.task_start_timeout:g}s: {why}" if state not in ENDED
-                          else f"its task {state}: {why}")
+                if state in ENDED:
+                    reason = f"its task {state}: {why}"
+                elif unplaceable:
+                    reason = (f"no node can take it ({why}) for {self.placement_timeout:g}s: "
+                              f"lower its mem_limit/cpu_limit (reserved on the node), or "
+                              f"add nodes")
+                else:
+                    reason = f"its task is {state} after {self.task_start_timeout:g}s: {why}"
                 output = (await self._start_output()).strip()
                 if output:
                     # Bounded: the kernel's own text, going into an HTTP answer.

@@ -187,6 +187,13 @@ class SwarmServer:
             self.client.api.remove_service(service["ID"])
         for config in self.client.api.configs(filters=wanted):
             self.client.api.remove_config(config["ID"])
+        # The startup hook's config, shared by the kernels (of every server: in a test
+        # swarm, this module's).
+        for config in self.client.api.configs(filters={"label": label("hook")}):
+            try:
+                self.client.api.remove_config(config["ID"])
+            except docker.errors.APIError:
+                pass  # still used by a service that is going away
         for _ in range(50):
             left = self.client.api.secrets(filters=wanted)
             if not left:
@@ -302,6 +309,9 @@ async def test_limits_hold_on_a_worker(cluster, server):
             "try:\n    open('big', 'wb').write(b'x' * 100 * 2**20)\n"
             "except OSError as e:\n    print('disk refused:', e.strerror)"))
         assert "disk refused: No space left on device" in out or "File too large" in out, out
+        # The startup hook (a Swarm config) explains a refused allocation.
+        out = await ws_execute_text(server.base, kid, "x = bytearray(2 * 2**30)")
+        assert "memory limit 256M reached (limited-provisioner)" in out, out
         out = await ws_execute_text(server.base, kid, "print('still here')")
         assert out.strip() == "still here", out
     finally:

@@ -24,6 +24,7 @@ The docker backend's sandbox (container.py), placed by the swarm's scheduler
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import signal
@@ -50,7 +51,9 @@ from ..registry import sandbox_of
 from . import records, slots
 from .service import (
     CONNECTION_SECRET_TARGET,
+    HOOK_TARGET,
     KERNEL_PORTS,
+    ConfigRef,
     Placement,
     SecretRef,
     service_name,
@@ -68,6 +71,7 @@ SECRET_PATH = f"/run/secrets/{CONNECTION_SECRET_TARGET}"
 # the image's /tmp (writable by every uid in any image: a swarm tmpfs's mode is not set).
 HOME = "/tmp"
 CONNECTION_COPY = f"{HOME}/.connection.json"
+EXEC_FILES = "--IPKernelApp.exec_files="
 
 
 class LimitedSwarmProvisioner(LimitedDockerProvisioner):
@@ -267,9 +271,13 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
         cmd = ["sh", "-c", 'umask 077 && cat "$1" > "$2" && shift 2 && exec "$@"', "sh",
                SECRET_PATH, CONNECTION_COPY,
                *(part.replace(conn_file, CONNECTION_COPY) for part in cmd)]
-        # The hooks are host files (kernel_dir); the task gets none yet: drop them rather
-        # than name paths that do not exist there.
-        cmd = [part for part in cmd if not part.startswith("--IPKernelApp.exec_files=")]
+        # The startup hook is a host file (kernel_dir): the task gets its text as a Swarm
+        # config instead; pip's hook serves a wheelhouse, which a swarm kernel has not.
+        hook = None
+        if any(part.startswith(EXEC_FILES) for part in cmd):
+            hook = await self.docker.run(hook_config, self.docker.call)
+            cmd = [part for part in cmd if not part.startswith(EXEC_FILES)]
+            cmd.append(EXEC_FILES + HOOK_TARGET)
         user = self.container_user or DEFAULT_USER
         spec = self._container_spec(cmd, env)
         spec.user, spec.work, spec.home = user, HOME, None
@@ -280,6 +288,7 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
             spec, secret=self._secret, networks=[network],
             placement=Placement(tuple(self.placement_constraints),
                                 tuple(self.placement_preferences)),
+            hook=hook,
         )
         made = await self.docker.acall("create_service", **plan.create_kwargs())
         self.service_id = made["ID"]
@@ -589,6 +598,27 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
         self.service_id = provisioner_info.get("service_id")
         self.task_id = provisioner_info.get("task_id")
         self.node_id = provisioner_info.get("node_id")
+
+
+def hook_config(call: Any) -> ConfigRef:
+    """The Swarm config holding the IPython startup hook of this package version (named
+    by its text's hash: made once per swarm, shared by every kernel). Blocking."""
+    import docker.errors
+
+    from ..kernel_hook import hook_source
+
+    source = hook_source().encode()
+    name = f"limited-provisioner.hook.{hashlib.sha256(source).hexdigest()[:16]}"
+    try:
+        made = call("create_config", name, source, labels={label("hook"): "1"})
+        return ConfigRef(made["ID"], name)
+    except docker.errors.APIError as e:
+        if e.status_code != 409:
+            raise
+    found = [c for c in call("configs", filters={"name": name}) if c["Spec"]["Name"] == name]
+    if not found:  # removed between the two calls
+        return hook_config(call)
+    return ConfigRef(found[0]["ID"], name)
 
 
 def remove_swarm_traces(call: Any, kernel_id: str) -> int:

@@ -32,6 +32,9 @@ KERNEL_PORTS = {"shell": 50001, "iopub": 50002, "stdin": 50003, "control": 50004
                 "hb": 50005}
 # Where the kernel finds its connection file (the secret's target, under /run/secrets).
 CONNECTION_SECRET_TARGET = "kernel-connection.json"
+# Where the kernel finds the IPython startup hook (kernel_hook.py), a Swarm config: root's,
+# read-only, the same for every kernel of a package version.
+HOOK_TARGET = "/etc/limited-provisioner/hooks.py"
 # Seconds Swarm waits after SIGTERM before SIGKILL when the service is removed.
 STOP_GRACE_NS = 2 * 10**9
 
@@ -61,6 +64,14 @@ class SecretRef:
     """The kernel's connection-file secret, as created (id and name)."""
 
     secret_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ConfigRef:
+    """A Swarm config a kernel's task gets as a file (the startup hook), as created."""
+
+    config_id: str
     name: str
 
 
@@ -104,11 +115,13 @@ def refuse_host_paths(spec: ContainerSpec) -> None:
 
 def service_plan(
     spec: ContainerSpec, *, secret: SecretRef, networks: list[str], placement: Placement,
+    hook: ConfigRef | None = None,
 ) -> ServicePlan:
     """The service of ``spec``'s kernel: its limits, sandbox, secret and networks.
 
     ``spec.work`` is the kernel's home, a tmpfs here; ``spec.command`` must name the
-    connection file at ``/run/secrets/`` + :data:`CONNECTION_SECRET_TARGET`.
+    connection file at ``/run/secrets/`` + :data:`CONNECTION_SECRET_TARGET` (and the
+    ``hook``, if given, at :data:`HOOK_TARGET`).
     """
     refuse_host_paths(spec)
     lim = spec.limits
@@ -143,6 +156,11 @@ def service_plan(
                      "Mode": 0o400},
         }],
     }
+    if hook is not None:
+        container["Configs"] = [{
+            "ConfigID": hook.config_id, "ConfigName": hook.name,
+            "File": {"Name": HOOK_TARGET, "UID": "0", "GID": "0", "Mode": 0o444},
+        }]
     limits: dict[str, Any] = {}
     reservations: dict[str, Any] = {}
     if lim.mem_limit is not None:

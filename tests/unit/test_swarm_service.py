@@ -11,6 +11,8 @@ from limited_provisioner.errors import LimitConfigError
 from limited_provisioner.limits import DATA_RLIMIT_HEADROOM, Limits
 from limited_provisioner.swarm.service import (
     CONNECTION_SECRET_TARGET,
+    HOOK_TARGET,
+    ConfigRef,
     Placement,
     SecretRef,
     service_name,
@@ -83,6 +85,14 @@ def test_connection_file_is_a_secret_only_the_kernels_uid_reads():
     assert secret == {"SecretID": "sec123", "SecretName": SECRET.name,
                       "File": {"Name": CONNECTION_SECRET_TARGET, "UID": "5000",
                                "GID": "5000", "Mode": 0o400}}
+
+
+def test_the_startup_hook_is_a_config_the_kernel_can_read_but_not_change():
+    assert "Configs" not in plan().task_template["ContainerSpec"]
+    hook = ConfigRef("cfg1", "limited-provisioner.hook.0123456789abcdef")
+    (config,) = plan(hook=hook).task_template["ContainerSpec"]["Configs"]
+    assert config == {"ConfigID": "cfg1", "ConfigName": hook.name,
+                      "File": {"Name": HOOK_TARGET, "UID": "0", "GID": "0", "Mode": 0o444}}
 
 
 def test_swarm_never_restarts_the_kernel_itself_and_logs_are_capped():

@@ -90,8 +90,10 @@ class LimitedHost(SingletonConfigurable):
         help=f"""Seconds a running kernel whose server (or script, or agent) is gone waits
         to be re-adopted before the reaper removes it, counted from when a reaper first
         sees it orphaned -- a crashed client's kernel then stops holding its mem_limit
-        long before its idle_timeout. Set it above the longest server restart or deploy
-        (keep_kernels_on_exit). 0: kept until its idle_timeout or max_lifetime. Default
+        long before its idle_timeout; a swarm kernel's, from its server's last heartbeat
+        in the swarm (any server of the swarm reaps it). Set it above the longest server
+        restart or deploy (keep_kernels_on_exit). 0: kept until its idle_timeout or
+        max_lifetime (swarm kernels: until their server is back). Default
         {ORPHAN_GRACE:g}.""",
     ).tag(config=True)
 

@@ -435,6 +435,34 @@ async def test_a_server_killed_and_started_anew_adopts_its_kernels_from_the_swar
     assert server.leftovers() == NOTHING_LEFT
 
 
+async def test_the_kernels_of_a_server_that_stays_dead_are_reaped_from_the_swarm(
+    cluster, server
+):
+    """Nothing on this host knows the dead server's kernel (its registry died with its
+    container): `limited-provisioner reap` finds it from the swarm, by the server's
+    silence, and removes all of it."""
+    kernel = await server.api("POST", "/api/kernels", {"name": "swarm-small"})
+    kid = kernel["id"]
+    out = await ws_execute_text(server.base, kid, "print('up')", 90)
+    assert out.strip() == "up", out
+    await asyncio.to_thread(server.kill)
+    try:
+        reap = [str(Path(sys.executable).parent / "limited-provisioner"), "reap",
+                "--orphan-grace", "600"]
+        said = await asyncio.to_thread(_run, *reap, env_jupyter_path=str(server.jupyter_path))
+        assert kid not in said and server.leftovers()["services"] == 1, said  # within grace
+        await asyncio.sleep(2)
+        reap[-1] = "1"
+        said = await asyncio.to_thread(_run, *reap, env_jupyter_path=str(server.jupyter_path))
+        assert f"reaped {kid} (swarm, owner lp-pytest): its server {server.server_id} has " \
+               "shown no sign of life" in said, said
+        assert server.leftovers() == NOTHING_LEFT
+    finally:
+        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(server.ready)
+    assert await server.api("GET", "/api/kernels") == []
+
+
 async def test_session_churn_leaves_nothing_in_the_swarm(cluster, server):
     """Many short sessions, some at once: no service, secret, slot or container left."""
 

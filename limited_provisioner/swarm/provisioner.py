@@ -18,7 +18,9 @@ The docker backend's sandbox (container.py), placed by the swarm's scheduler
 * **Deaths** are read from the task's status (exit code, the swarm's error) and the
   node's: a node that left the swarm is reported as such.
 * **Recovery**: each kernel's record in the swarm (records.py) lets a server restarted
-  anywhere -- a new container, another node -- adopt it without this host's registry.
+  anywhere -- a new container, another node -- adopt it without this host's registry;
+  servers beat in the swarm (presence.py), and the kernels of one silent for
+  ``orphan_grace`` are reaped by whichever server or ``limited-provisioner reap`` sees it.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from ..kernel_hook import NOTICE_ENV
 from ..provisioner import START_OUTPUT_LIMIT
 from ..proxy import KernelEndpoint
 from ..registry import sandbox_of
-from . import records, slots
+from . import presence, records, slots
 from .service import (
     CONNECTION_SECRET_TARGET,
     HOOK_TARGET,
@@ -422,6 +424,11 @@ class LimitedSwarmProvisioner(LimitedDockerProvisioner):
                     return address.split("/")[0]
         msg = f"Kernel {self.kernel_id}: its task has no address on network {network_id}"
         raise SandboxStartError(msg, reason=msg)
+
+    def _start_watching(self) -> None:
+        super()._start_watching()
+        # This process is alive for the swarm, and reaps the kernels of those that are not.
+        presence.start(self.docker, self.server_id, self.host.orphan_grace)
 
     # -- running ------------------------------------------------------------------------
 

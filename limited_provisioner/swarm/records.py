@@ -96,12 +96,12 @@ def read_records(call: Call, server_id: str | None = None) -> list[dict[str, Any
             record["entry"]["kernel_id"]  # noqa: B018 - the one field it must have
         except (ValueError, KeyError, TypeError):
             continue
-        record["made"] = _timestamp(config.get("CreatedAt", ""))
+        record["made"] = created_time(config.get("CreatedAt", ""))
         records.append(record)
     return records
 
 
-def _timestamp(created_at: str) -> float:
+def created_time(created_at: str) -> float:
     """Docker's RFC 3339 time (nanoseconds, Z) as epoch seconds; 0 if unreadable."""
     try:
         return datetime.fromisoformat(created_at[:26].rstrip("Z") + "+00:00").timestamp()

@@ -475,9 +475,10 @@ async def test_session_churn_leaves_nothing_in_the_swarm(cluster, server):
         finally:
             await server.api("DELETE", f"/api/kernels/{kernel['id']}")
 
-    sessions = int(os.environ.get("LP_SWARM_CHURN", "30"))
-    for start in range(0, sessions, 5):
-        await asyncio.gather(*(session() for _ in range(min(5, sessions - start))))
+    sessions = int(os.environ.get("LP_SWARM_CHURN", "100"))
+    at_once = int(os.environ.get("LP_SWARM_CHURN_AT_ONCE", "10"))
+    for start in range(0, sessions, at_once):
+        await asyncio.gather(*(session() for _ in range(min(at_once, sessions - start))))
     assert server.leftovers() == NOTHING_LEFT
     # Task containers go with their services, on the workers too, a moment later.
     def containers_left() -> int:

@@ -33,6 +33,9 @@ PRIVATE_NAMES = [
      "_initialized_culler"),
     ("jupyter_server.services.kernels.kernelmanager:AsyncMappingKernelManager",
      "_handle_kernel_died"),
+    # jupyter_server's WebSocket keeps a kernel's kernel_info answer on its manager
+    ("jupyter_server.services.kernels.connection.channels:ZMQChannelsWebsocketConnection",
+     "_kernel_info_future"),
     # traitlets: reading the pre-0.2 config section (settings.py, host.py)
     ("traitlets.config.configurable:Configurable", "_load_config"),
     ("traitlets.config.loader:Config", "_has_section"),
@@ -55,6 +58,17 @@ def keep_connection_file(km: Any) -> None:
     """``KernelManager.__del__`` deletes a connection file it wrote; a detached kernel
     without one could never be adopted again."""
     km._connection_file_written = False
+
+
+def preset_kernel_info(km: Any, info: dict[str, Any]) -> None:
+    """What jupyter_server's first WebSocket to a kernel asks it (``kernel_info``, over a
+    shell connection of its own) and keeps on the kernel's manager for the next ones,
+    known already: none of them asks."""
+    from concurrent.futures import Future
+
+    answered: Future[dict[str, Any]] = Future()
+    answered.set_result(info)
+    km._kernel_info_future = answered
 
 
 def preset_kernel_spec(km: Any, spec: Any) -> None:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -287,6 +288,7 @@ class KernelPool:
             # IPython's first execution costs ~25 ms (compiler, hooks): paid now, not by
             # the claim that runs its env and folder in the kernel, nor the first cell.
             await run_in_kernel(slot.prov.connection.proxy, "None")
+            slot.prov.protocol_version = await protocol_version_of(slot.prov.connection.proxy)
             # What `limited-provisioner list` and outside waiters go by: claimable now.
             await asyncio.to_thread(slot.prov.registry.update, slot.kernel_id,
                                     pool_ready=time.time())
@@ -479,6 +481,32 @@ async def run_in_kernel(proxy: Any, code: str, timeout: float = 10.0) -> None:
     """Execute ``code`` silently in the kernel behind ``proxy`` over a shell connection
     of the server's own (the proxy's clients never see it); raises RuntimeError unless
     it ran without error."""
+    content = await _ask(proxy, "execute_request", {
+        "code": code, "silent": True, "store_history": False, "user_expressions": {},
+        "allow_stdin": False, "stop_on_error": False,
+    }, timeout)
+    if content.get("status") != "ok":
+        raise RuntimeError(
+            f"the claim failed in the kernel: {content.get('ename')}: {content.get('evalue')}"
+        )
+
+
+async def protocol_version_of(proxy: Any, timeout: float = 10.0) -> str | None:
+    """The messaging protocol version a pristine pooled kernel says it speaks (None if
+    it says nothing usable): what jupyter_server would otherwise ask it on the claimed
+    kernel's first WebSocket (server/manager.py presets it)."""
+    version = (await _ask(proxy, "kernel_info_request", {}, timeout)).get("protocol_version")
+    return version if isinstance(version, str) and PROTOCOL_VERSION.fullmatch(version) else None
+
+
+# A protocol version as kernels send it ("5.3"): anything else is not passed on.
+PROTOCOL_VERSION = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}(\.[0-9]{1,3})?")
+
+
+async def _ask(proxy: Any, msg_type: str, content: dict[str, Any],
+               timeout: float) -> dict[str, Any]:
+    """One request on a shell connection of the server's own to the kernel behind
+    ``proxy``; the reply's content. RuntimeError if none came within ``timeout`` s."""
     import zmq
     from jupyter_client.session import Session
 
@@ -489,10 +517,7 @@ async def run_in_kernel(proxy: Any, code: str, timeout: float = 10.0) -> None:
     sock.linger = 0
     try:
         sock.connect(f"ipc://{proxy.kernel_prefix}-{PORTS['shell']}")
-        msg = session.msg("execute_request", {
-            "code": code, "silent": True, "store_history": False, "user_expressions": {},
-            "allow_stdin": False, "stop_on_error": False,
-        })
+        msg = session.msg(msg_type, content)
         session.send(sock, msg)
         deadline = time.monotonic() + timeout
         while True:
@@ -502,14 +527,7 @@ async def run_in_kernel(proxy: Any, code: str, timeout: float = 10.0) -> None:
             frames = await sock.recv_multipart()
             _, frames = session.feed_identities(frames)
             reply = session.deserialize(frames)
-            if reply["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
-                continue
-            content = reply["content"]
-            if content.get("status") != "ok":
-                raise RuntimeError(
-                    f"the claim failed in the kernel: {content.get('ename')}: "
-                    f"{content.get('evalue')}"
-                )
-            return
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return dict(reply["content"])
     finally:
         sock.close(linger=0)

@@ -136,6 +136,9 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     _start_over: asyncio.Event | None = None
     _end_requested = False
     pool_fp: str | None = None
+    # What a pooled kernel answered to kernel_info before anyone's code ran in it (its
+    # messaging protocol version), for jupyter_server not to ask again at the claim.
+    protocol_version: str | None = None
     # The env the kernel's process was started with (the claim compares it).
     _launch_env: dict[str, str] | None = None
     # Bytes and files of the dirs at the start that disk_limit does not count.
@@ -303,7 +306,7 @@ class LimitedProvisioner(LimitedSettings, KernelProvisionerBase):
     _sandbox_fields: tuple[str, ...] = (
         "uid", "gid", "kdir", "kernel_dir", "work_dir", "connection", "plan", "workfs",
         "pid", "pid_create_time", "connection_info", "_baseline", "_disk_paths",
-        "_launch_env",
+        "_launch_env", "protocol_version",
     )
 
     async def pool_fingerprint(self) -> str:

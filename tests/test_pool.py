@@ -273,8 +273,10 @@ async def test_a_server_claims_binds_the_notebooks_folder_and_drains_its_pool_wh
     # only a cold start could lay it out.
     root_dir = Path(tempfile.mkdtemp(prefix="lp-pool-nb-", dir="/var/lib"))
     root_dir.chmod(0o755)
+    # At DEBUG: jupyter_server says when it asks a kernel for its kernel_info.
     server = JupyterServer(tmp_path, server_env(pool_state, "pool-" + uuid.uuid4().hex[:6],
-                                                jupyter_path=jupyter_path), root_dir=root_dir)
+                                                jupyter_path=jupyter_path), root_dir=root_dir,
+                           args=["--ServerApp.log_level=DEBUG"])
     folder = root_dir / "project"
     folder.mkdir()
     if os.geteuid() == 0:
@@ -288,6 +290,9 @@ async def test_a_server_claims_binds_the_notebooks_folder_and_drains_its_pool_wh
         assert sandbox_of(Registry(pool_state).read(kid)) in pooled
         msg_id, seen = await ws_request(server.base, kid, "kernel_info_request", {})
         assert replied(msg_id, seen)
+        # The pool asked it at the fill: the claimed kernel's first WebSocket does not.
+        asked = f"Requesting kernel info from {kid}"
+        assert asked not in (tmp_path / "server-01.log").read_text()
 
         await wait_for(lambda: len(pooled_entries(pool_state, "warm")) == 2,
                        what="the refill")
@@ -319,6 +324,8 @@ async def test_a_server_claims_binds_the_notebooks_folder_and_drains_its_pool_wh
         for k in (kid, nb_kid):
             msg_id, seen = await ws_request(server.base, k, "kernel_info_request", {})
             assert replied(msg_id, seen)
+        # An adopted kernel is asked (the check above can fail).
+        assert asked in (tmp_path / "server-02.log").read_text()
         await wait_for(lambda: not old_pool & {e["kernel_id"]
                                                for e in Registry(pool_state).entries()},
                        what="the dead server's pooled kernels to be reaped")

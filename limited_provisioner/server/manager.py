@@ -107,10 +107,16 @@ class LimitedMappingKernelManager(AsyncMappingKernelManager):
         if not existing:
             self._watch_auto_restarts(kernel_id)
             km = internals.managed_kernels(self).get(kernel_id)
-            if getattr(getattr(km, "provisioner", None), "_claimed", False):
+            provisioner = getattr(km, "provisioner", None)
+            if getattr(provisioner, "_claimed", False):
                 # A claimed pooled kernel started long ago: it will say "starting" on
                 # IOPub no more, and a client's first connection would wait for it.
                 km.execution_state = "idle"
+                # Its first connection would also ask it kernel_info over a shell
+                # connection of its own (~5 ms of the claim); the pool asked at the fill.
+                if provisioner.protocol_version:
+                    internals.preset_kernel_info(
+                        km, {"protocol_version": provisioner.protocol_version})
         return kernel_id
 
     def _watch_auto_restarts(self, kernel_id: str) -> None:

@@ -523,7 +523,7 @@ async def _ask(proxy: Any, msg_type: str, content: dict[str, Any],
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not await sock.poll(left * 1000):
-                raise RuntimeError(f"no answer to the claim in {timeout:g}s")
+                raise RuntimeError(f"no answer to {msg_type} in {timeout:g}s")
             frames = await sock.recv_multipart()
             _, frames = session.feed_identities(frames)
             reply = session.deserialize(frames)

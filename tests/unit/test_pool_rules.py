@@ -68,3 +68,11 @@ def test_what_shapes_the_kernel_is_fingerprinted():
                         ("env_keep", ["X"])]:
         other = pool.fingerprint({"settings": pool.settings_of(prov(**{name: value}))})
         assert other != base, name
+
+
+@pytest.mark.parametrize(("said", "passed_on"), [
+    ("5.3", True), ("5.4", True), ("5", False), ("5.3\n", False), ("5.3; x", False),
+    ("1234.1", False), ("", False),
+])
+def test_only_a_protocol_version_a_kernel_says_is_passed_on_to_jupyter_server(said, passed_on):
+    assert (pool.PROTOCOL_VERSION.fullmatch(said) is not None) is passed_on

@@ -50,6 +50,8 @@ CHECK_INTERVAL = 2.0
 MAX_BACKOFF = 60.0
 # Seconds a pool does not refill after one of its kernels was evicted for a user.
 EVICTION_HOLD = 10.0
+# A protocol version as a kernel sends it ("5.3"): anything else is not passed on.
+PROTOCOL_VERSION = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}(\.[0-9]{1,3})?")
 # Settings that say who a kernel is for or how many there may be, not what it is: the
 # claim sets them, so they are not part of a pool's fingerprint.
 NOT_FINGERPRINTED = frozenset({
@@ -497,10 +499,6 @@ async def protocol_version_of(proxy: Any, timeout: float = 10.0) -> str | None:
     kernel's first WebSocket (server/manager.py presets it)."""
     version = (await _ask(proxy, "kernel_info_request", {}, timeout)).get("protocol_version")
     return version if isinstance(version, str) and PROTOCOL_VERSION.fullmatch(version) else None
-
-
-# A protocol version as kernels send it ("5.3"): anything else is not passed on.
-PROTOCOL_VERSION = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}(\.[0-9]{1,3})?")
 
 
 async def _ask(proxy: Any, msg_type: str, content: dict[str, Any],

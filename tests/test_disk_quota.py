@@ -149,8 +149,9 @@ async def test_writes_past_disk_limit_fail_with_enospc_and_nothing_lands_over_it
 
     # Room again once the kernel deletes.
     out = await run(kc, "import os\nos.unlink('big')\nopen('again', 'wb').write(b'y' * 30 * 2**20)"
-                        "\nprint(os.path.getsize('again'))")
-    assert out["stdout"].strip() == str(30 * 2**20), out
+                        "\nprint(f\"<{os.path.getsize('again')}>\")")
+    # (Marked: IPython's history thread may complain into the same stream.)
+    assert f"<{30 * 2**20}>" in out["stdout"], out
 
     await km.shutdown_kernel(now=True)
     assert await gone(kernel_dir) == {"mounts": [], "loops": [], "image": False}
@@ -171,10 +172,10 @@ async def test_files_past_files_limit_fail_with_enospc(backend, start_kernel, do
     assert seen == 100, (seen, res)
     assert await km.is_alive() and km.provisioner.exit_reason is None
     out = await run(kc, "import shutil\nshutil.rmtree('many')\nopen('one', 'w').close()\n"
-                        "print('ok')")
-    # IPython's history thread may say, before or after the "ok", that it could not save
-    # while the inodes ran out.
-    assert "ok" in out["stdout"].splitlines(), out
+                        "print('<ok>')")
+    # IPython's history thread may say, anywhere in the same stream (between print's two
+    # writes too), that it could not save while the inodes ran out.
+    assert "<ok>" in out["stdout"], out
     assert out["error"] is None, out
 
 
@@ -261,7 +262,8 @@ async def test_an_adopted_kernel_keeps_its_filesystem(
         await kc.wait_for_ready(timeout=30)
         out = await run(kc, "print(open('kept').read())\n"
                             "open('more', 'wb').write(b'x' * 60 * 2**20)")
-        assert out["stdout"].strip() == "survived", out
+        # (IPython's history thread may complain into stdout once the disk is full.)
+        assert out["stdout"].startswith("survived\n"), out
         assert "No space left on device" in (out["error"] or ""), out
         await asyncio.sleep(0.5)  # several watchdog rounds (every 0.1 s)
         assert prov.watchdog is None or prov.watchdog.disk_checks == 0

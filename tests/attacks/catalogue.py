@@ -58,8 +58,10 @@ TIMEOUT = r"exec_timeout"
 # The allocation refused (data rlimit: MemoryError; mmap: ENOMEM), or the kernel
 # OOM-killed by its memory cgroup.
 MEMORY = {REFUSED: r"MemoryError|Cannot allocate memory", KILLED: r"memory limit"}
-# Growth that may be slower than exec_timeout: also the interrupt.
-MEMORY_OR_TIME = {**MEMORY, INTERRUPTED: TIMEOUT}
+# Growth that may be slower than exec_timeout: also the interrupt, or the restart when the
+# growth sits in C code that does not take the interrupt in time (pandas under gVisor's
+# ptrace platform on a loaded box).
+MEMORY_OR_TIME = {**MEMORY, INTERRUPTED: TIMEOUT, KILLED: f"{MEMORY[KILLED]}|{TIMEOUT}"}
 # exec_timeout: the interrupt, or the restart when the code does not take it in time.
 TIME = {INTERRUPTED: TIMEOUT, KILLED: TIMEOUT}
 

@@ -546,16 +546,20 @@ async def test_idle_culling_ignores_kernel_output_and_housekeeping(backend, lp_k
     thread, and one receiving a kernel_info request every second, are both shut down
     within ~8 s of their last real request."""
     config = limits(idle_timeout=IDLE_TIMEOUT)
-    km_p, kc_p = await lp_kernels(config, backend)
-    km_i, kc_i = await lp_kernels(config, backend)
-    prov_p, prov_i = km_p.provisioner, km_i.provisioner
 
-    out = await run_ok(kc_i, "print(1+1)")
-    assert out["stdout"].strip() == "2"
-    t_i = time.monotonic()
-    out = await run_ok(kc_p, PRINTER)
+    async def start_and_request(code: str):
+        """A kernel given its last real request as soon as it is ready: its idle clock
+        runs from its start, and on a slow box the other kernel's start alone can outlast
+        idle_timeout (a kernel started first and set going after it was culled before)."""
+        km, kc = await lp_kernels(config, backend)
+        out = await run_ok(kc, code)
+        return km, kc, out, time.monotonic()
+
+    (km_p, kc_p, out, t_p), (km_i, kc_i, out_i, t_i) = await asyncio.gather(
+        start_and_request(PRINTER), start_and_request("print(1+1)"))
     assert out["status"] == "ok", out
-    t_p = time.monotonic()
+    assert out_i["stdout"].strip() == "2", out_i
+    prov_p, prov_i = km_p.provisioner, km_i.provisioner
 
     printed = 0
 

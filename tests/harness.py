@@ -831,8 +831,15 @@ async def shutdown_settled(km, timeout: float = 60) -> None:
     ended the process: its cleanup removes the registry entry and the kernel dir."""
     if km.provisioner is None:
         return
-    with contextlib.suppress(Exception):  # a failed restart is settled too
-        await asyncio.wait_for(asyncio.shield(km.ready), timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = km.ready
+        with contextlib.suppress(Exception):  # a failed restart is settled too
+            await asyncio.wait_for(asyncio.shield(ready), max(0.0, deadline - time.monotonic()))
+        # A restart's shutdown settles one future and its start sets the next at once:
+        # settled only when the manager's current future is the one that was waited on.
+        if km.ready is ready:
+            break
     await km.shutdown_kernel(now=True)
 
 

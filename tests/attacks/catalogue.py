@@ -129,8 +129,10 @@ CATALOGUE = [
            {REFUSED: r"No space left", KILLED: r"files limit", INTERRUPTED: TIMEOUT}),
     # -- beyond the seed -----------------------------------------------------------
     Attack("x.1", "fork bomb", "import os\nwhile True:\n    os.fork()",
-           # fork() refused (EAGAIN at the pids limit), or the kernel OOM-killed first.
-           {REFUSED: r"Resource temporarily unavailable", KILLED: r"pids limit|memory limit"}),
+           # fork() refused (EAGAIN at the pids limit), or the kernel OOM-killed first; on a
+           # loaded box exec_timeout may come first, and the kernel dies at its interrupt.
+           {REFUSED: r"Resource temporarily unavailable",
+            KILLED: rf"pids limit|memory limit|{TIMEOUT}"}),
     Attack("x.2", "thread bomb",
            "import threading, time\nwhile True:\n"
            "    threading.Thread(target=time.sleep, args=(300,), daemon=True).start()",

@@ -550,7 +550,7 @@ async def test_idle_culling_ignores_kernel_output_and_housekeeping(backend, lp_k
     async def start_and_request(code: str):
         """A kernel given its last real request as soon as it is ready: its idle clock
         runs from its start, and on a slow box the other kernel's start alone can outlast
-        idle_timeout (a kernel started first and set going after it was culled before)."""
+        idle_timeout (run one after the other, the first was culled before its request)."""
         km, kc = await lp_kernels(config, backend)
         out = await run_ok(kc, code)
         return km, kc, out, time.monotonic()

@@ -26,6 +26,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from limited_provisioner.docker.client import label
+from limited_provisioner.swarm import presence
 
 from .harness import (
     JUPYTER_CONFIG,
@@ -222,6 +223,11 @@ def server(cluster, tmp_path_factory):
     write_kernelspec(jupyter_path, "swarm-small", SPEC, "limited-swarm-provisioner")
     # A reservation no worker has: the scheduler finds no node for it.
     write_kernelspec(jupyter_path, "swarm-huge", {**SPEC, "mem_limit": "4096G"},
+                     "limited-swarm-provisioner")
+    # Room for a churn batch of 10 beside the last batch's tasks still going away: no CPU
+    # reservation (each worker has 2 CPUs: swarm-small's 0.5 fits 8 kernels), and no CPU
+    # quota to slow 10 kernel starts on a 2-core box (0.2 did: 20 s to a first reply).
+    write_kernelspec(jupyter_path, "swarm-churn", {**SPEC, "cpu_limit": None},
                      "limited-swarm-provisioner")
     write_kernelspec(jupyter_path, "swarm-timeout",
                      {**SPEC, "exec_timeout": 3, "exec_timeout_grace": 3},
@@ -441,10 +447,16 @@ async def test_the_kernels_of_a_server_that_stays_dead_are_reaped_from_the_swarm
     """Nothing on this host knows the dead server's kernel (its registry died with its
     container): `limited-provisioner reap` finds it from the swarm, by the server's
     silence, and removes all of it."""
+    client, _ = cluster
     kernel = await server.api("POST", "/api/kernels", {"name": "swarm-small"})
     kid = kernel["id"]
     out = await ws_execute_text(server.base, kid, "print('up')", 90)
     assert out.strip() == "up", out
+    # Alive, the server beats in the swarm -- the engine's own configs API, which refuses
+    # what the unit tests' fake once took (an empty config: no server ever beat).
+    beats = presence.last_beats(lambda method, *a, **kw: getattr(client.api, method)(*a, **kw))
+    assert server.server_id in beats, beats
+    assert time.time() - beats[server.server_id] < presence.BEAT_INTERVAL + 30, beats
     await asyncio.to_thread(server.kill)
     try:
         reap = [str(Path(sys.executable).parent / "limited-provisioner"), "reap",
@@ -468,7 +480,11 @@ async def test_session_churn_leaves_nothing_in_the_swarm(cluster, server):
     """Many short sessions, some at once: no service, secret, slot or container left."""
 
     async def session() -> None:
-        kernel = await server.api("POST", "/api/kernels", {"name": "swarm-small"})
+        # Not swarm-small: 10 of its 0.5-CPU reservations do not fit on the two workers,
+        # and a start that waits for a batch-mate's DELETE is refused after
+        # placement_timeout (10 s) on a loaded box (seen 12-03: HTTP 503 "no node can
+        # take it"). That refusal has its own test (swarm-huge).
+        kernel = await server.api("POST", "/api/kernels", {"name": "swarm-churn"})
         try:
             out = await ws_execute_text(server.base, kernel["id"], "print('hi')", 90)
             assert out.strip() == "hi", out

@@ -59,10 +59,12 @@ def beat(call: Call, server_id: str, now: float | None = None) -> None:
     import docker.errors
 
     now = time.time() if now is None else now
-    name = f"{ALIVE_PREFIX}.{_server_tag(server_id)}.{int(now * 1000)}"
+    stamp = str(int(now * 1000))
+    name = f"{ALIVE_PREFIX}.{_server_tag(server_id)}.{stamp}"
     try:
-        call("create_config", name, b"", labels={label("alive"): "1",
-                                                 label("server-id"): server_id})
+        # Not empty: the engine refuses a config of 0 bytes.
+        call("create_config", name, stamp.encode(), labels={label("alive"): "1",
+                                                          label("server-id"): server_id})
     except docker.errors.APIError as e:
         if e.status_code != 409:  # the same millisecond: one is enough
             raise

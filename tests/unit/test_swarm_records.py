@@ -56,10 +56,15 @@ class FakeSwarm:
             self.removed.append((kind, args[0]))
             return None
         if method == "create_config":
-            name, data = args
-            if any(c["Spec"]["Name"] == name for c in self.objects["config"].values()):
-                import docker.errors
+            import docker.errors
 
+            name, data = args
+            if not 0 < len(data) < 1024000:
+                # Docker 20.10's own rule (the heartbeat once sent b"" and never beat).
+                raise docker.errors.APIError(
+                    "config data must be larger than 0 and less than 1024000 bytes",
+                    response=_Response(400))
+            if any(c["Spec"]["Name"] == name for c in self.objects["config"].values()):
                 raise docker.errors.APIError("exists", response=_Response(409))
             return {"ID": self.add("config", name, kwargs["labels"], data)}
         kind = method.removesuffix("s")

@@ -625,15 +625,18 @@ async def ws_request(base: str, kernel_id: str, msg_type: str, content: dict,
     it came) or, with ``return_on_restart``, the kernel restarts (then no reply comes:
     look for it in the messages; without, a request the restart cut off waits for the
     timeout). TimeoutError names what did come; ConnectionError if the server closed
-    the socket."""
-    ws = await websocket_connect(kernel_ws_url(base, kernel_id))
+    the socket. The WebSocket's opening may take ``timeout`` too (tornado's 20 s at
+    least): jupyter_server opens it once the kernel has answered a kernel_info request."""
+    opening = max(timeout, 20.0)
+    ws = await websocket_connect(HTTPRequest(kernel_ws_url(base, kernel_id),
+                                             connect_timeout=opening, request_timeout=opening))
+    deadline = time.monotonic() + timeout
     request = ws_message(msg_type, content)
     msg_id = request["header"]["msg_id"]
     reply_type = msg_type.replace("_request", "_reply")
     ws.write_message(json.dumps(request))
     seen: list[dict] = []
     replied = idle = False
-    deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             try:

@@ -26,7 +26,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.simple_httpclient import HTTPTimeoutError
 
-from limited_provisioner.docker.client import label
+from limited_provisioner.docker.client import DockerSession, label
 from limited_provisioner.swarm import presence
 
 from .harness import (
@@ -467,14 +467,13 @@ async def test_the_kernels_of_a_server_that_stays_dead_are_reaped_from_the_swarm
     """Nothing on this host knows the dead server's kernel (its registry died with its
     container): `limited-provisioner reap` finds it from the swarm, by the server's
     silence, and removes all of it."""
-    client, _ = cluster
     kernel = await server.api("POST", "/api/kernels", {"name": "swarm-small"})
     kid = kernel["id"]
     out = await ws_execute_text(server.base, kid, "print('up')", 90)
     assert out.strip() == "up", out
     # Alive, the server beats in the swarm -- the engine's own configs API, which refuses
     # what the unit tests' fake once took (an empty config: no server ever beat).
-    beats = presence.last_beats(lambda method, *a, **kw: getattr(client.api, method)(*a, **kw))
+    beats = await asyncio.to_thread(presence.last_beats, DockerSession().call)
     assert server.server_id in beats, beats
     assert time.time() - beats[server.server_id] < presence.BEAT_INTERVAL + 30, beats
     await asyncio.to_thread(server.kill)
